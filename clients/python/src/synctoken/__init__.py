@@ -1,0 +1,1 @@
+"""Generated stubs for the synctoken gRPC API; see proto/ for the source."""

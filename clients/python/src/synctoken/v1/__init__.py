@@ -1,0 +1,1 @@
+"""synctoken.v1: generated from proto/synctoken/v1/."""
