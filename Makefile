@@ -1,0 +1,56 @@
+# One entry point for people and CI. `make dev` runs the service on throwaway
+# credentials; `make test` runs every check CI runs. Both install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STUBS := clients/python/src
+PROTOS := $(shell find proto -name '*.proto' | sort)
+# The venv is (re)built when any dependency list changes.
+INSTALLED := $(VENV)/.installed
+
+.PHONY: dev test lint pytest generate check-generated clean
+
+$(INSTALLED): pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=25.1"
+	$(BIN)/pip install --quiet -e ./clients/python -e . --group dev
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+dev: $(INSTALLED)
+	$(BIN)/synctoken dev
+
+test: lint check-generated pytest
+
+pytest: $(INSTALLED)
+	$(BIN)/pytest
+
+lint: $(INSTALLED) node_modules/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	node_modules/.bin/buf lint
+
+# protoc runs offline from grpcio-tools: buf's remote plugins need a network.
+define protoc
+	$(BIN)/python -m grpc_tools.protoc -I proto \
+		--python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(1) \
+		$(PROTOS)
+endef
+
+generate: $(INSTALLED)
+	$(call protoc,$(STUBS))
+
+check-generated: $(INSTALLED)
+	rm -rf .gen-check && mkdir .gen-check
+	$(call protoc,.gen-check)
+	@diff -r -x __init__.py -x py.typed -x __pycache__ .gen-check/synctoken $(STUBS)/synctoken \
+		|| { echo "Generated stubs are stale: run 'make generate' and commit the result."; exit 1; }
+	rm -rf .gen-check
+
+clean:
+	rm -rf $(VENV) node_modules .gen-check .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,39 @@
+"""The audit log: one structured line per IssueToken decision, written before any token leaves.
+
+Fields are chosen here, in one place, so that no secret and no token can slip
+in: a token appears only as its token_id fingerprint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from synctoken_server.errors import AuditUnavailable
+
+EVENT_TOKEN_DECISION = "token.decision"  # noqa: S105 - an event name, not a password
+EVENT_CALLER_LOOKUP = "caller.lookup"
+
+OUTCOME_ISSUED = "issued"
+OUTCOME_VALIDATED = "validated"
+OUTCOME_DENIED = "denied"
+OUTCOME_ANSWERED = "answered"
+
+
+class AuditLog:
+    """Writes decision records; a record that cannot be written is an error, not a shrug."""
+
+    def __init__(self, logger: Any | None = None) -> None:
+        self._log = logger if logger is not None else structlog.get_logger("synctoken.audit")
+
+    def record(self, event: str, **fields: object) -> None:
+        """Write one record; raise AuditUnavailable if it cannot be written.
+
+        Context bound for the RPC (caller, identity, service...) is merged in
+        by structlog; `fields` adds the outcome-specific ones.
+        """
+        try:
+            self._log.info(event, **fields)
+        except Exception as exc:  # whatever broke the write: fail closed
+            raise AuditUnavailable from exc

@@ -1,0 +1,140 @@
+"""The `synctoken` command: serve, check-config, dev."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+
+from synctoken_server import __version__, devenv, logs
+from synctoken_server.config import Config, ConfigError, load_config
+from synctoken_server.durations import format_duration
+from synctoken_server.server import TokenServer
+
+EXIT_CONFIG = 2
+EXIT_START = 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `synctoken` command."""
+    parser = argparse.ArgumentParser(
+        prog="synctoken", description="Mint Twilio Access Tokens for mTLS-authenticated backends."
+    )
+    parser.add_argument("--version", action="version", version=f"synctoken {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the server with a config file")
+    serve.add_argument("--config", type=Path, required=True, help="path to the TOML config")
+    check = commands.add_parser("check-config", help="validate a config file and print the effective policy")
+    check.add_argument("config", type=Path)
+    dev = commands.add_parser("dev", help="run on localhost with throwaway certificates and credentials")
+    dev.add_argument("--dir", type=Path, default=Path(".synctoken-dev"), help="where to keep the dev files")
+    dev.add_argument("--port", type=int, default=50051)
+    args = parser.parse_args(argv)
+
+    if args.command == "check-config":
+        return _check_config(args.config)
+    if args.command == "dev":
+        env = devenv.prepare(args.dir, args.port)
+        _say(f"synctoken dev: throwaway CA, certificates and config in {env.directory}/")
+        if env.real_credentials:
+            _say("Using TWILIO_ACCOUNT_SID, TWILIO_API_KEY and TWILIO_API_SECRET: tokens are real.")
+        else:
+            _say(
+                "Using dev credentials: tokens are well-formed, but Twilio will refuse them. "
+                "Set TWILIO_ACCOUNT_SID, TWILIO_API_KEY and TWILIO_API_SECRET for real ones."
+            )
+        return _serve(env.config_path, on_ready=lambda port: _say(f"Try:\n  {env.grpcurl_command(port)}"))
+    return _serve(args.config)
+
+
+def _say(text: str) -> None:
+    # Humans read stderr; stdout carries only the JSON log lines.
+    print(text, file=sys.stderr, flush=True)
+
+
+def _load(path: Path) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"synctoken: config error: {exc}", file=sys.stderr)
+        return None
+
+
+def _check_config(path: Path) -> int:
+    config = _load(path)
+    if config is None:
+        return EXIT_CONFIG
+    effective = {
+        "listen": config.listen,
+        "identity": {"source": config.identity_source.value, "trust_domains": sorted(config.trust_domains)},
+        "twilio": {
+            "account_sid": config.credentials.account_sid,
+            "api_key": config.credentials.api_key_sid,
+            "api_secret": "(loaded, not shown)",
+        },
+        "callers": [
+            {
+                "id": rule.caller,
+                "sync_services": list(rule.sync_services),
+                "default_sync_service": rule.default_sync_service,
+                "identity_pattern": rule.identity_pattern.pattern if rule.identity_pattern else None,
+                "allowed_identity_characters": "".join(sorted(rule.allowed_identity_characters)),
+                "default_ttl": format_duration(rule.default_ttl),
+                "max_ttl": format_duration(rule.max_ttl),
+            }
+            for rule in config.policy
+        ],
+    }
+    print(json.dumps(effective, indent=2))
+    return 0
+
+
+def _serve(path: Path, on_ready: Callable[[int], None] | None = None) -> int:
+    logs.configure()
+    config = _load(path)
+    if config is None:
+        return EXIT_CONFIG
+    return asyncio.run(_run_server(config, on_ready))
+
+
+async def _run_server(config: Config, on_ready: Callable[[int], None] | None) -> int:
+    log = structlog.get_logger("synctoken")
+    try:
+        server = TokenServer(config)
+    except OSError as exc:
+        print(f"synctoken: {exc}", file=sys.stderr)
+        return EXIT_START
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _request_stop, log, signum, stopping)
+    await server.start()
+    log.info(
+        "server.started",
+        listen=config.listen,
+        port=server.port,
+        identity_source=config.identity_source.value,
+        callers=len(config.policy),
+    )
+    if on_ready is not None:
+        on_ready(server.port)
+    await stopping.wait()
+    await server.stop()
+    log.info("server.stopped")
+    return 0
+
+
+def _request_stop(log: structlog.typing.FilteringBoundLogger, signum: int, stopping: asyncio.Event) -> None:
+    log.info("server.stopping", signal=signal.Signals(signum).name)
+    stopping.set()
+
+
+def run() -> None:
+    """Console-script wrapper: exit with main's status."""
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""`synctoken dev`: a throwaway CA, certificates, credentials and config, for trying synctoken locally."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from synctoken_server.config import ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET
+from synctoken_server.pki import CertificateAuthority, LeafSpec
+
+DEV_TRUST_DOMAIN = "synctoken.test"
+DEV_CLIENT_ID = f"spiffe://{DEV_TRUST_DOMAIN}/dev/backend"
+DEV_SYNC_SERVICE_SID = "IS" + "0" * 32
+ENV_SYNC_SERVICE_SID = "TWILIO_SYNC_SERVICE_SID"
+# Well-formed, obviously fake SIDs: tokens signed with them are valid JWTs
+# that Twilio will refuse.
+DEV_ACCOUNT_SID = "AC" + "0" * 32
+DEV_API_KEY_SID = "SK" + "0" * 32
+
+CA_FILE = "ca.pem"
+SERVER_CERT, SERVER_KEY = "server.pem", "server-key.pem"
+CLIENT_CERT, CLIENT_KEY = "client.pem", "client-key.pem"
+SECRET_FILE = "api_secret"  # noqa: S105 - a file name, not a password
+CONFIG_FILE = "config.toml"
+
+
+@dataclass(frozen=True)
+class DevEnvironment:
+    """What `prepare` made: where the config is, and whether tokens will be real."""
+
+    directory: Path
+    config_path: Path
+    real_credentials: bool
+    sync_service_sid: str
+
+    def grpcurl_command(self, port: int) -> str:
+        """The exact grpcurl command that mints a token from this environment."""
+        d = self.directory
+        return (
+            f"grpcurl -cacert {d / CA_FILE} -cert {d / CLIENT_CERT} -key {d / CLIENT_KEY} "
+            f"""-d '{{"identity":"alice","sync":{{}}}}' localhost:{port} synctoken.v1.TokenService/IssueToken"""
+        )
+
+
+def prepare(directory: Path, port: int, environ: Mapping[str, str] | None = None) -> DevEnvironment:
+    """Make (or reuse) the dev PKI under `directory` and write a config that serves on localhost:`port`."""
+    env = os.environ if environ is None else environ
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    if not all((directory / name).exists() for name in (CA_FILE, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY)):
+        _make_pki(directory)
+    real = all(env.get(name) for name in (ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET))
+    service_sid = env.get(ENV_SYNC_SERVICE_SID) or DEV_SYNC_SERVICE_SID
+    if real:
+        # The loader reads the TWILIO_* variables itself; nothing secret is written.
+        twilio = "[twilio]\n"
+    else:
+        secret_path = directory / SECRET_FILE
+        if not secret_path.exists():
+            secret_path.touch(mode=0o600)
+            secret_path.write_text(secrets.token_hex(16) + "\n", encoding="ascii")
+        twilio = (
+            f'[twilio]\naccount_sid = "{DEV_ACCOUNT_SID}"\napi_key = "{DEV_API_KEY_SID}"\n'
+            f'api_secret_file = "{SECRET_FILE}"\n'
+        )
+    config_path = directory / CONFIG_FILE
+    config_path.write_text(_CONFIG_TEMPLATE.format(port=port, twilio=twilio, service=service_sid), encoding="utf-8")
+    return DevEnvironment(directory, config_path, real, service_sid)
+
+
+def _make_pki(directory: Path) -> None:
+    ca = CertificateAuthority("synctoken dev CA")
+    (directory / CA_FILE).write_bytes(ca.cert_pem)
+    ca.issue(LeafSpec("localhost", dns_names=("localhost",), ip_addresses=("127.0.0.1", "::1"), server=True)).write(
+        directory / SERVER_CERT, directory / SERVER_KEY
+    )
+    ca.issue(LeafSpec("dev backend", uris=(DEV_CLIENT_ID,))).write(directory / CLIENT_CERT, directory / CLIENT_KEY)
+
+
+_CONFIG_TEMPLATE = f"""\
+# Written by `synctoken dev`; rewritten on every run. Not for production.
+[server]
+listen = "localhost:{{port}}"
+
+[tls]
+cert_file = "{SERVER_CERT}"
+key_file = "{SERVER_KEY}"
+client_ca_file = "{CA_FILE}"
+
+[identity]
+source = "spiffe"
+trust_domains = ["{DEV_TRUST_DOMAIN}"]
+
+{{twilio}}
+[defaults]
+default_ttl = "1h"
+max_ttl = "4h"
+
+[[callers]]
+id = "{DEV_CLIENT_ID}"
+sync_services = ["{{service}}"]
+default_sync_service = "{{service}}"
+allowed_identity_characters = "@"
+"""

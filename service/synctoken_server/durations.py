@@ -1,0 +1,34 @@
+"""Human durations such as "1h30m", as written in the config and in messages."""
+
+from __future__ import annotations
+
+import re
+
+_DURATION = re.compile(r"(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?")
+
+MIN_TTL_SECONDS = 3 * 60
+"""The Sync SDK fires tokenAboutToExpire 3 minutes before expiry; a shorter
+token would ask to be replaced the moment it arrives."""
+
+MAX_TTL_SECONDS = 24 * 60 * 60
+"""Twilio refuses Access Tokens that live longer than 24 hours."""
+
+
+def parse_duration(text: str) -> int:
+    """Parse "1h", "90m", "1h30m15s" into seconds; raise ValueError otherwise."""
+    match = _DURATION.fullmatch(text)
+    if not text or match is None:
+        msg = f"{text!r} is not a duration like 90s, 15m, 1h or 1h30m"
+        raise ValueError(msg)
+    hours, minutes, seconds = (int(match.group(g) or 0) for g in ("h", "m", "s"))
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def format_duration(seconds: int) -> str:
+    """Write seconds the way parse_duration reads them: 5400 -> "1h30m"."""
+    if seconds == 0:
+        return "0s"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
+    return "".join(parts)

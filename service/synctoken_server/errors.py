@@ -1,0 +1,159 @@
+"""The errors an RPC can end with, and the one place they become a google.rpc.Status.
+
+Each class carries its gRPC code and its ErrorInfo reason; the message is built
+from structured arguments so that no caller of these classes formats one by
+hand. Nothing here ever includes a secret or a token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc.code_pb2 import Code
+from google.rpc.error_details_pb2 import BadRequest, ErrorInfo
+from google.rpc.status_pb2 import Status
+from grpc_status import rpc_status
+from synctoken.v1 import token_service_pb2
+
+DOMAIN = "synctoken.v1"
+
+
+def reason_name(reason: int) -> str:
+    """The ErrorInfo reason for an ErrorReason value: the enum name without its prefix."""
+    return token_service_pb2.ErrorReason.Name(reason).removeprefix("ERROR_REASON_")
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One broken rule in a request: the field path (e.g. "sync.service_sid") and why."""
+
+    field: str
+    description: str
+
+
+class SynctokenError(Exception):
+    """Base of every error an RPC may return on purpose."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    reason: ClassVar[int] = token_service_pb2.ERROR_REASON_INTERNAL
+
+    def __init__(self, message: str, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    @property
+    def reason_name(self) -> str:
+        """The UPPER_SNAKE reason sent in ErrorInfo."""
+        return reason_name(self.reason)
+
+    def extra_details(self) -> Sequence[any_pb2.Any]:
+        """Details beyond the ErrorInfo, packed; subclasses add theirs."""
+        return ()
+
+
+class InvalidRequest(SynctokenError):
+    """The request breaks one or more rules; every broken rule is listed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = token_service_pb2.ERROR_REASON_INVALID_REQUEST
+
+    def __init__(self, violations: Sequence[FieldViolation]) -> None:
+        self.violations = tuple(violations)
+        summary = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        super().__init__(f"invalid request: {summary}")
+
+    def extra_details(self) -> Sequence[any_pb2.Any]:
+        """One BadRequest with a violation per broken rule."""
+        bad_request = BadRequest(
+            field_violations=[
+                BadRequest.FieldViolation(field=v.field, description=v.description) for v in self.violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad_request)
+        return (packed,)
+
+
+class CallerUnauthenticated(SynctokenError):
+    """The TLS peer's certificate carries no caller id the server accepts."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = token_service_pb2.ERROR_REASON_CALLER_UNAUTHENTICATED
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"client certificate has no acceptable caller id: {why}")
+
+
+class CallerNotAllowed(SynctokenError):
+    """No policy entry matches the caller: deny by default."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = token_service_pb2.ERROR_REASON_CALLER_NOT_ALLOWED
+
+    def __init__(self, caller_id: str) -> None:
+        super().__init__(f"caller {caller_id} is not in the policy", {"callerId": caller_id})
+
+
+class ServiceNotAllowed(SynctokenError):
+    """The Sync service asked for is not in the caller's list."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = token_service_pb2.ERROR_REASON_SERVICE_NOT_ALLOWED
+
+    def __init__(self, caller_id: str, service_sid: str) -> None:
+        super().__init__(
+            f"caller {caller_id} may not mint tokens for Sync service {service_sid}",
+            {"callerId": caller_id, "serviceSid": service_sid},
+        )
+
+
+class IdentityNotAllowed(SynctokenError):
+    """The identity does not match the caller's identity pattern."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = token_service_pb2.ERROR_REASON_IDENTITY_NOT_ALLOWED
+
+    def __init__(self, caller_id: str) -> None:
+        super().__init__(
+            f"identity does not match the identity_pattern of caller {caller_id}",
+            {"callerId": caller_id},
+        )
+
+
+class AuditUnavailable(SynctokenError):
+    """The audit record could not be written, so no token leaves the server."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = token_service_pb2.ERROR_REASON_AUDIT_UNAVAILABLE
+
+    def __init__(self) -> None:
+        super().__init__("the audit log cannot be written; no token was issued")
+
+
+class InternalError(SynctokenError):
+    """Anything unexpected: the caller learns nothing, the log gets the traceback."""
+
+    def __init__(self) -> None:
+        super().__init__("internal error")
+
+
+def to_status(error: SynctokenError) -> grpc.Status:
+    """Turn an error into the google.rpc.Status sent to the caller."""
+    info = ErrorInfo(reason=error.reason_name, domain=DOMAIN, metadata=error.metadata)
+    packed_info = any_pb2.Any()
+    packed_info.Pack(info)
+    status = Status(
+        code=_CODES[error.code],
+        message=error.message,
+        details=[packed_info, *error.extra_details()],
+    )
+    return rpc_status.to_status(status)  # type: ignore[no-any-return]
+
+
+# grpc.StatusCode values are (int, name) pairs; google.rpc.Code has the ints by name.
+_CODES: Mapping[grpc.StatusCode, int] = {code: Code.Value(code.name) for code in grpc.StatusCode}

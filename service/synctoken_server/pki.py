@@ -1,0 +1,119 @@
+"""Throwaway X.509 certificates for `synctoken dev` and for tests.
+
+Never for production: keys are made in memory, written unencrypted, and the
+CA signs whatever it is asked to.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+_ONE_DAY = dt.timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A certificate and its private key, both PEM-encoded."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+    def write(self, cert_path: Path, key_path: Path) -> None:
+        """Write the certificate, and the key readable by its owner only."""
+        cert_path.write_bytes(self.cert_pem)
+        key_path.touch(mode=0o600)
+        key_path.chmod(0o600)
+        key_path.write_bytes(self.key_pem)
+
+
+@dataclass(frozen=True)
+class LeafSpec:
+    """What goes into a leaf certificate; tests vary it to make bad ones."""
+
+    common_name: str
+    dns_names: tuple[str, ...] = ()
+    uris: tuple[str, ...] = ()
+    ip_addresses: tuple[str, ...] = ()
+    server: bool = False
+    not_before: dt.datetime | None = None
+    not_after: dt.datetime | None = None
+    extra_usages: tuple[x509.ObjectIdentifier, ...] = field(default=())
+
+
+class CertificateAuthority:
+    """A self-signed CA that issues leaf certificates."""
+
+    def __init__(self, common_name: str, *, days: int = 30) -> None:
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        self._name = name
+        self._cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _ONE_DAY)
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+
+    @property
+    def cert_pem(self) -> bytes:
+        """The CA certificate, to be trusted by peers."""
+        return self._cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, spec: LeafSpec) -> KeyPair:
+        """Sign a new leaf certificate described by `spec`."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in spec.dns_names]
+        sans += [x509.UniformResourceIdentifier(u) for u in spec.uris]
+        sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in spec.ip_addresses]
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if spec.server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec.common_name)]))
+            .issuer_name(self._name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(spec.not_before or now - dt.timedelta(minutes=5))
+            .not_valid_after(spec.not_after or now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage, *spec.extra_usages]), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self._key, hashes.SHA256())
+        return KeyPair(
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            key_pem=key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )

@@ -1,0 +1,70 @@
+"""The gRPC server: mTLS credentials, TokenService, health and reflection, start and stop.
+
+It is a grpc.aio server: reflection and health Watch are long-lived streams,
+and on a thread-pool server each one holds a worker thread for its whole life,
+so a few grpcurl sessions or watchers could starve IssueToken.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
+
+from synctoken_server.audit import AuditLog
+from synctoken_server.config import Config
+from synctoken_server.identity import CallerIdentityRules
+from synctoken_server.minting import Minter
+from synctoken_server.servicer import TokenServicer
+
+TOKEN_SERVICE = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+MAX_REQUEST_BYTES = 4 * 1024
+"""A valid IssueTokenRequest is well under 1 KiB; anything bigger is refused
+by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed."""
+
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    # gRPC enables SO_REUSEPORT by default, so a second server on a busy port
+    # would start "fine" and silently take half the traffic. Fail loudly instead.
+    ("grpc.so_reuseport", 0),
+]
+
+
+class TokenServer:
+    """A configured, not yet started, synctoken server."""
+
+    def __init__(self, config: Config, audit_log: AuditLog | None = None) -> None:
+        self._server = grpc.aio.server(options=_OPTIONS)
+        servicer = TokenServicer(
+            identity_rules=CallerIdentityRules(config.identity_source, config.trust_domains),
+            policy=config.policy,
+            minter=Minter(config.credentials),
+            audit_log=audit_log or AuditLog(),
+        )
+        token_service_pb2_grpc.add_TokenServiceServicer_to_server(servicer, self._server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection((TOKEN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls.private_key_pem, config.tls.cert_chain_pem)],
+            root_certificates=config.tls.client_ca_pem,
+            require_client_auth=True,
+        )
+        try:
+            self.port = self._server.add_secure_port(config.listen, credentials)
+        except RuntimeError as exc:  # grpc's way of saying bind() failed
+            raise OSError(f"cannot listen on {config.listen}: address in use or not available") from exc
+
+    async def start(self) -> None:
+        """Accept RPCs; health reports SERVING once config and credentials are loaded, i.e. now."""
+        await self._server.start()
+        for service in ("", TOKEN_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING first so balancers drain us, then finish in-flight RPCs."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)

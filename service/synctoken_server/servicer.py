@@ -1,0 +1,165 @@
+"""TokenService RPCs: thin methods over identity, policy, minting and audit.
+
+Errors are turned into statuses in `_serve`, the one seam every RPC passes
+through; methods raise, they never abort.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar, cast
+
+import grpc
+import structlog
+from google.protobuf import duration_pb2, timestamp_pb2
+from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
+
+from synctoken_server import audit
+from synctoken_server.errors import InternalError, SynctokenError, to_status
+from synctoken_server.identity import CallerIdentityRules
+from synctoken_server.minting import Minter, plan_times, token_id
+from synctoken_server.policy import CallerRule, Policy, decide
+
+T = TypeVar("T")
+# The server is grpc.aio; request and response types vary by method.
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_log = structlog.get_logger("synctoken.rpc")
+
+
+class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
+    """Implements synctoken.v1.TokenService."""
+
+    def __init__(
+        self,
+        *,
+        identity_rules: CallerIdentityRules,
+        policy: Policy,
+        minter: Minter,
+        audit_log: audit.AuditLog,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._identity_rules = identity_rules
+        self._policy = policy
+        self._minter = minter
+        self._audit = audit_log
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
+
+    async def IssueToken(  # noqa: N802 - the name is the RPC's
+        self, request: token_service_pb2.IssueTokenRequest, context: Context
+    ) -> token_service_pb2.IssueTokenResponse:
+        """Mint a token if policy allows; the audit record is written before the token is returned."""
+        return await self._serve(
+            context, "IssueToken", audit.EVENT_TOKEN_DECISION, lambda started: self._issue(request, context, started)
+        )
+
+    async def GetCallerIdentity(  # noqa: N802 - the name is the RPC's
+        self, request: token_service_pb2.GetCallerIdentityRequest, context: Context
+    ) -> token_service_pb2.GetCallerIdentityResponse:
+        """Say who the caller is and which policy applies; unknown callers get an empty policy."""
+        del request  # no fields: the caller is the TLS peer
+        return await self._serve(
+            context, "GetCallerIdentity", audit.EVENT_CALLER_LOOKUP, lambda started: self._lookup(context, started)
+        )
+
+    def _issue(
+        self, request: token_service_pb2.IssueTokenRequest, context: Context, started: float
+    ) -> token_service_pb2.IssueTokenResponse:
+        caller_id = self._caller_id(context)
+        structlog.contextvars.bind_contextvars(
+            identity=request.identity, service_sid=request.sync.service_sid, region=request.region
+        )
+        grant = decide(self._policy, caller_id, request)
+        structlog.contextvars.bind_contextvars(service_sid=grant.service_sid, ttl=grant.ttl)
+        times = plan_times(int(self._clock()), grant.ttl, self._rng)
+        response = token_service_pb2.IssueTokenResponse(
+            identity=grant.identity,
+            issued_at=timestamp_pb2.Timestamp(seconds=times.issued_at),
+            expires_at=timestamp_pb2.Timestamp(seconds=times.expires_at),
+            refresh_after=timestamp_pb2.Timestamp(seconds=times.refresh_after),
+        )
+        if request.validate_only:
+            self._audit.record(
+                audit.EVENT_TOKEN_DECISION, outcome=audit.OUTCOME_VALIDATED, duration_ms=_ms_since(started)
+            )
+            return response
+        response.token = self._minter.mint(grant, times)
+        response.token_id = token_id(response.token)
+        # Fail closed: if this raises, the token never leaves the process.
+        self._audit.record(
+            audit.EVENT_TOKEN_DECISION,
+            outcome=audit.OUTCOME_ISSUED,
+            token_id=response.token_id,
+            expires_at=times.expires_at,
+            duration_ms=_ms_since(started),
+        )
+        return response
+
+    def _lookup(self, context: Context, started: float) -> token_service_pb2.GetCallerIdentityResponse:
+        caller_id = self._caller_id(context)
+        rule = self._policy.rule_for(caller_id)
+        response = token_service_pb2.GetCallerIdentityResponse(caller_id=caller_id)
+        if rule is not None:
+            response.policy.CopyFrom(_describe(rule))
+        self._audit.record(
+            audit.EVENT_CALLER_LOOKUP,
+            outcome=audit.OUTCOME_ANSWERED,
+            policy_rule=rule.caller if rule else None,
+            duration_ms=_ms_since(started),
+        )
+        return response
+
+    def _caller_id(self, context: Context) -> str:
+        # types-grpcio says bytes, but grpc maps each property to a list of values.
+        auth_context = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
+        caller_id = self._identity_rules.caller_id(auth_context)
+        structlog.contextvars.bind_contextvars(caller_id=caller_id)
+        return caller_id
+
+    async def _serve(self, context: Context, method: str, event: str, body: Callable[[float], T]) -> T:
+        # Pool threads are reused: drop whatever the previous RPC bound.
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(rpc=method, peer=context.peer())
+        started = time.perf_counter()
+        try:
+            return body(started)
+        except SynctokenError as exc:
+            error = exc
+        except Exception:  # noqa: BLE001 - the one place anything unexpected becomes INTERNAL
+            _log.exception("rpc.failed")
+            error = InternalError()
+        return await self._deny(context, event, error, started)
+
+    async def _deny(self, context: Context, event: str, error: SynctokenError, started: float) -> NoReturn:
+        # Already refusing: an unwritable audit log cannot make that worse.
+        with contextlib.suppress(SynctokenError):
+            self._audit.record(
+                event,
+                outcome=audit.OUTCOME_DENIED,
+                code=error.code.name,
+                reason=error.reason_name,
+                message=error.message,
+                duration_ms=_ms_since(started),
+            )
+        await context.abort_with_status(to_status(error))
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _describe(rule: CallerRule) -> token_service_pb2.CallerPolicy:
+    return token_service_pb2.CallerPolicy(
+        matched_caller=rule.caller,
+        sync_service_sids=rule.sync_services,
+        default_sync_service_sid=rule.default_sync_service or "",
+        identity_pattern=rule.identity_pattern.pattern if rule.identity_pattern else "",
+        allowed_identity_characters="".join(sorted(rule.allowed_identity_characters)),
+        default_ttl=duration_pb2.Duration(seconds=rule.default_ttl),
+        max_ttl=duration_pb2.Duration(seconds=rule.max_ttl),
+    )
