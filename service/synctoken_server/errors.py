@@ -79,6 +79,16 @@ class InvalidRequest(SynctokenError):
         return (packed,)
 
 
+class MalformedRequest(SynctokenError):
+    """The request bytes do not parse as the method's request message."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = token_service_pb2.ERROR_REASON_MALFORMED_REQUEST
+
+    def __init__(self, message_type: str) -> None:
+        super().__init__(f"request is not a valid {message_type}: bad wire format or a string that is not UTF-8")
+
+
 class CallerUnauthenticated(SynctokenError):
     """The TLS peer's certificate carries no caller id the server accepts."""
 

@@ -7,10 +7,13 @@ so a few grpcurl sessions or watchers could starve IssueToken.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
+from synctoken.v1 import token_service_pb2
 
 from synctoken_server.audit import AuditLog
 from synctoken_server.config import Config
@@ -18,7 +21,8 @@ from synctoken_server.identity import CallerIdentityRules
 from synctoken_server.minting import Minter
 from synctoken_server.servicer import TokenServicer
 
-TOKEN_SERVICE = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
+_TOKEN_SERVICE_DESCRIPTOR = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"]
+TOKEN_SERVICE = _TOKEN_SERVICE_DESCRIPTOR.full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 MAX_REQUEST_BYTES = 4 * 1024
@@ -44,7 +48,7 @@ class TokenServer:
             minter=Minter(config.credentials),
             audit_log=audit_log or AuditLog(),
         )
-        token_service_pb2_grpc.add_TokenServiceServicer_to_server(servicer, self._server)
+        self._server.add_generic_rpc_handlers((_raw_request_handlers(servicer),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection((TOKEN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
@@ -68,3 +72,16 @@ class TokenServer:
         """Report NOT_SERVING first so balancers drain us, then finish in-flight RPCs."""
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
+
+
+def _raw_request_handlers(servicer: TokenServicer) -> grpc.GenericRpcHandler:
+    """TokenService's methods, taken from the descriptor, with requests passed through as bytes."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=None,  # the servicer parses, so that bad bytes get INVALID_ARGUMENT
+            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+        )
+        for method in _TOKEN_SERVICE_DESCRIPTOR.methods
+    }
+    return grpc.method_handlers_generic_handler(TOKEN_SERVICE, handlers)

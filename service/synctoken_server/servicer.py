@@ -15,10 +15,11 @@ from typing import Any, NoReturn, TypeVar, cast
 import grpc
 import structlog
 from google.protobuf import duration_pb2, timestamp_pb2
-from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
+from google.protobuf.message import DecodeError, Message
+from synctoken.v1 import token_service_pb2
 
 from synctoken_server import audit
-from synctoken_server.errors import InternalError, SynctokenError, to_status
+from synctoken_server.errors import InternalError, MalformedRequest, SynctokenError, to_status
 from synctoken_server.identity import CallerIdentityRules
 from synctoken_server.minting import Minter, plan_times, token_id
 from synctoken_server.policy import CallerRule, Policy, decide
@@ -30,8 +31,13 @@ Context = grpc.aio.ServicerContext[Any, Any]
 _log = structlog.get_logger("synctoken.rpc")
 
 
-class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
-    """Implements synctoken.v1.TokenService."""
+class TokenServicer:
+    """Implements synctoken.v1.TokenService.
+
+    Methods take the raw request bytes and parse them inside the seam, so that
+    a malformed request is answered INVALID_ARGUMENT and audited like any other
+    bad input, rather than grpc's bare UNKNOWN naming a Python exception.
+    """
 
     def __init__(
         self,
@@ -51,26 +57,31 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
 
     async def IssueToken(  # noqa: N802 - the name is the RPC's
-        self, request: token_service_pb2.IssueTokenRequest, context: Context
+        self, request: bytes, context: Context
     ) -> token_service_pb2.IssueTokenResponse:
         """Mint a token if policy allows; the audit record is written before the token is returned."""
         return await self._serve(
-            context, "IssueToken", audit.EVENT_TOKEN_DECISION, lambda started: self._issue(request, context, started)
+            context,
+            "IssueToken",
+            audit.EVENT_TOKEN_DECISION,
+            lambda started: self._issue(request, context, started),
         )
 
     async def GetCallerIdentity(  # noqa: N802 - the name is the RPC's
-        self, request: token_service_pb2.GetCallerIdentityRequest, context: Context
+        self, request: bytes, context: Context
     ) -> token_service_pb2.GetCallerIdentityResponse:
         """Say who the caller is and which policy applies; unknown callers get an empty policy."""
-        del request  # no fields: the caller is the TLS peer
         return await self._serve(
-            context, "GetCallerIdentity", audit.EVENT_CALLER_LOOKUP, lambda started: self._lookup(context, started)
+            context,
+            "GetCallerIdentity",
+            audit.EVENT_CALLER_LOOKUP,
+            lambda started: self._lookup(request, context, started),
         )
 
-    def _issue(
-        self, request: token_service_pb2.IssueTokenRequest, context: Context, started: float
-    ) -> token_service_pb2.IssueTokenResponse:
+    def _issue(self, raw_request: bytes, context: Context, started: float) -> token_service_pb2.IssueTokenResponse:
+        # Who is asking comes first: an unauthenticated peer learns nothing else.
         caller_id = self._caller_id(context)
+        request = _parse(token_service_pb2.IssueTokenRequest, raw_request)
         structlog.contextvars.bind_contextvars(
             identity=request.identity, service_sid=request.sync.service_sid, region=request.region
         )
@@ -100,8 +111,12 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
         )
         return response
 
-    def _lookup(self, context: Context, started: float) -> token_service_pb2.GetCallerIdentityResponse:
+    def _lookup(
+        self, raw_request: bytes, context: Context, started: float
+    ) -> token_service_pb2.GetCallerIdentityResponse:
         caller_id = self._caller_id(context)
+        # No fields, but a malformed body is refused all the same.
+        _parse(token_service_pb2.GetCallerIdentityRequest, raw_request)
         rule = self._policy.rule_for(caller_id)
         response = token_service_pb2.GetCallerIdentityResponse(caller_id=caller_id)
         if rule is not None:
@@ -147,6 +162,16 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
                 duration_ms=_ms_since(started),
             )
         await context.abort_with_status(to_status(error))
+
+
+M = TypeVar("M", bound=Message)
+
+
+def _parse(message_type: type[M], data: bytes) -> M:
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        raise MalformedRequest(message_type.DESCRIPTOR.full_name) from None
 
 
 def _ms_since(started: float) -> float:

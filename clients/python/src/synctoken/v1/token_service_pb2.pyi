@@ -21,6 +21,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_IDENTITY_NOT_ALLOWED: _ClassVar[ErrorReason]
     ERROR_REASON_AUDIT_UNAVAILABLE: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
+    ERROR_REASON_MALFORMED_REQUEST: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_INVALID_REQUEST: ErrorReason
 ERROR_REASON_CALLER_UNAUTHENTICATED: ErrorReason
@@ -29,6 +30,7 @@ ERROR_REASON_SERVICE_NOT_ALLOWED: ErrorReason
 ERROR_REASON_IDENTITY_NOT_ALLOWED: ErrorReason
 ERROR_REASON_AUDIT_UNAVAILABLE: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
+ERROR_REASON_MALFORMED_REQUEST: ErrorReason
 
 class IssueTokenRequest(_message.Message):
     __slots__ = ("identity", "sync", "ttl", "region", "validate_only")
