@@ -1,0 +1,121 @@
+"""Fixtures: a throwaway PKI, configs, real synctoken servers on loopback, and log capture.
+
+Every server in the suite writes its logs to one session-wide sink; at the end
+of the session the sink (and every subprocess log) is searched for the API
+secret, private keys and every token the suite was issued. Finding any fails
+the run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TextIO, cast
+
+import pytest
+from support import (
+    BFF_ID,
+    CHAT_ADMIN_ID,
+    CHAT_WORKER_ID,
+    DNS_CALLER,
+    SECRET_ENV,
+    STRANGER_ID,
+    Client,
+    LeakWatch,
+    LogSink,
+    Pki,
+    RunningServer,
+    ServerHarness,
+    config_text,
+)
+from synctoken_server import logs
+from synctoken_server.config import load_config
+from synctoken_server.pki import CertificateAuthority, LeafSpec
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, a localhost server certificate, and good and bad client certificates."""
+    directory = tmp_path_factory.mktemp("pki")
+    ca = CertificateAuthority("synctoken test CA")
+    foreign_ca = CertificateAuthority("someone else's CA")
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+    clients = {
+        "bff": ca.issue(LeafSpec("bff", uris=(BFF_ID,))),
+        "chat_worker": ca.issue(LeafSpec("worker", uris=(CHAT_WORKER_ID,))),
+        "chat_admin": ca.issue(LeafSpec("admin", uris=(CHAT_ADMIN_ID,))),
+        "stranger": ca.issue(LeafSpec("stranger", uris=(STRANGER_ID,))),
+        "foreign_trust_domain": ca.issue(LeafSpec("evil", uris=("spiffe://evil.example/ns/web/sa/bff",))),
+        "two_uri_sans": ca.issue(LeafSpec("two", uris=(BFF_ID, CHAT_ADMIN_ID))),
+        "spiffe_and_https_uri": ca.issue(LeafSpec("mixed", uris=(BFF_ID, "https://bff.example.org"))),
+        "no_san": ca.issue(LeafSpec(BFF_ID)),
+        "dns_only": ca.issue(LeafSpec("billing", dns_names=(DNS_CALLER,))),
+        "two_dns_sans": ca.issue(LeafSpec("two dns", dns_names=(DNS_CALLER, "other.internal.example.com"))),
+        "foreign_ca": foreign_ca.issue(LeafSpec("bff", uris=(BFF_ID,))),
+        "expired": ca.issue(
+            LeafSpec("bff", uris=(BFF_ID,), not_before=long_ago, not_after=long_ago + dt.timedelta(days=1))
+        ),
+    }
+    server = ca.issue(LeafSpec("localhost", dns_names=("localhost",), ip_addresses=("127.0.0.1",), server=True))
+    (directory / "ca.pem").write_bytes(ca.cert_pem)
+    server.write(directory / "server.pem", directory / "server-key.pem")
+    for name, pair in clients.items():
+        pair.write(*(directory / f"{name}.pem", directory / f"{name}-key.pem"))
+    return Pki(ca=ca, directory=directory, server=server, clients=clients)
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[str], Path]:
+    """Write config text to a file in this test's folder and return its path."""
+
+    def write(text: str) -> Path:
+        path = tmp_path / "synctoken.toml"
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def log_sink() -> LogSink:
+    """structlog, configured once for the session as the CLI does, writing JSON to a sink."""
+    sink = LogSink()
+    logs.configure(cast("TextIO", sink), json=True)
+    return sink
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_watch(log_sink: LogSink) -> Iterator[LeakWatch]:
+    """After the whole session, no log line holds the secret, a private key or an issued token."""
+    watch = LeakWatch()
+    yield watch
+    texts = {"in-process logs": "\n".join(log_sink.lines)}
+    texts |= {str(p): p.read_text(encoding="utf-8", errors="replace") for p in watch.log_files if p.exists()}
+    for where, text in texts.items():
+        for needle in watch.secrets | watch.tokens:
+            assert needle not in text, f"{where} contains a secret or token ({needle[:12]}...)"
+
+
+@pytest.fixture
+def harness(pki: Pki, leak_watch: LeakWatch, write_config: Callable[[str], Path]) -> Iterator[ServerHarness]:
+    """Real servers and clients for one test."""
+    h = ServerHarness(pki, leak_watch, write_config)
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def shared_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One server with the suite's policy, shared by a module's read-only tests."""
+    path = tmp_path_factory.mktemp("shared") / "synctoken.toml"
+    path.write_text(config_text(pki), encoding="utf-8")
+    server = RunningServer(load_config(path, environ=SECRET_ENV))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def connect(shared_server: RunningServer, harness: ServerHarness) -> Callable[[str | None], Client]:
+    """Open a client to the shared server with the named certificate."""
+    return lambda cert: harness.client(shared_server, cert)

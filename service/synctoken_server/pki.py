@@ -24,7 +24,7 @@ class KeyPair:
     """A certificate and its private key, both PEM-encoded."""
 
     cert_pem: bytes
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)
 
     def write(self, cert_path: Path, key_path: Path) -> None:
         """Write the certificate, and the key readable by its owner only."""

@@ -1,0 +1,248 @@
+"""Test support: the suite's constants, PKI, configs, in-process servers, clients and log capture."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc.error_details_pb2 import BadRequest, ErrorInfo
+from grpc_status import rpc_status
+from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
+from synctoken_server.audit import AuditLog
+from synctoken_server.config import Config, load_config
+from synctoken_server.pki import CertificateAuthority, KeyPair
+from synctoken_server.server import TokenServer
+
+TRUST_DOMAIN = "example.org"
+ACCOUNT_SID = "AC" + "1" * 32
+API_KEY_SID = "SK" + "2" * 32
+API_SECRET = "s3cr3t-" + "x" * 25  # distinctive, so a leak is easy to grep for
+SERVICE_A = "IS" + "a" * 32
+SERVICE_B = "IS" + "b" * 32
+SERVICE_C = "IS" + "c" * 32
+
+BFF_ID = f"spiffe://{TRUST_DOMAIN}/ns/web/sa/bff"
+CHAT_WORKER_ID = f"spiffe://{TRUST_DOMAIN}/ns/chat/sa/worker"
+CHAT_ADMIN_ID = f"spiffe://{TRUST_DOMAIN}/ns/chat/sa/admin"
+STRANGER_ID = f"spiffe://{TRUST_DOMAIN}/ns/other/sa/stranger"
+DNS_CALLER = "billing.internal.example.com"
+
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+SYNCTOKEN = str(Path(sys.executable).parent / "synctoken")
+
+POLICY_TOML = f"""
+[defaults]
+default_ttl = "1h"
+max_ttl = "4h"
+
+[[callers]]
+id = "{BFF_ID}"
+sync_services = ["{SERVICE_A}", "{SERVICE_B}"]
+default_sync_service = "{SERVICE_A}"
+allowed_identity_characters = "@"
+
+[[callers]]
+id = "spiffe://{TRUST_DOMAIN}/ns/chat/*"
+sync_services = ["{SERVICE_B}"]
+identity_pattern = "user-[0-9]+"
+default_ttl = "10m"
+max_ttl = "30m"
+
+[[callers]]
+id = "{CHAT_ADMIN_ID}"
+sync_services = ["{SERVICE_B}", "{SERVICE_C}"]
+default_sync_service = "{SERVICE_C}"
+max_ttl = "24h"
+"""
+
+
+@dataclass
+class Pki:
+    """The suite's certificates; bad ones are named after their defect."""
+
+    ca: CertificateAuthority
+    directory: Path
+    server: KeyPair
+    clients: dict[str, KeyPair]
+
+    def credentials(self, client: str | None) -> grpc.ChannelCredentials:
+        """Channel credentials trusting our CA, presenting `client`'s certificate (or none)."""
+        if client is None:
+            return grpc.ssl_channel_credentials(root_certificates=self.ca.cert_pem)
+        pair = self.clients[client]
+        return grpc.ssl_channel_credentials(self.ca.cert_pem, pair.key_pem, pair.cert_pem)
+
+    def files(self, client: str) -> tuple[Path, Path]:
+        """Paths of `client`'s certificate and key, for grpcurl."""
+        return self.directory / f"{client}.pem", self.directory / f"{client}-key.pem"
+
+
+def config_text(
+    pki: Pki, *, identity: str | None = None, policy: str = POLICY_TOML, listen: str = "127.0.0.1:0"
+) -> str:
+    """A complete config for the suite's PKI; the secret comes from TWILIO_API_SECRET."""
+    identity_table = identity or f'[identity]\nsource = "spiffe"\ntrust_domains = ["{TRUST_DOMAIN}"]\n'
+    d = pki.directory
+    return f"""
+[server]
+listen = "{listen}"
+
+[tls]
+cert_file = "{d / "server.pem"}"
+key_file = "{d / "server-key.pem"}"
+client_ca_file = "{d / "ca.pem"}"
+
+{identity_table}
+
+[twilio]
+account_sid = "{ACCOUNT_SID}"
+api_key = "{API_KEY_SID}"
+
+{policy}
+"""
+
+
+SECRET_ENV = {"TWILIO_API_SECRET": API_SECRET}
+
+
+class LogSink(io.TextIOBase):
+    """Where every in-process server's log lines go: kept in memory for assertions and the leak check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self.lines.extend(line for line in text.splitlines() if line)
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+    def records(self, start: int = 0) -> list[dict[str, Any]]:
+        """The JSON records written since line `start`."""
+        with self._lock:
+            return [json.loads(line) for line in self.lines[start:]]
+
+
+@dataclass
+class LeakWatch:
+    """What must never appear in any log: filled in as the suite runs."""
+
+    secrets: set[str] = field(default_factory=lambda: {API_SECRET, "PRIVATE KEY"})
+    tokens: set[str] = field(default_factory=set)
+    log_files: list[Path] = field(default_factory=list)
+
+
+class RunningServer:
+    """A real TokenServer on 127.0.0.1, its asyncio loop in a background thread."""
+
+    def __init__(self, config: Config, audit_log: AuditLog | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="test-server-loop", daemon=True)
+        self._thread.start()
+        self._server = self._call(self._start(config, audit_log))
+        self.port = self._server.port
+
+    async def _start(self, config: Config, audit_log: AuditLog | None) -> TokenServer:
+        server = TokenServer(config, audit_log)
+        await server.start()
+        return server
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
+
+    def close(self) -> None:
+        """Stop the server and its loop."""
+        self._call(self._server.stop(grace=1))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+@dataclass
+class Client:
+    """A TokenService stub over a real mTLS channel, recording every token it receives."""
+
+    stub: token_service_pb2_grpc.TokenServiceStub
+    channel: grpc.Channel
+    watch: LeakWatch
+
+    def issue(self, request: token_service_pb2.IssueTokenRequest) -> token_service_pb2.IssueTokenResponse:
+        """Call IssueToken; remember the token for the session's leak check."""
+        response = self.stub.IssueToken(request, timeout=10)
+        if response.token:
+            self.watch.tokens.add(response.token)
+        return response
+
+    def whoami(self) -> token_service_pb2.GetCallerIdentityResponse:
+        """Call GetCallerIdentity."""
+        return self.stub.GetCallerIdentity(token_service_pb2.GetCallerIdentityRequest(), timeout=10)
+
+
+@dataclass
+class ServerHarness:
+    """Starts servers and opens clients to them; closes everything at teardown."""
+
+    pki: Pki
+    watch: LeakWatch
+    write_config: Callable[[str], Path]
+    _servers: list[RunningServer] = field(default_factory=list)
+    _channels: list[grpc.Channel] = field(default_factory=list)
+
+    def start(self, text: str | None = None, audit_log: AuditLog | None = None, **kwargs: str) -> RunningServer:
+        """Start a server with `text` as its config (default: the suite's policy)."""
+        config = load_config(self.write_config(text or config_text(self.pki, **kwargs)), environ=SECRET_ENV)
+        return self.start_config(config, audit_log)
+
+    def start_config(self, config: Config, audit_log: AuditLog | None = None) -> RunningServer:
+        """Start a server from an already loaded config."""
+        server = RunningServer(config, audit_log)
+        self._servers.append(server)
+        return server
+
+    def client(self, server: RunningServer, cert: str | None) -> Client:
+        """A client presenting the named certificate (None: no certificate)."""
+        channel = grpc.secure_channel(
+            f"localhost:{server.port}",
+            self.pki.credentials(cert),
+            options=[("grpc.max_reconnect_backoff_ms", 1000)],
+        )
+        self._channels.append(channel)
+        return Client(token_service_pb2_grpc.TokenServiceStub(channel), channel, self.watch)
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        for server in self._servers:
+            server.close()
+
+
+def rpc_error(call: Callable[[], object]) -> tuple[grpc.RpcError, ErrorInfo, BadRequest | None]:
+    """Run a call that must fail; return the error, its ErrorInfo and its BadRequest (if any)."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    error = caught.value
+    status = rpc_status.from_call(error)
+    assert status is not None, "no google.rpc.Status in the trailers"
+    info = ErrorInfo()
+    bad_request = None
+    for detail in status.details:
+        if detail.Is(ErrorInfo.DESCRIPTOR):
+            detail.Unpack(info)
+        elif detail.Is(BadRequest.DESCRIPTOR):
+            bad_request = BadRequest()
+            detail.Unpack(bad_request)
+    assert info.domain == "synctoken.v1"
+    return error, info, bad_request

@@ -1,0 +1,161 @@
+"""The audit log: one record per decision, the right fields, never a secret or token, fail closed."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import structlog
+from support import (
+    API_SECRET,
+    BFF_ID,
+    SECRET_ENV,
+    SERVICE_A,
+    STRANGER_ID,
+    LogSink,
+    ServerHarness,
+    config_text,
+    rpc_error,
+)
+from synctoken.v1 import token_service_pb2 as pb
+from synctoken_server import logs
+from synctoken_server.audit import AuditLog
+from synctoken_server.config import load_config
+
+REQUEST = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
+
+
+def decisions(sink: LogSink, start: int) -> list[dict[str, Any]]:
+    """token.decision records written since line `start`."""
+    return [r for r in sink.records(start) if r["event"] == "token.decision"]
+
+
+class TestRecords:
+    """What each decision writes."""
+
+    def test_issued(self, harness: ServerHarness, log_sink: LogSink) -> None:
+        """An issued token gets one record with the decision's fields and the token's fingerprint only."""
+        client = harness.client(harness.start(), "bff")
+        start = len(log_sink.lines)
+        response = client.issue(REQUEST)
+        [record] = decisions(log_sink, start)
+        assert record["outcome"] == "issued"
+        assert record["caller_id"] == BFF_ID
+        assert record["identity"] == "alice"
+        assert record["service_sid"] == SERVICE_A
+        assert record["ttl"] == 3600
+        assert record["region"] == ""
+        assert record["token_id"] == response.token_id
+        assert record["expires_at"] == response.expires_at.seconds
+        assert record["rpc"] == "IssueToken"
+        assert record["duration_ms"] >= 0
+        assert record["level"] == "info"
+        assert "token" not in record
+        assert response.token not in log_sink.lines[-1]
+
+    def test_denied(self, harness: ServerHarness, log_sink: LogSink) -> None:
+        """A denial gets one record with the status code and reason."""
+        client = harness.client(harness.start(), "stranger")
+        start = len(log_sink.lines)
+        rpc_error(lambda: client.issue(REQUEST))
+        [record] = decisions(log_sink, start)
+        assert record["outcome"] == "denied"
+        assert record["code"] == "PERMISSION_DENIED"
+        assert record["reason"] == "CALLER_NOT_ALLOWED"
+        assert record["caller_id"] == STRANGER_ID
+        assert "token_id" not in record
+
+    def test_unauthenticated_denied(self, harness: ServerHarness, log_sink: LogSink) -> None:
+        """A peer with no acceptable id is recorded as denied, with no caller id."""
+        client = harness.client(harness.start(), "no_san")
+        start = len(log_sink.lines)
+        rpc_error(lambda: client.issue(REQUEST))
+        [record] = decisions(log_sink, start)
+        assert (record["outcome"], record["reason"]) == ("denied", "CALLER_UNAUTHENTICATED")
+        assert "caller_id" not in record
+
+    def test_validated(self, harness: ServerHarness, log_sink: LogSink) -> None:
+        """validate_only is recorded as validated, without a token id."""
+        client = harness.client(harness.start(), "bff")
+        start = len(log_sink.lines)
+        client.issue(pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant(), validate_only=True))
+        [record] = decisions(log_sink, start)
+        assert record["outcome"] == "validated"
+        assert "token_id" not in record
+
+    def test_context_does_not_leak_between_rpcs(self, harness: ServerHarness, log_sink: LogSink) -> None:
+        """Fields bound for one RPC do not show up in the next one's record."""
+        server = harness.start()
+        harness.client(server, "bff").issue(REQUEST)
+        start = len(log_sink.lines)
+        harness.client(server, "stranger").whoami()
+        [record] = [r for r in log_sink.records(start) if r["event"] == "caller.lookup"]
+        assert record["caller_id"] == STRANGER_ID
+        assert record["policy_rule"] is None
+        assert "identity" not in record
+        assert "service_sid" not in record
+
+
+class TestFailClosed:
+    """If the audit record cannot be written, no token leaves the server."""
+
+    @pytest.fixture
+    def full_disk_audit(self) -> Iterator[AuditLog]:
+        """An audit log writing to /dev/full, where every write fails with ENOSPC."""
+        full = Path("/dev/full").open("w", encoding="utf-8")  # noqa: SIM115 - closed below, despite ENOSPC
+        logger = structlog.wrap_logger(
+            structlog.WriteLogger(full), processors=[*logs.shared_processors(), structlog.processors.JSONRenderer()]
+        )
+        yield AuditLog(logger)
+        with contextlib.suppress(OSError):  # the unflushed record cannot be flushed on close either
+            full.close()
+
+    @pytest.mark.parametrize("validate_only", [False, True])
+    def test_unwritable_audit_log(self, harness: ServerHarness, full_disk_audit: AuditLog, validate_only: bool) -> None:
+        """The RPC fails UNAVAILABLE with AUDIT_UNAVAILABLE, and no token is returned."""
+        client = harness.client(harness.start(audit_log=full_disk_audit), "bff")
+        request = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant(), validate_only=validate_only)
+        error, info, _ = rpc_error(lambda: client.issue(request))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert info.reason == "AUDIT_UNAVAILABLE"
+        assert error.details() == "the audit log cannot be written; no token was issued"
+
+
+class TestUnexpectedFault:
+    """A fault nobody planned for: INTERNAL to the caller, the traceback to the log."""
+
+    def test_internal(self, harness: ServerHarness, log_sink: LogSink, tmp_path: Path) -> None:
+        """A signing failure (here: an empty secret) gives a generic INTERNAL and a logged traceback."""
+        path = tmp_path / "synctoken.toml"
+        path.write_text(config_text(harness.pki), encoding="utf-8")
+        config = load_config(path, environ=SECRET_ENV)
+        broken = dataclasses.replace(config, credentials=dataclasses.replace(config.credentials, api_secret=""))
+        client = harness.client(harness.start_config(broken), "bff")
+        start = len(log_sink.lines)
+        error, info, _ = rpc_error(lambda: client.issue(REQUEST))
+        assert error.code() == grpc.StatusCode.INTERNAL
+        assert error.details() == "internal error"
+        assert info.reason == "INTERNAL"
+        [failure] = [r for r in log_sink.records(start) if r["event"] == "rpc.failed"]
+        assert "Traceback" in failure["exception"]
+        assert "ValueError" in failure["exception"]
+        [record] = decisions(log_sink, start)
+        assert (record["outcome"], record["code"]) == ("denied", "INTERNAL")
+
+
+class TestSecretsStayOut:
+    """The secret is not in reprs that end up in tracebacks or debug output."""
+
+    def test_credentials_repr(self, harness: ServerHarness, tmp_path: Path) -> None:
+        """Neither the config nor the credentials print the API secret or the TLS key."""
+        path = tmp_path / "synctoken.toml"
+        path.write_text(config_text(harness.pki), encoding="utf-8")
+        config = load_config(path, environ=SECRET_ENV)
+        assert API_SECRET not in repr(config)
+        assert "PRIVATE KEY" not in repr(config)
+        assert API_SECRET not in str(config.credentials)

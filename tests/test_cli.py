@@ -1,0 +1,197 @@
+"""The `synctoken` command as users run it: dev, serve, check-config, in real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jwt
+import pytest
+from support import API_SECRET, GRPCURL, SECRET_ENV, SYNCTOKEN, LeakWatch, Pki, config_text
+from synctoken_server import devenv
+
+START_TIMEOUT = 30
+
+
+class Process:
+    """A synctoken subprocess whose stdout (the JSON log) goes to a file the leak check reads."""
+
+    def __init__(self, args: list[str], log_dir: Path, watch: LeakWatch, env: dict[str, str] | None = None) -> None:
+        self.stdout_path = log_dir / "stdout.jsonl"
+        self.stderr_path = log_dir / "stderr.txt"
+        watch.log_files += [self.stdout_path, self.stderr_path]
+        with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
+            self.proc = subprocess.Popen([SYNCTOKEN, *args], stdout=out, stderr=err, cwd=log_dir, env=env)
+
+    def wait_for_stderr(self, text: str) -> str:
+        """Wait until stderr contains `text`; return all of stderr."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            err = self.stderr_path.read_text()
+            if text in err:
+                return err
+            if self.proc.poll() is not None:
+                pytest.fail(f"synctoken exited {self.proc.returncode}: {err}")
+            time.sleep(0.05)
+        pytest.fail(f"no {text!r} on stderr within {START_TIMEOUT}s")
+
+    def terminate(self) -> int:
+        """SIGTERM, as an orchestrator would; return the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=START_TIMEOUT)
+
+    def records(self) -> list[dict[str, object]]:
+        """The JSON log lines written so far."""
+        return [json.loads(line) for line in self.stdout_path.read_text().splitlines()]
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """Processes a test starts; killed at teardown if still running."""
+    started: list[Process] = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
+def without_twilio_env() -> dict[str, str]:
+    """This process's environment minus any real Twilio credentials."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("TWILIO_")}
+
+
+class TestDev:
+    """`synctoken dev`: the quick start's first command."""
+
+    def start_dev(self, tmp_path: Path, watch: LeakWatch, processes: list[Process], env: dict[str, str]) -> Process:
+        """Start `synctoken dev` on a free port and wait for its grpcurl hint."""
+        process = Process(["dev", "--port", "0", "--dir", str(tmp_path / "dev")], tmp_path, watch, env)
+        processes.append(process)
+        process.wait_for_stderr("Try:")
+        return process
+
+    def run_printed_command(self, process: Process, watch: LeakWatch) -> dict[str, str]:
+        """Run the grpcurl command dev printed, exactly, with our grpcurl binary."""
+        line = process.wait_for_stderr("Try:").split("Try:\n", 1)[1].strip()
+        argv = shlex.split(line)
+        assert argv[0] == "grpcurl"
+        result = subprocess.run([GRPCURL, *argv[1:]], capture_output=True, text=True, timeout=30, check=False)
+        assert result.returncode == 0, result.stderr
+        response: dict[str, str] = json.loads(result.stdout)
+        watch.tokens.add(response["token"])
+        return response
+
+    def test_dev_serves_the_printed_command(
+        self, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """dev makes a PKI and config, serves, and the grpcurl command it prints returns a dev token."""
+        process = self.start_dev(tmp_path, leak_watch, processes, without_twilio_env())
+        assert "Twilio will refuse them" in process.wait_for_stderr("Try:")
+        response = self.run_printed_command(process, leak_watch)
+        secret = (tmp_path / "dev" / devenv.SECRET_FILE).read_text().strip()
+        leak_watch.secrets.add(secret)
+        claims = jwt.decode(response["token"], secret, algorithms=["HS256"])
+        assert claims["iss"] == devenv.DEV_API_KEY_SID
+        assert claims["grants"] == {"identity": "alice", "data_sync": {"service_sid": devenv.DEV_SYNC_SERVICE_SID}}
+        assert process.terminate() == 0
+        events = [r["event"] for r in process.records()]
+        assert events == ["server.started", "token.decision", "server.stopping", "server.stopped"]
+        assert (tmp_path / "dev" / devenv.CLIENT_KEY).stat().st_mode & 0o077 == 0
+
+    def test_dev_uses_real_credentials_when_set(
+        self, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """With TWILIO_* set, dev signs with them, says so, and writes no secret to disk."""
+        env = without_twilio_env() | {
+            "TWILIO_ACCOUNT_SID": "AC" + "5" * 32,
+            "TWILIO_API_KEY": "SK" + "6" * 32,
+            "TWILIO_API_SECRET": API_SECRET,
+            "TWILIO_SYNC_SERVICE_SID": "IS" + "7" * 32,
+        }
+        process = self.start_dev(tmp_path, leak_watch, processes, env)
+        assert "tokens are real" in process.wait_for_stderr("Try:")
+        claims = jwt.decode(self.run_printed_command(process, leak_watch)["token"], API_SECRET, algorithms=["HS256"])
+        assert (claims["sub"], claims["iss"]) == ("AC" + "5" * 32, "SK" + "6" * 32)
+        assert claims["grants"]["data_sync"] == {"service_sid": "IS" + "7" * 32}
+        assert not (tmp_path / "dev" / devenv.SECRET_FILE).exists()
+        assert API_SECRET not in (tmp_path / "dev" / devenv.CONFIG_FILE).read_text()
+        assert process.terminate() == 0
+
+    def test_dev_reuses_its_pki(self, tmp_path: Path) -> None:
+        """A second run keeps the CA and certificates, so clients configured once keep working."""
+        first = devenv.prepare(tmp_path, 50051, environ={})
+        ca = (first.directory / devenv.CA_FILE).read_bytes()
+        second = devenv.prepare(tmp_path, 50052, environ={})
+        assert (second.directory / devenv.CA_FILE).read_bytes() == ca
+        assert "localhost:50052" in second.config_path.read_text()
+
+
+class TestServe:
+    """`synctoken serve --config FILE`."""
+
+    def test_port_in_use(self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> None:
+        """A second server on a taken port exits 3 with a message, instead of sharing the port."""
+        import socket  # noqa: PLC0415 - this test only
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            path = tmp_path / "synctoken.toml"
+            path.write_text(config_text(pki, listen=f"127.0.0.1:{port}"), encoding="utf-8")
+            process = Process(["serve", "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV)
+            processes.append(process)
+            assert process.proc.wait(timeout=START_TIMEOUT) == 3
+        assert f"cannot listen on 127.0.0.1:{port}" in process.stderr_path.read_text()
+
+    def test_bad_config_exits_2(self, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> None:
+        """A config error is reported on stderr, naming file and key, with exit status 2."""
+        path = tmp_path / "synctoken.toml"
+        path.write_text("[server]\nlisten = 5\n", encoding="utf-8")
+        process = Process(["serve", "--config", str(path)], tmp_path, leak_watch)
+        processes.append(process)
+        assert process.proc.wait(timeout=START_TIMEOUT) == 2
+        assert process.stderr_path.read_text() == f"synctoken: config error: {path}: server.listen: must be a string\n"
+
+
+class TestCheckConfig:
+    """`synctoken check-config FILE` runs the same loader and prints the effective policy."""
+
+    def test_prints_effective_policy_without_secret(self, pki: Pki, tmp_path: Path) -> None:
+        """The output lists callers with inherited defaults, and never the secret."""
+        path = tmp_path / "synctoken.toml"
+        path.write_text(config_text(pki), encoding="utf-8")
+        result = subprocess.run(
+            [SYNCTOKEN, "check-config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=os.environ | SECRET_ENV,
+        )
+        assert result.returncode == 0, result.stderr
+        assert API_SECRET not in result.stdout + result.stderr
+        effective = json.loads(result.stdout)
+        assert effective["twilio"]["api_secret"] == "(loaded, not shown)"
+        assert [c["max_ttl"] for c in effective["callers"]] == ["4h", "30m", "24h"]
+        assert effective["callers"][1]["identity_pattern"] == "user-[0-9]+"
+
+    def test_reports_errors(self, tmp_path: Path) -> None:
+        """A bad file exits 2 with the loader's message."""
+        path = tmp_path / "synctoken.toml"
+        path.write_text("[bogus]\n", encoding="utf-8")
+        result = subprocess.run(
+            [SYNCTOKEN, "check-config", str(path)], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"synctoken: config error: {path}: bogus: unknown key; "
+            "expected one of callers, defaults, identity, server, tls, twilio\n"
+        )

@@ -1,0 +1,255 @@
+"""The config loader: every failure names the file and the key; a good file loads into frozen data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support import (
+    ACCOUNT_SID,
+    API_KEY_SID,
+    API_SECRET,
+    POLICY_TOML,
+    SECRET_ENV,
+    SERVICE_A,
+    SERVICE_B,
+    Pki,
+    config_text,
+)
+from synctoken_server.config import ConfigError, load_config
+from synctoken_server.identity import IdentitySource
+
+WriteConfig = Callable[[str], Path]
+
+
+def expect_error(path: Path, message: str, environ: dict[str, str] | None = None) -> None:
+    """Loading `path` fails with exactly `<path>: <message>`."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=SECRET_ENV if environ is None else environ)
+    assert str(caught.value) == f"{path}: {message}"
+
+
+class TestValid:
+    """A good config."""
+
+    def test_loads(self, pki: Pki, write_config: WriteConfig) -> None:
+        """The suite's config loads with every default applied."""
+        config = load_config(write_config(config_text(pki)), environ=SECRET_ENV)
+        assert config.listen == "127.0.0.1:0"
+        assert config.identity_source is IdentitySource.SPIFFE
+        assert config.trust_domains == frozenset({"example.org"})
+        assert (config.credentials.account_sid, config.credentials.api_key_sid) == (ACCOUNT_SID, API_KEY_SID)
+        assert config.credentials.api_secret == API_SECRET
+        chat = next(r for r in config.policy if r.caller.endswith("/*"))
+        assert (chat.default_ttl, chat.max_ttl) == (600, 1800)
+
+    def test_twilio_from_environment(self, pki: Pki, write_config: WriteConfig) -> None:
+        """Without account_sid and api_key in the file, Twilio's guide's variable names are read."""
+        text = config_text(pki).replace(f'account_sid = "{ACCOUNT_SID}"\napi_key = "{API_KEY_SID}"\n', "")
+        environ = SECRET_ENV | {"TWILIO_ACCOUNT_SID": "AC" + "9" * 32, "TWILIO_API_KEY": "SK" + "8" * 32}
+        config = load_config(write_config(text), environ=environ)
+        assert config.credentials.account_sid == "AC" + "9" * 32
+        assert config.credentials.api_key_sid == "SK" + "8" * 32
+
+    def test_secret_from_file(self, pki: Pki, write_config: WriteConfig, tmp_path: Path) -> None:
+        """api_secret_file is read relative to the config file, trailing newline dropped."""
+        (tmp_path / "secret").write_text(API_SECRET + "\n", encoding="utf-8")
+        text = config_text(pki).replace("[twilio]\n", '[twilio]\napi_secret_file = "secret"\n')
+        assert load_config(write_config(text), environ={}).credentials.api_secret == API_SECRET
+
+    def test_secret_from_named_variable(self, pki: Pki, write_config: WriteConfig) -> None:
+        """api_secret_env names another variable to read the secret from."""
+        text = config_text(pki).replace("[twilio]\n", '[twilio]\napi_secret_env = "MY_SECRET"\n')
+        assert load_config(write_config(text), environ={"MY_SECRET": "abc"}).credentials.api_secret == "abc"
+
+
+def replaced(pki: Pki, old: str, new: str) -> str:
+    """The suite's config with one piece of text replaced (which must be there)."""
+    text = config_text(pki)
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+CALLER_2 = 'max_ttl = "24h"'  # only callers[2] sets this
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "[server]",
+            "[serverz]",
+            "serverz: unknown key; expected one of callers, defaults, identity, server, tls, twilio",
+        ),
+        (
+            '[[callers]]\nid = "spiffe://example.org/ns/chat/*"',
+            '[[callers]]\nmax_tll = "1h"\nid = "spiffe://example.org/ns/chat/*"',
+            "callers[1].max_tll: unknown key; expected one of allowed_identity_characters, default_sync_service, default_ttl, id, identity_pattern, max_ttl, sync_services",
+        ),
+        (CALLER_2, 'max_ttl = "30h"', "callers[2].max_ttl: 30h is above the 24h limit"),
+        (CALLER_2, 'max_ttl = "2m"', "callers[2].max_ttl: 2m is below the 3m minimum"),
+        (CALLER_2, 'max_ttl = "soon"', "callers[2].max_ttl: 'soon' is not a duration like 90s, 15m, 1h or 1h30m"),
+        (CALLER_2, "max_ttl = 3600", "callers[2].max_ttl: must be a string"),
+        ('default_ttl = "10m"', 'default_ttl = "1h"', "callers[1].default_ttl: 1h is above callers[1].max_ttl 30m"),
+        (
+            'default_ttl = "1h"\nmax_ttl = "4h"',
+            'default_ttl = "5h"\nmax_ttl = "4h"',
+            "defaults.default_ttl: 5h is above defaults.max_ttl 4h",
+        ),
+        (
+            f'sync_services = ["{SERVICE_A}",',
+            'sync_services = ["IS123",',
+            "callers[0].sync_services[0]: 'IS123' is not a Sync service SID (IS + 32 lower-case hex digits)",
+        ),
+        (
+            f'sync_services = ["{SERVICE_A}", "{SERVICE_B}"]',
+            f'sync_services = "{SERVICE_A}"',
+            "callers[0].sync_services: must be a list",
+        ),
+        (
+            f'sync_services = ["{SERVICE_A}", "{SERVICE_B}"]',
+            "sync_services = []",
+            "callers[0].sync_services: must list at least one Sync service SID",
+        ),
+        (
+            f'default_sync_service = "{SERVICE_A}"',
+            f'default_sync_service = "IS{"f" * 32}"',
+            f"callers[0].default_sync_service: IS{'f' * 32} is not in callers[0].sync_services",
+        ),
+        (
+            'identity_pattern = "user-[0-9]+"',
+            'identity_pattern = "user-[0-9"',
+            "callers[1].identity_pattern: not a valid regular expression: unterminated character set at position 5",
+        ),
+        (
+            'allowed_identity_characters = "@"',
+            'allowed_identity_characters = "@a"',
+            "callers[0].allowed_identity_characters: 'a' are not reserved characters; only \"!*'();:@&=+$,/?%#[]\" need allowing",
+        ),
+        (
+            'id = "spiffe://example.org/ns/chat/sa/admin"',
+            'id = "spiffe://example.org/ns/web/sa/bff"',
+            "callers[2].id: spiffe://example.org/ns/web/sa/bff is already the id of callers[0]",
+        ),
+        (
+            'id = "spiffe://example.org/ns/chat/sa/admin"',
+            'id = "spiffe://example.org/ns//admin"',
+            "callers[2].id: 'spiffe://example.org/ns//admin' is not a SPIFFE ID: path segment '' is empty, '.', '..' or has a character outside A-Z a-z 0-9 . - _; a prefix ends in /*",
+        ),
+        (
+            'id = "spiffe://example.org/ns/chat/sa/admin"',
+            'id = "spiffe://other.org/admin"',
+            "callers[2].id: trust domain other.org is not in identity.trust_domains",
+        ),
+        (
+            'listen = "127.0.0.1:0"',
+            'listen = "127.0.0.1"',
+            "server.listen: '127.0.0.1' is not host:port (e.g. 127.0.0.1:50051 or [::]:50051)",
+        ),
+        (
+            'listen = "127.0.0.1:0"',
+            'listen = "127.0.0.1:70000"',
+            "server.listen: '127.0.0.1:70000' is not host:port (e.g. 127.0.0.1:50051 or [::]:50051)",
+        ),
+        ('source = "spiffe"', 'source = "x509_cn"', "identity.source: 'x509_cn' is not one of spiffe, dns_san"),
+        (
+            'trust_domains = ["example.org"]',
+            "trust_domains = []",
+            "identity.trust_domains: must list at least one trust domain",
+        ),
+        (
+            'trust_domains = ["example.org"]',
+            'trust_domains = ["Example.org"]',
+            "identity.trust_domains[0]: 'Example.org' is not a trust domain name",
+        ),
+        (
+            f'account_sid = "{ACCOUNT_SID}"',
+            'account_sid = "AC123"',
+            "twilio.account_sid: must be AC followed by 32 lower-case hex digits",
+        ),
+        (
+            f'api_key = "{API_KEY_SID}"',
+            f'api_key = "{ACCOUNT_SID}"',
+            "twilio.api_key: must be an API key SID: SK followed by 32 lower-case hex digits",
+        ),
+        (
+            f'api_key = "{API_KEY_SID}"',
+            "",
+            "twilio.api_key: missing, and the environment variable TWILIO_API_KEY is not set",
+        ),
+        (
+            f'api_key = "{API_KEY_SID}"',
+            'api_secret = "hunter2"',
+            "twilio.api_secret: unknown key; expected one of account_sid, api_key, api_secret_env, api_secret_file",
+        ),
+        (
+            f'api_key = "{API_KEY_SID}"',
+            f'api_key = "{API_KEY_SID}"\napi_secret_file = "nope"',
+            "twilio.api_secret_file: cannot read nope: No such file or directory",
+        ),
+        (
+            f'api_key = "{API_KEY_SID}"',
+            f'api_key = "{API_KEY_SID}"\napi_secret_file = "a"\napi_secret_env = "B"',
+            "twilio.api_secret_file: set api_secret_file or api_secret_env, not both",
+        ),
+        (
+            "[[callers]]",
+            "callers = 1\n[[x]]",
+            "x: unknown key; expected one of callers, defaults, identity, server, tls, twilio",
+        ),
+        (
+            "[server]",
+            "[server\n",
+            "not valid TOML: Expected ']' at the end of a table declaration (at line 2, column 8)",
+        ),
+    ],
+)
+def test_config_error(pki: Pki, write_config: WriteConfig, old: str, new: str, message: str) -> None:
+    """Each defect is reported with the file, the key path and what is wrong."""
+    expect_error(write_config(replaced(pki, old, new)), message)
+
+
+class TestFilesAndEnvironment:
+    """Errors that depend on files and variables rather than text."""
+
+    def test_missing_secret_variable(self, pki: Pki, write_config: WriteConfig) -> None:
+        """No secret anywhere: the message names the variable."""
+        expect_error(
+            write_config(config_text(pki)),
+            "twilio.api_secret_env: the environment variable TWILIO_API_SECRET is not set or empty",
+            environ={},
+        )
+
+    def test_missing_cert_file(self, pki: Pki, write_config: WriteConfig) -> None:
+        """An unreadable TLS file is named with the OS's reason."""
+        text = replaced(pki, str(pki.directory / "server.pem"), "/nonexistent/server.pem")
+        expect_error(
+            write_config(text), "tls.cert_file: cannot read /nonexistent/server.pem: No such file or directory"
+        )
+
+    def test_key_does_not_match_cert(self, pki: Pki, write_config: WriteConfig) -> None:
+        """A key that belongs to another certificate is caught at load, not at the first handshake."""
+        text = replaced(pki, str(pki.directory / "server-key.pem"), str(pki.directory / "bff-key.pem"))
+        expect_error(write_config(text), "tls.key_file: does not match the first certificate in tls.cert_file")
+
+    def test_cert_is_not_pem(self, pki: Pki, write_config: WriteConfig, tmp_path: Path) -> None:
+        """A file that is not a PEM certificate is refused."""
+        (tmp_path / "junk.pem").write_text("hello", encoding="utf-8")
+        text = replaced(pki, str(pki.directory / "ca.pem"), str(tmp_path / "junk.pem"))
+        expect_error(write_config(text), "tls.client_ca_file: is not a PEM certificate")
+
+    def test_dns_caller_must_be_dns_name(self, pki: Pki, write_config: WriteConfig) -> None:
+        """In dns_san mode, caller ids are DNS names."""
+        text = config_text(pki, identity='[identity]\nsource = "dns_san"\n')
+        expect_error(
+            write_config(text),
+            "callers[0].id: 'spiffe://example.org/ns/web/sa/bff' is not a lower-case DNS name "
+            "(identity.source is dns_san)",
+        )
+
+    def test_no_callers_is_allowed(self, pki: Pki, write_config: WriteConfig) -> None:
+        """A config with no callers loads: it simply denies everyone."""
+        text = config_text(pki, policy="")
+        assert len(load_config(write_config(text), environ=SECRET_ENV).policy) == 0
+        assert POLICY_TOML not in text
