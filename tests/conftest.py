@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO, cast
 
 import pytest
+
 from support import (
     BFF_ID,
     CHAT_ADMIN_ID,

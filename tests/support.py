@@ -16,6 +16,7 @@ import grpc
 import pytest
 from google.rpc.error_details_pb2 import BadRequest, ErrorInfo
 from grpc_status import rpc_status
+
 from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
 from synctoken_server.audit import AuditLog
 from synctoken_server.config import Config, load_config
@@ -164,7 +165,9 @@ class RunningServer:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
     def close(self) -> None:
-        """Stop the server and its loop."""
+        """Stop the server and its loop; a second call does nothing."""
+        if self._loop.is_closed():
+            return
         self._call(self._server.stop(grace=1))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)

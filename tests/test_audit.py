@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 import structlog
+
 from support import (
     API_SECRET,
     BFF_ID,

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+
 from support import BFF_ID, DNS_CALLER, SERVICE_A, Client, ServerHarness, config_text, rpc_error
 from synctoken.v1 import token_service_pb2 as pb
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+
 from support import API_SECRET, GRPCURL, SECRET_ENV, SYNCTOKEN, LeakWatch, Pki, config_text
 from synctoken_server import devenv
 
@@ -81,7 +82,7 @@ class TestDev:
         """Run the grpcurl command dev printed, exactly, with our grpcurl binary."""
         line = process.wait_for_stderr("Try:").split("Try:\n", 1)[1].strip()
         argv = shlex.split(line)
-        assert argv[0] == "grpcurl"
+        assert Path(argv[0]).name == "grpcurl"
         result = subprocess.run([GRPCURL, *argv[1:]], capture_output=True, text=True, timeout=30, check=False)
         assert result.returncode == 0, result.stderr
         response: dict[str, str] = json.loads(result.stdout)

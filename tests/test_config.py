@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from support import (
     ACCOUNT_SID,
     API_KEY_SID,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from synctoken_server.durations import format_duration, parse_duration
 
 

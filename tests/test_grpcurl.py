@@ -6,6 +6,7 @@ import json
 import subprocess
 
 import jwt
+
 from support import API_SECRET, BFF_ID, GRPCURL, LeakWatch, Pki, RunningServer
 
 

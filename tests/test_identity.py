@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from synctoken_server.errors import CallerUnauthenticated
 from synctoken_server.identity import CallerIdentityRules, IdentitySource, SpiffeId, is_dns_name
 

@@ -9,6 +9,9 @@ import grpc
 import jwt
 import pytest
 from google.protobuf import duration_pb2
+from twilio.jwt.access_token import AccessToken
+from twilio.jwt.access_token.grants import SyncGrant
+
 from support import (
     ACCOUNT_SID,
     API_KEY_SID,
@@ -23,8 +26,6 @@ from support import (
     rpc_error,
 )
 from synctoken.v1 import token_service_pb2 as pb
-from twilio.jwt.access_token import AccessToken
-from twilio.jwt.access_token.grants import SyncGrant
 
 Connect = Callable[[str | None], Client]
 

@@ -6,6 +6,7 @@ import re
 
 import pytest
 from google.protobuf import duration_pb2
+
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.errors import CallerNotAllowed, IdentityNotAllowed, InvalidRequest, ServiceNotAllowed
 from synctoken_server.policy import CallerRule, Grant, Policy, decide

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,7 @@ class DevEnvironment:
         """The exact grpcurl command that mints a token from this environment."""
         d = self.directory
         return (
-            f"grpcurl -cacert {d / CA_FILE} -cert {d / CLIENT_CERT} -key {d / CLIENT_KEY} "
+            f"{_grpcurl()} -cacert {d / CA_FILE} -cert {d / CLIENT_CERT} -key {d / CLIENT_KEY} "
             f"""-d '{{"identity":"alice","sync":{{}}}}' localhost:{port} synctoken.v1.TokenService/IssueToken"""
         )
 
@@ -69,6 +71,12 @@ def prepare(directory: Path, port: int, environ: Mapping[str, str] | None = None
     config_path = directory / CONFIG_FILE
     config_path.write_text(_CONFIG_TEMPLATE.format(port=port, twilio=twilio, service=service_sid), encoding="utf-8")
     return DevEnvironment(directory, config_path, real, service_sid)
+
+
+def _grpcurl() -> str:
+    # `make dev` runs us from a venv that is not on PATH; grpcurl sits beside us there.
+    beside = Path(sys.executable).parent / "grpcurl"
+    return str(beside) if shutil.which("grpcurl") is None and beside.exists() else "grpcurl"
 
 
 def _make_pki(directory: Path) -> None:

@@ -17,6 +17,7 @@ from google.rpc.code_pb2 import Code
 from google.rpc.error_details_pb2 import BadRequest, ErrorInfo
 from google.rpc.status_pb2 import Status
 from grpc_status import rpc_status
+
 from synctoken.v1 import token_service_pb2
 
 DOMAIN = "synctoken.v1"

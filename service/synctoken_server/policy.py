@@ -11,7 +11,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from synctoken.v1 import token_service_pb2
-
 from synctoken_server.durations import MAX_TTL_SECONDS, MIN_TTL_SECONDS, format_duration
 from synctoken_server.errors import (
     CallerNotAllowed,

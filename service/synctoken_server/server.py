@@ -13,8 +13,8 @@ import grpc
 from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from synctoken.v1 import token_service_pb2
 
+from synctoken.v1 import token_service_pb2
 from synctoken_server.audit import AuditLog
 from synctoken_server.config import Config
 from synctoken_server.identity import CallerIdentityRules

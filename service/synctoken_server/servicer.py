@@ -16,8 +16,8 @@ import grpc
 import structlog
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
-from synctoken.v1 import token_service_pb2
 
+from synctoken.v1 import token_service_pb2
 from synctoken_server import audit
 from synctoken_server.errors import InternalError, MalformedRequest, SynctokenError, to_status
 from synctoken_server.identity import CallerIdentityRules
