@@ -6,15 +6,19 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import jwt
 import pytest
 
 from support import API_SECRET, GRPCURL, SECRET_ENV, SYNCTOKEN, LeakWatch, Pki, config_text
+from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
 from synctoken_server import devenv
 
 START_TIMEOUT = 30
@@ -47,7 +51,7 @@ class Process:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=START_TIMEOUT)
 
-    def records(self) -> list[dict[str, object]]:
+    def records(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far."""
         return [json.loads(line) for line in self.stdout_path.read_text().splitlines()]
 
@@ -139,8 +143,6 @@ class TestServe:
 
     def test_port_in_use(self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> None:
         """A second server on a taken port exits 3 with a message, instead of sharing the port."""
-        import socket  # noqa: PLC0415 - this test only
-
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
@@ -160,6 +162,76 @@ class TestServe:
         processes.append(process)
         assert process.proc.wait(timeout=START_TIMEOUT) == 2
         assert process.stderr_path.read_text() == f"synctoken: config error: {path}: server.listen: must be a string\n"
+
+
+def free_port() -> int:
+    """A port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class TestWorkers:
+    """`synctoken serve --workers N`: N processes sharing one port."""
+
+    def test_two_workers_serve_and_stop(
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """Both workers start, fresh connections get tokens, and SIGTERM stops everything cleanly."""
+        port = free_port()
+        path = tmp_path / "synctoken.toml"
+        path.write_text(config_text(pki, listen=f"127.0.0.1:{port}"), encoding="utf-8")
+        process = Process(
+            ["serve", "--workers", "2", "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV
+        )
+        processes.append(process)
+        deadline = time.monotonic() + START_TIMEOUT
+        while sum(r["event"] == "server.started" for r in process.records()) < 2:
+            assert process.proc.poll() is None, process.stderr_path.read_text()
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.05)
+        for _ in range(6):
+            channel = grpc.secure_channel(f"localhost:{port}", pki.credentials("bff"))
+            response = token_service_pb2_grpc.TokenServiceStub(channel).IssueToken(
+                token_service_pb2.IssueTokenRequest(identity="alice", sync=token_service_pb2.SyncGrant()), timeout=10
+            )
+            leak_watch.tokens.add(response.token)
+            channel.close()
+        assert process.terminate() == 0
+        records = process.records()
+        assert sorted(r["worker"] for r in records if r["event"] == "server.started") == [0, 1]
+        assert sum(r["event"] == "server.stopped" for r in records) == 2
+        assert sum(r.get("outcome") == "issued" for r in records) == 6
+
+    def test_worker_that_cannot_bind_stops_all(
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """If the port is held by another program, the workers exit 3 rather than run half-bound."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            path = tmp_path / "synctoken.toml"
+            path.write_text(config_text(pki, listen=f"127.0.0.1:{port}"), encoding="utf-8")
+            process = Process(
+                ["serve", "--workers", "2", "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV
+            )
+            processes.append(process)
+            assert process.proc.wait(timeout=START_TIMEOUT) == 3
+
+    def test_workers_need_a_fixed_port(
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """Port 0 would give each worker its own port: refused with exit 2."""
+        path = tmp_path / "synctoken.toml"
+        path.write_text(config_text(pki), encoding="utf-8")
+        process = Process(
+            ["serve", "--workers", "2", "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV
+        )
+        processes.append(process)
+        assert process.proc.wait(timeout=START_TIMEOUT) == 2
+        assert "--workers needs a fixed port" in process.stderr_path.read_text()
 
 
 class TestCheckConfig:

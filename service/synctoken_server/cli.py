@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import structlog
-
-from synctoken_server import __version__, devenv, logs
+from synctoken_server import __version__, devenv, logs, running
 from synctoken_server.config import Config, ConfigError, load_config
 from synctoken_server.durations import format_duration
-from synctoken_server.server import TokenServer
-
-EXIT_CONFIG = 2
-EXIT_START = 3
+from synctoken_server.running import EXIT_CONFIG
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the server with a config file")
     serve.add_argument("--config", type=Path, required=True, help="path to the TOML config")
+    serve.add_argument(
+        "--workers", type=_positive, default=1, help="server processes sharing the port (default 1; use the core count)"
+    )
     check = commands.add_parser("check-config", help="validate a config file and print the effective policy")
     check.add_argument("config", type=Path)
     dev = commands.add_parser("dev", help="run on localhost with throwaway certificates and credentials")
@@ -50,7 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "Set TWILIO_ACCOUNT_SID, TWILIO_API_KEY and TWILIO_API_SECRET for real ones."
             )
         return _serve(env.config_path, on_ready=lambda port: _say(f"Try:\n  {env.grpcurl_command(port)}"))
-    return _serve(args.config)
+    return _serve(args.config, workers=args.workers)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        msg = f"{text} is not a positive number"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _say(text: str) -> None:
@@ -95,44 +99,17 @@ def _check_config(path: Path) -> int:
     return 0
 
 
-def _serve(path: Path, on_ready: Callable[[int], None] | None = None) -> int:
+def _serve(path: Path, on_ready: Callable[[int], None] | None = None, workers: int = 1) -> int:
     logs.configure()
     config = _load(path)
     if config is None:
         return EXIT_CONFIG
-    return asyncio.run(_run_server(config, on_ready))
-
-
-async def _run_server(config: Config, on_ready: Callable[[int], None] | None) -> int:
-    log = structlog.get_logger("synctoken")
-    try:
-        server = TokenServer(config)
-    except OSError as exc:
-        print(f"synctoken: {exc}", file=sys.stderr)
-        return EXIT_START
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, _request_stop, log, signum, stopping)
-    await server.start()
-    log.info(
-        "server.started",
-        listen=config.listen,
-        port=server.port,
-        identity_source=config.identity_source.value,
-        callers=len(config.policy),
-    )
-    if on_ready is not None:
-        on_ready(server.port)
-    await stopping.wait()
-    await server.stop()
-    log.info("server.stopped")
-    return 0
-
-
-def _request_stop(log: structlog.typing.FilteringBoundLogger, signum: int, stopping: asyncio.Event) -> None:
-    log.info("server.stopping", signal=signal.Signals(signum).name)
-    stopping.set()
+    if workers == 1:
+        return running.run_one(config, on_ready=on_ready)
+    if config.listen.endswith(":0"):
+        print("synctoken: --workers needs a fixed port in server.listen, not :0", file=sys.stderr)
+        return EXIT_CONFIG
+    return running.run_workers(path, workers)
 
 
 def run() -> None:

@@ -29,19 +29,19 @@ MAX_REQUEST_BYTES = 4 * 1024
 """A valid IssueTokenRequest is well under 1 KiB; anything bigger is refused
 by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed."""
 
-_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-    # gRPC enables SO_REUSEPORT by default, so a second server on a busy port
-    # would start "fine" and silently take half the traffic. Fail loudly instead.
-    ("grpc.so_reuseport", 0),
-]
-
 
 class TokenServer:
     """A configured, not yet started, synctoken server."""
 
-    def __init__(self, config: Config, audit_log: AuditLog | None = None) -> None:
-        self._server = grpc.aio.server(options=_OPTIONS)
+    def __init__(self, config: Config, audit_log: AuditLog | None = None, *, reuse_port: bool = False) -> None:
+        options = [
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            # gRPC enables SO_REUSEPORT by default, so a second server on a busy
+            # port would start "fine" and silently take half the traffic. Only
+            # our own workers share a port, and they ask for it.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ]
+        self._server = grpc.aio.server(options=options)
         servicer = TokenServicer(
             identity_rules=CallerIdentityRules(config.identity_source, config.trust_domains),
             policy=config.policy,
