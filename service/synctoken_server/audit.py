@@ -6,6 +6,7 @@ in: a token appears only as its token_id fingerprint.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import structlog
@@ -37,3 +38,8 @@ class AuditLog:
             self._log.info(event, **fields)
         except Exception as exc:  # whatever broke the write: fail closed
             raise AuditUnavailable from exc
+
+
+def ms_since(started: float) -> float:
+    """Milliseconds since `started` (a perf_counter reading), for the duration_ms field."""
+    return round((time.perf_counter() - started) * 1000, 3)

@@ -18,6 +18,7 @@ from synctoken.v1 import token_service_pb2
 from synctoken_server.audit import AuditLog
 from synctoken_server.config import Config
 from synctoken_server.identity import CallerIdentityRules
+from synctoken_server.issuing import TokenIssuer
 from synctoken_server.minting import Minter
 from synctoken_server.servicer import TokenServicer
 
@@ -42,11 +43,12 @@ class TokenServer:
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
         self._server = grpc.aio.server(options=options)
+        audit_log = audit_log or AuditLog()
         servicer = TokenServicer(
             identity_rules=CallerIdentityRules(config.identity_source, config.trust_domains),
             policy=config.policy,
-            minter=Minter(config.credentials),
-            audit_log=audit_log or AuditLog(),
+            issuer=TokenIssuer(policy=config.policy, minter=Minter(config.credentials), audit_log=audit_log),
+            audit_log=audit_log,
         )
         self._server.add_generic_rpc_handlers((_raw_request_handlers(servicer),))
         self._health = health.aio.HealthServicer()

@@ -1,4 +1,4 @@
-"""TokenService RPCs: thin methods over identity, policy, minting and audit.
+"""TokenService RPCs: thin methods that authenticate, parse, and hand over to the issuer.
 
 Errors are turned into statuses in `_serve`, the one seam every RPC passes
 through; methods raise, they never abort.
@@ -7,22 +7,21 @@ through; methods raise, they never abort.
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 import structlog
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError, Message
 
 from synctoken.v1 import token_service_pb2
 from synctoken_server import audit
 from synctoken_server.errors import InternalError, MalformedRequest, SynctokenError, to_status
 from synctoken_server.identity import CallerIdentityRules
-from synctoken_server.minting import Minter, plan_times, token_id
-from synctoken_server.policy import CallerRule, Policy, decide
+from synctoken_server.issuing import TokenIssuer
+from synctoken_server.policy import CallerRule, Policy
 
 T = TypeVar("T")
 # The server is grpc.aio; request and response types vary by method.
@@ -44,17 +43,13 @@ class TokenServicer:
         *,
         identity_rules: CallerIdentityRules,
         policy: Policy,
-        minter: Minter,
+        issuer: TokenIssuer,
         audit_log: audit.AuditLog,
-        clock: Callable[[], float] = time.time,
-        rng: random.Random | None = None,
     ) -> None:
         self._identity_rules = identity_rules
         self._policy = policy
-        self._minter = minter
+        self._issuer = issuer
         self._audit = audit_log
-        self._clock = clock
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
 
     async def IssueToken(  # noqa: N802 - the name is the RPC's
         self, request: bytes, context: Context
@@ -82,34 +77,7 @@ class TokenServicer:
         # Who is asking comes first: an unauthenticated peer learns nothing else.
         caller_id = self._caller_id(context)
         request = _parse(token_service_pb2.IssueTokenRequest, raw_request)
-        structlog.contextvars.bind_contextvars(
-            identity=request.identity, service_sid=request.sync.service_sid, region=request.region
-        )
-        grant = decide(self._policy, caller_id, request)
-        structlog.contextvars.bind_contextvars(service_sid=grant.service_sid, ttl=grant.ttl)
-        times = plan_times(int(self._clock()), grant.ttl, self._rng)
-        response = token_service_pb2.IssueTokenResponse(
-            identity=grant.identity,
-            issued_at=timestamp_pb2.Timestamp(seconds=times.issued_at),
-            expires_at=timestamp_pb2.Timestamp(seconds=times.expires_at),
-            refresh_after=timestamp_pb2.Timestamp(seconds=times.refresh_after),
-        )
-        if request.validate_only:
-            self._audit.record(
-                audit.EVENT_TOKEN_DECISION, outcome=audit.OUTCOME_VALIDATED, duration_ms=_ms_since(started)
-            )
-            return response
-        response.token = self._minter.mint(grant, times)
-        response.token_id = token_id(response.token)
-        # Fail closed: if this raises, the token never leaves the process.
-        self._audit.record(
-            audit.EVENT_TOKEN_DECISION,
-            outcome=audit.OUTCOME_ISSUED,
-            token_id=response.token_id,
-            expires_at=times.expires_at,
-            duration_ms=_ms_since(started),
-        )
-        return response
+        return self._issuer.issue(caller_id, request, started)
 
     def _lookup(
         self, raw_request: bytes, context: Context, started: float
@@ -125,7 +93,7 @@ class TokenServicer:
             audit.EVENT_CALLER_LOOKUP,
             outcome=audit.OUTCOME_ANSWERED,
             policy_rule=rule.caller if rule else None,
-            duration_ms=_ms_since(started),
+            duration_ms=audit.ms_since(started),
         )
         return response
 
@@ -159,7 +127,7 @@ class TokenServicer:
                 code=error.code.name,
                 reason=error.reason_name,
                 message=error.message,
-                duration_ms=_ms_since(started),
+                duration_ms=audit.ms_since(started),
             )
         await context.abort_with_status(to_status(error))
 
@@ -172,10 +140,6 @@ def _parse(message_type: type[M], data: bytes) -> M:
         return message_type.FromString(data)
     except DecodeError:
         raise MalformedRequest(message_type.DESCRIPTOR.full_name) from None
-
-
-def _ms_since(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
 
 
 def _describe(rule: CallerRule) -> token_service_pb2.CallerPolicy:
