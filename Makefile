@@ -8,13 +8,18 @@ PROTOS := $(shell find proto -name '*.proto' | sort)
 # The venv is (re)built when any dependency list changes.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: dev test lint pytest generate check-generated clean
+.PHONY: dev test lint pytest bench generate check-generated clean
 
 $(INSTALLED): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=25.1"
 	$(BIN)/pip install --quiet -e ./clients/python -e . --group dev
 	touch $@
+
+# wrk (Debian) drives the Express comparison in the benchmark and its smoke test.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+/usr/bin/wrk:
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends wrk
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
@@ -25,9 +30,14 @@ dev: $(INSTALLED)
 
 test: lint check-generated pytest
 
-# The tests compare tokens with Twilio's Node helper library, from npm.
-pytest: $(INSTALLED) node_modules/.installed
+# The tests compare tokens with Twilio's Node helper library, from npm, and
+# smoke-test the benchmark (which also needs wrk).
+pytest: $(INSTALLED) node_modules/.installed /usr/bin/wrk
 	$(BIN)/pytest
+
+# The full benchmark, about five minutes: writes bench/results/results.{json,md,png}.
+bench: $(INSTALLED) node_modules/.installed /usr/bin/wrk
+	$(BIN)/python -m bench
 
 lint: $(INSTALLED) node_modules/.installed
 	$(BIN)/ruff check .

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TextIO, cast
+from typing import BinaryIO, cast
 
 import pytest
 
@@ -82,7 +82,7 @@ def write_config(tmp_path: Path) -> Callable[[str], Path]:
 def log_sink() -> LogSink:
     """structlog, configured once for the session as the CLI does, writing JSON to a sink."""
     sink = LogSink()
-    logs.configure(cast("TextIO", sink), json=True)
+    logs.configure(cast("BinaryIO", sink))
     return sink
 
 

@@ -115,7 +115,7 @@ api_key = "{API_KEY_SID}"
 SECRET_ENV = {"TWILIO_API_SECRET": API_SECRET}
 
 
-class LogSink(io.TextIOBase):
+class LogSink(io.RawIOBase):
     """Where every in-process server's log lines go: kept in memory for assertions and the leak check."""
 
     def __init__(self) -> None:
@@ -123,10 +123,13 @@ class LogSink(io.TextIOBase):
         self.lines: list[str] = []
         self._lock = threading.Lock()
 
-    def write(self, text: str) -> int:
+    def write(self, data: bytes) -> int:  # type: ignore[override]
         with self._lock:
-            self.lines.extend(line for line in text.splitlines() if line)
-        return len(text)
+            self.lines.extend(line for line in data.decode("utf-8").splitlines() if line)
+        return len(data)
+
+    def writable(self) -> bool:
+        return True
 
     def isatty(self) -> bool:
         return False

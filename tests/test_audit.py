@@ -108,9 +108,9 @@ class TestFailClosed:
     @pytest.fixture
     def full_disk_audit(self) -> Iterator[AuditLog]:
         """An audit log writing to /dev/full, where every write fails with ENOSPC."""
-        full = Path("/dev/full").open("w", encoding="utf-8")  # noqa: SIM115 - closed below, despite ENOSPC
+        full = Path("/dev/full").open("wb")  # noqa: SIM115 - closed below, despite ENOSPC
         logger = structlog.wrap_logger(
-            structlog.WriteLogger(full), processors=[*logs.shared_processors(), structlog.processors.JSONRenderer()]
+            structlog.BytesLogger(full), processors=[*logs.shared_processors(), logs.json_renderer()]
         )
         yield AuditLog(logger)
         with contextlib.suppress(OSError):  # the unflushed record cannot be flushed on close either

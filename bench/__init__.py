@@ -1,0 +1,1 @@
+"""synctoken's benchmark harness: `python -m bench [--quick]`."""

@@ -1,0 +1,101 @@
+"""The benchmark run: every system at every concurrency, round after round, then the report.
+
+Rounds interleave the systems, so a noisy minute on this shared machine hurts
+them all alike; reported figures are medians over rounds and their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from bench import micro, report
+from bench.measure import LoadShape, Result, measure
+from bench.systems import System, Workspace, check_express_token, empty_rpc, express, synctoken
+
+
+def _systems(workspace: Workspace, workers: int) -> list[System]:
+    return [
+        synctoken(workspace, 1),
+        empty_rpc(workspace),
+        synctoken(workspace, workers),
+        express(workspace, tuned=False),
+        express(workspace, tuned=True),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write results.json, results.md and results.png."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run: 1 round, short windows")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="workers for the scaled run")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 3)
+    warmup, duration = (0.3, 1.0) if args.quick else (1.0, 3.0)
+    concurrencies = (1, 16) if args.quick else (1, 16, 64)
+    args.out.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+
+    with tempfile.TemporaryDirectory(prefix="synctoken-bench-") as tmp:
+        workspace = Workspace.make(Path(tmp) / "pki")
+        results: list[Result] = []
+        for round_index in range(rounds):
+            for system in _systems(workspace, args.workers):
+                system.start(Path(tmp))
+                try:
+                    if system.kind == "http":
+                        check_express_token(system)
+                    for concurrency in concurrencies:
+                        shape = LoadShape(concurrency, warmup, duration)
+                        result = measure(system, shape, workspace.directory, round_index)
+                        results.append(result)
+                        print(
+                            f"round {round_index + 1}/{rounds} {system.name:18s} c={concurrency:<3d} "
+                            f"{result.rps:8.0f} req/s  p99 {result.p99_ms:7.2f} ms  errors {result.errors}",
+                            flush=True,
+                        )
+                finally:
+                    system.stop()
+        with (Path(tmp) / "micro-audit.jsonl").open("wb") as sink:
+            micro_figures = micro.run(
+                workspace.config_path,
+                number=500 if args.quick else 3000,
+                repeats=3 if args.quick else 9,
+                sink=sink,
+            )
+
+    workers_name = f"synctoken-{args.workers}w" if args.workers > 1 else "synctoken"
+    summary = report.summarize(results)
+    ratio_table = report.ratios(summary, workers_name)
+    meta = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "rounds": rounds,
+        "warmup_s": warmup,
+        "duration_s": duration,
+        "concurrencies": list(concurrencies),
+        "workers": args.workers,
+        "quick": args.quick,
+        "elapsed_s": round(time.monotonic() - began, 1),
+    }
+    report.write_json(
+        args.out / "results.json",
+        {
+            "meta": meta,
+            "results": [r.as_dict() for r in results],
+            "summary": summary,
+            "ratios": ratio_table,
+            "micro": micro_figures,
+        },
+    )
+    (args.out / "results.md").write_text(report.markdown(summary, ratio_table, micro_figures, meta), encoding="utf-8")
+    report.chart(args.out / "results.png", summary)
+    print(f"wrote {args.out}/results.json, results.md and results.png in {meta['elapsed_s']} s")
+    return 0

@@ -1,0 +1,43 @@
+"""The benchmark harness's smoke run: it works end to end and every load ran without errors.
+
+No timing thresholds: this machine is shared and noisy; figures belong in the
+benchmark's report, not in assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMS = {"synctoken", "empty-rpc", "express-guide", "express-keyobject"}
+
+
+def test_quick_run(tmp_path: Path) -> None:
+    """`python -m bench --quick` measures every system at every concurrency, error-free, and writes its report."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--workers", "2", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    measured = {(r["system"], r["concurrency"]) for r in data["results"]}
+    assert measured == {(s, c) for s in SYSTEMS | {"synctoken-2w"} for c in (1, 16)}
+    for r in data["results"]:
+        assert r["errors"] == 0, r
+        assert r["requests"] > 0, r
+        assert r["server_cpu_s"] > 0, r
+    assert set(data["micro"]) == {
+        "synctoken_issue_path_us",
+        "bare_access_token_us",
+        "hmac_sha256_us",
+        "issue_path_over_bare",
+    }
+    assert "| synctoken | 16 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
