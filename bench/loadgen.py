@@ -58,12 +58,23 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
     window = (measure_from, measure_from + args.duration)
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    cpu = asyncio.create_task(_own_cpu_over(window))
     await asyncio.gather(
         *(_worker(calls[i % len(calls)], payload, window, latencies, errors) for i in range(args.concurrency))
     )
     for channel in channels:
         await channel.close()
-    return {"latencies_ms": latencies, "errors": errors, "duration_s": args.duration}
+    return {"latencies_ms": latencies, "errors": errors, "duration_s": args.duration, "cpu_s": await cpu}
+
+
+async def _own_cpu_over(window: tuple[float, float]) -> float:
+    # This process's CPU over the window: on a small machine the load
+    # generators compete with the server for cores, and the report says how much.
+    start, end = window
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
+    before = time.process_time()
+    await asyncio.sleep(max(0.0, end - time.perf_counter()))
+    return time.process_time() - before
 
 
 def main() -> None:

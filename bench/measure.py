@@ -44,6 +44,7 @@ class Result:
     server_cpu_s: float
     server_cpu_ms_per_request: float
     server_peak_rss_mib: float
+    loadgen_cpu_s: float
 
     def as_dict(self) -> dict[str, float | int | str]:
         """Plain data for JSON."""
@@ -82,7 +83,7 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-def _grpc_load(system: System, shape: LoadShape, pki: Path) -> tuple[list[float], int, float]:
+def _grpc_load(system: System, shape: LoadShape, pki: Path) -> tuple[list[float], int, float, float]:
     # Two load-generator processes (one at concurrency 1), four channels each:
     # many calls in flight over a few connections, as a fleet of backends would.
     generators = 1 if shape.concurrency == 1 else 2
@@ -120,6 +121,7 @@ def _grpc_load(system: System, shape: LoadShape, pki: Path) -> tuple[list[float]
     cpu = _sample_cpu_over_window(system, start_at + shape.warmup_s, shape.duration_s)
     latencies: list[float] = []
     errors = 0
+    loadgen_cpu = 0.0
     for proc in procs:
         out, _ = proc.communicate(timeout=60 + shape.duration_s)
         if proc.returncode != 0:
@@ -128,7 +130,8 @@ def _grpc_load(system: System, shape: LoadShape, pki: Path) -> tuple[list[float]
         data = json.loads(out)
         latencies += data["latencies_ms"]
         errors += sum(data["errors"].values())
-    return latencies, errors, cpu
+        loadgen_cpu += data["cpu_s"]
+    return latencies, errors, cpu, loadgen_cpu
 
 
 def _sample_cpu_over_window(system: System, window_start: float, duration: float) -> float:
@@ -139,7 +142,7 @@ def _sample_cpu_over_window(system: System, window_start: float, duration: float
     return _cpu_seconds(processes) - before
 
 
-def _http_load(system: System, shape: LoadShape) -> tuple[dict[str, float], int, float]:
+def _http_load(system: System, shape: LoadShape) -> tuple[dict[str, float], int, float, float]:
     wrk = shutil.which("wrk")
     if wrk is None:
         msg = "wrk is not installed (Debian package wrk; `make bench` installs it)"
@@ -151,23 +154,26 @@ def _http_load(system: System, shape: LoadShape) -> tuple[dict[str, float], int,
     run = subprocess.Popen(
         [*base, f"-d{max(1, round(shape.duration_s))}s", "-s", script, url], stdout=subprocess.PIPE, text=True
     )
+    wrk_process = psutil.Process(run.pid)
+    wrk_before = _cpu_seconds([wrk_process])
     cpu = _sample_cpu_over_window(system, time.time(), max(1, round(shape.duration_s)))
+    loadgen_cpu = _cpu_seconds([wrk_process]) - wrk_before
     out, _ = run.communicate(timeout=60 + shape.duration_s)
     figures = json.loads(out.strip().splitlines()[-1])
-    return figures, int(figures["errors"]), cpu
+    return figures, int(figures["errors"]), cpu, loadgen_cpu
 
 
 def measure(system: System, shape: LoadShape, pki: Path, round_index: int) -> Result:
     """Load `system` at `shape` and return the figures."""
     if system.kind == "grpc":
-        latencies, errors, cpu = _grpc_load(system, shape, pki)
+        latencies, errors, cpu, loadgen_cpu = _grpc_load(system, shape, pki)
         latencies.sort()
         requests = len(latencies)
         duration = shape.duration_s
         p50, p90, p99 = (_percentile(latencies, f) for f in (0.5, 0.9, 0.99))
         worst = latencies[-1] if latencies else float("nan")
     else:
-        figures, errors, cpu = _http_load(system, shape)
+        figures, errors, cpu, loadgen_cpu = _http_load(system, shape)
         requests = int(figures["requests"])
         duration = figures["duration_us"] / 1e6
         p50, p90, p99, worst = figures["p50"], figures["p90"], figures["p99"], figures["max"]
@@ -186,6 +192,8 @@ def measure(system: System, shape: LoadShape, pki: Path, round_index: int) -> Re
         server_cpu_s=cpu,
         server_cpu_ms_per_request=cpu * 1000 / requests if requests else float("nan"),
         server_peak_rss_mib=_peak_rss_mib(system.processes()),
+        # Cores the load generators used over the window.
+        loadgen_cpu_s=loadgen_cpu,
     )
 
 

@@ -14,7 +14,17 @@ import matplotlib.pyplot as plt
 
 from bench.measure import Result, median_of
 
-SUMMARY_FIELDS = ("rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "server_cpu_ms_per_request", "server_peak_rss_mib")
+SUMMARY_FIELDS = (
+    "rps",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "max_ms",
+    "server_cpu_ms_per_request",
+    "server_cpu_s",
+    "server_peak_rss_mib",
+    "loadgen_cpu_s",
+)
 
 
 def summarize(results: list[Result]) -> dict[str, dict[int, dict[str, float]]]:
@@ -69,8 +79,11 @@ def markdown(
             f"after {meta['warmup_s']} s warm-up · medians over rounds"
         ),
         "",
-        "| system | in flight | req/s | p50 ms | p90 ms | p99 ms | max ms | CPU ms/req | peak RSS MiB | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        (
+            "| system | in flight | req/s | p50 ms | p90 ms | p99 ms | max ms | CPU ms/req | server cores "
+            "| load-gen cores | peak RSS MiB | errors |"
+        ),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for system, by_concurrency in summary.items():
         for concurrency in sorted(by_concurrency):
@@ -78,6 +91,7 @@ def markdown(
             lines.append(
                 f"| {system} | {concurrency} | {f['rps']:.0f} | {f['p50_ms']:.2f} | {f['p90_ms']:.2f} | "
                 f"{f['p99_ms']:.2f} | {f['max_ms']:.2f} | {f['server_cpu_ms_per_request']:.3f} | "
+                f"{f['server_cpu_s'] / meta['duration_s']:.2f} | {f['loadgen_cpu_s'] / meta['duration_s']:.2f} | "
                 f"{f['server_peak_rss_mib']:.0f} | {f['errors']:.0f} |"
             )
     lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in _concurrencies(ratio_table)) + " |"]
