@@ -141,15 +141,20 @@ class TestDev:
 class TestServe:
     """`synctoken serve --config FILE`."""
 
-    def test_port_in_use(self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> None:
-        """A second server on a taken port exits 3 with a message, instead of sharing the port."""
+    @pytest.mark.parametrize("workers", ["1", "2"])
+    def test_port_in_use(
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process], workers: str
+    ) -> None:
+        """On a port another program holds, serve exits 3 with a message instead of sharing it (workers too)."""
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
             path = tmp_path / "synctoken.toml"
             path.write_text(config_text(pki, listen=f"127.0.0.1:{port}"), encoding="utf-8")
-            process = Process(["serve", "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV)
+            process = Process(
+                ["serve", "--workers", workers, "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV
+            )
             processes.append(process)
             assert process.proc.wait(timeout=START_TIMEOUT) == 3
         assert f"cannot listen on 127.0.0.1:{port}" in process.stderr_path.read_text()
@@ -203,22 +208,6 @@ class TestWorkers:
         assert sorted(r["worker"] for r in records if r["event"] == "server.started") == [0, 1]
         assert sum(r["event"] == "server.stopped" for r in records) == 2
         assert sum(r.get("outcome") == "issued" for r in records) == 6
-
-    def test_worker_that_cannot_bind_stops_all(
-        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
-    ) -> None:
-        """If the port is held by another program, the workers exit 3 rather than run half-bound."""
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            taken.listen()
-            port = taken.getsockname()[1]
-            path = tmp_path / "synctoken.toml"
-            path.write_text(config_text(pki, listen=f"127.0.0.1:{port}"), encoding="utf-8")
-            process = Process(
-                ["serve", "--workers", "2", "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV
-            )
-            processes.append(process)
-            assert process.proc.wait(timeout=START_TIMEOUT) == 3
 
     def test_workers_need_a_fixed_port(
         self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]

@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from synctoken_server import __version__, devenv, logs, running
-from synctoken_server.config import Config, ConfigError, load_config
 from synctoken_server.durations import format_duration
 from synctoken_server.running import EXIT_CONFIG
 
@@ -62,16 +61,8 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _load(path: Path) -> Config | None:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(f"synctoken: config error: {exc}", file=sys.stderr)
-        return None
-
-
 def _check_config(path: Path) -> int:
-    config = _load(path)
+    config = running.load_or_report(path)
     if config is None:
         return EXIT_CONFIG
     effective = {
@@ -101,7 +92,7 @@ def _check_config(path: Path) -> int:
 
 def _serve(path: Path, on_ready: Callable[[int], None] | None = None, workers: int = 1) -> int:
     logs.configure()
-    config = _load(path)
+    config = running.load_or_report(path)
     if config is None:
         return EXIT_CONFIG
     if workers == 1:

@@ -29,6 +29,15 @@ EXIT_WORKER_DIED = 4
 _STOP_TIMEOUT_SECONDS = 15.0
 
 
+def load_or_report(path: Path) -> Config | None:
+    """Load the config; on failure say why on stderr (file, key, problem) and return None."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"synctoken: config error: {exc}", file=sys.stderr)  # noqa: T201 - for the operator
+        return None
+
+
 def run_one(
     config: Config,
     *,
@@ -125,9 +134,5 @@ def _worker_main(path: str, index: int) -> None:
     # A fresh interpreter: configure logging and load the config here, with
     # the same loader and the same environment as the parent.
     logs.configure()
-    try:
-        config = load_config(Path(path))
-    except ConfigError as exc:
-        print(f"synctoken: config error: {exc}", file=sys.stderr)  # noqa: T201 - for the operator
-        sys.exit(EXIT_CONFIG)
-    sys.exit(run_one(config, reuse_port=True, worker=index))
+    config = load_or_report(Path(path))
+    sys.exit(EXIT_CONFIG if config is None else run_one(config, reuse_port=True, worker=index))

@@ -105,7 +105,7 @@ class TokenServicer:
         return caller_id
 
     async def _serve(self, context: Context, method: str, event: str, body: Callable[[float], T]) -> T:
-        # Pool threads are reused: drop whatever the previous RPC bound.
+        # Each RPC's record starts empty, whatever context its task inherited.
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(rpc=method, peer=context.peer())
         started = time.perf_counter()
