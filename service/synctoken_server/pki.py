@@ -45,7 +45,6 @@ class LeafSpec:
     server: bool = False
     not_before: dt.datetime | None = None
     not_after: dt.datetime | None = None
-    extra_usages: tuple[x509.ObjectIdentifier, ...] = field(default=())
 
 
 class CertificateAuthority:
@@ -104,7 +103,7 @@ class CertificateAuthority:
             .not_valid_before(spec.not_before or now - dt.timedelta(minutes=5))
             .not_valid_after(spec.not_after or now + dt.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage, *spec.extra_usages]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
