@@ -45,13 +45,8 @@ class Workspace:
         return cls(directory=directory, config_path=dev.config_path, env=env)
 
     def config_for_port(self, port: int) -> Path:
-        """The dev config, listening on `port`."""
-        text = self.config_path.read_text()
-        path = self.directory / f"bench-{port}.toml"
-        start = text.index('listen = "')
-        end = text.index('"', start + len('listen = "'))
-        path.write_text(f'{text[:start]}listen = "localhost:{port}{text[end:]}', encoding="utf-8")
-        return path
+        """A dev config of its own for a server listening on `port`, beside the shared PKI."""
+        return devenv.prepare(self.directory, port, environ={}, config_name=f"bench-{port}.toml").config_path
 
 
 def free_port() -> int:

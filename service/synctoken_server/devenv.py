@@ -47,8 +47,10 @@ class DevEnvironment:
         )
 
 
-def prepare(directory: Path, port: int, environ: Mapping[str, str] | None = None) -> DevEnvironment:
-    """Make (or reuse) the dev PKI under `directory` and write a config that serves on localhost:`port`."""
+def prepare(
+    directory: Path, port: int, environ: Mapping[str, str] | None = None, config_name: str = CONFIG_FILE
+) -> DevEnvironment:
+    """Make (or reuse) the dev PKI under `directory` and write `config_name` there, serving on localhost:`port`."""
     env = os.environ if environ is None else environ
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
@@ -68,7 +70,7 @@ def prepare(directory: Path, port: int, environ: Mapping[str, str] | None = None
             f'[twilio]\naccount_sid = "{DEV_ACCOUNT_SID}"\napi_key = "{DEV_API_KEY_SID}"\n'
             f'api_secret_file = "{SECRET_FILE}"\n'
         )
-    config_path = directory / CONFIG_FILE
+    config_path = directory / config_name
     config_path.write_text(_CONFIG_TEMPLATE.format(port=port, twilio=twilio, service=service_sid), encoding="utf-8")
     return DevEnvironment(directory, config_path, real, service_sid)
 

@@ -61,7 +61,7 @@ async def _serve(
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, _request_stop, log, signum, stopping)
+        loop.add_signal_handler(signum, _request_stop, log, "server.stopping", signum, stopping.set)
     await server.start()
     log.info(
         "server.started",
@@ -79,9 +79,11 @@ async def _serve(
     return 0
 
 
-def _request_stop(log: structlog.typing.FilteringBoundLogger, signum: int, stopping: asyncio.Event) -> None:
-    log.info("server.stopping", signal=signal.Signals(signum).name)
-    stopping.set()
+def _request_stop(
+    log: structlog.typing.FilteringBoundLogger, event: str, signum: int, stop: Callable[[], None]
+) -> None:
+    log.info(event, signal=signal.Signals(signum).name)
+    stop()
 
 
 def run_workers(path: Path, workers: int) -> int:
@@ -93,14 +95,8 @@ def run_workers(path: Path, workers: int) -> int:
         for index in range(workers)
     ]
     stopping = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        del frame
-        log.info("workers.stopping", signal=signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, _frame: _request_stop(log, "workers.stopping", received, stopping.set))
     for process in processes:
         process.start()
     log.info("workers.started", workers=workers, pids=[p.pid for p in processes])
