@@ -171,7 +171,7 @@ class RunningServer:
         """Stop the server and its loop; a second call does nothing."""
         if self._loop.is_closed():
             return
-        self._call(self._server.stop(grace=1))
+        self._call(self._server.stop(drain_delay=0, grace=1))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()

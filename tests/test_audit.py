@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,13 +107,12 @@ class TestFailClosed:
     @pytest.fixture
     def full_disk_audit(self) -> Iterator[AuditLog]:
         """An audit log writing to /dev/full, where every write fails with ENOSPC."""
-        full = Path("/dev/full").open("wb")  # noqa: SIM115 - closed below, despite ENOSPC
-        logger = structlog.wrap_logger(
-            structlog.BytesLogger(full), processors=[*logs.shared_processors(), logs.json_renderer()]
-        )
-        yield AuditLog(logger)
-        with contextlib.suppress(OSError):  # the unflushed record cannot be flushed on close either
-            full.close()
+        with Path("/dev/full").open("wb") as full:
+            logger = structlog.wrap_logger(
+                logs.LineLogger(logs.LineSink.for_stream(full), strict=True),
+                processors=[*logs.shared_processors(), logs.json_renderer()],
+            )
+            yield AuditLog(logger)
 
     @pytest.mark.parametrize("validate_only", [False, True])
     def test_unwritable_audit_log(self, harness: ServerHarness, full_disk_audit: AuditLog, validate_only: bool) -> None:

@@ -187,7 +187,7 @@ CALLER_2 = 'max_ttl = "24h"'  # only callers[2] sets this
         (
             f'api_key = "{API_KEY_SID}"',
             f'api_key = "{API_KEY_SID}"\napi_secret_file = "nope"',
-            "twilio.api_secret_file: cannot read nope: No such file or directory",
+            "twilio.api_secret_file: cannot read the file it names: No such file or directory",
         ),
         (
             f'api_key = "{API_KEY_SID}"',

@@ -12,9 +12,11 @@ from typing import Any
 import structlog
 
 from synctoken_server.errors import AuditUnavailable
+from synctoken_server.logs import AUDIT_LOGGER
 
 EVENT_TOKEN_DECISION = "token.decision"  # noqa: S105 - an event name, not a password
 EVENT_CALLER_LOOKUP = "caller.lookup"
+EVENT_WRITABLE_AGAIN = "audit.writable_again"
 
 OUTCOME_ISSUED = "issued"
 OUTCOME_VALIDATED = "validated"
@@ -26,10 +28,12 @@ class AuditLog:
     """Writes decision records; a record that cannot be written is an error, not a shrug."""
 
     def __init__(self, logger: Any | None = None) -> None:
-        self._log = logger if logger is not None else structlog.get_logger("synctoken.audit")
+        self._log = logger if logger is not None else structlog.get_logger(AUDIT_LOGGER)
+        self.writable = True
+        """False since the last write failed; health reports NOT_SERVING meanwhile."""
 
     def record(self, event: str, **fields: object) -> None:
-        """Write one record; raise AuditUnavailable if it cannot be written.
+        """Write one record; raise AuditUnavailable unless all of it, newline included, was written.
 
         Context bound for the RPC (caller, identity, service...) is merged in
         by structlog; `fields` adds the outcome-specific ones.
@@ -37,7 +41,18 @@ class AuditLog:
         try:
             self._log.info(event, **fields)
         except Exception as exc:  # whatever broke the write: fail closed
+            self.writable = False
             raise AuditUnavailable from exc
+        self.writable = True
+
+    def probe(self) -> bool:
+        """While unwritable, try a line saying writing works again; return whether the log is writable."""
+        if not self.writable:
+            try:
+                self.record(EVENT_WRITABLE_AGAIN)
+            except AuditUnavailable:
+                return False
+        return True
 
 
 def ms_since(started: float) -> float:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from synctoken_server import __version__, devenv, logs, running
+from synctoken_server.config import ConfigError
 from synctoken_server.durations import format_duration
 from synctoken_server.running import EXIT_CONFIG
 
@@ -35,7 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "dev":
-        env = devenv.prepare(args.dir, args.port)
+        try:
+            env = devenv.prepare(args.dir, args.port)
+        except devenv.DevSetupError as exc:
+            print(f"synctoken dev: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         _say(f"synctoken dev: throwaway CA, certificates and config in {env.directory}/")
         if env.real_credentials:
             _say("Using TWILIO_ACCOUNT_SID, TWILIO_API_KEY and TWILIO_API_SECRET: tokens are real.")
@@ -65,8 +70,17 @@ def _check_config(path: Path) -> int:
     config = running.load_or_report(path)
     if config is None:
         return EXIT_CONFIG
+    for warning in config.warnings:
+        print(f"synctoken: warning: {warning}", file=sys.stderr)
+    timeouts = config.timeouts
     effective = {
         "listen": config.listen,
+        "server": {
+            "drain_delay": format_duration(timeouts.drain_delay),
+            "grace": format_duration(timeouts.grace),
+            "handshake_timeout": format_duration(timeouts.handshake),
+            "idle_timeout": format_duration(timeouts.idle),
+        },
         "identity": {"source": config.identity_source.value, "trust_domains": sorted(config.trust_domains)},
         "twilio": {
             "account_sid": config.credentials.account_sid,
@@ -98,9 +112,11 @@ def _serve(path: Path, on_ready: Callable[[int], None] | None = None, workers: i
     if workers == 1:
         return running.run_one(config, on_ready=on_ready)
     if config.listen.endswith(":0"):
-        print("synctoken: --workers needs a fixed port in server.listen, not :0", file=sys.stderr)
+        # Said like every other config error: the file, the key, the problem.
+        error = ConfigError(str(path), "server.listen", "--workers needs a fixed port, not :0")
+        print(f"synctoken: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    return running.run_workers(path, workers)
+    return running.run_workers(path, config, workers)
 
 
 def run() -> None:

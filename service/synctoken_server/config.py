@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from synctoken_server.durations import MAX_TTL_SECONDS, MIN_TTL_SECONDS, format_duration, parse_duration
 from synctoken_server.identity import IdentitySource, SpiffeId, is_dns_name
@@ -28,9 +30,15 @@ ENV_API_SECRET = "TWILIO_API_SECRET"  # noqa: S105 - the variable's name, not it
 
 _ACCOUNT_SID = re.compile(r"AC[0-9a-f]{32}")
 _API_KEY_SID = re.compile(r"SK[0-9a-f]{32}")
-_LISTEN = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})")
+# [0-9], not \d: \d also matches other scripts' digits, such as U+FF15 (a full-width 5).
+_LISTEN = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
 _DEFAULT_TTL = "1h"
 _MAX_PORT = 65535
+_MIN_RSA_BITS = 2048
+# What gRPC's TLS (BoringSSL) can serve with, found by trying: P-521 and
+# Ed25519 keys load but every handshake fails; Ed448, DSA, P-224 and
+# secp256k1 keys make the port fail to bind.
+_SERVER_CURVES = frozenset({"secp256r1", "secp384r1"})
 
 T = TypeVar("T")
 
@@ -52,6 +60,20 @@ class TlsMaterial:
 
 
 @dataclass(frozen=True)
+class ServerTimeouts:
+    """How long connections may take, and how a stop drains; all in seconds."""
+
+    drain_delay: int = 5
+    """After SIGTERM: health says NOT_SERVING, but calls are still accepted this long, so balancers notice."""
+    grace: int = 10
+    """Then: no new calls; calls in flight get this long to finish."""
+    handshake: int = 10
+    """A connection that has not finished its TLS handshake by then is closed."""
+    idle: int = 300
+    """A connection with no call for this long is closed (clients reconnect when they need to)."""
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the server needs, validated."""
 
@@ -61,6 +83,9 @@ class Config:
     trust_domains: frozenset[str]
     credentials: TwilioCredentials
     policy: Policy
+    timeouts: ServerTimeouts = ServerTimeouts()
+    warnings: tuple[str, ...] = ()
+    """Things that work but should not be so (a private key readable by others); shown, never fatal."""
 
 
 class _Reader:
@@ -70,6 +95,7 @@ class _Reader:
         self.source = source
         self.base_dir = base_dir
         self.environ = environ
+        self.warnings: list[str] = []
 
     def fail(self, key: str, problem: str) -> ConfigError:
         return ConfigError(self.source, key, problem)
@@ -110,23 +136,41 @@ class _Reader:
         path = Path(value)
         return path if path.is_absolute() else self.base_dir / path
 
-    def read_file(self, key: str, value: str) -> bytes:
-        try:
-            return self.path(value).read_bytes()
-        except OSError as exc:
-            raise self.fail(key, f"cannot read {value}: {exc.strerror}") from None
+    def read_file(self, key: str, value: str, *, private: bool = False, echo: bool = True) -> bytes:
+        """The file's bytes; `private` files get a warning when others may read them.
 
-    def ttl(self, data: Mapping[str, Any], key: str, name: str, default: str) -> int:
+        `echo=False` keeps the value out of messages: a secret pasted into the
+        wrong key must not be printed back.
+        """
+        named = f" {value}" if echo else " the file it names"
+        path = self.path(value)
+        try:
+            data = path.read_bytes()
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise self.fail(key, f"cannot read{named}: {exc.strerror}") from None
+        if private and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            # A warning, not an error: Kubernetes secret volumes are 0644 unless told otherwise.
+            self.warnings.append(
+                f"{self.source}: {key}: {named.strip()} is readable by group or others "
+                f"(mode {stat.S_IMODE(mode):04o}); make it readable by its owner only (chmod 600)"
+            )
+        return data
+
+    def duration(self, data: Mapping[str, Any], key: str, name: str, default: str, low: int, high: int) -> int:
         text = self.get(data, key, name, str, default)
         try:
             seconds = parse_duration(text)
         except ValueError as exc:
             raise self.fail(f"{key}.{name}", str(exc)) from None
-        if seconds < MIN_TTL_SECONDS:
-            raise self.fail(f"{key}.{name}", f"{text} is below the {format_duration(MIN_TTL_SECONDS)} minimum")
-        if seconds > MAX_TTL_SECONDS:
-            raise self.fail(f"{key}.{name}", f"{text} is above the {format_duration(MAX_TTL_SECONDS)} limit")
+        if seconds < low:
+            raise self.fail(f"{key}.{name}", f"{text} is below the {format_duration(low)} minimum")
+        if seconds > high:
+            raise self.fail(f"{key}.{name}", f"{text} is above the {format_duration(high)} limit")
         return seconds
+
+    def ttl(self, data: Mapping[str, Any], key: str, name: str, default: str) -> int:
+        return self.duration(data, key, name, default, MIN_TTL_SECONDS, MAX_TTL_SECONDS)
 
 
 _KIND_NAMES: Mapping[type, str] = {str: "string", int: "integer", list: "list", bool: "boolean", dict: "table"}
@@ -147,7 +191,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
 
 def _parse(r: _Reader, data: dict[str, Any]) -> Config:
     r.reject_unknown(data, "", {"server", "tls", "identity", "twilio", "defaults", "callers"})
-    listen = _server(r, data)
+    listen, timeouts = _server(r, data)
     tls = _tls(r, data)
     source, trust_domains = _identity(r, data)
     credentials = _twilio(r, data)
@@ -176,22 +220,32 @@ def _parse(r: _Reader, data: dict[str, Any]) -> Config:
         trust_domains=trust_domains,
         credentials=credentials,
         policy=Policy(rules),
+        timeouts=timeouts,
+        warnings=tuple(r.warnings),
     )
 
 
-def _server(r: _Reader, data: Mapping[str, Any]) -> str:
-    server = r.table(data, "server", {"listen"})
+def _server(r: _Reader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts]:
+    server = r.table(data, "server", {"listen", "drain_delay", "grace", "handshake_timeout", "idle_timeout"})
     listen = r.get(server, "server", "listen", str)
     match = _LISTEN.fullmatch(listen)
     if match is None or not 0 <= int(match["port"]) <= _MAX_PORT:
         raise r.fail("server.listen", f"{listen!r} is not host:port (e.g. 127.0.0.1:50051 or [::]:50051)")
-    return listen
+    default = ServerTimeouts()
+    minute, hour = 60, 3600
+    timeouts = ServerTimeouts(
+        drain_delay=r.duration(server, "server", "drain_delay", format_duration(default.drain_delay), 0, 10 * minute),
+        grace=r.duration(server, "server", "grace", format_duration(default.grace), 0, 10 * minute),
+        handshake=r.duration(server, "server", "handshake_timeout", format_duration(default.handshake), 1, minute),
+        idle=r.duration(server, "server", "idle_timeout", format_duration(default.idle), 10, 24 * hour),
+    )
+    return listen, timeouts
 
 
 def _tls(r: _Reader, data: Mapping[str, Any]) -> TlsMaterial:
     tls = r.table(data, "tls", {"cert_file", "key_file", "client_ca_file"})
     cert_pem = r.read_file("tls.cert_file", r.get(tls, "tls", "cert_file", str))
-    key_pem = r.read_file("tls.key_file", r.get(tls, "tls", "key_file", str))
+    key_pem = r.read_file("tls.key_file", r.get(tls, "tls", "key_file", str), private=True)
     ca_pem = r.read_file("tls.client_ca_file", r.get(tls, "tls", "client_ca_file", str))
     try:
         chain = x509.load_pem_x509_certificates(cert_pem)
@@ -203,11 +257,23 @@ def _tls(r: _Reader, data: Mapping[str, Any]) -> TlsMaterial:
         raise r.fail("tls.key_file", "is not an unencrypted PEM private key") from None
     if key.public_key() != chain[0].public_key():
         raise r.fail("tls.key_file", "does not match the first certificate in tls.cert_file")
+    unusable = _unusable_server_key(key)
+    if unusable:
+        raise r.fail("tls.key_file", f"{unusable}; gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys")
     try:
         x509.load_pem_x509_certificates(ca_pem)
     except ValueError:
         raise r.fail("tls.client_ca_file", "is not a PEM certificate") from None
     return TlsMaterial(cert_chain_pem=cert_pem, private_key_pem=key_pem, client_ca_pem=ca_pem)
+
+
+def _unusable_server_key(key: object) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "" if key.key_size >= _MIN_RSA_BITS else f"a {key.key_size}-bit RSA key is too weak"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return "" if key.curve.name in _SERVER_CURVES else f"an ECDSA key on curve {key.curve.name} cannot be used"
+    kind = type(key).__name__.removeprefix("_").removesuffix("PrivateKey")
+    return f"an {kind} key cannot be used" if kind[:1] in "AEIOU" else f"a {kind} key cannot be used"
 
 
 def _identity(r: _Reader, data: Mapping[str, Any]) -> tuple[IdentitySource, frozenset[str]]:
@@ -258,9 +324,10 @@ def _secret(r: _Reader, twilio: Mapping[str, Any]) -> str:
     # the config itself, which is shared, printed and committed far more often.
     if "api_secret_file" in twilio and "api_secret_env" in twilio:
         raise r.fail("twilio.api_secret_file", "set api_secret_file or api_secret_env, not both")
+    # Neither value is ever echoed: a secret pasted into either key would be printed back.
     if "api_secret_file" in twilio:
         key = "twilio.api_secret_file"
-        raw = r.read_file(key, r.get(twilio, "twilio", "api_secret_file", str))
+        raw = r.read_file(key, r.get(twilio, "twilio", "api_secret_file", str), private=True, echo=False)
         try:
             secret = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -270,7 +337,8 @@ def _secret(r: _Reader, twilio: Mapping[str, Any]) -> str:
         key = "twilio.api_secret_env"
         secret = r.environ.get(env, "").strip()
         if not secret:
-            raise r.fail(key, f"the environment variable {env} is not set or empty")
+            named = ENV_API_SECRET if env == ENV_API_SECRET else "it names"
+            raise r.fail(key, f"the environment variable {named} is not set or empty")
     if not secret or any(c.isspace() for c in secret):
         raise r.fail(key, "the API key secret must be non-empty and contain no whitespace")
     return secret

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
 import shutil
@@ -9,6 +10,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
 
 from synctoken_server.config import ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET
 from synctoken_server.pki import CertificateAuthority, LeafSpec
@@ -27,6 +30,15 @@ SERVER_CERT, SERVER_KEY = "server.pem", "server-key.pem"
 CLIENT_CERT, CLIENT_KEY = "client.pem", "client-key.pem"
 SECRET_FILE = "api_secret"  # noqa: S105 - a file name, not a password
 CONFIG_FILE = "config.toml"
+_PKI_FILES = (CA_FILE, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY)
+_TWILIO_VARIABLES = (ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET)
+
+RENEW_MARGIN = dt.timedelta(days=7)
+"""Dev certificates last 30 days; they are remade when less than this is left."""
+
+
+class DevSetupError(Exception):
+    """The dev environment cannot be prepared as asked; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +64,21 @@ def prepare(
 ) -> DevEnvironment:
     """Make (or reuse) the dev PKI under `directory` and write `config_name` there, serving on localhost:`port`."""
     env = os.environ if environ is None else environ
+    given = [name for name in _TWILIO_VARIABLES if env.get(name)]
+    if given and len(given) < len(_TWILIO_VARIABLES):
+        # Half a set of credentials is a mistake, not a wish for dev ones.
+        missing = [name for name in _TWILIO_VARIABLES if name not in given]
+        verb = "is" if len(missing) == 1 else "are"
+        msg = (
+            f"{' and '.join(missing)} {verb} not set: "
+            f"set all of {', '.join(_TWILIO_VARIABLES)} for real tokens, or none for dev ones"
+        )
+        raise DevSetupError(msg)
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
-    if not all((directory / name).exists() for name in (CA_FILE, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY)):
+    if not _pki_usable(directory, dt.datetime.now(dt.UTC)):
         _make_pki(directory)
-    real = all(env.get(name) for name in (ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET))
+    real = bool(given)
     service_sid = env.get(ENV_SYNC_SERVICE_SID) or DEV_SYNC_SERVICE_SID
     if real:
         # The loader reads the TWILIO_* variables itself; nothing secret is written.
@@ -79,6 +101,20 @@ def _grpcurl() -> str:
     # `make dev` runs us from a venv that is not on PATH; grpcurl sits beside us there.
     beside = Path(sys.executable).parent / "grpcurl"
     return str(beside) if shutil.which("grpcurl") is None and beside.exists() else "grpcurl"
+
+
+def _pki_usable(directory: Path, now: dt.datetime) -> bool:
+    # Every handshake fails once a certificate expires, so renew well before.
+    if not all((directory / name).exists() for name in _PKI_FILES):
+        return False
+    for name in (CA_FILE, SERVER_CERT, CLIENT_CERT):
+        try:
+            certificate = x509.load_pem_x509_certificate((directory / name).read_bytes())
+        except ValueError:
+            return False
+        if not certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc - RENEW_MARGIN:
+            return False
+    return True
 
 
 def _make_pki(directory: Path) -> None:

@@ -8,7 +8,10 @@ kernel spreads connections across them and no GIL is shared.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
+import os
+import resource
 import signal
 import sys
 import threading
@@ -26,7 +29,8 @@ EXIT_CONFIG = 2
 EXIT_START = 3
 EXIT_WORKER_DIED = 4
 
-_STOP_TIMEOUT_SECONDS = 15.0
+_STOP_MARGIN_SECONDS = 5.0
+"""A worker that has not stopped this long after its drain and grace is killed."""
 
 
 def load_or_report(path: Path) -> Config | None:
@@ -38,55 +42,66 @@ def load_or_report(path: Path) -> Config | None:
         return None
 
 
-def run_one(
-    config: Config,
-    *,
-    reuse_port: bool = False,
-    worker: int | None = None,
-    on_ready: Callable[[int], None] | None = None,
-) -> int:
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit and return it.
+
+    Every connection is a file descriptor; the usual soft limit of 1024 is
+    far below what one server may hold, and far below what the kernel allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def run_one(config: Config, *, reuse_port: bool = False, on_ready: Callable[[int], None] | None = None) -> int:
     """Serve until SIGTERM or SIGINT; return the process exit status."""
-    return asyncio.run(_serve(config, reuse_port=reuse_port, worker=worker, on_ready=on_ready))
+    return asyncio.run(_serve(config, reuse_port=reuse_port, on_ready=on_ready))
 
 
-async def _serve(
-    config: Config, *, reuse_port: bool, worker: int | None, on_ready: Callable[[int], None] | None
-) -> int:
+async def _serve(config: Config, *, reuse_port: bool, on_ready: Callable[[int], None] | None) -> int:
     log = structlog.get_logger("synctoken")
+    open_files = raise_open_file_limit()
     try:
         server = TokenServer(config, reuse_port=reuse_port)
     except OSError as exc:
         print(f"synctoken: {exc}", file=sys.stderr)  # noqa: T201 - start-up failure, for the operator
         return EXIT_START
-    stopping = asyncio.Event()
+    for warning in config.warnings:
+        log.warning("config.warning", problem=warning)
+    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, _request_stop, log, "server.stopping", signum, stopping.set)
+        loop.add_signal_handler(signum, signals.put_nowait, signum)
     await server.start()
     log.info(
         "server.started",
         listen=config.listen,
         port=server.port,
-        worker=worker,
         identity_source=config.identity_source.value,
         callers=len(config.policy),
+        open_file_limit=open_files,
     )
     if on_ready is not None:
         on_ready(server.port)
-    await stopping.wait()
-    await server.stop()
-    log.info("server.stopped", worker=worker)
+    received = await signals.get()
+    # SIGTERM is an orchestrator: drain. SIGINT is a person at a terminal: stop now.
+    drain_delay = config.timeouts.drain_delay if received is signal.SIGTERM else 0
+    log.info("server.stopping", signal=received.name, drain_delay=drain_delay, grace=config.timeouts.grace)
+    stop = asyncio.create_task(server.stop(drain_delay=drain_delay))
+    second = asyncio.create_task(signals.get())
+    await asyncio.wait((stop, second), return_when=asyncio.FIRST_COMPLETED)
+    if not stop.done():
+        # A second signal while draining: the operator wants out now.
+        log.info("server.stopping_now", signal=second.result().name)
+        stop.cancel()
+        await server.stop(drain_delay=0, grace=0)
+    second.cancel()
+    log.info("server.stopped")
     return 0
 
 
-def _request_stop(
-    log: structlog.typing.FilteringBoundLogger, event: str, signum: int, stop: Callable[[], None]
-) -> None:
-    log.info(event, signal=signal.Signals(signum).name)
-    stop()
-
-
-def run_workers(path: Path, workers: int) -> int:
+def run_workers(path: Path, config: Config, workers: int) -> int:
     """Run `workers` server processes on the config's port; stop them all on SIGTERM or SIGINT."""
     log = structlog.get_logger("synctoken")
     context = multiprocessing.get_context("spawn")
@@ -94,32 +109,50 @@ def run_workers(path: Path, workers: int) -> int:
         context.Process(target=_worker_main, args=(str(path), index), name=f"synctoken-worker-{index}", daemon=False)
         for index in range(workers)
     ]
+    received: list[int] = []
     stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # Nothing here can fail: logging from a signal handler could raise
+        # (a closed pipe, a full disk) and leave the workers running.
+        received.append(signum)
+        stopping.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda received, _frame: _request_stop(log, "workers.stopping", received, stopping.set))
-    for process in processes:
-        process.start()
-    log.info("workers.started", workers=workers, pids=[p.pid for p in processes])
+        signal.signal(signum, on_signal)
     status = 0
-    while not stopping.wait(timeout=0.2):
-        dead = [p for p in processes if p.exitcode is not None]
-        if dead:
-            # One worker gone means the port serves at reduced capacity, or not
-            # at all if it never bound: stop everything and say so.
-            status = dead[0].exitcode if dead[0].exitcode in (EXIT_CONFIG, EXIT_START) else EXIT_WORKER_DIED
-            log.error("workers.worker_exited", worker=processes.index(dead[0]), exitcode=dead[0].exitcode)
-            break
-    _stop_all(processes)
+    try:
+        for process in processes:
+            process.start()
+        log.info("workers.started", workers=workers, pids=[p.pid for p in processes])
+        while not stopping.wait(timeout=0.2):
+            dead = [p for p in processes if p.exitcode is not None]
+            if dead:
+                # One worker gone means the port serves at reduced capacity, or not
+                # at all if it never bound: stop everything and say so.
+                status = dead[0].exitcode if dead[0].exitcode in (EXIT_CONFIG, EXIT_START) else EXIT_WORKER_DIED
+                log.error("workers.worker_exited", worker=processes.index(dead[0]), exitcode=dead[0].exitcode)
+                break
+        if received:
+            log.info("workers.stopping", signal=signal.Signals(received[0]).name)
+    finally:
+        # Each worker drains by itself; SIGINT reaches them from the terminal's process group too.
+        forwarded = signal.SIGINT if received[:1] == [signal.SIGINT] else signal.SIGTERM
+        timeout = config.timeouts.drain_delay + config.timeouts.grace + _STOP_MARGIN_SECONDS
+        _stop_all(processes, forwarded, timeout)
     log.info("workers.stopped", status=status)
     return status
 
 
-def _stop_all(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
+def _stop_all(processes: Sequence[multiprocessing.process.BaseProcess], signum: signal.Signals, timeout: float) -> None:
     for process in processes:
-        if process.exitcode is None:
-            process.terminate()  # SIGTERM: each worker drains its own RPCs
-    deadline = time.monotonic() + _STOP_TIMEOUT_SECONDS
+        if process.exitcode is None and process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
+    deadline = time.monotonic() + timeout
     for process in processes:
+        if process.pid is None:  # never started
+            continue
         process.join(timeout=max(0.0, deadline - time.monotonic()))
         if process.exitcode is None:
             process.kill()
@@ -129,6 +162,6 @@ def _stop_all(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
 def _worker_main(path: str, index: int) -> None:
     # A fresh interpreter: configure logging and load the config here, with
     # the same loader and the same environment as the parent.
-    logs.configure()
+    logs.configure(worker=index)
     config = load_or_report(Path(path))
-    sys.exit(EXIT_CONFIG if config is None else run_one(config, reuse_port=True, worker=index))
+    sys.exit(EXIT_CONFIG if config is None else run_one(config, reuse_port=True))

@@ -7,6 +7,8 @@ so a few grpcurl sessions or watchers could starve IssueToken.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import grpc
@@ -16,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from synctoken.v1 import token_service_pb2
 from synctoken_server.audit import AuditLog
-from synctoken_server.config import Config
+from synctoken_server.config import Config, ServerTimeouts
 from synctoken_server.identity import CallerIdentityRules
 from synctoken_server.issuing import TokenIssuer
 from synctoken_server.minting import Minter
@@ -30,20 +32,19 @@ MAX_REQUEST_BYTES = 4 * 1024
 """A valid IssueTokenRequest is well under 1 KiB; anything bigger is refused
 by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed."""
 
+AUDIT_PROBE_SECONDS = 0.5
+"""How often health re-checks an audit log that could not be written."""
+
 
 class TokenServer:
     """A configured, not yet started, synctoken server."""
 
     def __init__(self, config: Config, audit_log: AuditLog | None = None, *, reuse_port: bool = False) -> None:
-        options = [
-            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-            # gRPC enables SO_REUSEPORT by default, so a second server on a busy
-            # port would start "fine" and silently take half the traffic. Only
-            # our own workers share a port, and they ask for it.
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ]
-        self._server = grpc.aio.server(options=options)
+        self._timeouts = config.timeouts
+        self._server = grpc.aio.server(options=_server_options(config.timeouts, reuse_port=reuse_port))
         audit_log = audit_log or AuditLog()
+        self._audit = audit_log
+        self._audit_watch: asyncio.Task[None] | None = None
         servicer = TokenServicer(
             identity_rules=CallerIdentityRules(config.identity_source, config.trust_domains),
             policy=config.policy,
@@ -67,13 +68,58 @@ class TokenServer:
     async def start(self) -> None:
         """Accept RPCs; health reports SERVING once config and credentials are loaded, i.e. now."""
         await self._server.start()
-        for service in ("", TOKEN_SERVICE):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(serving=True)
+        self._audit_watch = asyncio.create_task(self._watch_audit(), name="audit-watch")
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING first so balancers drain us, then finish in-flight RPCs."""
+    async def stop(self, *, drain_delay: float | None = None, grace: float | None = None) -> None:
+        """Stop without failing any call that was accepted.
+
+        Health says NOT_SERVING at once, but calls are still accepted for
+        `drain_delay` seconds, so that balancers and health-checking clients
+        move away first; then new calls are refused and calls in flight get
+        `grace` seconds to finish. Both default to the config's values.
+        """
+        drain_delay = self._timeouts.drain_delay if drain_delay is None else drain_delay
+        grace = self._timeouts.grace if grace is None else grace
         await self._health.enter_graceful_shutdown()
+        if self._audit_watch is not None:
+            self._audit_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._audit_watch
+        await asyncio.sleep(drain_delay)
         await self._server.stop(grace)
+
+    async def _watch_audit(self) -> None:
+        # Balancers must stop sending calls we would refuse: while the audit
+        # log cannot be written, health says NOT_SERVING, and a probe line
+        # tells when writing works again.
+        serving = True
+        while True:
+            await asyncio.sleep(AUDIT_PROBE_SECONDS)
+            writable = self._audit.probe()
+            if writable != serving:
+                serving = writable
+                await self._set_health(serving=serving)
+
+    async def _set_health(self, *, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", TOKEN_SERVICE):
+            await self._health.set(service, status)
+
+
+def _server_options(timeouts: ServerTimeouts, *, reuse_port: bool) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        # gRPC enables SO_REUSEPORT by default, so a second server on a busy
+        # port would start "fine" and silently take half the traffic. Only
+        # our own workers share a port, and they ask for it.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        # gRPC's default handshake timeout is 120 s: idle TCP connections that
+        # never start TLS would each hold a file descriptor that long, and a
+        # thousand of them lock everyone else out.
+        ("grpc.server_handshake_timeout_ms", timeouts.handshake * 1000),
+        ("grpc.max_connection_idle_ms", timeouts.idle * 1000),
+    ]
 
 
 def _raw_request_handlers(servicer: TokenServicer) -> grpc.GenericRpcHandler:
