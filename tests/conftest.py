@@ -26,6 +26,7 @@ from support import (
     LeakWatch,
     LogSink,
     Pki,
+    Process,
     RunningServer,
     ServerHarness,
     config_text,
@@ -120,3 +121,14 @@ def shared_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def connect(shared_server: RunningServer, harness: ServerHarness) -> Callable[[str | None], Client]:
     """Open a client to the shared server with the named certificate."""
     return lambda cert: harness.client(shared_server, cert)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """Processes a test starts; killed at teardown if still running."""
+    started: list[Process] = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()

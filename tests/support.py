@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
+import socket
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,3 +256,76 @@ def rpc_error(call: Callable[[], object]) -> tuple[grpc.RpcError, ErrorInfo, Bad
             detail.Unpack(bad_request)
     assert info.domain == "synctoken.v1"
     return error, info, bad_request
+
+
+START_TIMEOUT = 30
+
+_WITH_SOFT_LIMITS = """
+import ast, os, resource, sys
+for which, soft in ast.literal_eval(sys.argv[1]).items():
+    resource.setrlimit(which, (soft, resource.getrlimit(which)[1]))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+class Process:
+    """A synctoken subprocess whose stdout (the JSON log) goes to a file the leak check reads."""
+
+    def __init__(
+        self,
+        args: list[str],
+        log_dir: Path,
+        watch: LeakWatch,
+        env: dict[str, str] | None = None,
+        soft_limits: dict[int, int] | None = None,
+    ) -> None:
+        self.stdout_path = log_dir / "stdout.jsonl"
+        self.stderr_path = log_dir / "stderr.txt"
+        watch.log_files += [self.stdout_path, self.stderr_path]
+        command = [SYNCTOKEN, *args]
+        if soft_limits:
+            # A launcher lowers the limits, then execs synctoken: preexec_fn is unsafe in this threaded process.
+            command = [sys.executable, "-c", _WITH_SOFT_LIMITS, repr(soft_limits), *command]
+        with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=log_dir, env=env)
+
+    def wait_for_stderr(self, text: str) -> str:
+        """Wait until stderr contains `text`; return all of stderr."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            err = self.stderr_path.read_text()
+            if text in err:
+                return err
+            if self.proc.poll() is not None:
+                pytest.fail(f"synctoken exited {self.proc.returncode}: {err}")
+            time.sleep(0.05)
+        pytest.fail(f"no {text!r} on stderr within {START_TIMEOUT}s")
+
+    def terminate(self) -> int:
+        """SIGTERM, as an orchestrator would; return the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=START_TIMEOUT)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far."""
+        return [json.loads(line) for line in self.stdout_path.read_text().splitlines()]
+
+    def wait_for_records(self, event: str, count: int = 1) -> list[dict[str, Any]]:
+        """Wait until `count` records of `event` were logged; return them."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            found = [r for r in self.records() if r["event"] == event]
+            if len(found) >= count:
+                return found
+            if self.proc.poll() is not None:
+                pytest.fail(f"synctoken exited {self.proc.returncode}: {self.stderr_path.read_text()}")
+            time.sleep(0.05)
+        pytest.fail(f"fewer than {count} {event!r} records within {START_TIMEOUT}s")
+
+
+def free_port() -> int:
+    """A port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port

@@ -5,66 +5,29 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import jwt
 import pytest
 
-from support import API_SECRET, GRPCURL, SECRET_ENV, SYNCTOKEN, LeakWatch, Pki, config_text
+from support import (
+    API_SECRET,
+    GRPCURL,
+    SECRET_ENV,
+    START_TIMEOUT,
+    SYNCTOKEN,
+    LeakWatch,
+    Pki,
+    Process,
+    config_text,
+    free_port,
+)
 from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
 from synctoken_server import devenv
-
-START_TIMEOUT = 30
-
-
-class Process:
-    """A synctoken subprocess whose stdout (the JSON log) goes to a file the leak check reads."""
-
-    def __init__(self, args: list[str], log_dir: Path, watch: LeakWatch, env: dict[str, str] | None = None) -> None:
-        self.stdout_path = log_dir / "stdout.jsonl"
-        self.stderr_path = log_dir / "stderr.txt"
-        watch.log_files += [self.stdout_path, self.stderr_path]
-        with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
-            self.proc = subprocess.Popen([SYNCTOKEN, *args], stdout=out, stderr=err, cwd=log_dir, env=env)
-
-    def wait_for_stderr(self, text: str) -> str:
-        """Wait until stderr contains `text`; return all of stderr."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            err = self.stderr_path.read_text()
-            if text in err:
-                return err
-            if self.proc.poll() is not None:
-                pytest.fail(f"synctoken exited {self.proc.returncode}: {err}")
-            time.sleep(0.05)
-        pytest.fail(f"no {text!r} on stderr within {START_TIMEOUT}s")
-
-    def terminate(self) -> int:
-        """SIGTERM, as an orchestrator would; return the exit code."""
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=START_TIMEOUT)
-
-    def records(self) -> list[dict[str, Any]]:
-        """The JSON log lines written so far."""
-        return [json.loads(line) for line in self.stdout_path.read_text().splitlines()]
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    """Processes a test starts; killed at teardown if still running."""
-    started: list[Process] = []
-    yield started
-    for p in started:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
 
 
 def without_twilio_env() -> dict[str, str]:
@@ -167,14 +130,6 @@ class TestServe:
         processes.append(process)
         assert process.proc.wait(timeout=START_TIMEOUT) == 2
         assert process.stderr_path.read_text() == f"synctoken: config error: {path}: server.listen: must be a string\n"
-
-
-def free_port() -> int:
-    """A port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class TestWorkers:
