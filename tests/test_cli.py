@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shlex
@@ -13,6 +14,7 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
+from cryptography import x509
 
 from support import (
     API_SECRET,
@@ -28,6 +30,7 @@ from support import (
 )
 from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
 from synctoken_server import devenv
+from synctoken_server.pki import CertificateAuthority, LeafSpec
 
 
 def without_twilio_env() -> dict[str, str]:
@@ -91,6 +94,45 @@ class TestDev:
         assert not (tmp_path / "dev" / devenv.SECRET_FILE).exists()
         assert API_SECRET not in (tmp_path / "dev" / devenv.CONFIG_FILE).read_text()
         assert process.terminate() == 0
+
+    @pytest.mark.parametrize(
+        "given",
+        [("TWILIO_ACCOUNT_SID",), ("TWILIO_API_KEY", "TWILIO_API_SECRET")],
+    )
+    def test_dev_refuses_some_twilio_variables(self, tmp_path: Path, given: tuple[str, ...]) -> None:
+        """Setting only some TWILIO_* variables is an error naming the missing ones, not silently dev credentials."""
+        env = without_twilio_env() | dict.fromkeys(given, "set")
+        result = subprocess.run(
+            [SYNCTOKEN, "dev", "--dir", str(tmp_path / "dev")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=env,
+        )
+        missing = [n for n in ("TWILIO_ACCOUNT_SID", "TWILIO_API_KEY", "TWILIO_API_SECRET") if n not in given]
+        verb = "is" if len(missing) == 1 else "are"
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"synctoken dev: {' and '.join(missing)} {verb} not set: set all of TWILIO_ACCOUNT_SID, "
+            "TWILIO_API_KEY, TWILIO_API_SECRET for real tokens, or none for dev ones\n"
+        )
+
+    @pytest.mark.parametrize(("name", "days_left"), [(devenv.CLIENT_CERT, -1), (devenv.SERVER_CERT, 3)])
+    def test_dev_renews_expiring_certificates(self, tmp_path: Path, name: str, days_left: int) -> None:
+        """An expired certificate, or one with less than a week left, makes dev remake its PKI."""
+        first = devenv.prepare(tmp_path, 50051, environ={})
+        ca = (first.directory / devenv.CA_FILE).read_bytes()
+        now = dt.datetime.now(dt.UTC)
+        old = CertificateAuthority("old dev CA").issue(
+            LeafSpec("old", not_before=now - dt.timedelta(days=30), not_after=now + dt.timedelta(days=days_left))
+        )
+        (tmp_path / name).write_bytes(old.cert_pem)
+        devenv.prepare(tmp_path, 50051, environ={})
+        assert (tmp_path / devenv.CA_FILE).read_bytes() != ca
+        for cert_file in (devenv.CA_FILE, devenv.SERVER_CERT, devenv.CLIENT_CERT):
+            cert = x509.load_pem_x509_certificate((tmp_path / cert_file).read_bytes())
+            assert cert.not_valid_after_utc - now > devenv.RENEW_MARGIN
 
     def test_dev_reuses_its_pki(self, tmp_path: Path) -> None:
         """A second run keeps the CA and certificates, so clients configured once keep working."""
@@ -163,6 +205,8 @@ class TestWorkers:
         assert sorted(r["worker"] for r in records if r["event"] == "server.started") == [0, 1]
         assert sum(r["event"] == "server.stopped" for r in records) == 2
         assert sum(r.get("outcome") == "issued" for r in records) == 6
+        assert {r["worker"] for r in records if r["event"] == "token.decision"} <= {0, 1}
+        assert all("worker" in r for r in records if r["event"] == "token.decision")
 
     def test_workers_need_a_fixed_port(
         self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
@@ -175,7 +219,9 @@ class TestWorkers:
         )
         processes.append(process)
         assert process.proc.wait(timeout=START_TIMEOUT) == 2
-        assert "--workers needs a fixed port" in process.stderr_path.read_text()
+        assert process.stderr_path.read_text() == (
+            f"synctoken: config error: {path}: server.listen: --workers needs a fixed port, not :0\n"
+        )
 
 
 class TestCheckConfig:
@@ -199,6 +245,27 @@ class TestCheckConfig:
         assert effective["twilio"]["api_secret"] == "(loaded, not shown)"
         assert [c["max_ttl"] for c in effective["callers"]] == ["4h", "30m", "24h"]
         assert effective["callers"][1]["identity_pattern"] == "user-[0-9]+"
+
+    def test_warns_about_readable_key(self, pki: Pki, tmp_path: Path) -> None:
+        """A server key readable by others is accepted, with a warning on stderr naming the key."""
+        key = tmp_path / "server-key.pem"
+        key.write_bytes((pki.directory / "server-key.pem").read_bytes())
+        key.chmod(0o644)
+        path = tmp_path / "synctoken.toml"
+        path.write_text(config_text(pki).replace(str(pki.directory / "server-key.pem"), str(key)), encoding="utf-8")
+        result = subprocess.run(
+            [SYNCTOKEN, "check-config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=os.environ | SECRET_ENV,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == (
+            f"synctoken: warning: {path}: tls.key_file: {key} is readable by group or others (mode 0644); "
+            "make it readable by its owner only (chmod 600)\n"
+        )
 
     def test_reports_errors(self, tmp_path: Path) -> None:
         """A bad file exits 2 with the loader's message."""

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.x509.oid import NameOID
 
 from support import (
     ACCOUNT_SID,
@@ -254,3 +259,161 @@ class TestFilesAndEnvironment:
         text = config_text(pki, policy="")
         assert len(load_config(write_config(text), environ=SECRET_ENV).policy) == 0
         assert POLICY_TOML not in text
+
+
+class TestServerSection:
+    """[server]: the listen address, drain and connection timeouts."""
+
+    def test_defaults(self, pki: Pki, write_config: WriteConfig) -> None:
+        """Without the keys: 5 s drain, 10 s grace, 10 s handshakes, 5 min idle connections."""
+        timeouts = load_config(write_config(config_text(pki)), environ=SECRET_ENV).timeouts
+        assert (timeouts.drain_delay, timeouts.grace, timeouts.handshake, timeouts.idle) == (5, 10, 10, 300)
+
+    def test_set(self, pki: Pki, write_config: WriteConfig) -> None:
+        """Each key takes a duration; a zero drain is allowed."""
+        text = replaced(
+            pki,
+            'listen = "127.0.0.1:0"',
+            'listen = "127.0.0.1:0"\ndrain_delay = "0s"\ngrace = "30s"\nhandshake_timeout = "3s"\nidle_timeout = "1h"',
+        )
+        timeouts = load_config(write_config(text), environ=SECRET_ENV).timeouts
+        assert (timeouts.drain_delay, timeouts.grace, timeouts.handshake, timeouts.idle) == (0, 30, 3, 3600)
+
+    @pytest.mark.parametrize(
+        ("line", "message"),
+        [
+            ('drain_delay = "5"', "server.drain_delay: '5' is not a duration like 90s, 15m, 1h or 1h30m"),
+            ('grace = "11m"', "server.grace: 11m is above the 10m limit"),
+            ('handshake_timeout = "0s"', "server.handshake_timeout: 0s is below the 1s minimum"),
+            ('idle_timeout = "\uff15s"', "server.idle_timeout: '\uff15s' is not a duration like 90s, 15m, 1h or 1h30m"),
+        ],
+    )
+    def test_bad_durations(self, pki: Pki, write_config: WriteConfig, line: str, message: str) -> None:
+        """Bad or out-of-range durations name the key; digits are ASCII digits only."""
+        expect_error(write_config(replaced(pki, 'listen = "127.0.0.1:0"', f'listen = "127.0.0.1:0"\n{line}')), message)
+
+    @pytest.mark.parametrize("port", ["\uff15\uff10\uff10\uff15\uff11", "\u0665\u0660\u0660\u0665\u0661", "+50051"])
+    def test_port_is_ascii_digits(self, pki: Pki, write_config: WriteConfig, port: str) -> None:
+        """Full-width, Arabic-Indic or signed port numbers are refused."""
+        text = replaced(pki, 'listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
+        expect_error(
+            write_config(text),
+            f"server.listen: '127.0.0.1:{port}' is not host:port (e.g. 127.0.0.1:50051 or [::]:50051)",
+        )
+
+
+def self_signed(key: PrivateKey, directory: Path) -> tuple[Path, Path]:
+    """A localhost certificate for `key`, and the key, written to `directory`."""
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    algorithm = None if isinstance(key, ed448.Ed448PrivateKey | ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, algorithm)
+    )
+    cert_path, key_path = directory / "odd.pem", directory / "odd-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+PrivateKey = (
+    ed448.Ed448PrivateKey
+    | ed25519.Ed25519PrivateKey
+    | dsa.DSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | rsa.RSAPrivateKey
+)
+
+
+class TestServerKeyTypes:
+    """Keys gRPC's TLS cannot serve with are config errors, not a failure to listen or to handshake."""
+
+    @pytest.mark.parametrize(
+        ("make_key", "problem"),
+        [
+            (ed448.Ed448PrivateKey.generate, "an Ed448 key cannot be used"),
+            (ed25519.Ed25519PrivateKey.generate, "an Ed25519 key cannot be used"),
+            (lambda: dsa.generate_private_key(2048), "a DSA key cannot be used"),
+            (lambda: ec.generate_private_key(ec.SECP521R1()), "an ECDSA key on curve secp521r1 cannot be used"),
+            (lambda: ec.generate_private_key(ec.SECP256K1()), "an ECDSA key on curve secp256k1 cannot be used"),
+            (lambda: rsa.generate_private_key(65537, 1024), "a 1024-bit RSA key is too weak"),  # noqa: S505 - on purpose
+        ],
+    )
+    def test_refused(
+        self, pki: Pki, write_config: WriteConfig, tmp_path: Path, make_key: Callable[[], PrivateKey], problem: str
+    ) -> None:
+        """The message says what is wrong and what gRPC can use."""
+        cert_path, key_path = self_signed(make_key(), tmp_path)
+        text = replaced(pki, str(pki.directory / "server.pem"), str(cert_path))
+        text = text.replace(str(pki.directory / "server-key.pem"), str(key_path))
+        expect_error(
+            write_config(text),
+            f"tls.key_file: {problem}; gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys",
+        )
+
+    @pytest.mark.parametrize(
+        "make_key", [lambda: rsa.generate_private_key(65537, 2048), lambda: ec.generate_private_key(ec.SECP384R1())]
+    )
+    def test_accepted(
+        self, pki: Pki, write_config: WriteConfig, tmp_path: Path, make_key: Callable[[], PrivateKey]
+    ) -> None:
+        """RSA 2048 and P-384 load."""
+        cert_path, key_path = self_signed(make_key(), tmp_path)
+        text = replaced(pki, str(pki.directory / "server.pem"), str(cert_path))
+        text = text.replace(str(pki.directory / "server-key.pem"), str(key_path))
+        assert load_config(write_config(text), environ=SECRET_ENV).warnings == ()
+
+
+class TestSecretHandling:
+    """The secret's keys never echo their values, and readable secrets are warned about."""
+
+    PASTED = "pasted-secret-" + "z" * 20
+
+    @pytest.mark.parametrize(
+        ("line", "message"),
+        [
+            (
+                f'api_secret_env = "{PASTED}"',
+                "twilio.api_secret_env: the environment variable it names is not set or empty",
+            ),
+            (
+                f'api_secret_file = "{PASTED}"',
+                "twilio.api_secret_file: cannot read the file it names: No such file or directory",
+            ),
+        ],
+    )
+    def test_value_not_echoed(self, pki: Pki, write_config: WriteConfig, line: str, message: str) -> None:
+        """A secret pasted into api_secret_env or api_secret_file is not printed back."""
+        text = replaced(pki, f'api_key = "{API_KEY_SID}"', f'api_key = "{API_KEY_SID}"\n{line}')
+        expect_error(write_config(text), message, environ={})
+
+    def test_readable_files_warned(self, pki: Pki, write_config: WriteConfig, tmp_path: Path) -> None:
+        """A 0644 secret file or server key loads, with a warning naming the key and the mode."""
+        secret = tmp_path / "secret"
+        secret.write_text(API_SECRET, encoding="utf-8")
+        secret.chmod(0o644)
+        key = tmp_path / "server-key.pem"
+        key.write_bytes((pki.directory / "server-key.pem").read_bytes())
+        key.chmod(0o640)
+        text = replaced(pki, str(pki.directory / "server-key.pem"), str(key))
+        text = text.replace("[twilio]\n", '[twilio]\napi_secret_file = "secret"\n')
+        path = write_config(text)
+        advice = "make it readable by its owner only (chmod 600)"
+        assert load_config(path, environ={}).warnings == (
+            f"{path}: tls.key_file: {key} is readable by group or others (mode 0640); {advice}",
+            f"{path}: twilio.api_secret_file: the file it names is readable by group or others (mode 0644); {advice}",
+        )
+
+    def test_private_files_not_warned(self, pki: Pki, write_config: WriteConfig) -> None:
+        """The suite's 0600 keys give no warning."""
+        assert load_config(write_config(config_text(pki)), environ=SECRET_ENV).warnings == ()

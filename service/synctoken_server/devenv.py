@@ -130,6 +130,7 @@ _CONFIG_TEMPLATE = f"""\
 # Written by `synctoken dev`; rewritten on every run. Not for production.
 [server]
 listen = "localhost:{{port}}"
+drain_delay = "0s"  # no balancer watches a dev server's health
 
 [tls]
 cert_file = "{SERVER_CERT}"
