@@ -7,10 +7,17 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from spiffe import SpiffeId, TrustDomain
+from spiffe.errors import PySpiffeError
+
 from synctoken_server.errors import CallerUnauthenticated
 
-_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
-_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+SPIFFE_ID_FORM = (
+    "spiffe://<trust domain>/<path>, the trust domain in a-z 0-9 . - _, "
+    "path segments in A-Z a-z 0-9 . - _ and none empty, '.' or '..'"
+)
+TRUST_DOMAIN_FORM = "a-z 0-9 . - _ only, with no scheme, port or path"
+
 _DNS_NAME = re.compile(r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
@@ -21,36 +28,35 @@ class IdentitySource(enum.Enum):
     DNS_SAN = "dns_san"
 
 
-@dataclass(frozen=True)
-class SpiffeId:
-    """A parsed SPIFFE ID, spiffe://<trust domain>/<path>, per the SPIFFE ID standard."""
+def parse_spiffe_id(text: str) -> SpiffeId:
+    """The SPIFFE ID `text` is, if it is one written canonically; else ValueError.
 
-    trust_domain: str
-    path: str
+    The trust domain ID (no path) passes: callers of this decide whether they
+    need a workload.
+    """
+    try:
+        spiffe_id = SpiffeId(text)
+    except PySpiffeError:
+        raise ValueError(f"{text!r} is not a SPIFFE ID ({SPIFFE_ID_FORM})") from None
+    # The spiffe package lower-cases the scheme and trust domain it reads, and
+    # its character checks end in `$`, which also matches before a final
+    # newline: only an id that prints back exactly, newline-free, is valid.
+    if str(spiffe_id) != text or "\n" in text:
+        raise ValueError(f"{text!r} is not a SPIFFE ID ({SPIFFE_ID_FORM})")
+    return spiffe_id
 
-    @classmethod
-    def parse(cls, text: str) -> SpiffeId:
-        """Parse and validate; raise ValueError saying what is wrong."""
-        scheme, sep, rest = text.partition("://")
-        if scheme != "spiffe" or not sep:
-            msg = f"{text!r} is not a SPIFFE ID: it must start with spiffe://"
-            raise ValueError(msg)
-        trust_domain, slash, path = rest.partition("/")
-        if not _TRUST_DOMAIN.fullmatch(trust_domain):
-            msg = f"{text!r} is not a SPIFFE ID: trust domain must be lower-case letters, digits, '.', '-' or '_'"
-            raise ValueError(msg)
-        if slash:
-            for segment in path.split("/"):
-                if segment in ("", ".", "..") or not _PATH_SEGMENT.fullmatch(segment):
-                    msg = (
-                        f"{text!r} is not a SPIFFE ID: path segment {segment!r} is empty, '.', '..' "
-                        "or has a character outside A-Z a-z 0-9 . - _"
-                    )
-                    raise ValueError(msg)
-        return cls(trust_domain=trust_domain, path=f"/{path}" if slash else "")
 
-    def __str__(self) -> str:
-        return f"spiffe://{self.trust_domain}{self.path}"
+def parse_trust_domain(text: str) -> TrustDomain:
+    """The trust domain named by `text`, if it is a bare lower-case trust domain name; else ValueError."""
+    try:
+        trust_domain = TrustDomain(text)
+    except PySpiffeError:
+        raise ValueError(f"{text!r} is not a trust domain name ({TRUST_DOMAIN_FORM})") from None
+    # TrustDomain also takes "TD" (as td) and a whole SPIFFE ID (as its trust
+    # domain); neither is what a config entry should say.
+    if trust_domain.name != text or "\n" in text:
+        raise ValueError(f"{text!r} is not a trust domain name ({TRUST_DOMAIN_FORM})")
+    return trust_domain
 
 
 def is_dns_name(text: str) -> bool:
@@ -82,11 +88,11 @@ class CallerIdentityRules:
         if len(values) != 1:
             raise CallerUnauthenticated("it must have exactly one URI SAN, a SPIFFE ID")
         try:
-            spiffe_id = SpiffeId.parse(values[0].decode("utf-8"))
+            spiffe_id = parse_spiffe_id(values[0].decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise CallerUnauthenticated("its SPIFFE ID is malformed") from exc
-        if spiffe_id.trust_domain not in self.trust_domains:
-            raise CallerUnauthenticated(f"trust domain {spiffe_id.trust_domain} is not trusted")
+        if spiffe_id.trust_domain.name not in self.trust_domains:
+            raise CallerUnauthenticated(f"trust domain {spiffe_id.trust_domain.name} is not trusted")
         return str(spiffe_id)
 
     @staticmethod
