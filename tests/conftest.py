@@ -22,6 +22,7 @@ from support import (
     DNS_CALLER,
     SECRET_ENV,
     STRANGER_ID,
+    TRUST_DOMAIN,
     Client,
     LeakWatch,
     LogSink,
@@ -33,6 +34,12 @@ from support import (
 from synctoken_server import logs
 from synctoken_server.config import load_config
 from synctoken_server.pki import CertificateAuthority, LeafSpec
+
+
+def _uri_san_der(uri: bytes) -> bytes:
+    """A subjectAltName of one URI, as DER: GeneralNames { [6] IA5String }, for bytes cryptography will not write."""
+    name = bytes([0x86, len(uri)]) + uri
+    return bytes([0x30, len(name)]) + name
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +64,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         "expired": ca.issue(
             LeafSpec("bff", uris=(BFF_ID,), not_before=long_ago, not_after=long_ago + dt.timedelta(days=1))
         ),
+        # gRPC's peer_spiffe_id and peer_dns stop at the NUL: "admin" and "billing...".
+        "nul_in_uri_san": ca.issue(LeafSpec("admin", uris=(f"{CHAT_ADMIN_ID}\x00.anything",))),
+        "nul_in_dns_san": ca.issue(LeafSpec("billing", dns_names=(f"{DNS_CALLER}\x00.evil.com",))),
+        "newline_after_uri_san": ca.issue(LeafSpec("bff", uris=(f"{BFF_ID}\n",))),
+        "upper_case_trust_domain": ca.issue(LeafSpec("bff", uris=("spiffe://EXAMPLE.org/ns/web/sa/bff",))),
+        "trust_domain_only_uri_san": ca.issue(LeafSpec("td", uris=(f"spiffe://{TRUST_DOMAIN}",))),
+        # A byte over 0x7f in an IA5String: BoringSSL reads it as Latin-1, cryptography refuses it.
+        "undecodable_uri_san": ca.issue(LeafSpec("bff", san_der=_uri_san_der(BFF_ID.encode() + b"\xff"))),
     }
     server = ca.issue(LeafSpec("localhost", dns_names=("localhost",), ip_addresses=("127.0.0.1",), server=True))
     (directory / "ca.pem").write_bytes(ca.cert_pem)

@@ -3,16 +3,46 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
 
-from support import BFF_ID, DNS_CALLER, SERVICE_A, Client, ServerHarness, config_text, rpc_error
+from support import (
+    BFF_ID,
+    CHAT_ADMIN_ID,
+    DNS_CALLER,
+    SERVICE_A,
+    Client,
+    LogSink,
+    ServerHarness,
+    config_text,
+    rpc_error,
+)
 from synctoken.v1 import token_service_pb2 as pb
 
 Connect = Callable[[str | None], Client]
 
 REQUEST = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
+DNS_IDENTITY = '[identity]\nsource = "dns_san"\n'
+# In the audit record, each SAN as received with unicode_escape: a NUL is the four characters \x00.
+NUL_URI_SAN = CHAT_ADMIN_ID + "\\x00.anything"
+NUL_DNS_SAN = DNS_CALLER + "\\x00.evil.com"
+
+
+def refused(client: Client, log_sink: LogSink, why: str) -> dict[str, Any]:
+    """IssueToken fails UNAUTHENTICATED with CALLER_UNAUTHENTICATED and `why`; return the denial's audit record."""
+    start = len(log_sink.lines)
+    error, info, _ = rpc_error(lambda: client.issue(REQUEST))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert info.reason == "CALLER_UNAUTHENTICATED"
+    assert error.details() == f"client certificate has no acceptable caller id: {why}"
+    assert not info.metadata, "the presented SAN is for the audit log, not the caller"
+    [record] = [r for r in log_sink.records(start) if r["event"] == "token.decision"]
+    assert (record["outcome"], record["reason"]) == ("denied", "CALLER_UNAUTHENTICATED")
+    assert "caller_id" not in record
+    assert "token_id" not in record
+    return record
 
 
 class TestTlsRefusals:
@@ -52,23 +82,48 @@ class TestUnauthenticated:
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
         assert info.reason == "CALLER_UNAUTHENTICATED"
 
+    def test_several_sans_audited(self, connect: Connect, log_sink: LogSink) -> None:
+        """A certificate with two URI SANs has both in the audit record, in order."""
+        record = refused(connect("two_uri_sans"), log_sink, "it must have exactly one URI SAN, a SPIFFE ID")
+        assert record["presented_sans"] == [BFF_ID, CHAT_ADMIN_ID]
+        assert "presented_san" not in record
 
-class TestMetadataIsIgnored:
-    """Nothing a caller sends can change who it is."""
 
-    def test_claimed_identity_in_metadata(self, connect: Connect) -> None:
-        """A stranger claiming the BFF's id in metadata is still the stranger."""
-        client = connect("stranger")
-        forged: tuple[tuple[str, str | bytes], ...] = (
-            ("x-forwarded-client-cert", f"URI={BFF_ID}"),
-            ("x-spiffe-id", BFF_ID),
-            ("authorization", f"Bearer {BFF_ID}"),
-        )
-        with pytest.raises(grpc.RpcError) as caught:
-            client.stub.IssueToken(REQUEST, metadata=forged, timeout=10)
-        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        response = client.stub.GetCallerIdentity(pb.GetCallerIdentityRequest(), metadata=forged, timeout=10)
-        assert response.caller_id != BFF_ID
+class TestForgedSans:
+    """Certificates our CA signed whose one SAN must not be taken at gRPC's word."""
+
+    @pytest.mark.parametrize(
+        ("cert", "why", "presented_san"),
+        [
+            ("nul_in_uri_san", "its URI SAN is not a SPIFFE ID", NUL_URI_SAN),
+            ("newline_after_uri_san", "its URI SAN is not a SPIFFE ID", BFF_ID + "\\n"),
+            ("upper_case_trust_domain", "its URI SAN is not a SPIFFE ID", "spiffe://EXAMPLE.org/ns/web/sa/bff"),
+            (
+                "trust_domain_only_uri_san",
+                "its SPIFFE ID names a trust domain, not a workload (it has no path)",
+                "spiffe://example.org",
+            ),
+            ("foreign_trust_domain", "trust domain evil.example is not trusted", "spiffe://evil.example/ns/web/sa/bff"),
+        ],
+    )
+    def test_refused(self, connect: Connect, log_sink: LogSink, cert: str, why: str, presented_san: str) -> None:
+        """UNAUTHENTICATED with no token; the audit record has the SAN as received, escaped, never a cleaned-up one."""
+        record = refused(connect(cert), log_sink, why)
+        assert record["presented_san"] == presented_san
+
+    def test_undecodable_san(self, connect: Connect, log_sink: LogSink) -> None:
+        """A SAN that cryptography cannot decode is UNAUTHENTICATED, not INTERNAL, and nothing of it is echoed."""
+        record = refused(connect("undecodable_uri_san"), log_sink, "its certificate cannot be decoded")
+        assert "presented_san" not in record
+
+    def test_whoami_audits_presented_san(self, connect: Connect, log_sink: LogSink) -> None:
+        """GetCallerIdentity refuses a NUL in the SAN too, and its caller.lookup record shows it escaped."""
+        start = len(log_sink.lines)
+        error, info, _ = rpc_error(lambda: connect("nul_in_uri_san").whoami())
+        assert (error.code(), info.reason) == (grpc.StatusCode.UNAUTHENTICATED, "CALLER_UNAUTHENTICATED")
+        assert error.details() == "client certificate has no acceptable caller id: its URI SAN is not a SPIFFE ID"
+        [record] = [r for r in log_sink.records(start) if r["event"] == "caller.lookup"]
+        assert record["presented_san"] == NUL_URI_SAN
 
 
 class TestDnsSanSource:
@@ -83,8 +138,7 @@ default_sync_service = "{SERVICE_A}"
 
     def test_dns_caller_issues(self, harness: ServerHarness) -> None:
         """A certificate with one DNS SAN in the policy gets a token."""
-        text = config_text(harness.pki, identity='[identity]\nsource = "dns_san"\n', policy=self.POLICY)
-        server = harness.start(text)
+        server = harness.start(config_text(harness.pki, identity=DNS_IDENTITY, policy=self.POLICY))
         client = harness.client(server, "dns_only")
         assert client.whoami().caller_id == DNS_CALLER
         assert client.issue(REQUEST).token
@@ -95,9 +149,22 @@ default_sync_service = "{SERVICE_A}"
     )
     def test_refused(self, harness: ServerHarness, cert: str, why: str) -> None:
         """Two DNS SANs, or none, is no caller id."""
-        text = config_text(harness.pki, identity='[identity]\nsource = "dns_san"\n', policy=self.POLICY)
-        server = harness.start(text)
+        server = harness.start(config_text(harness.pki, identity=DNS_IDENTITY, policy=self.POLICY))
         error, info, _ = rpc_error(lambda: harness.client(server, cert).issue(REQUEST))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
         assert error.details() == f"client certificate has no acceptable caller id: {why}"
         assert info.reason == "CALLER_UNAUTHENTICATED"
+
+    @pytest.mark.parametrize(
+        ("cert", "why", "presented_san"),
+        [
+            ("nul_in_dns_san", "its DNS SAN is not a lower-case host name", NUL_DNS_SAN),
+        ],
+    )
+    def test_forged(
+        self, harness: ServerHarness, log_sink: LogSink, cert: str, why: str, presented_san: str | None
+    ) -> None:
+        """A NUL in the DNS SAN is refused; the audit record has the DNS SAN as received."""
+        server = harness.start(config_text(harness.pki, identity=DNS_IDENTITY, policy=self.POLICY))
+        record = refused(harness.client(server, cert), log_sink, why)
+        assert record.get("presented_san") == presented_san

@@ -1,19 +1,42 @@
-"""SPIFFE ID parsing and DNS names: the value objects caller ids are made of."""
+"""Caller ids from certificates: the SPIFFE ID and DNS grammar, the SANs as written, and the auth context."""
 
 from __future__ import annotations
 
-import pytest
+import re
 
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from support import BFF_ID, CHAT_ADMIN_ID, DNS_CALLER, Pki
+from synctoken_server import svid
 from synctoken_server.errors import CallerUnauthenticated
 from synctoken_server.identity import (
     SPIFFE_ID_FORM,
     TRUST_DOMAIN_FORM,
     CallerIdentityRules,
     IdentitySource,
+    NamedCaller,
+    Refusal,
     is_dns_name,
     parse_spiffe_id,
     parse_trust_domain,
+    read_caller,
 )
+from synctoken_server.pki import LeafSpec
+
+SPIFFE = IdentitySource.SPIFFE
+DNS_SAN = IdentitySource.DNS_SAN
+
+
+def leaf_of(cert_pem: bytes) -> bytes:
+    """The leaf of a presented PEM chain, as gRPC gives it."""
+    return x509.load_pem_x509_certificates(cert_pem)[0].public_bytes(Encoding.PEM)
+
+
+def auth_context(cert_pem: bytes) -> dict[str, list[bytes]]:
+    """gRPC's auth context for a peer that presented `cert_pem`."""
+    return {"x509_pem_cert": [leaf_of(cert_pem)]}
 
 
 class TestParseSpiffeId:
@@ -121,33 +144,127 @@ class TestDnsName:
         assert not is_dns_name(name)
 
 
-class TestCallerIdentityRules:
-    """Turning grpc's auth context into a caller id."""
+class TestReadPresented:
+    """svid.read_presented: the SANs as written."""
 
-    SPIFFE = CallerIdentityRules(IdentitySource.SPIFFE, frozenset({"example.org"}))
+    def test_sans_as_written(self, pki: Pki) -> None:
+        """A NUL inside a SAN is kept, not cut: the leaf is read by cryptography, not from gRPC's C strings."""
+        presented = svid.read_presented(leaf_of(pki.clients["nul_in_uri_san"].cert_pem))
+        assert presented.uris == (f"{CHAT_ADMIN_ID}\x00.anything",)
+        assert presented.dns_names == ()
 
-    def test_spiffe(self) -> None:
-        """A single peer_spiffe_id in a trusted domain is the caller id."""
-        assert self.SPIFFE.caller_id({"peer_spiffe_id": [b"spiffe://example.org/a"]}) == "spiffe://example.org/a"
+    @pytest.mark.parametrize("cert", ["undecodable_uri_san"])
+    def test_undecodable(self, pki: Pki, cert: str) -> None:
+        """A SAN that cryptography cannot decode is a ValueError with a fixed message."""
+        with pytest.raises(ValueError, match=f"^{re.escape(svid.NOT_DECODABLE)}$"):
+            svid.read_presented(leaf_of(pki.clients[cert].cert_pem))
+
+    def test_not_pem(self) -> None:
+        """Bytes that are no certificate at all are a ValueError too."""
+        with pytest.raises(ValueError, match=f"^{re.escape(svid.NOT_DECODABLE)}$"):
+            svid.read_presented(b"not a certificate")
+
+
+class TestReadCaller:
+    """read_caller: the outcome for one certificate, computed once and cached."""
 
     @pytest.mark.parametrize(
-        "context",
+        ("cert", "source", "outcome"),
         [
-            {},
-            {"peer_spiffe_id": [b"spiffe://example.org/a", b"spiffe://example.org/b"]},
-            {"peer_spiffe_id": [b"spiffe://example.org/a/../b"]},
-            {"peer_spiffe_id": [b"\xff"]},
-            {"peer_spiffe_id": [b"spiffe://other.org/a"]},
-            {"peer_dns": [b"a.example.org"]},
+            ("bff", SPIFFE, NamedCaller(BFF_ID, "example.org")),
+            ("dns_only", DNS_SAN, NamedCaller(DNS_CALLER, "")),
+            ("nul_in_uri_san", SPIFFE, Refusal("its URI SAN is not a SPIFFE ID", (f"{CHAT_ADMIN_ID}\x00.anything",))),
+            (
+                "nul_in_dns_san",
+                DNS_SAN,
+                Refusal("its DNS SAN is not a lower-case host name", (f"{DNS_CALLER}\x00.evil.com",)),
+            ),
+            ("undecodable_uri_san", SPIFFE, Refusal(svid.NOT_DECODABLE, ())),
+            ("two_uri_sans", SPIFFE, Refusal("it must have exactly one URI SAN, a SPIFFE ID", (BFF_ID, CHAT_ADMIN_ID))),
+            ("bff", DNS_SAN, Refusal("it must have exactly one DNS SAN", ())),
+            ("dns_only", SPIFFE, Refusal("it must have exactly one URI SAN, a SPIFFE ID", ())),
         ],
     )
-    def test_spiffe_refusals(self, context: dict[str, list[bytes]]) -> None:
-        """Missing, doubled, malformed or foreign SPIFFE ids are refused."""
-        with pytest.raises(CallerUnauthenticated):
-            self.SPIFFE.caller_id(context)
+    def test_outcomes(self, pki: Pki, cert: str, source: IdentitySource, outcome: NamedCaller | Refusal) -> None:
+        """Each certificate names a caller in a mode, or is refused with a fixed reason and its SANs as written."""
+        assert read_caller(source, leaf_of(pki.clients[cert].cert_pem)) == outcome
 
-    def test_dns(self) -> None:
-        """In dns_san mode the single peer_dns value is the caller id; URI SANs are ignored."""
-        rules = CallerIdentityRules(IdentitySource.DNS_SAN, frozenset())
-        context = {"peer_dns": [b"a.example.org"], "peer_spiffe_id": [b"spiffe://example.org/x"]}
-        assert rules.caller_id(context) == "a.example.org"
+    @pytest.mark.parametrize(
+        ("spec", "source", "caller_id"),
+        [
+            (LeafSpec("bff", uris=(BFF_ID,), dns_names=("bff.example.org", "bff")), SPIFFE, BFF_ID),
+            (LeafSpec("billing", uris=(BFF_ID, CHAT_ADMIN_ID), dns_names=(DNS_CALLER,)), DNS_SAN, DNS_CALLER),
+        ],
+    )
+    def test_other_san_kind_ignored(self, pki: Pki, spec: LeafSpec, source: IdentitySource, caller_id: str) -> None:
+        """DNS SANs beside the one URI SAN are fine in spiffe mode; URI SANs are ignored in dns_san mode."""
+        outcome = read_caller(source, leaf_of(pki.ca.issue(spec).cert_pem))
+        assert outcome == NamedCaller(caller_id, "example.org" if source is SPIFFE else "")
+
+    def test_parsed_once(self, pki: Pki) -> None:
+        """A certificate seen again is not parsed again: the outcome comes from the cache."""
+        leaf = leaf_of(pki.ca.issue(LeafSpec("new", uris=(BFF_ID,))).cert_pem)
+        before = read_caller.cache_info()
+        first = read_caller(SPIFFE, leaf)
+        second = read_caller(SPIFFE, bytes(leaf))
+        after = read_caller.cache_info()
+        assert first is second
+        assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+        assert after.maxsize == 1024
+
+
+class TestCallerIdentityRules:
+    """Turning gRPC's auth context into a caller id."""
+
+    SPIFFE_RULES = CallerIdentityRules(SPIFFE, frozenset({"example.org"}))
+
+    def test_spiffe(self, pki: Pki) -> None:
+        """The leaf's one SPIFFE ID, in a trusted domain, is the caller id."""
+        assert self.SPIFFE_RULES.caller_id(auth_context(pki.clients["bff"].cert_pem)) == BFF_ID
+
+    def test_grpc_properties_are_not_used(self, pki: Pki) -> None:
+        """peer_spiffe_id (which gRPC cuts at a NUL) has no say: the certificate itself is read."""
+        context = auth_context(pki.clients["nul_in_uri_san"].cert_pem)
+        context["peer_spiffe_id"] = [CHAT_ADMIN_ID.encode()]
+        with pytest.raises(CallerUnauthenticated) as caught:
+            self.SPIFFE_RULES.caller_id(context)
+        assert caught.value.message == "client certificate has no acceptable caller id: its URI SAN is not a SPIFFE ID"
+
+    @pytest.mark.parametrize("context", [{}, {"peer_spiffe_id": [BFF_ID.encode()]}, {"x509_pem_cert": []}])
+    def test_no_certificate(self, context: dict[str, list[bytes]]) -> None:
+        """Without x509_pem_cert there is no caller, whatever else the context says."""
+        with pytest.raises(CallerUnauthenticated) as caught:
+            self.SPIFFE_RULES.caller_id(context)
+        assert (
+            caught.value.message
+            == "client certificate has no acceptable caller id: gRPC passed on no client certificate"
+        )
+        assert caught.value.audit == {}
+
+    def test_untrusted_domain(self, pki: Pki) -> None:
+        """A valid SPIFFE ID from a trust domain not configured is refused, naming the domain."""
+        with pytest.raises(CallerUnauthenticated) as caught:
+            self.SPIFFE_RULES.caller_id(auth_context(pki.clients["foreign_trust_domain"].cert_pem))
+        assert (
+            caught.value.message
+            == "client certificate has no acceptable caller id: trust domain evil.example is not trusted"
+        )
+        assert caught.value.audit == {"presented_san": "spiffe://evil.example/ns/web/sa/bff"}
+
+    def test_fresh_error_each_time(self, pki: Pki) -> None:
+        """A cached refusal raises a new error on every call, with the SAN escaped for the audit record only."""
+        context = auth_context(pki.clients["nul_in_uri_san"].cert_pem)
+        errors = []
+        for _ in range(2):
+            with pytest.raises(CallerUnauthenticated) as caught:
+                self.SPIFFE_RULES.caller_id(context)
+            errors.append(caught.value)
+        assert errors[0] is not errors[1]
+        assert errors[1].audit == {"presented_san": CHAT_ADMIN_ID + "\\x00.anything"}
+        assert errors[1].metadata == {}
+        assert "\x00" not in errors[1].message
+
+    def test_dns(self, pki: Pki) -> None:
+        """In dns_san mode the one DNS SAN is the caller id."""
+        rules = CallerIdentityRules(DNS_SAN, frozenset())
+        assert rules.caller_id(auth_context(pki.clients["dns_only"].cert_pem)) == DNS_CALLER
