@@ -48,9 +48,9 @@ def refused(client: Client, log_sink: LogSink, why: str) -> dict[str, Any]:
 class TestTlsRefusals:
     """Peers that fail the TLS handshake never reach an RPC."""
 
-    @pytest.mark.parametrize("cert", [None, "foreign_ca", "expired"])
+    @pytest.mark.parametrize("cert", [None, "foreign_ca", "expired", "issued_by_plain_leaf"])
     def test_handshake_refused(self, connect: Connect, cert: str | None) -> None:
-        """No client certificate, one from another CA, or an expired one: the connection fails."""
+        """No client certificate, one from another CA, an expired one, or one signed by a CA:FALSE leaf: no connection."""
         with pytest.raises(grpc.RpcError) as caught:
             connect(cert).issue(REQUEST)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -89,8 +89,8 @@ class TestUnauthenticated:
         assert "presented_san" not in record
 
 
-class TestForgedSans:
-    """Certificates our CA signed whose one SAN must not be taken at gRPC's word."""
+class TestForgedOrMisissued:
+    """Certificates our CA signed (or that chain to it) whose one SAN must not be taken at gRPC's word."""
 
     @pytest.mark.parametrize(
         ("cert", "why", "presented_san"),
@@ -104,6 +104,23 @@ class TestForgedSans:
                 "spiffe://example.org",
             ),
             ("foreign_trust_domain", "trust domain evil.example is not trusted", "spiffe://evil.example/ns/web/sa/bff"),
+            ("ca_true_leaf", "it is a CA certificate (CA:TRUE), not a workload's", BFF_ID),
+            (
+                "key_cert_sign_leaf",
+                "its key usage includes keyCertSign, which only a CA certificate may have",
+                BFF_ID,
+            ),
+            ("crl_sign_leaf", "its key usage includes cRLSign, which only a CA certificate may have", BFF_ID),
+            (
+                "issued_by_workload",
+                "a certificate in the chain it presented is a workload's (its SPIFFE ID has a path)",
+                CHAT_ADMIN_ID,
+            ),
+            (
+                "issued_by_ca_without_key_cert_sign",
+                "a certificate in the chain it presented is not a CA's (it needs CA:TRUE and keyCertSign)",
+                CHAT_ADMIN_ID,
+            ),
         ],
     )
     def test_refused(self, connect: Connect, log_sink: LogSink, cert: str, why: str, presented_san: str) -> None:
@@ -113,7 +130,9 @@ class TestForgedSans:
 
     def test_undecodable_san(self, connect: Connect, log_sink: LogSink) -> None:
         """A SAN that cryptography cannot decode is UNAUTHENTICATED, not INTERNAL, and nothing of it is echoed."""
-        record = refused(connect("undecodable_uri_san"), log_sink, "its certificate cannot be decoded")
+        record = refused(
+            connect("undecodable_uri_san"), log_sink, "its certificate or the chain it presented cannot be decoded"
+        )
         assert "presented_san" not in record
 
     def test_whoami_audits_presented_san(self, connect: Connect, log_sink: LogSink) -> None:
@@ -124,6 +143,46 @@ class TestForgedSans:
         assert error.details() == "client certificate has no acceptable caller id: its URI SAN is not a SPIFFE ID"
         [record] = [r for r in log_sink.records(start) if r["event"] == "caller.lookup"]
         assert record["presented_san"] == NUL_URI_SAN
+
+
+class TestChainsUnderCaWithoutPathLength:
+    """With a trusted CA that sets no path length, BoringSSL accepts chains through any CA:TRUE certificate."""
+
+    @pytest.fixture
+    def open_ca_server(self, harness: ServerHarness) -> Callable[[str], Client]:
+        """A server trusting open-ca.pem for client certificates; returns a client factory."""
+        d = harness.pki.directory
+        server = harness.start(config_text(harness.pki).replace(str(d / "ca.pem"), str(d / "open-ca.pem")))
+        return lambda cert: harness.client(server, cert)
+
+    def test_issued_by_workload_refused(self, open_ca_server: Callable[[str], Client], log_sink: LogSink) -> None:
+        """A workload's CA:TRUE certificate signing an admin's: the chain verifies, the caller is refused."""
+        why = "a certificate in the chain it presented is a workload's (its SPIFFE ID has a path)"
+        record = refused(open_ca_server("issued_by_workload_under_open_ca"), log_sink, why)
+        assert record["presented_san"] == CHAT_ADMIN_ID
+
+    def test_issued_by_intermediate_accepted(self, open_ca_server: Callable[[str], Client]) -> None:
+        """A real intermediate CA (CA:TRUE, keyCertSign, only its trust domain's id) is fine."""
+        client = open_ca_server("issued_by_intermediate_under_open_ca")
+        assert client.whoami().caller_id == CHAT_ADMIN_ID
+
+
+class TestMetadataIsIgnored:
+    """Nothing a caller sends can change who it is."""
+
+    def test_claimed_identity_in_metadata(self, connect: Connect) -> None:
+        """A stranger claiming the BFF's id in metadata is still the stranger."""
+        client = connect("stranger")
+        forged: tuple[tuple[str, str | bytes], ...] = (
+            ("x-forwarded-client-cert", f"URI={BFF_ID}"),
+            ("x-spiffe-id", BFF_ID),
+            ("authorization", f"Bearer {BFF_ID}"),
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            client.stub.IssueToken(REQUEST, metadata=forged, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        response = client.stub.GetCallerIdentity(pb.GetCallerIdentityRequest(), metadata=forged, timeout=10)
+        assert response.caller_id != BFF_ID
 
 
 class TestDnsSanSource:
@@ -159,12 +218,13 @@ default_sync_service = "{SERVICE_A}"
         ("cert", "why", "presented_san"),
         [
             ("nul_in_dns_san", "its DNS SAN is not a lower-case host name", NUL_DNS_SAN),
+            ("ca_true_leaf", "it is a CA certificate (CA:TRUE), not a workload's", None),
         ],
     )
-    def test_forged(
+    def test_forged_or_misissued(
         self, harness: ServerHarness, log_sink: LogSink, cert: str, why: str, presented_san: str | None
     ) -> None:
-        """A NUL in the DNS SAN is refused; the audit record has the DNS SAN as received."""
+        """A NUL in the DNS SAN, or a CA certificate, is refused; the audit record has the DNS SAN as received."""
         server = harness.start(config_text(harness.pki, identity=DNS_IDENTITY, policy=self.POLICY))
         record = refused(harness.client(server, cert), log_sink, why)
         assert record.get("presented_san") == presented_san

@@ -1,4 +1,4 @@
-"""Caller ids from certificates: the SPIFFE ID and DNS grammar, the SANs as written, and the auth context."""
+"""Caller ids from certificates: the SPIFFE ID and DNS grammar, the X509-SVID rules, and the auth context."""
 
 from __future__ import annotations
 
@@ -29,14 +29,19 @@ SPIFFE = IdentitySource.SPIFFE
 DNS_SAN = IdentitySource.DNS_SAN
 
 
-def leaf_of(cert_pem: bytes) -> bytes:
-    """The leaf of a presented PEM chain, as gRPC gives it."""
-    return x509.load_pem_x509_certificates(cert_pem)[0].public_bytes(Encoding.PEM)
+def leaf_and_chain(cert_pem: bytes) -> tuple[bytes, bytes]:
+    """A presented PEM chain split as gRPC gives it: the leaf, and the rest."""
+    leaf, *rest = x509.load_pem_x509_certificates(cert_pem)
+    return leaf.public_bytes(Encoding.PEM), b"".join(c.public_bytes(Encoding.PEM) for c in rest)
 
 
 def auth_context(cert_pem: bytes) -> dict[str, list[bytes]]:
-    """gRPC's auth context for a peer that presented `cert_pem`."""
-    return {"x509_pem_cert": [leaf_of(cert_pem)]}
+    """gRPC's auth context for a peer that presented `cert_pem`: no chain key when it sent its leaf alone."""
+    leaf, chain = leaf_and_chain(cert_pem)
+    context = {"x509_pem_cert": [leaf]}
+    if chain:
+        context["x509_pem_cert_chain"] = [chain]
+    return context
 
 
 class TestParseSpiffeId:
@@ -145,24 +150,47 @@ class TestDnsName:
 
 
 class TestReadPresented:
-    """svid.read_presented: the SANs as written."""
+    """svid.read_presented: the SANs as written, and the first X509-SVID rule the certificate breaks."""
+
+    @pytest.mark.parametrize(
+        ("cert", "defect"),
+        [
+            ("bff", None),
+            ("issued_by_intermediate_under_open_ca", None),
+            ("ca_true_leaf", svid.CA_LEAF),
+            ("key_cert_sign_leaf", svid.KEY_CERT_SIGN_LEAF),
+            ("crl_sign_leaf", svid.CRL_SIGN_LEAF),
+            ("issued_by_workload", svid.ISSUER_IS_WORKLOAD),
+            ("issued_by_workload_under_open_ca", svid.ISSUER_IS_WORKLOAD),
+            ("issued_by_ca_without_key_cert_sign", svid.ISSUER_NOT_CA),
+            ("issued_by_plain_leaf", svid.ISSUER_NOT_CA),
+        ],
+    )
+    def test_defects(self, pki: Pki, cert: str, defect: str | None) -> None:
+        """Leaves must not be CAs, and whatever the client presented above its leaf must be a CA but no workload."""
+        assert svid.read_presented(*leaf_and_chain(pki.clients[cert].cert_pem)).defect == defect
 
     def test_sans_as_written(self, pki: Pki) -> None:
         """A NUL inside a SAN is kept, not cut: the leaf is read by cryptography, not from gRPC's C strings."""
-        presented = svid.read_presented(leaf_of(pki.clients["nul_in_uri_san"].cert_pem))
+        presented = svid.read_presented(*leaf_and_chain(pki.clients["nul_in_uri_san"].cert_pem))
         assert presented.uris == (f"{CHAT_ADMIN_ID}\x00.anything",)
         assert presented.dns_names == ()
+
+    def test_leaf_in_chain_is_skipped(self, pki: Pki) -> None:
+        """A chain that repeats the leaf (gRPC's client-side view) is judged on the certificates above it."""
+        leaf, chain = leaf_and_chain(pki.clients["issued_by_intermediate_under_open_ca"].cert_pem)
+        assert svid.read_presented(leaf, leaf + chain).defect is None
 
     @pytest.mark.parametrize("cert", ["undecodable_uri_san"])
     def test_undecodable(self, pki: Pki, cert: str) -> None:
         """A SAN that cryptography cannot decode is a ValueError with a fixed message."""
         with pytest.raises(ValueError, match=f"^{re.escape(svid.NOT_DECODABLE)}$"):
-            svid.read_presented(leaf_of(pki.clients[cert].cert_pem))
+            svid.read_presented(*leaf_and_chain(pki.clients[cert].cert_pem))
 
     def test_not_pem(self) -> None:
         """Bytes that are no certificate at all are a ValueError too."""
         with pytest.raises(ValueError, match=f"^{re.escape(svid.NOT_DECODABLE)}$"):
-            svid.read_presented(b"not a certificate")
+            svid.read_presented(b"not a certificate", b"")
 
 
 class TestReadCaller:
@@ -179,6 +207,8 @@ class TestReadCaller:
                 DNS_SAN,
                 Refusal("its DNS SAN is not a lower-case host name", (f"{DNS_CALLER}\x00.evil.com",)),
             ),
+            ("ca_true_leaf", SPIFFE, Refusal(svid.CA_LEAF, (BFF_ID,))),
+            ("ca_true_leaf", DNS_SAN, Refusal(svid.CA_LEAF, ())),
             ("undecodable_uri_san", SPIFFE, Refusal(svid.NOT_DECODABLE, ())),
             ("two_uri_sans", SPIFFE, Refusal("it must have exactly one URI SAN, a SPIFFE ID", (BFF_ID, CHAT_ADMIN_ID))),
             ("bff", DNS_SAN, Refusal("it must have exactly one DNS SAN", ())),
@@ -187,7 +217,7 @@ class TestReadCaller:
     )
     def test_outcomes(self, pki: Pki, cert: str, source: IdentitySource, outcome: NamedCaller | Refusal) -> None:
         """Each certificate names a caller in a mode, or is refused with a fixed reason and its SANs as written."""
-        assert read_caller(source, leaf_of(pki.clients[cert].cert_pem)) == outcome
+        assert read_caller(source, *leaf_and_chain(pki.clients[cert].cert_pem)) == outcome
 
     @pytest.mark.parametrize(
         ("spec", "source", "caller_id"),
@@ -198,15 +228,15 @@ class TestReadCaller:
     )
     def test_other_san_kind_ignored(self, pki: Pki, spec: LeafSpec, source: IdentitySource, caller_id: str) -> None:
         """DNS SANs beside the one URI SAN are fine in spiffe mode; URI SANs are ignored in dns_san mode."""
-        outcome = read_caller(source, leaf_of(pki.ca.issue(spec).cert_pem))
+        outcome = read_caller(source, *leaf_and_chain(pki.ca.issue(spec).cert_pem))
         assert outcome == NamedCaller(caller_id, "example.org" if source is SPIFFE else "")
 
     def test_parsed_once(self, pki: Pki) -> None:
         """A certificate seen again is not parsed again: the outcome comes from the cache."""
-        leaf = leaf_of(pki.ca.issue(LeafSpec("new", uris=(BFF_ID,))).cert_pem)
+        leaf, chain = leaf_and_chain(pki.ca.issue(LeafSpec("new", uris=(BFF_ID,))).cert_pem)
         before = read_caller.cache_info()
-        first = read_caller(SPIFFE, leaf)
-        second = read_caller(SPIFFE, bytes(leaf))
+        first = read_caller(SPIFFE, leaf, chain)
+        second = read_caller(SPIFFE, bytes(leaf), bytes(chain))
         after = read_caller.cache_info()
         assert first is second
         assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)

@@ -101,17 +101,20 @@ class Refusal:
 
 
 @functools.lru_cache(maxsize=CERTIFICATE_CACHE_SIZE)
-def read_caller(source: IdentitySource, leaf_pem: bytes) -> NamedCaller | Refusal:
-    """Who a verified client certificate names, by `source`'s grammar.
+def read_caller(source: IdentitySource, leaf_pem: bytes, chain_pem: bytes) -> NamedCaller | Refusal:
+    """Who a verified client certificate names, by the X509-SVID rules and `source`'s grammar.
 
+    `chain_pem` is the rest of the chain the client presented (may be empty).
     Pure, so it is cached; the outcome is returned, never raised, so that no
     exception object (and its traceback) is kept alive by the cache.
     """
     try:
-        presented = svid.read_presented(leaf_pem)
+        presented = svid.read_presented(leaf_pem, chain_pem)
     except ValueError:
         return Refusal(svid.NOT_DECODABLE, ())
     sans = presented.uris if source is IdentitySource.SPIFFE else presented.dns_names
+    if presented.defect is not None:
+        return Refusal(presented.defect, sans)
     return _spiffe_caller(sans) if source is IdentitySource.SPIFFE else _dns_caller(sans)
 
 
@@ -149,12 +152,14 @@ class CallerIdentityRules:
         """The caller id of a TLS peer; raise CallerUnauthenticated if it has none we accept.
 
         `auth_context` is gRPC's view of the verified peer: `x509_pem_cert` is
-        its leaf.
+        its leaf, and `x509_pem_cert_chain` (absent when the client sent only
+        its leaf) the rest of the chain it presented.
         """
         leaf = auth_context.get("x509_pem_cert", ())
         if len(leaf) != 1:
             raise CallerUnauthenticated(NO_CERTIFICATE)
-        reading = read_caller(self.source, leaf[0])
+        chain = b"".join(auth_context.get("x509_pem_cert_chain", ()))
+        reading = read_caller(self.source, leaf[0], chain)
         if isinstance(reading, Refusal):
             raise CallerUnauthenticated(reading.why, reading.presented_sans)
         if self.source is IdentitySource.SPIFFE and reading.trust_domain not in self.trust_domains:
