@@ -181,11 +181,19 @@ class TestReadPresented:
         leaf, chain = leaf_and_chain(pki.clients["issued_by_intermediate_under_open_ca"].cert_pem)
         assert svid.read_presented(leaf, leaf + chain).defect is None
 
-    @pytest.mark.parametrize("cert", ["undecodable_uri_san"])
-    def test_undecodable(self, pki: Pki, cert: str) -> None:
-        """A SAN that cryptography cannot decode is a ValueError with a fixed message."""
+    @pytest.mark.parametrize(
+        "san_der",
+        [
+            pytest.param(bytes.fromhex("3005 8603 61ff62"), id="uri-with-byte-ff"),
+            pytest.param(bytes.fromhex("3004 a302 3000"), id="x400-address"),
+            pytest.param(bytes.fromhex("3005 8610 616263"), id="truncated"),
+        ],
+    )
+    def test_undecodable(self, pki: Pki, san_der: bytes) -> None:
+        """A SAN extension that cryptography cannot decode is a ValueError with a fixed message."""
+        pair = pki.ca.issue(LeafSpec("undecodable", san_der=san_der))
         with pytest.raises(ValueError, match=f"^{re.escape(svid.NOT_DECODABLE)}$"):
-            svid.read_presented(*leaf_and_chain(pki.clients[cert].cert_pem))
+            svid.read_presented(*leaf_and_chain(pair.cert_pem))
 
     def test_not_pem(self) -> None:
         """Bytes that are no certificate at all are a ValueError too."""

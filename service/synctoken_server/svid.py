@@ -17,6 +17,10 @@ from cryptography import x509
 E = TypeVar("E", bound=x509.ExtensionType)
 
 _SPIFFE_SCHEME = "spiffe://"
+# What cryptography raises for bytes it cannot read as a certificate. BoringSSL
+# already refuses duplicate extensions and unknown versions in the handshake;
+# they are here so that such a certificate could never end in INTERNAL.
+_UNDECODABLE = (ValueError, x509.UnsupportedGeneralNameType, x509.DuplicateExtension, x509.InvalidVersion)
 
 NOT_DECODABLE = "its certificate or the chain it presented cannot be decoded"
 CA_LEAF = "it is a CA certificate (CA:TRUE), not a workload's"
@@ -51,7 +55,7 @@ def read_presented(leaf_pem: bytes, chain_pem: bytes) -> PresentedCertificate:
         uris = tuple(sans.get_values_for_type(x509.UniformResourceIdentifier)) if sans else ()
         dns_names = tuple(sans.get_values_for_type(x509.DNSName)) if sans else ()
         defect = _leaf_defect(extensions) or next(filter(None, map(_issuer_defect, issuers)), None)
-    except (ValueError, x509.UnsupportedGeneralNameType) as exc:
+    except _UNDECODABLE as exc:
         raise ValueError(NOT_DECODABLE) from exc
     return PresentedCertificate(uris=uris, dns_names=dns_names, defect=defect)
 
