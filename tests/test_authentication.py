@@ -3,24 +3,54 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
 
-from support import BFF_ID, DNS_CALLER, SERVICE_A, Client, ServerHarness, config_text, rpc_error
+from support import (
+    BFF_ID,
+    CHAT_ADMIN_ID,
+    DNS_CALLER,
+    SERVICE_A,
+    Client,
+    LogSink,
+    ServerHarness,
+    config_text,
+    rpc_error,
+)
 from synctoken.v1 import token_service_pb2 as pb
 
 Connect = Callable[[str | None], Client]
 
 REQUEST = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
+DNS_IDENTITY = '[identity]\nsource = "dns_san"\n'
+# In the audit record, each SAN as received with unicode_escape: a NUL is the four characters \x00.
+NUL_URI_SAN = CHAT_ADMIN_ID + "\\x00.anything"
+NUL_DNS_SAN = DNS_CALLER + "\\x00.evil.com"
+
+
+def refused(client: Client, log_sink: LogSink, why: str) -> dict[str, Any]:
+    """IssueToken fails UNAUTHENTICATED with CALLER_UNAUTHENTICATED and `why`; return the denial's audit record."""
+    start = len(log_sink.lines)
+    error, info, _ = rpc_error(lambda: client.issue(REQUEST))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert info.reason == "CALLER_UNAUTHENTICATED"
+    assert error.details() == f"client certificate has no acceptable caller id: {why}"
+    assert not info.metadata, "the presented SAN is for the audit log, not the caller"
+    [record] = [r for r in log_sink.records(start) if r["event"] == "token.decision"]
+    assert (record["outcome"], record["reason"]) == ("denied", "CALLER_UNAUTHENTICATED")
+    assert "caller_id" not in record
+    assert "token_id" not in record
+    return record
 
 
 class TestTlsRefusals:
     """Peers that fail the TLS handshake never reach an RPC."""
 
-    @pytest.mark.parametrize("cert", [None, "foreign_ca", "expired"])
+    @pytest.mark.parametrize("cert", [None, "foreign_ca", "expired", "issued_by_plain_leaf"])
     def test_handshake_refused(self, connect: Connect, cert: str | None) -> None:
-        """No client certificate, one from another CA, or an expired one: the connection fails."""
+        """No client certificate, one from another CA, an expired one, or one signed by a CA:FALSE leaf: no connection."""
         with pytest.raises(grpc.RpcError) as caught:
             connect(cert).issue(REQUEST)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -51,6 +81,90 @@ class TestUnauthenticated:
         error, info, _ = rpc_error(lambda: connect("no_san").whoami())
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
         assert info.reason == "CALLER_UNAUTHENTICATED"
+
+    def test_several_sans_audited(self, connect: Connect, log_sink: LogSink) -> None:
+        """A certificate with two URI SANs has both in the audit record, in order."""
+        record = refused(connect("two_uri_sans"), log_sink, "it must have exactly one URI SAN, a SPIFFE ID")
+        assert record["presented_sans"] == [BFF_ID, CHAT_ADMIN_ID]
+        assert "presented_san" not in record
+
+
+class TestForgedOrMisissued:
+    """Certificates our CA signed (or that chain to it) whose one SAN must not be taken at gRPC's word."""
+
+    @pytest.mark.parametrize(
+        ("cert", "why", "presented_san"),
+        [
+            ("nul_in_uri_san", "its URI SAN is not a SPIFFE ID", NUL_URI_SAN),
+            ("newline_after_uri_san", "its URI SAN is not a SPIFFE ID", BFF_ID + "\\n"),
+            ("upper_case_trust_domain", "its URI SAN is not a SPIFFE ID", "spiffe://EXAMPLE.org/ns/web/sa/bff"),
+            (
+                "trust_domain_only_uri_san",
+                "its SPIFFE ID names a trust domain, not a workload (it has no path)",
+                "spiffe://example.org",
+            ),
+            ("foreign_trust_domain", "trust domain evil.example is not trusted", "spiffe://evil.example/ns/web/sa/bff"),
+            ("ca_true_leaf", "it is a CA certificate (CA:TRUE), not a workload's", BFF_ID),
+            (
+                "key_cert_sign_leaf",
+                "its key usage includes keyCertSign, which only a CA certificate may have",
+                BFF_ID,
+            ),
+            ("crl_sign_leaf", "its key usage includes cRLSign, which only a CA certificate may have", BFF_ID),
+            (
+                "issued_by_workload",
+                "a certificate in the chain it presented is a workload's (its SPIFFE ID has a path)",
+                CHAT_ADMIN_ID,
+            ),
+            (
+                "issued_by_ca_without_key_cert_sign",
+                "a certificate in the chain it presented is not a CA's (it needs CA:TRUE and keyCertSign)",
+                CHAT_ADMIN_ID,
+            ),
+        ],
+    )
+    def test_refused(self, connect: Connect, log_sink: LogSink, cert: str, why: str, presented_san: str) -> None:
+        """UNAUTHENTICATED with no token; the audit record has the SAN as received, escaped, never a cleaned-up one."""
+        record = refused(connect(cert), log_sink, why)
+        assert record["presented_san"] == presented_san
+
+    def test_undecodable_san(self, connect: Connect, log_sink: LogSink) -> None:
+        """A SAN that cryptography cannot decode is UNAUTHENTICATED, not INTERNAL, and nothing of it is echoed."""
+        record = refused(
+            connect("undecodable_uri_san"), log_sink, "its certificate or the chain it presented cannot be decoded"
+        )
+        assert "presented_san" not in record
+
+    def test_whoami_audits_presented_san(self, connect: Connect, log_sink: LogSink) -> None:
+        """GetCallerIdentity refuses a NUL in the SAN too, and its caller.lookup record shows it escaped."""
+        start = len(log_sink.lines)
+        error, info, _ = rpc_error(lambda: connect("nul_in_uri_san").whoami())
+        assert (error.code(), info.reason) == (grpc.StatusCode.UNAUTHENTICATED, "CALLER_UNAUTHENTICATED")
+        assert error.details() == "client certificate has no acceptable caller id: its URI SAN is not a SPIFFE ID"
+        [record] = [r for r in log_sink.records(start) if r["event"] == "caller.lookup"]
+        assert record["presented_san"] == NUL_URI_SAN
+
+
+class TestChainsUnderCaWithoutPathLength:
+    """With a trusted CA that sets no path length, BoringSSL accepts chains through any CA:TRUE certificate."""
+
+    @pytest.fixture
+    def open_ca_server(self, harness: ServerHarness) -> Callable[[str], Client]:
+        """A server trusting open-ca.pem for client certificates; returns a client factory."""
+        d = harness.pki.directory
+        server = harness.start(config_text(harness.pki).replace(str(d / "ca.pem"), str(d / "open-ca.pem")))
+        return lambda cert: harness.client(server, cert)
+
+    def test_issued_by_workload_refused(self, open_ca_server: Callable[[str], Client], log_sink: LogSink) -> None:
+        """A workload's CA:TRUE certificate signing an admin's: the chain verifies, the caller is refused."""
+        why = "a certificate in the chain it presented is a workload's (its SPIFFE ID has a path)"
+        record = refused(open_ca_server("issued_by_workload_under_open_ca"), log_sink, why)
+        assert record["presented_san"] == CHAT_ADMIN_ID
+
+    def test_issued_by_intermediate_accepted(self, open_ca_server: Callable[[str], Client]) -> None:
+        """A real intermediate CA (CA:TRUE, keyCertSign, only its trust domain's id) is fine."""
+        client = open_ca_server("issued_by_intermediate_under_open_ca")
+        assert client.whoami().caller_id == CHAT_ADMIN_ID
 
 
 class TestMetadataIsIgnored:
@@ -83,8 +197,7 @@ default_sync_service = "{SERVICE_A}"
 
     def test_dns_caller_issues(self, harness: ServerHarness) -> None:
         """A certificate with one DNS SAN in the policy gets a token."""
-        text = config_text(harness.pki, identity='[identity]\nsource = "dns_san"\n', policy=self.POLICY)
-        server = harness.start(text)
+        server = harness.start(config_text(harness.pki, identity=DNS_IDENTITY, policy=self.POLICY))
         client = harness.client(server, "dns_only")
         assert client.whoami().caller_id == DNS_CALLER
         assert client.issue(REQUEST).token
@@ -95,9 +208,23 @@ default_sync_service = "{SERVICE_A}"
     )
     def test_refused(self, harness: ServerHarness, cert: str, why: str) -> None:
         """Two DNS SANs, or none, is no caller id."""
-        text = config_text(harness.pki, identity='[identity]\nsource = "dns_san"\n', policy=self.POLICY)
-        server = harness.start(text)
+        server = harness.start(config_text(harness.pki, identity=DNS_IDENTITY, policy=self.POLICY))
         error, info, _ = rpc_error(lambda: harness.client(server, cert).issue(REQUEST))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
         assert error.details() == f"client certificate has no acceptable caller id: {why}"
         assert info.reason == "CALLER_UNAUTHENTICATED"
+
+    @pytest.mark.parametrize(
+        ("cert", "why", "presented_san"),
+        [
+            ("nul_in_dns_san", "its DNS SAN is not a lower-case host name", NUL_DNS_SAN),
+            ("ca_true_leaf", "it is a CA certificate (CA:TRUE), not a workload's", None),
+        ],
+    )
+    def test_forged_or_misissued(
+        self, harness: ServerHarness, log_sink: LogSink, cert: str, why: str, presented_san: str | None
+    ) -> None:
+        """A NUL in the DNS SAN, or a CA certificate, is refused; the audit record has the DNS SAN as received."""
+        server = harness.start(config_text(harness.pki, identity=DNS_IDENTITY, policy=self.POLICY))
+        record = refused(harness.client(server, cert), log_sink, why)
+        assert record.get("presented_san") == presented_san

@@ -64,6 +64,15 @@ class TestValid:
         text = config_text(pki).replace("[twilio]\n", '[twilio]\napi_secret_file = "secret"\n')
         assert load_config(write_config(text), environ={}).credentials.api_secret == API_SECRET
 
+    def test_whole_trust_domain_prefix(self, pki: Pki, write_config: WriteConfig) -> None:
+        """spiffe://td/* is every workload in td, and never the trust domain's own id."""
+        text = config_text(pki).replace('id = "spiffe://example.org/ns/chat/*"', 'id = "spiffe://example.org/*"')
+        policy = load_config(write_config(text), environ=SECRET_ENV).policy
+        rule = policy.rule_for("spiffe://example.org/ns/other/sa/x")
+        assert rule is not None
+        assert rule.caller == "spiffe://example.org/*"
+        assert policy.rule_for("spiffe://example.org") is None
+
     def test_secret_from_named_variable(self, pki: Pki, write_config: WriteConfig) -> None:
         """api_secret_env names another variable to read the secret from."""
         text = config_text(pki).replace("[twilio]\n", '[twilio]\napi_secret_env = "MY_SECRET"\n')
@@ -78,6 +87,7 @@ def replaced(pki: Pki, old: str, new: str) -> str:
 
 
 CALLER_2 = 'max_ttl = "24h"'  # only callers[2] sets this
+ADMIN_ID = 'id = "spiffe://example.org/ns/chat/sa/admin"'  # callers[2].id
 
 
 @pytest.mark.parametrize(
@@ -134,17 +144,42 @@ CALLER_2 = 'max_ttl = "24h"'  # only callers[2] sets this
             "callers[0].allowed_identity_characters: 'a' are not reserved characters; only \"!*'();:@&=+$,/?%#[]\" need allowing",
         ),
         (
-            'id = "spiffe://example.org/ns/chat/sa/admin"',
+            ADMIN_ID,
             'id = "spiffe://example.org/ns/web/sa/bff"',
             "callers[2].id: spiffe://example.org/ns/web/sa/bff is already the id of callers[0]",
         ),
         (
-            'id = "spiffe://example.org/ns/chat/sa/admin"',
+            ADMIN_ID,
             'id = "spiffe://example.org/ns//admin"',
-            "callers[2].id: 'spiffe://example.org/ns//admin' is not a SPIFFE ID: path segment '' is empty, '.', '..' or has a character outside A-Z a-z 0-9 . - _; a prefix ends in /*",
+            "callers[2].id: 'spiffe://example.org/ns//admin' is not a SPIFFE ID (spiffe://<trust domain>/<path>, the trust domain in a-z 0-9 . - _, path segments in A-Z a-z 0-9 . - _ and none empty, '.' or '..'); a prefix ends in /*",
         ),
         (
-            'id = "spiffe://example.org/ns/chat/sa/admin"',
+            ADMIN_ID,
+            'id = "spiffe://EXAMPLE.org/ns/chat/sa/admin"',
+            "callers[2].id: 'spiffe://EXAMPLE.org/ns/chat/sa/admin' is not a SPIFFE ID (spiffe://<trust domain>/<path>, the trust domain in a-z 0-9 . - _, path segments in A-Z a-z 0-9 . - _ and none empty, '.' or '..'); a prefix ends in /*",
+        ),
+        (
+            ADMIN_ID,
+            'id = "spiffe://example.org/ns/chat/sa/admin/"',
+            "callers[2].id: 'spiffe://example.org/ns/chat/sa/admin/' is not a SPIFFE ID (spiffe://<trust domain>/<path>, the trust domain in a-z 0-9 . - _, path segments in A-Z a-z 0-9 . - _ and none empty, '.' or '..'); a prefix ends in /*",
+        ),
+        (
+            ADMIN_ID,
+            'id = "spiffe://example.org/ns/chat/sa/admin\\n"',
+            "callers[2].id: 'spiffe://example.org/ns/chat/sa/admin\\n' is not a SPIFFE ID (spiffe://<trust domain>/<path>, the trust domain in a-z 0-9 . - _, path segments in A-Z a-z 0-9 . - _ and none empty, '.' or '..'); a prefix ends in /*",
+        ),
+        (
+            'id = "spiffe://example.org/ns/chat/*"',
+            'id = "spiffe://example.org/ns/chat*"',
+            "callers[1].id: 'spiffe://example.org/ns/chat*' is not a SPIFFE ID (spiffe://<trust domain>/<path>, the trust domain in a-z 0-9 . - _, path segments in A-Z a-z 0-9 . - _ and none empty, '.' or '..'); a prefix ends in /*",
+        ),
+        (
+            ADMIN_ID,
+            'id = "spiffe://example.org"',
+            "callers[2].id: 'spiffe://example.org' is a trust domain, not a workload: add a path, or write spiffe://example.org/* for all its workloads",
+        ),
+        (
+            ADMIN_ID,
             'id = "spiffe://other.org/admin"',
             "callers[2].id: trust domain other.org is not in identity.trust_domains",
         ),
@@ -167,7 +202,27 @@ CALLER_2 = 'max_ttl = "24h"'  # only callers[2] sets this
         (
             'trust_domains = ["example.org"]',
             'trust_domains = ["Example.org"]',
-            "identity.trust_domains[0]: 'Example.org' is not a trust domain name",
+            "identity.trust_domains[0]: 'Example.org' is not a trust domain name (a-z 0-9 . - _ only, with no scheme, port or path)",
+        ),
+        (
+            'trust_domains = ["example.org"]',
+            'trust_domains = ["example.org/ns"]',
+            "identity.trust_domains[0]: 'example.org/ns' is not a trust domain name (a-z 0-9 . - _ only, with no scheme, port or path)",
+        ),
+        (
+            'trust_domains = ["example.org"]',
+            'trust_domains = ["example.org", "spiffe://example.org"]',
+            "identity.trust_domains[1]: 'spiffe://example.org' is not a trust domain name (a-z 0-9 . - _ only, with no scheme, port or path)",
+        ),
+        (
+            'trust_domains = ["example.org"]',
+            'trust_domains = ["example.org:8443"]',
+            "identity.trust_domains[0]: 'example.org:8443' is not a trust domain name (a-z 0-9 . - _ only, with no scheme, port or path)",
+        ),
+        (
+            'trust_domains = ["example.org"]',
+            'trust_domains = ["example.org\\n"]',
+            "identity.trust_domains[0]: 'example.org\\n' is not a trust domain name (a-z 0-9 . - _ only, with no scheme, port or path)",
         ),
         (
             f'account_sid = "{ACCOUNT_SID}"',
@@ -245,13 +300,15 @@ class TestFilesAndEnvironment:
         text = replaced(pki, str(pki.directory / "ca.pem"), str(tmp_path / "junk.pem"))
         expect_error(write_config(text), "tls.client_ca_file: is not a PEM certificate")
 
-    def test_dns_caller_must_be_dns_name(self, pki: Pki, write_config: WriteConfig) -> None:
-        """In dns_san mode, caller ids are DNS names."""
-        text = config_text(pki, identity='[identity]\nsource = "dns_san"\n')
+    @pytest.mark.parametrize(
+        "caller", ["spiffe://example.org/ns/web/sa/bff", "Billing.internal.example.com", "billing.example.com."]
+    )
+    def test_dns_caller_must_be_dns_name(self, pki: Pki, write_config: WriteConfig, caller: str) -> None:
+        """In dns_san mode, caller ids are lower-case DNS names."""
+        policy = f'[[callers]]\nid = "{caller}"\nsync_services = ["{SERVICE_A}"]\n'
+        text = config_text(pki, identity='[identity]\nsource = "dns_san"\n', policy=policy)
         expect_error(
-            write_config(text),
-            "callers[0].id: 'spiffe://example.org/ns/web/sa/bff' is not a lower-case DNS name "
-            "(identity.source is dns_san)",
+            write_config(text), f"callers[0].id: {caller!r} is not a lower-case DNS name (identity.source is dns_san)"
         )
 
     def test_no_callers_is_allowed(self, pki: Pki, write_config: WriteConfig) -> None:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from synctoken_server.durations import MAX_TTL_SECONDS, MIN_TTL_SECONDS, format_duration, parse_duration
-from synctoken_server.identity import IdentitySource, SpiffeId, is_dns_name
+from synctoken_server.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
 from synctoken_server.minting import TwilioCredentials
 from synctoken_server.policy import RESERVED_IDENTITY_CHARACTERS, CallerRule, Policy, is_service_sid
 
@@ -293,9 +293,9 @@ def _identity(r: _Reader, data: Mapping[str, Any]) -> tuple[IdentitySource, froz
         raise r.fail("identity.trust_domains", "must list at least one trust domain")
     for i, domain in enumerate(domains):
         try:
-            SpiffeId.parse(f"spiffe://{domain}")
-        except ValueError:
-            raise r.fail(f"identity.trust_domains[{i}]", f"{domain!r} is not a trust domain name") from None
+            parse_trust_domain(domain)
+        except ValueError as exc:
+            raise r.fail(f"identity.trust_domains[{i}]", str(exc)) from None
     return source, frozenset(domains)
 
 
@@ -408,11 +408,17 @@ def _check_caller_id(r: _Reader, key: str, caller: str, source: IdentitySource, 
         return
     text = caller.removesuffix("/*")
     try:
-        spiffe_id = SpiffeId.parse(text)
+        spiffe_id = parse_spiffe_id(text)
     except ValueError as exc:
         raise r.fail(key, f"{exc}; a prefix ends in /*") from None
-    if spiffe_id.trust_domain not in trust_domains:
-        raise r.fail(key, f"trust domain {spiffe_id.trust_domain} is not in identity.trust_domains")
+    # A certificate naming a bare trust domain is refused (it is no workload),
+    # so such an id would match nobody; spiffe://td/* is every workload in td.
+    if not spiffe_id.path and text == caller:
+        raise r.fail(
+            key, f"{caller!r} is a trust domain, not a workload: add a path, or write {caller}/* for all its workloads"
+        )
+    if spiffe_id.trust_domain.name not in trust_domains:
+        raise r.fail(key, f"trust domain {spiffe_id.trust_domain.name} is not in identity.trust_domains")
 
 
 def _identity_pattern(r: _Reader, data: Mapping[str, Any], key: str) -> re.Pattern[str] | None:

@@ -42,10 +42,14 @@ class SynctokenError(Exception):
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
     reason: ClassVar[int] = token_service_pb2.ERROR_REASON_INTERNAL
 
-    def __init__(self, message: str, metadata: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, metadata: Mapping[str, str] | None = None, audit: Mapping[str, object] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.metadata: dict[str, str] = dict(metadata or {})
+        # For the audit record only: never sent to the caller.
+        self.audit: dict[str, object] = dict(audit or {})
 
     @property
     def reason_name(self) -> str:
@@ -91,13 +95,30 @@ class MalformedRequest(SynctokenError):
 
 
 class CallerUnauthenticated(SynctokenError):
-    """The TLS peer's certificate carries no caller id the server accepts."""
+    r"""The TLS peer's certificate carries no caller id the server accepts.
+
+    `why` is one of the identity module's fixed phrases, never certificate
+    bytes. The SANs the certificate offered go to the audit record only, as
+    received but escaped, so that a NUL or a newline shows as \x00 or \n
+    instead of cutting or splitting the record.
+    """
 
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = token_service_pb2.ERROR_REASON_CALLER_UNAUTHENTICATED
 
-    def __init__(self, why: str) -> None:
-        super().__init__(f"client certificate has no acceptable caller id: {why}")
+    def __init__(self, why: str, presented_sans: Sequence[str] = ()) -> None:
+        escaped = [escape(san) for san in presented_sans]
+        audit: dict[str, object] = {}
+        if len(escaped) == 1:
+            audit["presented_san"] = escaped[0]
+        elif escaped:
+            audit["presented_sans"] = escaped
+        super().__init__(f"client certificate has no acceptable caller id: {why}", audit=audit)
+
+
+def escape(text: str) -> str:
+    """`text` in printable ASCII, every other character (and the backslash) as a Python escape."""
+    return text.encode("unicode_escape").decode("ascii")
 
 
 class CallerNotAllowed(SynctokenError):

@@ -1,17 +1,44 @@
-"""Who the caller is, read from its verified TLS client certificate and nothing else."""
+"""Who the caller is, read from its verified TLS client certificate and nothing else.
+
+gRPC's own `peer_spiffe_id` and `peer_dns` properties are C strings, cut short
+at a NUL byte inside a SAN, so the id is read from the certificate itself
+(`x509_pem_cert`) with cryptography, and must be written exactly as the SPIFFE
+ID grammar (or DNS) allows: neither `spiffe://td/admin` followed by a NUL and
+more, nor `spiffe://TD/admin`, is `spiffe://td/admin`.
+"""
 
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from spiffe import SpiffeId, TrustDomain
+from spiffe.errors import PySpiffeError
+
+from synctoken_server import svid
 from synctoken_server.errors import CallerUnauthenticated
 
-_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
-_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+SPIFFE_ID_FORM = (
+    "spiffe://<trust domain>/<path>, the trust domain in a-z 0-9 . - _, "
+    "path segments in A-Z a-z 0-9 . - _ and none empty, '.' or '..'"
+)
+TRUST_DOMAIN_FORM = "a-z 0-9 . - _ only, with no scheme, port or path"
+
+NO_CERTIFICATE = "gRPC passed on no client certificate"
+NOT_ONE_URI_SAN = "it must have exactly one URI SAN, a SPIFFE ID"
+NOT_A_SPIFFE_ID = "its URI SAN is not a SPIFFE ID"
+NO_WORKLOAD_PATH = "its SPIFFE ID names a trust domain, not a workload (it has no path)"
+NOT_ONE_DNS_SAN = "it must have exactly one DNS SAN"
+NOT_A_DNS_NAME = "its DNS SAN is not a lower-case host name"
+
 _DNS_NAME = re.compile(r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+# Distinct client certificates are few and each connection reuses one, so
+# each is parsed once; the bound keeps a stream of new ones from growing it.
+CERTIFICATE_CACHE_SIZE = 1024
 
 
 class IdentitySource(enum.Enum):
@@ -21,41 +48,97 @@ class IdentitySource(enum.Enum):
     DNS_SAN = "dns_san"
 
 
-@dataclass(frozen=True)
-class SpiffeId:
-    """A parsed SPIFFE ID, spiffe://<trust domain>/<path>, per the SPIFFE ID standard."""
+def parse_spiffe_id(text: str) -> SpiffeId:
+    """The SPIFFE ID `text` is, if it is one written canonically; else ValueError.
 
-    trust_domain: str
-    path: str
+    The trust domain ID (no path) passes: callers of this decide whether they
+    need a workload.
+    """
+    try:
+        spiffe_id = SpiffeId(text)
+    except PySpiffeError:
+        raise ValueError(f"{text!r} is not a SPIFFE ID ({SPIFFE_ID_FORM})") from None
+    # The spiffe package lower-cases the scheme and trust domain it reads, and
+    # its character checks end in `$`, which also matches before a final
+    # newline: only an id that prints back exactly, newline-free, is valid.
+    if str(spiffe_id) != text or "\n" in text:
+        raise ValueError(f"{text!r} is not a SPIFFE ID ({SPIFFE_ID_FORM})")
+    return spiffe_id
 
-    @classmethod
-    def parse(cls, text: str) -> SpiffeId:
-        """Parse and validate; raise ValueError saying what is wrong."""
-        scheme, sep, rest = text.partition("://")
-        if scheme != "spiffe" or not sep:
-            msg = f"{text!r} is not a SPIFFE ID: it must start with spiffe://"
-            raise ValueError(msg)
-        trust_domain, slash, path = rest.partition("/")
-        if not _TRUST_DOMAIN.fullmatch(trust_domain):
-            msg = f"{text!r} is not a SPIFFE ID: trust domain must be lower-case letters, digits, '.', '-' or '_'"
-            raise ValueError(msg)
-        if slash:
-            for segment in path.split("/"):
-                if segment in ("", ".", "..") or not _PATH_SEGMENT.fullmatch(segment):
-                    msg = (
-                        f"{text!r} is not a SPIFFE ID: path segment {segment!r} is empty, '.', '..' "
-                        "or has a character outside A-Z a-z 0-9 . - _"
-                    )
-                    raise ValueError(msg)
-        return cls(trust_domain=trust_domain, path=f"/{path}" if slash else "")
 
-    def __str__(self) -> str:
-        return f"spiffe://{self.trust_domain}{self.path}"
+def parse_trust_domain(text: str) -> TrustDomain:
+    """The trust domain named by `text`, if it is a bare lower-case trust domain name; else ValueError."""
+    try:
+        trust_domain = TrustDomain(text)
+    except PySpiffeError:
+        raise ValueError(f"{text!r} is not a trust domain name ({TRUST_DOMAIN_FORM})") from None
+    # TrustDomain also takes "TD" (as td) and a whole SPIFFE ID (as its trust
+    # domain); neither is what a config entry should say.
+    if trust_domain.name != text or "\n" in text:
+        raise ValueError(f"{text!r} is not a trust domain name ({TRUST_DOMAIN_FORM})")
+    return trust_domain
 
 
 def is_dns_name(text: str) -> bool:
     """True for a lower-case DNS host name such as billing.internal.example.com."""
     return _DNS_NAME.fullmatch(text) is not None
+
+
+@dataclass(frozen=True)
+class NamedCaller:
+    """A client certificate that names a caller: its id, and its trust domain in spiffe mode ("" otherwise)."""
+
+    caller_id: str
+    trust_domain: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A client certificate that names no caller: why not, and the SANs it offered, as received."""
+
+    why: str
+    presented_sans: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=CERTIFICATE_CACHE_SIZE)
+def read_caller(source: IdentitySource, leaf_pem: bytes, chain_pem: bytes) -> NamedCaller | Refusal:
+    """Who a verified client certificate names, by the X509-SVID rules and `source`'s grammar.
+
+    `chain_pem` is the rest of the chain the client presented (may be empty).
+    Pure, so it is cached; the outcome is returned, never raised, so that no
+    exception object (and its traceback) is kept alive by the cache.
+    """
+    try:
+        presented = svid.read_presented(leaf_pem, chain_pem)
+    except ValueError:
+        return Refusal(svid.NOT_DECODABLE, ())
+    sans = presented.uris if source is IdentitySource.SPIFFE else presented.dns_names
+    if presented.defect is not None:
+        return Refusal(presented.defect, sans)
+    return _spiffe_caller(sans) if source is IdentitySource.SPIFFE else _dns_caller(sans)
+
+
+def _spiffe_caller(uris: tuple[str, ...]) -> NamedCaller | Refusal:
+    # A certificate naming two workloads is refused rather than guessed at;
+    # DNS SANs beside the one URI SAN are fine (sidecars often add them).
+    if len(uris) != 1:
+        return Refusal(NOT_ONE_URI_SAN, uris)
+    try:
+        spiffe_id = parse_spiffe_id(uris[0])
+    except ValueError:
+        return Refusal(NOT_A_SPIFFE_ID, uris)
+    if not spiffe_id.path:
+        return Refusal(NO_WORKLOAD_PATH, uris)
+    return NamedCaller(uris[0], spiffe_id.trust_domain.name)
+
+
+def _dns_caller(dns_names: tuple[str, ...]) -> NamedCaller | Refusal:
+    # URI SANs are not looked at: many ordinary certificates carry them.
+    if len(dns_names) != 1:
+        return Refusal(NOT_ONE_DNS_SAN, dns_names)
+    if not is_dns_name(dns_names[0]):
+        return Refusal(NOT_A_DNS_NAME, dns_names)
+    return NamedCaller(dns_names[0], "")
 
 
 @dataclass(frozen=True)
@@ -68,33 +151,18 @@ class CallerIdentityRules:
     def caller_id(self, auth_context: Mapping[str, Sequence[bytes]]) -> str:
         """The caller id of a TLS peer; raise CallerUnauthenticated if it has none we accept.
 
-        `auth_context` is grpc's view of the verified peer certificate. gRPC
-        sets "peer_spiffe_id" only when the certificate has exactly one URI
-        SAN and it is a SPIFFE ID, so a certificate naming two workloads is
-        refused rather than guessed at.
+        `auth_context` is gRPC's view of the verified peer: `x509_pem_cert` is
+        its leaf, and `x509_pem_cert_chain` (absent when the client sent only
+        its leaf) the rest of the chain it presented.
         """
-        if self.source is IdentitySource.SPIFFE:
-            return self._spiffe_caller(auth_context)
-        return self._dns_caller(auth_context)
-
-    def _spiffe_caller(self, auth_context: Mapping[str, Sequence[bytes]]) -> str:
-        values = auth_context.get("peer_spiffe_id", ())
-        if len(values) != 1:
-            raise CallerUnauthenticated("it must have exactly one URI SAN, a SPIFFE ID")
-        try:
-            spiffe_id = SpiffeId.parse(values[0].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CallerUnauthenticated("its SPIFFE ID is malformed") from exc
-        if spiffe_id.trust_domain not in self.trust_domains:
-            raise CallerUnauthenticated(f"trust domain {spiffe_id.trust_domain} is not trusted")
-        return str(spiffe_id)
-
-    @staticmethod
-    def _dns_caller(auth_context: Mapping[str, Sequence[bytes]]) -> str:
-        values = auth_context.get("peer_dns", ())
-        if len(values) != 1:
-            raise CallerUnauthenticated("it must have exactly one DNS SAN")
-        name = values[0].decode("ascii", errors="replace")
-        if not is_dns_name(name):
-            raise CallerUnauthenticated("its DNS SAN is not a lower-case host name")
-        return name
+        leaf = auth_context.get("x509_pem_cert", ())
+        if len(leaf) != 1:
+            raise CallerUnauthenticated(NO_CERTIFICATE)
+        chain = b"".join(auth_context.get("x509_pem_cert_chain", ()))
+        reading = read_caller(self.source, leaf[0], chain)
+        if isinstance(reading, Refusal):
+            raise CallerUnauthenticated(reading.why, reading.presented_sans)
+        if self.source is IdentitySource.SPIFFE and reading.trust_domain not in self.trust_domains:
+            # Safe to name: it passed the trust domain grammar.
+            raise CallerUnauthenticated(f"trust domain {reading.trust_domain} is not trusted", (reading.caller_id,))
+        return reading.caller_id

@@ -14,14 +14,14 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 _ONE_DAY = dt.timedelta(days=1)
 
 
 @dataclass(frozen=True)
 class KeyPair:
-    """A certificate and its private key, both PEM-encoded."""
+    """A certificate (then the chain above it, up to but not including the CA) and its private key, as PEM."""
 
     cert_pem: bytes
     key_pem: bytes = field(repr=False)
@@ -45,12 +45,19 @@ class LeafSpec:
     server: bool = False
     not_before: dt.datetime | None = None
     not_after: dt.datetime | None = None
+    # What makes a certificate a CA's: each flag alone is a defect in a leaf.
+    ca: bool = False
+    key_cert_sign: bool = False
+    crl_sign: bool = False
+    # The subjectAltName extension's DER, verbatim, in place of the names
+    # above: for SAN bytes that cryptography's str-typed names cannot carry.
+    san_der: bytes | None = None
 
 
 class CertificateAuthority:
     """A self-signed CA that issues leaf certificates."""
 
-    def __init__(self, common_name: str, *, days: int = 30) -> None:
+    def __init__(self, common_name: str, *, days: int = 30, path_length: int | None = 0) -> None:
         self._key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -63,21 +70,8 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _ONE_DAY)
             .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+            .add_extension(_key_usage(digital_signature=False, key_cert_sign=True, crl_sign=True), critical=True)
             .sign(self._key, hashes.SHA256())
         )
 
@@ -86,8 +80,20 @@ class CertificateAuthority:
         """The CA certificate, to be trusted by peers."""
         return self._cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, spec: LeafSpec) -> KeyPair:
-        """Sign a new leaf certificate described by `spec`."""
+    def issue(self, spec: LeafSpec, *, issuer: KeyPair | None = None) -> KeyPair:
+        """Sign a new leaf certificate described by `spec`.
+
+        With `issuer`, that certificate's key signs instead of the CA's, and the
+        new certificate's PEM is followed by the issuer's chain, as a client
+        presents it: to make chains through a workload or an intermediate.
+        """
+        signer_name, signer_key, chain_pem = self._name, self._key, b""
+        if issuer is not None:
+            signer_name = x509.load_pem_x509_certificates(issuer.cert_pem)[0].subject
+            loaded = serialization.load_pem_private_key(issuer.key_pem, password=None)
+            if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+                raise TypeError("issue() makes EC keys only")
+            signer_key, chain_pem = loaded, issuer.cert_pem
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in spec.dns_names]
@@ -97,22 +103,42 @@ class CertificateAuthority:
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec.common_name)]))
-            .issuer_name(self._name)
+            .issuer_name(signer_name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(spec.not_before or now - dt.timedelta(minutes=5))
             .not_valid_after(spec.not_after or now + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.BasicConstraints(ca=spec.ca, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
-        if sans:
+        if spec.key_cert_sign or spec.crl_sign:
+            usages = _key_usage(digital_signature=True, key_cert_sign=spec.key_cert_sign, crl_sign=spec.crl_sign)
+            builder = builder.add_extension(usages, critical=True)
+        if spec.san_der is not None:
+            raw = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, spec.san_der)
+            builder = builder.add_extension(raw, critical=False)
+        elif sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(self._key, hashes.SHA256())
+        cert = builder.sign(signer_key, hashes.SHA256())
         return KeyPair(
-            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM) + chain_pem,
             key_pem=key.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             ),
         )
+
+
+def _key_usage(*, digital_signature: bool, key_cert_sign: bool, crl_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )

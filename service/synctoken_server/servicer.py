@@ -127,6 +127,7 @@ class TokenServicer:
                 code=error.code.name,
                 reason=error.reason_name,
                 message=error.message,
+                **error.audit,
                 duration_ms=audit.ms_since(started),
             )
         await context.abort_with_status(to_status(error))
