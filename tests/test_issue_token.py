@@ -18,11 +18,15 @@ from support import (
     API_SECRET,
     BFF_ID,
     CHAT_WORKER_ID,
+    POLICY_TOML,
     SERVICE_A,
     SERVICE_B,
     SERVICE_C,
     STRANGER_ID,
     Client,
+    Pki,
+    ServerHarness,
+    config_text,
     rpc_error,
 )
 from synctoken.v1 import token_service_pb2 as pb
@@ -276,6 +280,24 @@ class TestPermissionDenied:
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
         assert info.reason == "IDENTITY_NOT_ALLOWED"
         assert dict(info.metadata) == {"callerId": CHAT_WORKER_ID}
+
+
+class TestIdentityPatternTime:
+    """An identity pattern cannot stall the server: RE2 runs in time linear in the identity."""
+
+    def test_backtracking_pattern_answers_within_deadline(self, harness: ServerHarness, pki: Pki) -> None:
+        """A pattern Python's re spent 36 s on for one 29-character identity is decided inside a 2 s deadline."""
+        pattern = r"identity_pattern = '([a-z0-9]+\.?)+@corp\.example'" + '\nallowed_identity_characters = "@"'
+        server = harness.start(
+            config_text(pki, policy=POLICY_TOML.replace('identity_pattern = "user-[0-9]+"', pattern))
+        )
+        client = harness.client(server, "chat_worker")
+        # A hang shows as DEADLINE_EXCEEDED here, with no ErrorInfo: the test fails, it does not wait.
+        error, info, _ = rpc_error(lambda: client.stub.IssueToken(request("a" * 28 + "-", SERVICE_B), timeout=2))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert info.reason == "IDENTITY_NOT_ALLOWED"
+        allowed = client.issue(request("first.last@corp.example", SERVICE_B, validate_only=True))
+        assert allowed.identity == "first.last@corp.example"
 
 
 class TestGetCallerIdentity:

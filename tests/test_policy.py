@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from google.protobuf import duration_pb2
 
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.errors import CallerNotAllowed, IdentityNotAllowed, InvalidRequest, ServiceNotAllowed
+from synctoken_server.patterns import IdentityPattern
 from synctoken_server.policy import CallerRule, Grant, Policy, decide
 
 SVC_1 = "IS" + "1" * 32
@@ -33,8 +32,9 @@ POLICY = Policy(
     [
         rule("spiffe://t/team/*", sync_services=(SVC_2,), default_sync_service=SVC_2),
         rule("spiffe://t/team/svc/*", sync_services=(SVC_1, SVC_2)),
-        rule("spiffe://t/team/svc/exact", identity_pattern=re.compile("u[0-9]+")),
+        rule("spiffe://t/team/svc/exact", identity_pattern=IdentityPattern.compile("u[0-9]+")),
         rule("spiffe://t/mail", allowed_identity_characters=frozenset("@.")),
+        rule("spiffe://t/names", identity_pattern=IdentityPattern.compile(r"(?i)[a-z]+(-\d+)?")),
     ]
 )
 
@@ -109,6 +109,24 @@ class TestDecide:
         else:
             with pytest.raises(IdentityNotAllowed):
                 decide(POLICY, "spiffe://t/team/svc/exact", ask(identity))
+
+    @pytest.mark.parametrize(
+        ("identity", "allowed"),
+        [
+            ("Sam", True),
+            ("sam-12", True),
+            ("\u017fam", False),  # LONG S: RE2 alone would fold it onto s
+            ("sam-\u0661\u0662", False),  # Arabic-Indic digits are no \d
+            ("s\u00e4m", False),
+        ],
+    )
+    def test_identity_pattern_has_ascii_semantics(self, identity: str, allowed: bool) -> None:
+        """\\d is 0-9 and (?i) folds ASCII letters only, as with Python's re.ASCII."""
+        if allowed:
+            assert decide(POLICY, "spiffe://t/names", ask(identity)).identity == identity
+        else:
+            with pytest.raises(IdentityNotAllowed):
+                decide(POLICY, "spiffe://t/names", ask(identity))
 
     @pytest.mark.parametrize("char", list("!*'();:@&=+$,/?%#[]"))
     def test_every_reserved_character_refused(self, char: str) -> None:

@@ -19,6 +19,7 @@ from synctoken_server.errors import (
     InvalidRequest,
     ServiceNotAllowed,
 )
+from synctoken_server.patterns import IdentityPattern
 
 RESERVED_IDENTITY_CHARACTERS = "!*'();:@&=+$,/?%#[]"
 """Twilio advises identities avoid these URI-reserved characters."""
@@ -46,7 +47,7 @@ class CallerRule:
     caller: str
     sync_services: tuple[str, ...]
     default_sync_service: str | None
-    identity_pattern: re.Pattern[str] | None
+    identity_pattern: IdentityPattern | None
     allowed_identity_characters: frozenset[str]
     default_ttl: int
     max_ttl: int
@@ -122,7 +123,7 @@ def decide(policy: Policy, caller_id: str, request: token_service_pb2.IssueToken
         raise InvalidRequest(violations)
     if service_sid not in rule.sync_services:
         raise ServiceNotAllowed(caller_id, service_sid)
-    if rule.identity_pattern is not None and rule.identity_pattern.fullmatch(request.identity) is None:
+    if rule.identity_pattern is not None and not rule.identity_pattern.matches(request.identity):
         raise IdentityNotAllowed(caller_id)
     return Grant(
         identity=request.identity,
