@@ -166,8 +166,22 @@ class TestInvalidArgument:
         [
             (request(""), "identity", "must not be empty"),
             (request("a" * 257), "identity", "is 257 characters; the limit is 256"),
-            (request("al\nice"), "identity", "must not contain control or format characters (found U+000A)"),
-            (request("al\u202eice"), "identity", "must not contain control or format characters (found U+202E)"),
+            (request("al\nice"), "identity", "must not contain U+000A (a control character)"),
+            (request("al\u202eice"), "identity", "must not contain U+202E RIGHT-TO-LEFT OVERRIDE (a format character)"),
+            (request("al\u00a0ice"), "identity", "must not contain U+00A0 NO-BREAK SPACE (a space other than U+0020)"),
+            (request("\u3164"), "identity", "must not contain U+3164 HANGUL FILLER (an invisible character)"),
+            (request("alice\U000f0000"), "identity", "must not contain U+F0000 (a private-use character)"),
+            (request("alice "), "identity", "must not begin or end with a space"),
+            (
+                request("jose\u0301"),
+                "identity",
+                "must be in Unicode normalization form NFC; U+0301 COMBINING ACUTE ACCENT is not",
+            ),
+            (
+                pb.IssueTokenRequest(identity="a", sync=pb.SyncGrant(endpoint_id="dev\u2800")),
+                "sync.endpoint_id",
+                "must not contain U+2800 BRAILLE PATTERN BLANK (renders as blank space)",
+            ),
             (
                 request("a/b?c"),
                 "identity",
