@@ -267,6 +267,23 @@ class TestCheckConfig:
             "make it readable by its owner only (chmod 600)\n"
         )
 
+    def test_bad_pattern_is_one_message(self, pki: Pki, tmp_path: Path) -> None:
+        """A pattern RE2 refuses exits 2 with the loader's one line: RE2 logs nothing of its own on stderr."""
+        path = tmp_path / "synctoken.toml"
+        path.write_text(config_text(pki).replace("user-[0-9]+", "user-[0-9"), encoding="utf-8")
+        result = subprocess.run(
+            [SYNCTOKEN, "check-config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=os.environ | SECRET_ENV,
+        )
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"synctoken: config error: {path}: callers[1].identity_pattern: not a valid RE2 pattern: missing ]: [0-9\n"
+        )
+
     def test_reports_errors(self, tmp_path: Path) -> None:
         """A bad file exits 2 with the loader's message."""
         path = tmp_path / "synctoken.toml"

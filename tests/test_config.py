@@ -49,6 +49,18 @@ class TestValid:
         assert config.credentials.api_secret == API_SECRET
         chat = next(r for r in config.policy if r.caller.endswith("/*"))
         assert (chat.default_ttl, chat.max_ttl) == (600, 1800)
+        assert chat.identity_pattern is not None
+        assert chat.identity_pattern.pattern == "user-[0-9]+"
+        assert chat.identity_pattern.matches("user-42")
+        assert not chat.identity_pattern.matches("user-\u0664\u0662")  # Arabic-Indic digits are no [0-9]
+
+    def test_re2_only_syntax(self, pki: Pki, write_config: WriteConfig) -> None:
+        """Patterns use RE2's syntax, so \\pL and \\x{...} work, and (?i) folds ASCII letters only."""
+        text = replaced(pki, PATTERN, r"identity_pattern = '(?i)\pL+-\x{41}'")
+        chat = next(r for r in load_config(write_config(text), environ=SECRET_ENV).policy if r.caller.endswith("/*"))
+        assert chat.identity_pattern is not None
+        assert chat.identity_pattern.matches("\u00e9t\u00e9-a")
+        assert not chat.identity_pattern.matches("user-\u212a")  # KELVIN SIGN, which RE2 would fold onto k
 
     def test_twilio_from_environment(self, pki: Pki, write_config: WriteConfig) -> None:
         """Without account_sid and api_key in the file, Twilio's guide's variable names are read."""
@@ -88,6 +100,7 @@ def replaced(pki: Pki, old: str, new: str) -> str:
 
 CALLER_2 = 'max_ttl = "24h"'  # only callers[2] sets this
 ADMIN_ID = 'id = "spiffe://example.org/ns/chat/sa/admin"'  # callers[2].id
+PATTERN = 'identity_pattern = "user-[0-9]+"'  # only callers[1] has one
 
 
 @pytest.mark.parametrize(
@@ -134,9 +147,54 @@ ADMIN_ID = 'id = "spiffe://example.org/ns/chat/sa/admin"'  # callers[2].id
             f"callers[0].default_sync_service: IS{'f' * 32} is not in callers[0].sync_services",
         ),
         (
-            'identity_pattern = "user-[0-9]+"',
-            'identity_pattern = "user-[0-9"',
-            "callers[1].identity_pattern: not a valid regular expression: unterminated character set at position 5",
+            PATTERN,
+            "identity_pattern = 'user-[0-9'",
+            "callers[1].identity_pattern: not a valid RE2 pattern: missing ]: [0-9",
+        ),
+        (
+            PATTERN,
+            r"identity_pattern = '(user)-\1'",
+            r"callers[1].identity_pattern: not a valid RE2 pattern: invalid escape sequence: \1 (RE2 has no backreferences)",
+        ),
+        (
+            PATTERN,
+            "identity_pattern = '(?P<u>user)-(?P=u)'",
+            "callers[1].identity_pattern: not a valid RE2 pattern: invalid perl operator: (?P (RE2 has no backreferences)",
+        ),
+        (
+            PATTERN,
+            "identity_pattern = 'user-(?=[0-9])[0-9]+'",
+            "callers[1].identity_pattern: not a valid RE2 pattern: invalid perl operator: (?= (RE2 has no lookahead or lookbehind)",
+        ),
+        (
+            PATTERN,
+            "identity_pattern = '(?<!admin)-[0-9]+'",
+            "callers[1].identity_pattern: not a valid RE2 pattern: invalid perl operator: (?<! (RE2 has no lookahead or lookbehind)",
+        ),
+        (
+            PATTERN,
+            "identity_pattern = 'user-[0-9]{1001}'",
+            "callers[1].identity_pattern: not a valid RE2 pattern: invalid repetition size: {1001} (RE2 repeats at most 1000 times)",
+        ),
+        (
+            PATTERN,
+            r"identity_pattern = 'user-\pL{1000}'",
+            "callers[1].identity_pattern: not a valid RE2 pattern: pattern too large - compile failed (it needs more than RE2's 8 MiB memory budget)",
+        ),
+        (
+            PATTERN,
+            r"identity_pattern = 'user-[0-9]+\Z'",
+            r"callers[1].identity_pattern: not a valid RE2 pattern: invalid escape sequence: \Z (identities are matched whole, so no end anchor is needed)",
+        ),
+        (
+            PATTERN,
+            r"identity_pattern = 'user-\C+'",
+            r"callers[1].identity_pattern: \C (any byte) can match half of a character; use . instead",
+        ),
+        (
+            PATTERN,
+            "identity_pattern = 'user-[0-9]{,3}'",
+            "callers[1].identity_pattern: {,3} is literal text in RE2, not a repetition; write {0,3}",
         ),
         (
             'allowed_identity_characters = "@"',

@@ -18,11 +18,15 @@ from support import (
     API_SECRET,
     BFF_ID,
     CHAT_WORKER_ID,
+    POLICY_TOML,
     SERVICE_A,
     SERVICE_B,
     SERVICE_C,
     STRANGER_ID,
     Client,
+    Pki,
+    ServerHarness,
+    config_text,
     rpc_error,
 )
 from synctoken.v1 import token_service_pb2 as pb
@@ -162,8 +166,22 @@ class TestInvalidArgument:
         [
             (request(""), "identity", "must not be empty"),
             (request("a" * 257), "identity", "is 257 characters; the limit is 256"),
-            (request("al\nice"), "identity", "must not contain control or format characters (found U+000A)"),
-            (request("al\u202eice"), "identity", "must not contain control or format characters (found U+202E)"),
+            (request("al\nice"), "identity", "must not contain U+000A (a control character)"),
+            (request("al\u202eice"), "identity", "must not contain U+202E RIGHT-TO-LEFT OVERRIDE (a format character)"),
+            (request("al\u00a0ice"), "identity", "must not contain U+00A0 NO-BREAK SPACE (a space other than U+0020)"),
+            (request("\u3164"), "identity", "must not contain U+3164 HANGUL FILLER (an invisible character)"),
+            (request("alice\U000f0000"), "identity", "must not contain U+F0000 (a private-use character)"),
+            (request("alice "), "identity", "must not begin or end with a space"),
+            (
+                request("jose\u0301"),
+                "identity",
+                "must be in Unicode normalization form NFC; U+0301 COMBINING ACUTE ACCENT is not",
+            ),
+            (
+                pb.IssueTokenRequest(identity="a", sync=pb.SyncGrant(endpoint_id="dev\u2800")),
+                "sync.endpoint_id",
+                "must not contain U+2800 BRAILLE PATTERN BLANK (renders as blank space)",
+            ),
             (
                 request("a/b?c"),
                 "identity",
@@ -276,6 +294,24 @@ class TestPermissionDenied:
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
         assert info.reason == "IDENTITY_NOT_ALLOWED"
         assert dict(info.metadata) == {"callerId": CHAT_WORKER_ID}
+
+
+class TestIdentityPatternTime:
+    """An identity pattern cannot stall the server: RE2 runs in time linear in the identity."""
+
+    def test_backtracking_pattern_answers_within_deadline(self, harness: ServerHarness, pki: Pki) -> None:
+        """A pattern Python's re spent 36 s on for one 29-character identity is decided inside a 2 s deadline."""
+        pattern = r"identity_pattern = '([a-z0-9]+\.?)+@corp\.example'" + '\nallowed_identity_characters = "@"'
+        server = harness.start(
+            config_text(pki, policy=POLICY_TOML.replace('identity_pattern = "user-[0-9]+"', pattern))
+        )
+        client = harness.client(server, "chat_worker")
+        # A hang shows as DEADLINE_EXCEEDED here, with no ErrorInfo: the test fails, it does not wait.
+        error, info, _ = rpc_error(lambda: client.stub.IssueToken(request("a" * 28 + "-", SERVICE_B), timeout=2))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert info.reason == "IDENTITY_NOT_ALLOWED"
+        allowed = client.issue(request("first.last@corp.example", SERVICE_B, validate_only=True))
+        assert allowed.identity == "first.last@corp.example"
 
 
 class TestGetCallerIdentity:

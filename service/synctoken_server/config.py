@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from synctoken_server.durations import MAX_TTL_SECONDS, MIN_TTL_SECONDS, format_duration, parse_duration
 from synctoken_server.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
 from synctoken_server.minting import TwilioCredentials
+from synctoken_server.patterns import IdentityPattern, PatternError
 from synctoken_server.policy import RESERVED_IDENTITY_CHARACTERS, CallerRule, Policy, is_service_sid
 
 ENV_ACCOUNT_SID = "TWILIO_ACCOUNT_SID"
@@ -421,11 +422,11 @@ def _check_caller_id(r: _Reader, key: str, caller: str, source: IdentitySource, 
         raise r.fail(key, f"trust domain {spiffe_id.trust_domain.name} is not in identity.trust_domains")
 
 
-def _identity_pattern(r: _Reader, data: Mapping[str, Any], key: str) -> re.Pattern[str] | None:
+def _identity_pattern(r: _Reader, data: Mapping[str, Any], key: str) -> IdentityPattern | None:
     text = r.get(data, key, "identity_pattern", str, "")
     if not text:
         return None
     try:
-        return re.compile(text)
-    except re.error as exc:
-        raise r.fail(f"{key}.identity_pattern", f"not a valid regular expression: {exc}") from None
+        return IdentityPattern.compile(text)
+    except PatternError as exc:
+        raise r.fail(f"{key}.identity_pattern", str(exc)) from None

@@ -6,11 +6,11 @@ Nothing here does I/O or logs, so every rule can be tested with plain unit tests
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from synctoken.v1 import token_service_pb2
+from synctoken_server.characters import text_violations
 from synctoken_server.durations import MAX_TTL_SECONDS, MIN_TTL_SECONDS, format_duration
 from synctoken_server.errors import (
     CallerNotAllowed,
@@ -19,6 +19,7 @@ from synctoken_server.errors import (
     InvalidRequest,
     ServiceNotAllowed,
 )
+from synctoken_server.patterns import IdentityPattern
 
 RESERVED_IDENTITY_CHARACTERS = "!*'();:@&=+$,/?%#[]"
 """Twilio advises identities avoid these URI-reserved characters."""
@@ -29,9 +30,6 @@ MAX_ENDPOINT_ID_LENGTH = 256
 _SERVICE_SID = re.compile(r"IS[0-9a-f]{32}")
 _RESERVED = re.compile("[" + re.escape(RESERVED_IDENTITY_CHARACTERS) + "]")
 _REGION = re.compile(r"[a-z]{2}[0-9]{1,2}")
-# Control (Cc) and format (Cf) characters: invisible, and the bidi overrides
-# among them can make one identity look like another in a console.
-_CONTROL_CATEGORIES = frozenset({"Cc", "Cf"})
 
 
 def is_service_sid(text: str) -> bool:
@@ -46,7 +44,7 @@ class CallerRule:
     caller: str
     sync_services: tuple[str, ...]
     default_sync_service: str | None
-    identity_pattern: re.Pattern[str] | None
+    identity_pattern: IdentityPattern | None
     allowed_identity_characters: frozenset[str]
     default_ttl: int
     max_ttl: int
@@ -111,7 +109,8 @@ def decide(policy: Policy, caller_id: str, request: token_service_pb2.IssueToken
         violations.append(FieldViolation("sync.service_sid", "is required: this caller has no default Sync service"))
     elif not is_service_sid(service_sid):
         violations.append(FieldViolation("sync.service_sid", "must be IS followed by 32 lower-case hex digits"))
-    violations += _text_violations("sync.endpoint_id", request.sync.endpoint_id, MAX_ENDPOINT_ID_LENGTH)
+    # The endpoint id goes into the token beside the identity, so it obeys the same character rules.
+    violations += text_violations("sync.endpoint_id", request.sync.endpoint_id, MAX_ENDPOINT_ID_LENGTH)
     ttl = rule.default_ttl
     if request.HasField("ttl"):
         ttl = request.ttl.seconds
@@ -122,7 +121,7 @@ def decide(policy: Policy, caller_id: str, request: token_service_pb2.IssueToken
         raise InvalidRequest(violations)
     if service_sid not in rule.sync_services:
         raise ServiceNotAllowed(caller_id, service_sid)
-    if rule.identity_pattern is not None and rule.identity_pattern.fullmatch(request.identity) is None:
+    if rule.identity_pattern is not None and not rule.identity_pattern.matches(request.identity):
         raise IdentityNotAllowed(caller_id)
     return Grant(
         identity=request.identity,
@@ -137,7 +136,7 @@ def _identity_violations(identity: str, rule: CallerRule) -> Iterator[FieldViola
     if not identity:
         yield FieldViolation("identity", "must not be empty")
         return
-    yield from _text_violations("identity", identity, MAX_IDENTITY_LENGTH)
+    yield from text_violations("identity", identity, MAX_IDENTITY_LENGTH)
     if _RESERVED.search(identity) is None:  # the common case, at C speed
         return
     reserved = sorted({c for c in identity if c in RESERVED_IDENTITY_CHARACTERS} - rule.allowed_identity_characters)
@@ -147,18 +146,6 @@ def _identity_violations(identity: str, rule: CallerRule) -> Iterator[FieldViola
             f"must not contain the URI-reserved characters {''.join(reserved)!r} "
             "unless the caller's policy allows them",
         )
-
-
-def _text_violations(field: str, text: str, limit: int) -> Iterator[FieldViolation]:
-    if len(text) > limit:
-        yield FieldViolation(field, f"is {len(text)} characters; the limit is {limit}")
-    # isprintable() is False for every Cc and Cf character (and a few more),
-    # so only a non-printable text needs the slow, exact look.
-    if text.isprintable():
-        return
-    control = next((c for c in text if unicodedata.category(c) in _CONTROL_CATEGORIES), None)
-    if control is not None:
-        yield FieldViolation(field, f"must not contain control or format characters (found U+{ord(control):04X})")
 
 
 def _ttl_violations(seconds: int, nanos: int, rule: CallerRule) -> Iterator[FieldViolation]:
