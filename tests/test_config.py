@@ -23,7 +23,8 @@ from support import (
     Pki,
     config_text,
 )
-from synctoken_server.config import ConfigError, load_config
+from synctoken_server.config import load_config
+from synctoken_server.configfile import ConfigError
 from synctoken_server.identity import IdentitySource
 
 WriteConfig = Callable[[str], Path]

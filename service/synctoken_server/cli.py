@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from synctoken_server import __version__, devenv, logs, running
-from synctoken_server.config import ConfigError
+from synctoken_server.configfile import ConfigError
 from synctoken_server.durations import format_duration
 from synctoken_server.running import EXIT_CONFIG
 

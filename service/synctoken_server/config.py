@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from synctoken_server.durations import MAX_TTL_SECONDS, MIN_TTL_SECONDS, format_duration, parse_duration
+from synctoken_server.configfile import ConfigError, TomlReader
+from synctoken_server.durations import format_duration
 from synctoken_server.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
 from synctoken_server.minting import TwilioCredentials
 from synctoken_server.patterns import IdentityPattern, PatternError
@@ -40,15 +40,6 @@ _MIN_RSA_BITS = 2048
 # Ed25519 keys load but every handshake fails; Ed448, DSA, P-224 and
 # secp256k1 keys make the port fail to bind.
 _SERVER_CURVES = frozenset({"secp256r1", "secp384r1"})
-
-T = TypeVar("T")
-
-
-class ConfigError(Exception):
-    """The config file is unusable; the message names the file and the key."""
-
-    def __init__(self, source: str, key: str, problem: str) -> None:
-        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -89,94 +80,6 @@ class Config:
     """Things that work but should not be so (a private key readable by others); shown, never fatal."""
 
 
-class _Reader:
-    """Walks the parsed TOML, keeping the key path for messages."""
-
-    def __init__(self, source: str, base_dir: Path, environ: Mapping[str, str]) -> None:
-        self.source = source
-        self.base_dir = base_dir
-        self.environ = environ
-        self.warnings: list[str] = []
-
-    def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(self.source, key, problem)
-
-    def table(self, data: Mapping[str, Any], key: str, allowed: set[str], *, required: bool = True) -> dict[str, Any]:
-        value = data.get(key)
-        if value is None:
-            if required:
-                raise self.fail(key, "missing table")
-            return {}
-        if not isinstance(value, dict):
-            raise self.fail(key, "must be a table")
-        self.reject_unknown(value, key, allowed)
-        return value
-
-    def reject_unknown(self, value: Mapping[str, Any], key: str, allowed: set[str]) -> None:
-        for name in value:
-            if name not in allowed:
-                hint = f"; expected one of {', '.join(sorted(allowed))}" if allowed else ""
-                raise self.fail(f"{key}.{name}" if key else name, f"unknown key{hint}")
-
-    def get(self, data: Mapping[str, Any], key: str, name: str, kind: type[T], default: T | None = None) -> T:
-        value = data.get(name, default)
-        path = f"{key}.{name}" if key else name
-        if value is None:
-            raise self.fail(path, "missing")
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(path, f"must be a {_KIND_NAMES.get(kind, kind.__name__)}")
-        return value
-
-    def string_list(self, data: Mapping[str, Any], key: str, name: str) -> tuple[str, ...]:
-        values = self.get(data, key, name, list)
-        if not all(isinstance(v, str) for v in values):
-            raise self.fail(f"{key}.{name}", "must be a list of strings")
-        return tuple(values)
-
-    def path(self, value: str) -> Path:
-        path = Path(value)
-        return path if path.is_absolute() else self.base_dir / path
-
-    def read_file(self, key: str, value: str, *, private: bool = False, echo: bool = True) -> bytes:
-        """The file's bytes; `private` files get a warning when others may read them.
-
-        `echo=False` keeps the value out of messages: a secret pasted into the
-        wrong key must not be printed back.
-        """
-        named = f" {value}" if echo else " the file it names"
-        path = self.path(value)
-        try:
-            data = path.read_bytes()
-            mode = path.stat().st_mode
-        except OSError as exc:
-            raise self.fail(key, f"cannot read{named}: {exc.strerror}") from None
-        if private and mode & (stat.S_IRWXG | stat.S_IRWXO):
-            # A warning, not an error: Kubernetes secret volumes are 0644 unless told otherwise.
-            self.warnings.append(
-                f"{self.source}: {key}: {named.strip()} is readable by group or others "
-                f"(mode {stat.S_IMODE(mode):04o}); make it readable by its owner only (chmod 600)"
-            )
-        return data
-
-    def duration(self, data: Mapping[str, Any], key: str, name: str, default: str, low: int, high: int) -> int:
-        text = self.get(data, key, name, str, default)
-        try:
-            seconds = parse_duration(text)
-        except ValueError as exc:
-            raise self.fail(f"{key}.{name}", str(exc)) from None
-        if seconds < low:
-            raise self.fail(f"{key}.{name}", f"{text} is below the {format_duration(low)} minimum")
-        if seconds > high:
-            raise self.fail(f"{key}.{name}", f"{text} is above the {format_duration(high)} limit")
-        return seconds
-
-    def ttl(self, data: Mapping[str, Any], key: str, name: str, default: str) -> int:
-        return self.duration(data, key, name, default, MIN_TTL_SECONDS, MAX_TTL_SECONDS)
-
-
-_KIND_NAMES: Mapping[type, str] = {str: "string", int: "integer", list: "list", bool: "boolean", dict: "table"}
-
-
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read, validate and freeze the config file at `path`."""
     source = str(path)
@@ -186,11 +89,11 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(source, "", f"not valid TOML: {exc}") from None
-    reader = _Reader(source, path.parent, os.environ if environ is None else environ)
+    reader = TomlReader(source, path.parent, os.environ if environ is None else environ)
     return _parse(reader, data)
 
 
-def _parse(r: _Reader, data: dict[str, Any]) -> Config:
+def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
     r.reject_unknown(data, "", {"server", "tls", "identity", "twilio", "defaults", "callers"})
     listen, timeouts = _server(r, data)
     tls = _tls(r, data)
@@ -226,7 +129,7 @@ def _parse(r: _Reader, data: dict[str, Any]) -> Config:
     )
 
 
-def _server(r: _Reader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts]:
+def _server(r: TomlReader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts]:
     server = r.table(data, "server", {"listen", "drain_delay", "grace", "handshake_timeout", "idle_timeout"})
     listen = r.get(server, "server", "listen", str)
     match = _LISTEN.fullmatch(listen)
@@ -243,7 +146,7 @@ def _server(r: _Reader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts]:
     return listen, timeouts
 
 
-def _tls(r: _Reader, data: Mapping[str, Any]) -> TlsMaterial:
+def _tls(r: TomlReader, data: Mapping[str, Any]) -> TlsMaterial:
     tls = r.table(data, "tls", {"cert_file", "key_file", "client_ca_file"})
     cert_pem = r.read_file("tls.cert_file", r.get(tls, "tls", "cert_file", str))
     key_pem = r.read_file("tls.key_file", r.get(tls, "tls", "key_file", str), private=True)
@@ -277,7 +180,7 @@ def _unusable_server_key(key: object) -> str:
     return f"an {kind} key cannot be used" if kind[:1] in "AEIOU" else f"a {kind} key cannot be used"
 
 
-def _identity(r: _Reader, data: Mapping[str, Any]) -> tuple[IdentitySource, frozenset[str]]:
+def _identity(r: TomlReader, data: Mapping[str, Any]) -> tuple[IdentitySource, frozenset[str]]:
     identity = r.table(data, "identity", {"source", "trust_domains"})
     text = r.get(identity, "identity", "source", str, IdentitySource.SPIFFE.value)
     try:
@@ -300,7 +203,7 @@ def _identity(r: _Reader, data: Mapping[str, Any]) -> tuple[IdentitySource, froz
     return source, frozenset(domains)
 
 
-def _twilio(r: _Reader, data: Mapping[str, Any]) -> TwilioCredentials:
+def _twilio(r: TomlReader, data: Mapping[str, Any]) -> TwilioCredentials:
     twilio = r.table(data, "twilio", {"account_sid", "api_key", "api_secret_file", "api_secret_env"}, required=False)
     account_sid = _from_file_or_env(r, twilio, "account_sid", ENV_ACCOUNT_SID)
     if not _ACCOUNT_SID.fullmatch(account_sid):
@@ -311,7 +214,7 @@ def _twilio(r: _Reader, data: Mapping[str, Any]) -> TwilioCredentials:
     return TwilioCredentials(account_sid=account_sid, api_key_sid=api_key, api_secret=_secret(r, twilio))
 
 
-def _from_file_or_env(r: _Reader, twilio: Mapping[str, Any], name: str, env: str) -> str:
+def _from_file_or_env(r: TomlReader, twilio: Mapping[str, Any], name: str, env: str) -> str:
     if name in twilio:
         return r.get(twilio, "twilio", name, str)
     value = r.environ.get(env, "")
@@ -320,7 +223,7 @@ def _from_file_or_env(r: _Reader, twilio: Mapping[str, Any], name: str, env: str
     return value
 
 
-def _secret(r: _Reader, twilio: Mapping[str, Any]) -> str:
+def _secret(r: TomlReader, twilio: Mapping[str, Any]) -> str:
     # The secret may come from a file or an environment variable but never from
     # the config itself, which is shared, printed and committed far more often.
     if "api_secret_file" in twilio and "api_secret_env" in twilio:
@@ -355,7 +258,7 @@ class _CallerDefaults:
     max_ttl: int
 
 
-def _caller(r: _Reader, data: Mapping[str, Any], key: str, defaults: _CallerDefaults) -> CallerRule:
+def _caller(r: TomlReader, data: Mapping[str, Any], key: str, defaults: _CallerDefaults) -> CallerRule:
     allowed = {
         "id",
         "sync_services",
@@ -402,7 +305,9 @@ def _caller(r: _Reader, data: Mapping[str, Any], key: str, defaults: _CallerDefa
     )
 
 
-def _check_caller_id(r: _Reader, key: str, caller: str, source: IdentitySource, trust_domains: frozenset[str]) -> None:
+def _check_caller_id(
+    r: TomlReader, key: str, caller: str, source: IdentitySource, trust_domains: frozenset[str]
+) -> None:
     if source is IdentitySource.DNS_SAN:
         if not is_dns_name(caller):
             raise r.fail(key, f"{caller!r} is not a lower-case DNS name (identity.source is dns_san)")
@@ -422,7 +327,7 @@ def _check_caller_id(r: _Reader, key: str, caller: str, source: IdentitySource, 
         raise r.fail(key, f"trust domain {spiffe_id.trust_domain.name} is not in identity.trust_domains")
 
 
-def _identity_pattern(r: _Reader, data: Mapping[str, Any], key: str) -> IdentityPattern | None:
+def _identity_pattern(r: TomlReader, data: Mapping[str, Any], key: str) -> IdentityPattern | None:
     text = r.get(data, key, "identity_pattern", str, "")
     if not text:
         return None

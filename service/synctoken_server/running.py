@@ -22,7 +22,8 @@ from pathlib import Path
 import structlog
 
 from synctoken_server import logs
-from synctoken_server.config import Config, ConfigError, load_config
+from synctoken_server.config import Config, load_config
+from synctoken_server.configfile import ConfigError
 from synctoken_server.server import TokenServer
 
 EXIT_CONFIG = 2
