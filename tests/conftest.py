@@ -61,6 +61,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     workload_ca = ca.issue(workload_signer)
     open_workload_ca = open_ca.issue(workload_signer)
     ca_without_key_cert_sign = ca.issue(LeafSpec("CA:TRUE, no key usage", ca=True))
+    # A workload named by a DNS SAN, wrongly made a CA: in dns_san mode that is how every workload is named.
+    open_dns_workload_ca = open_ca.issue(
+        LeafSpec("evil acting as a CA", dns_names=("evil.internal.example.com",), ca=True, key_cert_sign=True)
+    )
+    intermediate = LeafSpec(
+        "intermediate CA", uris=(f"spiffe://{TRUST_DOMAIN}",), ca=True, key_cert_sign=True, crl_sign=True
+    )
     open_intermediate = open_ca.issue(
         LeafSpec("intermediate CA", uris=(f"spiffe://{TRUST_DOMAIN}",), ca=True, key_cert_sign=True, crl_sign=True)
     )
@@ -97,6 +104,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         "issued_by_plain_leaf": ca.issue(admin, issuer=chat_worker),
         "issued_by_workload_under_open_ca": open_ca.issue(admin, issuer=open_workload_ca),
         "issued_by_intermediate_under_open_ca": open_ca.issue(admin, issuer=open_intermediate),
+        "issued_by_dns_named_workload_under_open_ca": open_ca.issue(admin, issuer=open_dns_workload_ca),
+        "dns_caller_issued_by_dns_named_workload_under_open_ca": open_ca.issue(
+            LeafSpec("billing", dns_names=(DNS_CALLER,)), issuer=open_dns_workload_ca
+        ),
+        # ca.pem has path length 0, which BoringSSL does not enforce on a trust anchor.
+        "issued_by_intermediate_past_path_length": ca.issue(admin, issuer=ca.issue(intermediate)),
     }
     server = ca.issue(LeafSpec("localhost", dns_names=("localhost",), ip_addresses=("127.0.0.1",), server=True))
     (directory / "ca.pem").write_bytes(ca.cert_pem)

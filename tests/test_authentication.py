@@ -113,7 +113,12 @@ class TestForgedOrMisissued:
             ("crl_sign_leaf", "its key usage includes cRLSign, which only a CA certificate may have", BFF_ID),
             (
                 "issued_by_workload",
-                "a certificate in the chain it presented is a workload's (its SPIFFE ID has a path)",
+                "a certificate in the chain it presented names a workload (a SAN other than its trust domain's SPIFFE ID)",
+                CHAT_ADMIN_ID,
+            ),
+            (
+                "issued_by_intermediate_past_path_length",
+                "it presented more intermediate CA certificates than the path length of client_ca_file allows",
                 CHAT_ADMIN_ID,
             ),
             (
@@ -157,9 +162,26 @@ class TestChainsUnderCaWithoutPathLength:
 
     def test_issued_by_workload_refused(self, open_ca_server: Callable[[str], Client], log_sink: LogSink) -> None:
         """A workload's CA:TRUE certificate signing an admin's: the chain verifies, the caller is refused."""
-        why = "a certificate in the chain it presented is a workload's (its SPIFFE ID has a path)"
+        why = "a certificate in the chain it presented names a workload (a SAN other than its trust domain's SPIFFE ID)"
         record = refused(open_ca_server("issued_by_workload_under_open_ca"), log_sink, why)
         assert record["presented_san"] == CHAT_ADMIN_ID
+
+    def test_issued_by_dns_named_workload_refused(
+        self, open_ca_server: Callable[[str], Client], log_sink: LogSink
+    ) -> None:
+        """A CA:TRUE certificate naming a DNS workload is a workload's too: what it signs is refused."""
+        why = "a certificate in the chain it presented names a workload (a SAN other than its trust domain's SPIFFE ID)"
+        record = refused(open_ca_server("issued_by_dns_named_workload_under_open_ca"), log_sink, why)
+        assert record["presented_san"] == CHAT_ADMIN_ID
+
+    def test_dns_san_mode_issued_by_dns_named_workload_refused(self, harness: ServerHarness, log_sink: LogSink) -> None:
+        """In dns_san mode, a DNS-named workload made a CA cannot sign for another DNS caller."""
+        d = harness.pki.directory
+        text = config_text(harness.pki, identity=DNS_IDENTITY, policy=TestDnsSanSource.POLICY)
+        server = harness.start(text.replace(str(d / "ca.pem"), str(d / "open-ca.pem")))
+        why = "a certificate in the chain it presented names a workload (a SAN other than its trust domain's SPIFFE ID)"
+        record = refused(harness.client(server, "dns_caller_issued_by_dns_named_workload_under_open_ca"), log_sink, why)
+        assert record["presented_san"] == DNS_CALLER
 
     def test_issued_by_intermediate_accepted(self, open_ca_server: Callable[[str], Client]) -> None:
         """A real intermediate CA (CA:TRUE, keyCertSign, only its trust domain's id) is fine."""

@@ -23,7 +23,7 @@ from synctoken_server.identity import (
     parse_trust_domain,
     read_caller,
 )
-from synctoken_server.pki import LeafSpec
+from synctoken_server.pki import CertificateAuthority, LeafSpec
 
 SPIFFE = IdentitySource.SPIFFE
 DNS_SAN = IdentitySource.DNS_SAN
@@ -306,3 +306,23 @@ class TestCallerIdentityRules:
         """In dns_san mode the one DNS SAN is the caller id."""
         rules = CallerIdentityRules(DNS_SAN, frozenset())
         assert rules.caller_id(auth_context(pki.clients["dns_only"].cert_pem)) == DNS_CALLER
+
+
+class TestTrustAnchors:
+    """The path length of client_ca_file's CAs, which BoringSSL leaves to us."""
+
+    @pytest.mark.parametrize(
+        ("lengths", "allowed"), [((0,), 0), ((1,), 1), ((0, 2), 2), ((None,), None), ((0, None), None)]
+    )
+    def test_max_intermediates(self, lengths: tuple[int | None, ...], allowed: int | None) -> None:
+        """The largest path length of the bundle's CAs; unlimited if any CA sets none."""
+        bundle = b"".join(CertificateAuthority(f"ca {i}", path_length=n).cert_pem for i, n in enumerate(lengths))
+        assert svid.TrustAnchors.from_pem(bundle).max_intermediates == allowed
+
+    def test_anchors_sent_by_the_client_do_not_count(self) -> None:
+        """A client that also sends the root has not presented an intermediate."""
+        ca = CertificateAuthority("root", path_length=0)
+        root_der = x509.load_pem_x509_certificate(ca.cert_pem).public_bytes(Encoding.DER)
+        anchors = svid.TrustAnchors.from_pem(ca.cert_pem)
+        assert not anchors.too_many_intermediates(frozenset({root_der}))
+        assert anchors.too_many_intermediates(frozenset({root_der, b"an intermediate"}))

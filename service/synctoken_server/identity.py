@@ -9,6 +9,7 @@ more, nor `spiffe://TD/admin`, is `spiffe://td/admin`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import re
@@ -86,10 +87,14 @@ def is_dns_name(text: str) -> bool:
 
 @dataclass(frozen=True)
 class NamedCaller:
-    """A client certificate that names a caller: its id, and its trust domain in spiffe mode ("" otherwise)."""
+    """A client certificate that names a caller: its id, its trust domain in spiffe mode ("" otherwise).
+
+    `issuers` are the other certificates the client presented (DER), for the path length check.
+    """
 
     caller_id: str
     trust_domain: str
+    issuers: frozenset[bytes] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,10 @@ def read_caller(source: IdentitySource, leaf_pem: bytes, chain_pem: bytes) -> Na
     sans = presented.uris if source is IdentitySource.SPIFFE else presented.dns_names
     if presented.defect is not None:
         return Refusal(presented.defect, sans)
-    return _spiffe_caller(sans) if source is IdentitySource.SPIFFE else _dns_caller(sans)
+    reading = _spiffe_caller(sans) if source is IdentitySource.SPIFFE else _dns_caller(sans)
+    if isinstance(reading, Refusal):
+        return reading
+    return dataclasses.replace(reading, issuers=presented.issuers)
 
 
 def _spiffe_caller(uris: tuple[str, ...]) -> NamedCaller | Refusal:
@@ -147,6 +155,8 @@ class CallerIdentityRules:
 
     source: IdentitySource
     trust_domains: frozenset[str]
+    anchors: svid.TrustAnchors | None = None
+    """The CAs of client_ca_file, whose path length is enforced; None: no limit."""
 
     def caller_id(self, auth_context: Mapping[str, Sequence[bytes]]) -> str:
         """The caller id of a TLS peer; raise CallerUnauthenticated if it has none we accept.
@@ -162,6 +172,8 @@ class CallerIdentityRules:
         reading = read_caller(self.source, leaf[0], chain)
         if isinstance(reading, Refusal):
             raise CallerUnauthenticated(reading.why, reading.presented_sans)
+        if self.anchors is not None and self.anchors.too_many_intermediates(reading.issuers):
+            raise CallerUnauthenticated(svid.TOO_MANY_INTERMEDIATES, (reading.caller_id,))
         if self.source is IdentitySource.SPIFFE and reading.trust_domain not in self.trust_domains:
             # Safe to name: it passed the trust domain grammar.
             raise CallerUnauthenticated(f"trust domain {reading.trust_domain} is not trusted", (reading.caller_id,))

@@ -23,6 +23,7 @@ from synctoken_server.identity import CallerIdentityRules
 from synctoken_server.issuing import TokenIssuer
 from synctoken_server.minting import Minter
 from synctoken_server.servicer import TokenServicer
+from synctoken_server.svid import TrustAnchors
 
 _TOKEN_SERVICE_DESCRIPTOR = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"]
 TOKEN_SERVICE = _TOKEN_SERVICE_DESCRIPTOR.full_name
@@ -46,7 +47,9 @@ class TokenServer:
         self._audit = audit_log
         self._audit_watch: asyncio.Task[None] | None = None
         servicer = TokenServicer(
-            identity_rules=CallerIdentityRules(config.identity_source, config.trust_domains),
+            identity_rules=CallerIdentityRules(
+                config.identity_source, config.trust_domains, TrustAnchors.from_pem(config.tls.client_ca_pem)
+            ),
             policy=config.policy,
             issuer=TokenIssuer(policy=config.policy, minter=Minter(config.credentials), audit_log=audit_log),
             audit_log=audit_log,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 E = TypeVar("E", bound=x509.ExtensionType)
 
@@ -27,16 +28,48 @@ CA_LEAF = "it is a CA certificate (CA:TRUE), not a workload's"
 KEY_CERT_SIGN_LEAF = "its key usage includes keyCertSign, which only a CA certificate may have"
 CRL_SIGN_LEAF = "its key usage includes cRLSign, which only a CA certificate may have"
 ISSUER_NOT_CA = "a certificate in the chain it presented is not a CA's (it needs CA:TRUE and keyCertSign)"
-ISSUER_IS_WORKLOAD = "a certificate in the chain it presented is a workload's (its SPIFFE ID has a path)"
+ISSUER_IS_WORKLOAD = (
+    "a certificate in the chain it presented names a workload (a SAN other than its trust domain's SPIFFE ID)"
+)
+TOO_MANY_INTERMEDIATES = "it presented more intermediate CA certificates than the path length of client_ca_file allows"
 
 
 @dataclass(frozen=True)
 class PresentedCertificate:
-    """A client's leaf certificate as presented: its URI and DNS SANs, as written, and the rule it breaks, if any."""
+    """A client's leaf certificate as presented: its URI and DNS SANs, as written, and the rule it breaks, if any.
+
+    `issuers` are the DER encodings of every other certificate the client sent.
+    """
 
     uris: tuple[str, ...]
     dns_names: tuple[str, ...]
     defect: str | None
+    issuers: frozenset[bytes] = frozenset()
+
+
+@dataclass(frozen=True)
+class TrustAnchors:
+    """The CAs of client_ca_file: their DER encodings, and how many intermediates below them they allow."""
+
+    certificates: frozenset[bytes]
+    max_intermediates: int | None
+    """None when some CA sets no path length. BoringSSL does not enforce a
+    trust anchor's own path length, so it is enforced here."""
+
+    @classmethod
+    def from_pem(cls, bundle: bytes) -> TrustAnchors:
+        """Read a PEM bundle of CA certificates (already known to parse)."""
+        cas = x509.load_pem_x509_certificates(bundle)
+        lengths = [_value(ca.extensions, x509.BasicConstraints) for ca in cas]
+        limits = [c.path_length if c is not None else None for c in lengths]
+        allowed = (
+            None if any(limit is None for limit in limits) else max(limit for limit in limits if limit is not None)
+        )
+        return cls(frozenset(ca.public_bytes(Encoding.DER) for ca in cas), allowed)
+
+    def too_many_intermediates(self, issuers: frozenset[bytes]) -> bool:
+        """True when the client presented more intermediates (certificates that are not anchors) than allowed."""
+        return self.max_intermediates is not None and len(issuers - self.certificates) > self.max_intermediates
 
 
 def read_presented(leaf_pem: bytes, chain_pem: bytes) -> PresentedCertificate:
@@ -57,7 +90,12 @@ def read_presented(leaf_pem: bytes, chain_pem: bytes) -> PresentedCertificate:
         defect = _leaf_defect(extensions) or next(filter(None, map(_issuer_defect, issuers)), None)
     except _UNDECODABLE as exc:
         raise ValueError(NOT_DECODABLE) from exc
-    return PresentedCertificate(uris=uris, dns_names=dns_names, defect=defect)
+    return PresentedCertificate(
+        uris=uris,
+        dns_names=dns_names,
+        defect=defect,
+        issuers=frozenset(c.public_bytes(Encoding.DER) for c in issuers),
+    )
 
 
 def _leaf_defect(extensions: x509.Extensions) -> str | None:
@@ -74,23 +112,27 @@ def _leaf_defect(extensions: x509.Extensions) -> str | None:
 
 def _issuer_defect(cert: x509.Certificate) -> str | None:
     # Per the X509-SVID spec a signing certificate is CA:TRUE with keyCertSign,
-    # and may carry its trust domain's SPIFFE ID (no path), never a workload's.
+    # and may carry its trust domain's SPIFFE ID (no path). Any other name
+    # (a workload's SPIFFE ID, a DNS name, an address...) marks a workload's
+    # certificate that was wrongly made a CA: in dns_san mode every workload
+    # is named by a DNS SAN, so a DNS-named CA could sign for any of them.
     extensions = cert.extensions
     constraints = _value(extensions, x509.BasicConstraints)
     usage = _value(extensions, x509.KeyUsage)
     if constraints is None or not constraints.ca or usage is None or not usage.key_cert_sign:
         return ISSUER_NOT_CA
     sans = _value(extensions, x509.SubjectAlternativeName)
-    uris = sans.get_values_for_type(x509.UniformResourceIdentifier) if sans else []
-    if any(_names_workload(uri) for uri in uris):
+    if sans is not None and not all(_names_trust_domain(name) for name in sans):
         return ISSUER_IS_WORKLOAD
     return None
 
 
-def _names_workload(uri: str) -> bool:
-    # Deliberately looser than the SPIFFE grammar: any spiffe URI with
-    # something after the trust domain counts, valid or not.
-    return uri[: len(_SPIFFE_SCHEME)].lower() == _SPIFFE_SCHEME and "/" in uri[len(_SPIFFE_SCHEME) :]
+def _names_trust_domain(name: x509.GeneralName) -> bool:
+    # Deliberately strict: only spiffe://<something> with nothing after it.
+    if not isinstance(name, x509.UniformResourceIdentifier):
+        return False
+    uri = name.value
+    return uri.startswith(_SPIFFE_SCHEME) and "/" not in uri[len(_SPIFFE_SCHEME) :]
 
 
 def _value(extensions: x509.Extensions, kind: type[E]) -> E | None:
