@@ -16,10 +16,11 @@ $(INSTALLED): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e ./clients/python -e . --group dev
 	touch $@
 
-# wrk (Debian) drives the Express comparison in the benchmark and its smoke test.
+# wrk (Debian) drives the Express comparison in the benchmark and its smoke test;
+# openssl makes the keys cryptography cannot (RSA-PSS, rare curves) for the config tests.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-/usr/bin/wrk:
-	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends wrk
+/usr/bin/wrk /usr/bin/openssl:
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends wrk openssl
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
@@ -32,7 +33,7 @@ test: lint check-generated pytest
 
 # The tests compare tokens with Twilio's Node helper library, from npm, and
 # smoke-test the benchmark (which also needs wrk).
-pytest: $(INSTALLED) node_modules/.installed /usr/bin/wrk
+pytest: $(INSTALLED) node_modules/.installed /usr/bin/wrk /usr/bin/openssl
 	$(BIN)/pytest
 
 # The full benchmark, about five minutes: writes bench/results/results.{json,md,png}.

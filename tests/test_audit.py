@@ -26,6 +26,7 @@ from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server import logs
 from synctoken_server.audit import AuditLog
 from synctoken_server.config import load_config
+from synctoken_server.linesink import LineSink
 
 REQUEST = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
 
@@ -109,7 +110,7 @@ class TestFailClosed:
         """An audit log writing to /dev/full, where every write fails with ENOSPC."""
         with Path("/dev/full").open("wb") as full:
             logger = structlog.wrap_logger(
-                logs.LineLogger(logs.LineSink.for_stream(full), strict=True),
+                logs.LineLogger(LineSink.for_fd(full.fileno()), strict=True),
                 processors=[*logs.shared_processors(), logs.json_renderer()],
             )
             yield AuditLog(logger)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -384,6 +386,7 @@ class TestServerSection:
         """Without the keys: 5 s drain, 10 s grace, 10 s handshakes, 5 min idle connections."""
         timeouts = load_config(write_config(config_text(pki)), environ=SECRET_ENV).timeouts
         assert (timeouts.drain_delay, timeouts.grace, timeouts.handshake, timeouts.idle) == (5, 10, 10, 300)
+        assert timeouts.connection_age == 600
 
     def test_set(self, pki: Pki, write_config: WriteConfig) -> None:
         """Each key takes a duration; a zero drain is allowed."""
@@ -533,3 +536,50 @@ class TestSecretHandling:
     def test_private_files_not_warned(self, pki: Pki, write_config: WriteConfig) -> None:
         """The suite's 0600 keys give no warning."""
         assert load_config(write_config(config_text(pki)), environ=SECRET_ENV).warnings == ()
+
+
+def openssl(*args: str) -> None:
+    """Run the openssl command: it makes keys that cryptography cannot (RSA-PSS, rare curves)."""
+    command = shutil.which("openssl")
+    assert command is not None, "openssl is required (Debian's openssl package; make test installs it)"
+    subprocess.run([command, *args], check=True, capture_output=True, timeout=60)
+
+
+class TestKeysOnlyOpensslMakes:
+    """Keys cryptography loads oddly or not at all are config errors too, never a traceback or "cannot listen"."""
+
+    def test_rsa_pss(self, pki: Pki, write_config: WriteConfig, tmp_path: Path) -> None:
+        """An RSA-PSS key loads as RSA, but BoringSSL cannot serve with it."""
+        key, cert = tmp_path / "pss-key.pem", tmp_path / "pss.pem"
+        openssl("req", "-x509", "-newkey", "rsa-pss", "-pkeyopt", "rsa_keygen_bits:2048", "-nodes",
+                "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost", "-days", "1")  # fmt: skip
+        key.chmod(0o600)
+        text = replaced(pki, str(pki.directory / "server.pem"), str(cert))
+        text = text.replace(str(pki.directory / "server-key.pem"), str(key))
+        expect_error(
+            write_config(text),
+            "tls.key_file: an RSA-PSS key cannot be used; gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys",
+        )
+
+    def test_curve_cryptography_does_not_know(self, pki: Pki, write_config: WriteConfig, tmp_path: Path) -> None:
+        """A key on secp112r1 is refused by name of the key, not with cryptography's UnsupportedAlgorithm."""
+        key = tmp_path / "odd-key.pem"
+        openssl("ecparam", "-name", "secp112r1", "-genkey", "-noout", "-out", str(key))
+        key.chmod(0o600)
+        text = replaced(pki, str(pki.directory / "server-key.pem"), str(key))
+        expect_error(
+            write_config(text),
+            "tls.key_file: is a kind of key that cannot be used; "
+            "gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys",
+        )
+
+    def test_nul_in_secret_file_name(self, pki: Pki, write_config: WriteConfig) -> None:
+        """A NUL in api_secret_file is a config error that still does not echo the value."""
+        text = replaced(
+            pki, f'api_key = "{API_KEY_SID}"', f'api_key = "{API_KEY_SID}"\napi_secret_file = "sec\\u0000ret"'
+        )
+        expect_error(
+            write_config(text),
+            "twilio.api_secret_file: cannot read the file it names: a file name cannot contain a NUL byte",
+            environ={},
+        )

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import structlog
 
-from synctoken_server import logs
+from synctoken_server import linesink, logs
 from synctoken_server.audit import AuditLog
 from synctoken_server.errors import AuditUnavailable
+from synctoken_server.linesink import LineSink, OutputStalled
 
 
 class FillingFile:
@@ -50,7 +54,7 @@ class TestLineSink:
 
     def test_torn_line_raises_and_next_line_starts_fresh(self, filling: FillingFile) -> None:
         """A line cut short raises; once there is room again, the next line does not merge with the fragment."""
-        sink = logs.LineSink(filling.write)
+        sink = LineSink(filling.write)
         sink.write_line(b'{"n":1}')
         with pytest.raises(OSError, match="No space left"):
             sink.write_line(b'{"n":2,"padding":"' + b"x" * 40 + b'"}')
@@ -70,7 +74,7 @@ class TestLineSink:
             taken.append(filling.write(data[:2]))
             return taken[-1]
 
-        logs.LineSink(two_bytes_at_a_time).write_line(b'{"a":"b"}')
+        LineSink(two_bytes_at_a_time).write_line(b'{"a":"b"}')
         assert filling.path.read_bytes() == b'{"a":"b"}\n'
         assert len(taken) == 5
 
@@ -81,7 +85,7 @@ class TestAuditLogHealth:
     def test_unwritable_then_writable_again(self, filling: FillingFile) -> None:
         """A failed record marks the log unwritable; probe() writes a line once there is room again."""
         logger = structlog.wrap_logger(
-            logs.LineLogger(logs.LineSink(filling.write), strict=True),
+            logs.LineLogger(LineSink(filling.write), strict=True),
             processors=[*logs.shared_processors(), logs.json_renderer()],
         )
         audit = AuditLog(logger)
@@ -99,7 +103,7 @@ class TestAuditLogHealth:
     def test_operational_lines_never_raise(self, filling: FillingFile) -> None:
         """Only the audit logger reports failed writes; other loggers drop the line."""
         filling.room = 0
-        factory = logs.LineLoggerFactory(logs.LineSink(filling.write))
+        factory = logs.LineLoggerFactory(LineSink(filling.write))
         factory("synctoken").info(b"{}")
         with pytest.raises(OSError, match="No space left"):
             factory(logs.AUDIT_LOGGER).info(b"{}")
@@ -115,6 +119,86 @@ class TestLineBreaks:
         assert len(rendered.splitlines()) == 1
         assert json.loads(rendered)["identity"] == f"a{char}b"
 
-    def test_console_renderer_escapes_too(self) -> None:
-        """On a TTY the console format escapes them as well."""
-        assert logs._escape_console_line(None, "info", "x\u2028y\u2029z\x85") == "x\\u2028y\\u2029z\\x85"
+    @pytest.mark.parametrize(
+        ("raw", "shown"),
+        [
+            ("x\u2028y\u2029z\x85", "x\\u2028y\\u2029z\\x85"),
+            ("\x1b[2J\x1b]0;title\x07", "\\x1b[2J\\x1b]0;title\\x07"),
+            ("a\nb\x0bc\x0cd\x1ce\x7ff\x9b", "a\\x0ab\\x0bc\\x0cd\\x1ce\\x7ff\\x9b"),
+        ],
+    )
+    def test_console_renderer_escapes_controls(self, raw: str, shown: str) -> None:
+        """On a TTY every control character is escaped: no line breaks, no terminal escape sequences."""
+        escaped = logs._escape_console_line(None, "info", raw)
+        assert escaped == shown
+        assert len(escaped.splitlines()) == 1
+
+
+class TestLongValues:
+    """Values are cut at MAX_VALUE_CHARACTERS, so no line is kilobytes of one hostile field."""
+
+    def test_truncated_but_exception_kept(self) -> None:
+        """A long identity is cut and says how much was cut; a traceback is kept whole."""
+        event = {"identity": "x" * 5000, "exception": "y" * 5000, "event": "token.decision"}
+        out = logs._truncate_long_values(None, "info", event)
+        assert out["identity"] == "x" * logs.MAX_VALUE_CHARACTERS + "...[3976 more characters]"
+        assert out["exception"] == "y" * 5000
+
+
+def fill(sink: LineSink, line: bytes) -> int:
+    """Write `line` until the output stalls (at most 1000 times); return how many went in."""
+    for written in range(1000):
+        try:
+            sink.write_line(line)
+        except OutputStalled:
+            return written
+    return 1000
+
+
+class TestPipeOutput:
+    """A pipe as the output: a reader that stops or goes away never blocks the writer for long."""
+
+    @pytest.fixture
+    def pipe(self) -> Iterator[tuple[int, int]]:
+        """A real pipe (read end, write end), closed at teardown."""
+        read_end, write_end = os.pipe()
+        yield read_end, write_end
+        for fd in (read_end, write_end):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def test_full_pipe_stalls_then_fails_fast_then_recovers(self, pipe: tuple[int, int]) -> None:
+        """A full pipe: the first line gives up after the budget, later ones at once; reading again heals it."""
+        read_end, write_end = pipe
+        sink = LineSink.for_fd(write_end)
+        line = b"x" * 1000
+        assert 0 < fill(sink, line) < 1000, "a pipe holds far fewer lines"
+        assert not sink.writable
+        began = time.monotonic()
+        with pytest.raises(OutputStalled):
+            sink.write_line(line)
+        assert time.monotonic() - began < linesink.WRITE_BUDGET_SECONDS / 2
+        os.set_blocking(read_end, False)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(read_end, 65536):
+                pass
+        sink.write_line(b'{"n":1}')
+        assert sink.writable
+
+    def test_check_sees_a_closed_reader(self, pipe: tuple[int, int]) -> None:
+        """check() finds a pipe nobody reads without writing to it."""
+        read_end, write_end = pipe
+        sink = LineSink.for_fd(write_end)
+        assert sink.check()
+        os.close(read_end)
+        assert not sink.check()
+
+    def test_shared_lock_held_elsewhere(self, pipe: tuple[int, int]) -> None:
+        """A line waits for another writer's lock at most the budget, then fails as stalled."""
+        _, write_end = pipe
+        lock = threading.Lock()
+        sink = LineSink.for_fd(write_end)
+        sink.lock = lock
+        with lock, pytest.raises(OutputStalled):
+            sink.write_line(b"{}")
+        assert not sink.writable

@@ -12,6 +12,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -283,6 +284,60 @@ class TestConnections:
         idle_sockets[0].settimeout(10)
         with contextlib.suppress(ConnectionResetError):  # closed with a reset: closed all the same
             assert idle_sockets[0].recv(1) == b""
+
+
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    """One HTTP/2 frame."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def half_sent_issue_token() -> bytes:
+    """An HTTP/2 connection's first bytes: IssueToken's headers, then 1 byte of a promised 100-byte message."""
+    fields = [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":path", b"/synctoken.v1.TokenService/IssueToken"),
+        (b":authority", b"localhost"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    # HPACK "literal without indexing, new name": 0x00, name length, name, value length, value.
+    block = b"".join(b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v for n, v in fields)
+    settings, headers, data = 0x4, 0x1, 0x0
+    end_headers = 0x4
+    return (
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + h2_frame(settings, 0, 0)
+        + h2_frame(headers, end_headers, 1, block)
+        + h2_frame(data, 0, 1, b"\x00\x00\x00\x00\x64\x0a")
+    )
+
+
+class TestHalfSentRequests:
+    """A peer that opens a call and never finishes its request cannot hold the connection forever."""
+
+    def test_closed_after_max_connection_age_and_grace(self, pki: Pki, launch: Launch) -> None:
+        """With max_connection_age 2s and grace 1s, the server closes such a connection within seconds."""
+        _, port = launch('max_connection_age = "2s"\ngrace = "1s"')
+        context = ssl.create_default_context(cafile=str(pki.directory / "ca.pem"))
+        context.load_cert_chain(*pki.files("bff"))
+        context.set_alpn_protocols(["h2"])
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(half_sent_issue_token())
+            opened = time.monotonic()
+            tls.settimeout(1)
+            closed = False
+            while not closed and time.monotonic() - opened < 20:
+                try:
+                    closed = tls.recv(65536) == b""
+                except TimeoutError:
+                    continue
+                except (ConnectionResetError, ssl.SSLError):
+                    closed = True
+            assert closed, "the server still holds a connection with a half-sent request"
 
 
 class TestGrpcNativeLogging:

@@ -11,8 +11,8 @@ from typing import Any
 
 import structlog
 
+from synctoken_server import logs
 from synctoken_server.errors import AuditUnavailable
-from synctoken_server.logs import AUDIT_LOGGER
 
 EVENT_TOKEN_DECISION = "token.decision"  # noqa: S105 - an event name, not a password
 EVENT_CALLER_LOOKUP = "caller.lookup"
@@ -28,7 +28,7 @@ class AuditLog:
     """Writes decision records; a record that cannot be written is an error, not a shrug."""
 
     def __init__(self, logger: Any | None = None) -> None:
-        self._log = logger if logger is not None else structlog.get_logger(AUDIT_LOGGER)
+        self._log = logger if logger is not None else structlog.get_logger(logs.AUDIT_LOGGER)
         self.writable = True
         """False since the last write failed; health reports NOT_SERVING meanwhile."""
 
@@ -46,12 +46,18 @@ class AuditLog:
         self.writable = True
 
     def probe(self) -> bool:
-        """While unwritable, try a line saying writing works again; return whether the log is writable."""
-        if not self.writable:
-            try:
-                self.record(EVENT_WRITABLE_AGAIN)
-            except AuditUnavailable:
-                return False
+        """Whether the log is writable; while it is not, try a line saying writing works again.
+
+        Besides this log's own last write, the shared output is checked without
+        writing (a pipe nobody reads, a full disk), and any line that failed
+        there counts: health must not wait for the next token request to learn.
+        """
+        if self.writable and logs.output_ready():
+            return True
+        try:
+            self.record(EVENT_WRITABLE_AGAIN)
+        except AuditUnavailable:
+            return False
         return True
 
 

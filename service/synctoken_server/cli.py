@@ -80,6 +80,7 @@ def _check_config(path: Path) -> int:
             "grace": format_duration(timeouts.grace),
             "handshake_timeout": format_duration(timeouts.handshake),
             "idle_timeout": format_duration(timeouts.idle),
+            "max_connection_age": format_duration(timeouts.connection_age),
         },
         "identity": {"source": config.identity_source.value, "trust_domains": sorted(config.trust_domains)},
         "twilio": {

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import PublicKeyAlgorithmOID
 
 from synctoken_server.configfile import ConfigError, TomlReader
 from synctoken_server.durations import format_duration
@@ -40,6 +42,7 @@ _MIN_RSA_BITS = 2048
 # Ed25519 keys load but every handshake fails; Ed448, DSA, P-224 and
 # secp256k1 keys make the port fail to bind.
 _SERVER_CURVES = frozenset({"secp256r1", "secp384r1"})
+_SERVER_KEYS = "gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class ServerTimeouts:
     """A connection that has not finished its TLS handshake by then is closed."""
     idle: int = 300
     """A connection with no call for this long is closed (clients reconnect when they need to)."""
+    connection_age: int = 600
+    """Any connection is asked to go away (GOAWAY) after this long, and closed `grace` later even if a
+    call on it is still unfinished: a peer cannot hold a connection open with a request it never completes."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,9 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
 
 
 def _server(r: TomlReader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts]:
-    server = r.table(data, "server", {"listen", "drain_delay", "grace", "handshake_timeout", "idle_timeout"})
+    server = r.table(
+        data, "server", {"listen", "drain_delay", "grace", "handshake_timeout", "idle_timeout", "max_connection_age"}
+    )
     listen = r.get(server, "server", "listen", str)
     match = _LISTEN.fullmatch(listen)
     if match is None or not 0 <= int(match["port"]) <= _MAX_PORT:
@@ -142,6 +150,9 @@ def _server(r: TomlReader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts
         grace=r.duration(server, "server", "grace", format_duration(default.grace), 0, 10 * minute),
         handshake=r.duration(server, "server", "handshake_timeout", format_duration(default.handshake), 1, minute),
         idle=r.duration(server, "server", "idle_timeout", format_duration(default.idle), 10, 24 * hour),
+        connection_age=r.duration(
+            server, "server", "max_connection_age", format_duration(default.connection_age), 1, 24 * hour
+        ),
     )
     return listen, timeouts
 
@@ -157,13 +168,15 @@ def _tls(r: TomlReader, data: Mapping[str, Any]) -> TlsMaterial:
         raise r.fail("tls.cert_file", "is not a PEM certificate") from None
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
+    except UnsupportedAlgorithm:
+        raise r.fail("tls.key_file", f"is a kind of key that cannot be used; {_SERVER_KEYS}") from None
     except (ValueError, TypeError):
         raise r.fail("tls.key_file", "is not an unencrypted PEM private key") from None
+    unusable = _unusable_server_key(key, chain[0])
+    if unusable:
+        raise r.fail("tls.key_file", f"{unusable}; {_SERVER_KEYS}")
     if key.public_key() != chain[0].public_key():
         raise r.fail("tls.key_file", "does not match the first certificate in tls.cert_file")
-    unusable = _unusable_server_key(key)
-    if unusable:
-        raise r.fail("tls.key_file", f"{unusable}; gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys")
     try:
         x509.load_pem_x509_certificates(ca_pem)
     except ValueError:
@@ -171,8 +184,11 @@ def _tls(r: TomlReader, data: Mapping[str, Any]) -> TlsMaterial:
     return TlsMaterial(cert_chain_pem=cert_pem, private_key_pem=key_pem, client_ca_pem=ca_pem)
 
 
-def _unusable_server_key(key: object) -> str:
+def _unusable_server_key(key: object, certificate: x509.Certificate) -> str:
     if isinstance(key, rsa.RSAPrivateKey):
+        # An RSA-PSS key loads as an RSA key, but BoringSSL will not serve with it.
+        if certificate.public_key_algorithm_oid == PublicKeyAlgorithmOID.RSASSA_PSS:
+            return "an RSA-PSS key cannot be used"
         return "" if key.key_size >= _MIN_RSA_BITS else f"a {key.key_size}-bit RSA key is too weak"
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return "" if key.curve.name in _SERVER_CURVES else f"an ECDSA key on curve {key.curve.name} cannot be used"

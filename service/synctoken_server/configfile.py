@@ -90,6 +90,8 @@ class TomlReader:
             mode = path.stat().st_mode
         except OSError as exc:
             raise self.fail(key, f"cannot read{named}: {exc.strerror}") from None
+        except ValueError:  # the path has a NUL byte, which no file name can
+            raise self.fail(key, f"cannot read{named}: a file name cannot contain a NUL byte") from None
         if private and mode & (stat.S_IRWXG | stat.S_IRWXO):
             # A warning, not an error: Kubernetes secret volumes are 0644 unless told otherwise.
             self.warnings.append(

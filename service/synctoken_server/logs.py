@@ -1,22 +1,21 @@
 """structlog set-up: JSON lines (a console renderer on a TTY), configured once by the entry point.
 
-Lines go out through `LineSink`, which writes each record whole or reports it
-unwritten: the audit log's fail-closed rule depends on knowing that every byte
-of a record, newline included, reached the file.
+Lines go out through a `LineSink` (linesink.py), which writes each record whole
+or reports it unwritten; only the audit logger lets that report through.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
-import threading
-from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import orjson
 import structlog
+from structlog.typing import EventDict
+
+from synctoken_server.linesink import LineSink, Lock
 
 AUDIT_LOGGER = "synctoken.audit"
 """The one logger whose failed writes are errors (see AuditLog); every other line is best effort."""
@@ -25,42 +24,15 @@ AUDIT_LOGGER = "synctoken.audit"
 # str.splitlines, many log shippers, JavaScript) treat as line ends: escaped,
 # so one record is always one line.
 _LINE_BREAKS_UTF8 = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
-_LINE_BREAKS_TEXT = str.maketrans({"\x85": "\\x85", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+# On a terminal every control character is escaped too: escape sequences in
+# a value (an identity, a SAN) must not drive the operator's terminal.
+_CONSOLE_ESCAPES = str.maketrans(
+    {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+)
+MAX_VALUE_CHARACTERS = 1024
+"""Longer string values are cut (a refused request may carry 4 KiB of anything); tracebacks are kept whole."""
 
-
-class LineSink:
-    """Writes whole lines to one output, shared by every logger that writes there.
-
-    A write that fails part-way leaves a torn line behind; the next line then
-    starts with a newline of its own, so the fragment never merges with it.
-    """
-
-    def __init__(self, write: Callable[[bytes], int]) -> None:
-        self._write = write
-        self._lock = threading.Lock()
-        self._torn = False
-
-    @classmethod
-    def for_stream(cls, stream: BinaryIO) -> LineSink:
-        """A sink on `stream`: straight to its file descriptor when it has one, bypassing Python's buffer."""
-        try:
-            fd = stream.fileno()
-        except (OSError, ValueError):  # in-memory streams, such as the tests' sink
-            return cls(stream.write)
-        return cls(lambda data: os.write(fd, data))
-
-    def write_line(self, line: bytes) -> None:
-        """Write `line` and a newline; raise OSError unless every byte was written."""
-        data = b"\n" + line + b"\n" if self._torn else line + b"\n"
-        with self._lock:
-            written = 0
-            try:
-                while written < len(data):
-                    written += self._write(data[written:])
-            except BaseException:
-                self._torn = self._torn or written > 0
-                raise
-            self._torn = False
+_output: LineSink | None = None
 
 
 class LineLogger:
@@ -96,6 +68,25 @@ class LineLoggerFactory:
         return LineLogger(self._sink, strict=bool(args) and args[0] == AUDIT_LOGGER)
 
 
+def _sink_for(stream: BinaryIO) -> LineSink:
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # in-memory streams, such as the tests' sink
+        return LineSink(stream.write)
+    return LineSink.for_fd(fd)
+
+
+def share_output_lock(lock: Lock) -> None:
+    """Take `lock` around every line from now on: processes sharing one output then never interleave lines."""
+    if _output is not None:
+        _output.lock = lock
+
+
+def output_ready() -> bool:
+    """Whether the configured output can be written (True when none is configured: nothing to fail)."""
+    return _output is None or _output.check()
+
+
 def shared_processors(worker: int | None = None) -> list[structlog.typing.Processor]:
     """Processors every synctoken log line goes through, renderer excluded."""
     processors: list[structlog.typing.Processor] = [
@@ -105,6 +96,7 @@ def shared_processors(worker: int | None = None) -> list[structlog.typing.Proces
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         # Plain formatted tracebacks: never the frame locals, which may hold the API secret.
         structlog.processors.format_exc_info,
+        _truncate_long_values,
     ]
     if worker is not None:
         # With --workers, every line (audit records included) says which process wrote it.
@@ -123,6 +115,14 @@ class _AddWorker:
         return event_dict
 
 
+def _truncate_long_values(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    for key, value in event_dict.items():
+        if isinstance(value, str) and len(value) > MAX_VALUE_CHARACTERS and key != "exception":
+            cut = len(value) - MAX_VALUE_CHARACTERS
+            event_dict[key] = f"{value[:MAX_VALUE_CHARACTERS]}...[{cut} more characters]"
+    return event_dict
+
+
 def json_dumps(value: Any, **_kwargs: Any) -> bytes:
     """orjson, with the line-ending characters JSON leaves raw escaped."""
     data = orjson.dumps(value)
@@ -138,7 +138,8 @@ def json_renderer() -> structlog.typing.Processor:
 
 
 def _escape_console_line(_logger: Any, _method: str, rendered: str) -> str:
-    return rendered.translate(_LINE_BREAKS_TEXT)
+    # Newlines too, the renderer's own before a traceback included: one record, one line.
+    return rendered.translate(_CONSOLE_ESCAPES)
 
 
 def configure(stream: BinaryIO | None = None, *, worker: int | None = None) -> None:
@@ -148,7 +149,9 @@ def configure(stream: BinaryIO | None = None, *, worker: int | None = None) -> N
         renderers = [structlog.dev.ConsoleRenderer(colors=False), _escape_console_line]  # type: ignore[list-item]
     else:
         renderers = [json_renderer()]
-    sink = LineSink.for_stream(stream or sys.stdout.buffer)
+    global _output  # noqa: PLW0603 - the process has one log output, configured once here
+    _output = _sink_for(stream or sys.stdout.buffer)
+    sink = _output
     structlog.configure(
         processors=[*shared_processors(worker), *renderers],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),

@@ -24,6 +24,7 @@ import structlog
 from synctoken_server import logs
 from synctoken_server.config import Config, load_config
 from synctoken_server.configfile import ConfigError
+from synctoken_server.linesink import Lock
 from synctoken_server.server import TokenServer
 
 EXIT_CONFIG = 2
@@ -88,8 +89,9 @@ async def _serve(config: Config, *, reuse_port: bool, on_ready: Callable[[int], 
     received = await signals.get()
     # SIGTERM is an orchestrator: drain. SIGINT is a person at a terminal: stop now.
     drain_delay = config.timeouts.drain_delay if received is signal.SIGTERM else 0
-    log.info("server.stopping", signal=received.name, drain_delay=drain_delay, grace=config.timeouts.grace)
     stop = asyncio.create_task(server.stop(drain_delay=drain_delay))
+    await asyncio.sleep(0)  # health says NOT_SERVING before anything else, a log line that may stall included
+    log.info("server.stopping", signal=received.name, drain_delay=drain_delay, grace=config.timeouts.grace)
     second = asyncio.create_task(signals.get())
     await asyncio.wait((stop, second), return_when=asyncio.FIRST_COMPLETED)
     if not stop.done():
@@ -106,16 +108,22 @@ def run_workers(path: Path, config: Config, workers: int) -> int:
     """Run `workers` server processes on the config's port; stop them all on SIGTERM or SIGINT."""
     log = structlog.get_logger("synctoken")
     context = multiprocessing.get_context("spawn")
+    # One writer at a time on the shared stdout: lines longer than a pipe's
+    # atomic write size would otherwise interleave between workers.
+    output_lock = context.Lock()
+    logs.share_output_lock(output_lock)
     processes = [
-        context.Process(target=_worker_main, args=(str(path), index), name=f"synctoken-worker-{index}", daemon=False)
+        context.Process(
+            target=_worker_main, args=(str(path), index, output_lock), name=f"synctoken-worker-{index}", daemon=False
+        )
         for index in range(workers)
     ]
     received: list[int] = []
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        # Nothing here can fail: logging from a signal handler could raise
-        # (a closed pipe, a full disk) and leave the workers running.
+        # Nothing here can fail or block: a log line could (a closed pipe, a
+        # full disk) and leave the workers running.
         received.append(signum)
         stopping.set()
 
@@ -134,35 +142,51 @@ def run_workers(path: Path, config: Config, workers: int) -> int:
                 status = dead[0].exitcode if dead[0].exitcode in (EXIT_CONFIG, EXIT_START) else EXIT_WORKER_DIED
                 log.error("workers.worker_exited", worker=processes.index(dead[0]), exitcode=dead[0].exitcode)
                 break
-        if received:
-            log.info("workers.stopping", signal=signal.Signals(received[0]).name)
     finally:
-        # Each worker drains by itself; SIGINT reaches them from the terminal's process group too.
-        forwarded = signal.SIGINT if received[:1] == [signal.SIGINT] else signal.SIGTERM
         timeout = config.timeouts.drain_delay + config.timeouts.grace + _STOP_MARGIN_SECONDS
-        _stop_all(processes, forwarded, timeout)
+        _stop_all(processes, received, timeout, log)
     log.info("workers.stopped", status=status)
     return status
 
 
-def _stop_all(processes: Sequence[multiprocessing.process.BaseProcess], signum: signal.Signals, timeout: float) -> None:
-    for process in processes:
-        if process.exitcode is None and process.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signum)
+def _stop_all(
+    processes: Sequence[multiprocessing.process.BaseProcess],
+    received: list[int],
+    timeout: float,
+    log: structlog.typing.FilteringBoundLogger,
+) -> None:
+    """Pass each signal received to every live worker (SIGTERM if none was); wait, then kill what is left.
+
+    Each worker drains by itself; a later signal is passed on too, so that a
+    second SIGTERM or a SIGINT stops the workers at once, as it does a single server.
+    """
+    if not received:  # a worker died: stop the others as SIGTERM would
+        received.append(signal.SIGTERM)
+    forwarded = 0
     deadline = time.monotonic() + timeout
+    while True:
+        new = received[forwarded:]
+        forwarded += len(new)
+        for signum in new:
+            for process in processes:
+                if process.exitcode is None and process.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signum)
+            log.info("workers.stopping", signal=signal.Signals(signum).name)
+        alive = [p for p in processes if p.pid is not None and p.exitcode is None]
+        if not alive or time.monotonic() >= deadline:
+            break
+        alive[0].join(timeout=0.1)
     for process in processes:
-        if process.pid is None:  # never started
-            continue
-        process.join(timeout=max(0.0, deadline - time.monotonic()))
-        if process.exitcode is None:
+        if process.pid is not None and process.exitcode is None:
             process.kill()
             process.join()
 
 
-def _worker_main(path: str, index: int) -> None:
+def _worker_main(path: str, index: int, output_lock: Lock) -> None:
     # A fresh interpreter: configure logging and load the config here, with
     # the same loader and the same environment as the parent.
     logs.configure(worker=index)
+    logs.share_output_lock(output_lock)
     config = load_or_report(Path(path))
     sys.exit(EXIT_CONFIG if config is None else run_one(config, reuse_port=True))

@@ -122,6 +122,10 @@ def _server_options(timeouts: ServerTimeouts, *, reuse_port: bool) -> list[tuple
         # thousand of them lock everyone else out.
         ("grpc.server_handshake_timeout_ms", timeouts.handshake * 1000),
         ("grpc.max_connection_idle_ms", timeouts.idle * 1000),
+        # A peer that opens a call and never finishes its request would
+        # otherwise hold the connection, and its file descriptor, forever.
+        ("grpc.max_connection_age_ms", timeouts.connection_age * 1000),
+        ("grpc.max_connection_age_grace_ms", timeouts.grace * 1000),
     ]
 
 
