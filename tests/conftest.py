@@ -15,6 +15,7 @@ from typing import BinaryIO, cast
 
 import pytest
 
+from client_support import AsyncDriver, Driver, client_kwargs
 from support import (
     BFF_ID,
     CHAT_ADMIN_ID,
@@ -32,6 +33,7 @@ from support import (
     ServerHarness,
     config_text,
 )
+from synctoken.client import AsyncTokenClient, TokenClient
 from synctoken_server import logs
 from synctoken_server.config import load_config
 from synctoken_server.pki import CertificateAuthority, LeafSpec
@@ -172,3 +174,29 @@ def processes() -> Iterator[list[Process]]:
         if p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
+
+
+@pytest.fixture(params=["sync", "async"])
+def make_client(request: pytest.FixtureRequest, pki: Pki) -> Iterator[Callable[..., Driver]]:
+    """Open TokenClients, or AsyncTokenClients behind a blocking face, to a port; closed at teardown.
+
+    `make_client(port, cert="bff", **kwargs)`: kwargs go to the client's constructor.
+    """
+    made: list[Driver] = []
+
+    def make(port: int, cert: str = "bff", **kwargs: object) -> Driver:
+        arguments: dict[str, object] = {**client_kwargs(pki, cert), **kwargs}
+        client: Driver
+        if request.param == "sync":
+            client = TokenClient(f"localhost:{port}", **arguments)  # type: ignore[arg-type]
+        else:
+            client = AsyncDriver(AsyncTokenClient(f"localhost:{port}", **arguments))  # type: ignore[arg-type]
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        if isinstance(client, AsyncDriver):
+            client.dispose()
+        else:
+            client.close()
