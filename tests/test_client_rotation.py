@@ -34,6 +34,7 @@ from client_support import (
 )
 from support import BFF_ID, SERVICE_B, LeakWatch, LogSink, Pki, RunningServer
 from synctoken.client import AsyncTokenClient, CertificateFilesError, SynctokenError, TokenClient
+from synctoken.client._channel import Generations
 from synctoken.client._credentials import CertificateFiles, TlsFiles
 from synctoken_server.pki import KeyPair
 
@@ -444,3 +445,36 @@ class TestChecking:
         """The client's logger has no handler and no level of its own: the application decides."""
         logger = logging.getLogger("synctoken.client")
         assert (logger.handlers, logger.level, logger.propagate) == ([], logging.NOTSET, True)
+
+
+class TestGenerations:
+    """The bookkeeping behind "calls in flight finish on the old channel", with plain values for channels."""
+
+    def test_idle_old_channel_is_handed_back_at_once(self) -> None:
+        """Replacing a channel no call uses returns it, to be closed now."""
+        generations = Generations("a")
+        assert generations.replace("b") == "a"
+        assert (generations.current, len(generations)) == ("b", 1)
+
+    def test_busy_old_channel_waits_for_its_last_call(self) -> None:
+        """A replaced channel with calls is kept until the last of them is released."""
+        generations = Generations("a")
+        first, second = generations.acquire(), generations.acquire()
+        assert generations.replace("b") is None
+        assert len(generations) == 2
+        assert generations.release(first) is None
+        assert generations.release(second) == "a"
+        assert len(generations) == 1
+
+    def test_current_channel_is_never_handed_back(self) -> None:
+        """Releasing a call on the current channel returns nothing to close."""
+        generations = Generations("a")
+        assert generations.release(generations.acquire()) is None
+
+    def test_release_after_drain(self) -> None:
+        """A call that ends after close() took every channel finds nothing left to close."""
+        generations = Generations("a")
+        call = generations.acquire()
+        generations.replace("b")
+        assert sorted(generations.drain()) == ["a", "b"]
+        assert generations.release(call) is None

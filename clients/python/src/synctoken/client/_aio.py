@@ -160,7 +160,9 @@ class AsyncTokenClient:
             await self._release(generation)
 
     async def _acquire(self) -> Generation[_Connection]:
-        if self._generations is None and not self._closed:
+        if self._closed:
+            raise RuntimeError("this AsyncTokenClient is closed")
+        if self._generations is None:
             self._generations = Generations(self._open(self._files.current))
         elif self._files.due() and not self._polling:
             # In a thread: changed files are read and checked, which is file I/O.
@@ -170,12 +172,12 @@ class AsyncTokenClient:
                 material = await asyncio.to_thread(self._files.poll)
             finally:
                 self._polling = False
-            if material is not None and self._generations is not None and not self._closed:
+            if self._closed:  # while we were polling
+                raise RuntimeError("this AsyncTokenClient is closed")
+            if material is not None:
                 stale = self._generations.replace(self._open(material))
                 if stale is not None:
                     await stale.channel.close()
-        if self._closed or self._generations is None:
-            raise RuntimeError("this AsyncTokenClient is closed")
         return self._generations.acquire()
 
     async def _release(self, generation: Generation[_Connection]) -> None:

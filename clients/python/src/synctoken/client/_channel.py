@@ -45,13 +45,14 @@ def channel_options(server_name: str | None) -> list[tuple[str, str | int]]:
         # Ours, whatever DNS TXT records say.
         ("grpc.service_config_disable_resolution", 1),
         ("grpc.enable_retries", 1),
-        # A default gRPC server (synctoken is one) answers pings more often than
-        # every 5 minutes, or any ping on a connection with no call, with GOAWAY
-        # "too_many_pings". So: ping only during calls, at the rate it accepts;
-        # enabling keepalive also sets TCP_USER_TIMEOUT to the ping timeout, so a
-        # connection whose packets go unacknowledged for 20 s is dropped. Idle
-        # connections need no pings: the server closes them after its
-        # idle_timeout and the channel reconnects on the next call.
+        # A default gRPC server (synctoken is one) counts pings more often than
+        # every 5 minutes, and any ping on a connection with no call, as abuse,
+        # and soon answers GOAWAY "too_many_pings". So: ping only during
+        # calls, at the rate it accepts. Enabling keepalive also sets
+        # TCP_USER_TIMEOUT to the ping timeout, so a connection whose packets go
+        # unacknowledged for 20 s is dropped. Idle connections need no pings:
+        # the server closes them after its idle_timeout, and the channel
+        # reconnects on the next call.
         ("grpc.keepalive_time_ms", 5 * 60 * 1000),
         ("grpc.keepalive_timeout_ms", 20 * 1000),
         ("grpc.keepalive_permit_without_calls", 0),
