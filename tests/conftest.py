@@ -9,6 +9,7 @@ the run.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -129,12 +130,32 @@ def log_sink() -> LogSink:
     return sink
 
 
+class _ClientRecords(logging.Handler):
+    """Every record of the client library's loggers, as formatted text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("synctoken.client"):
+            self.lines.append(self.format(record))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def leak_watch(log_sink: LogSink) -> Iterator[LeakWatch]:
-    """After the whole session, no log line holds the secret, a private key or an issued token."""
+    """After the whole session, no log line holds the secret, a private key or an issued token.
+
+    The client library's records (standard logging, on synctoken.client) are
+    searched too, caught at the root logger so that its own logger stays as
+    the library leaves it: without handlers.
+    """
     watch = LeakWatch()
+    client_logs = _ClientRecords()
+    logging.getLogger().addHandler(client_logs)
     yield watch
-    texts = {"in-process logs": "\n".join(log_sink.lines)}
+    logging.getLogger().removeHandler(client_logs)
+    texts = {"in-process logs": "\n".join(log_sink.lines), "client library logs": "\n".join(client_logs.lines)}
     texts |= {str(p): p.read_text(encoding="utf-8", errors="replace") for p in watch.log_files if p.exists()}
     for where, text in texts.items():
         for needle in watch.secrets | watch.tokens:
