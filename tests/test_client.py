@@ -231,6 +231,7 @@ class TestErrors:
         error = failure(lambda: client.issue_token("alice", **kwargs))
         assert type(error) is PermissionDenied
         assert (error.code, error.reason, error.metadata) == (grpc.StatusCode.PERMISSION_DENIED, reason, metadata)
+        assert list(error.metadata) == sorted(metadata)
         assert error.field_violations == []
 
     def test_unauthenticated(self, make_client: MakeClient, shared_server: RunningServer) -> None:

@@ -111,7 +111,8 @@ def from_rpc_error(error: grpc.RpcError) -> SynctokenError:
         code,
         call.details() or "",
         reason=(info.reason or None) if info else None,
-        metadata=info.metadata if info else None,
+        # Sorted: a protobuf map has no order, and messages and logs read better stable.
+        metadata=dict(sorted(info.metadata.items())) if info else None,
         field_violations=[(v.field, v.description) for v in bad_request.field_violations] if bad_request else (),
         retry_after=retry_info.retry_delay.ToTimedelta() if retry_info else None,
     )
