@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import errno
@@ -40,6 +41,7 @@ from support import (
     free_port,
 )
 from synctoken.client import (
+    AsyncTokenClient,
     CallerIdentity,
     CallerPolicy,
     InvalidRequest,
@@ -125,11 +127,13 @@ class TestIssueToken:
     def test_repr_leaves_the_token_out(
         self, make_client: MakeClient, shared_server: RunningServer, leak_watch: LeakWatch
     ) -> None:
-        """Printing or logging an IssuedToken shows its token_id, never the token."""
+        """Printing or logging an IssuedToken shows its token_id, never the token; and it cannot be changed."""
         token = make_client(shared_server.port).issue_token("alice")
         keep(leak_watch, token)
         assert token.token not in repr(token)
         assert token.token_id in repr(token)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            token.token = ""  # type: ignore[misc]
 
 
 class TestWhoami:
@@ -345,19 +349,30 @@ class TestRetries:
 class TestSettings:
     """Constructor arguments, SYNCTOKEN_* variables, the TLS name, and closing."""
 
-    def test_from_env(self, pki: Pki, shared_server: RunningServer) -> None:
-        """from_env reads the target, the three files and the timeout from the variables."""
+    @pytest.mark.parametrize("asynchronous", [False, True])
+    def test_from_env(self, pki: Pki, shared_server: RunningServer, asynchronous: bool) -> None:
+        """from_env reads the target, the three files, the TLS name and the timeout from the variables."""
         paths = client_kwargs(pki, "chat_worker")
         environ = {
-            "SYNCTOKEN_TARGET": f"localhost:{shared_server.port}",
+            "SYNCTOKEN_TARGET": f"127.0.0.1:{shared_server.port}",
             "SYNCTOKEN_CA_FILE": str(paths["ca_file"]),
             "SYNCTOKEN_CERT_FILE": str(paths["cert_file"]),
             "SYNCTOKEN_KEY_FILE": str(paths["key_file"]),
+            "SYNCTOKEN_SERVER_NAME": "localhost",
             "SYNCTOKEN_TIMEOUT": "7.5",
         }
-        with TokenClient.from_env(environ) as client:
-            assert client._timeout == 7.5
-            assert client.whoami().caller_id == CHAT_WORKER_ID
+
+        async def ask_async() -> tuple[float, list[tuple[str, str | int]], str]:
+            async with AsyncTokenClient.from_env(environ) as client:
+                return client._timeout, client._options, (await client.whoami()).caller_id
+
+        if asynchronous:
+            timeout, options, caller = asyncio.run(ask_async())
+        else:
+            with TokenClient.from_env(environ) as client:
+                timeout, options, caller = client._timeout, client._options, client.whoami().caller_id
+        assert (timeout, caller) == (7.5, CHAT_WORKER_ID)
+        assert ("grpc.ssl_target_name_override", "localhost") in options
 
     @pytest.mark.parametrize(
         ("missing_or_bad", "message"),
