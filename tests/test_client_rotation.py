@@ -441,6 +441,18 @@ class TestChecking:
         assert inner._generations is not None
         assert inner._generations.current is before
 
+    def test_new_pair_taken_whoever_polled(
+        self, pki: Pki, make_client: MakeClient, shared_server: RunningServer, files: RotatingFiles
+    ) -> None:
+        """A poll whose caller never got to use its result (a task cancelled mid-poll) does not lose the new pair."""
+        client = make_client(shared_server.port, cert_check_interval=CHECK, **files.kwargs())
+        assert client.whoami().caller_id == BFF_ID
+        files.write_in_place(fresh_pair(pki))
+        time.sleep(CHECK * 2)
+        inner = client.client if isinstance(client, AsyncDriver) else client
+        assert inner._files.poll() is not None  # the new pair, read and dropped
+        assert client.whoami().caller_id == ROTATED_ID
+
     def test_library_configures_no_logging(self) -> None:
         """The client's logger has no handler and no level of its own: the application decides."""
         logger = logging.getLogger("synctoken.client")

@@ -34,6 +34,7 @@ R = TypeVar("R")
 
 
 class _Connection(NamedTuple):
+    material: TlsMaterial
     channel: grpc.aio.Channel
     stub: TokenServiceAsyncStub
 
@@ -169,15 +170,18 @@ class AsyncTokenClient:
             # One task polls; the others carry on with the channel they have.
             self._polling = True
             try:
-                material = await asyncio.to_thread(self._files.poll)
+                await asyncio.to_thread(self._files.poll)
             finally:
                 self._polling = False
             if self._closed:  # while we were polling
                 raise RuntimeError("this AsyncTokenClient is closed")
-            if material is not None:
-                stale = self._generations.replace(self._open(material))
-                if stale is not None:
-                    await stale.channel.close()
+        # The files' current material is the truth, not what poll returned: a
+        # task cancelled while polling must not leave a new pair unused.
+        wanted = self._files.current
+        if self._generations.current.material is not wanted:
+            stale = self._generations.replace(self._open(wanted))
+            if stale is not None:
+                await stale.channel.close()
         return self._generations.acquire()
 
     async def _release(self, generation: Generation[_Connection]) -> None:
@@ -187,4 +191,4 @@ class AsyncTokenClient:
 
     def _open(self, material: TlsMaterial) -> _Connection:
         channel = grpc.aio.secure_channel(self._target, material.channel_credentials(), options=self._options)
-        return _Connection(channel, TokenServiceStub(channel))
+        return _Connection(material, channel, TokenServiceStub(channel))

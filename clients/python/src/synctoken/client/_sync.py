@@ -25,6 +25,7 @@ R = TypeVar("R")
 
 
 class _Connection(NamedTuple):
+    material: TlsMaterial
     channel: grpc.Channel
     stub: TokenServiceStub
 
@@ -158,17 +159,18 @@ class TokenClient:
 
     def _acquire(self) -> Generation[_Connection]:
         # Outside the lock: reading and checking changed files must not hold up other calls.
-        material = self._files.poll() if self._files.due() else None
-        fresh = self._open(material) if material is not None else None
+        if self._files.due():
+            self._files.poll()
         with self._lock:
-            closed = self._closed
-            if not closed:
-                stale = self._generations.replace(fresh) if fresh is not None else None
-                generation = self._generations.acquire()
-        if closed:
-            if fresh is not None:
-                fresh.channel.close()
-            raise RuntimeError("this TokenClient is closed")
+            if self._closed:
+                raise RuntimeError("this TokenClient is closed")
+            # The files' current material is the truth, whoever polled: a new
+            # one gets a new channel (opening one only sets it up: no I/O).
+            wanted = self._files.current
+            stale = None
+            if self._generations.current.material is not wanted:
+                stale = self._generations.replace(self._open(wanted))
+            generation = self._generations.acquire()
         if stale is not None:
             stale.channel.close()
         return generation
@@ -181,4 +183,4 @@ class TokenClient:
 
     def _open(self, material: TlsMaterial) -> _Connection:
         channel = grpc.secure_channel(self._target, material.channel_credentials(), options=self._options)
-        return _Connection(channel, TokenServiceStub(channel))
+        return _Connection(material, channel, TokenServiceStub(channel))
