@@ -9,12 +9,14 @@ the run.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, cast
 
 import pytest
 
+from client_support import AsyncDriver, Driver, client_kwargs
 from support import (
     BFF_ID,
     CHAT_ADMIN_ID,
@@ -32,6 +34,7 @@ from support import (
     ServerHarness,
     config_text,
 )
+from synctoken.client import AsyncTokenClient, TokenClient
 from synctoken_server import logs
 from synctoken_server.config import load_config
 from synctoken_server.pki import CertificateAuthority, LeafSpec
@@ -140,12 +143,32 @@ def log_sink() -> LogSink:
     return sink
 
 
+class _ClientRecords(logging.Handler):
+    """Every record of the client library's loggers, as formatted text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("synctoken.client"):
+            self.lines.append(self.format(record))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def leak_watch(log_sink: LogSink) -> Iterator[LeakWatch]:
-    """After the whole session, no log line holds the secret, a private key or an issued token."""
+    """After the whole session, no log line holds the secret, a private key or an issued token.
+
+    The client library's records (standard logging, on synctoken.client) are
+    searched too, caught at the root logger so that its own logger stays as
+    the library leaves it: without handlers.
+    """
     watch = LeakWatch()
+    client_logs = _ClientRecords()
+    logging.getLogger().addHandler(client_logs)
     yield watch
-    texts = {"in-process logs": "\n".join(log_sink.lines)}
+    logging.getLogger().removeHandler(client_logs)
+    texts = {"in-process logs": "\n".join(log_sink.lines), "client library logs": "\n".join(client_logs.lines)}
     texts |= {str(p): p.read_text(encoding="utf-8", errors="replace") for p in watch.log_files if p.exists()}
     for where, text in texts.items():
         for needle in watch.secrets | watch.tokens:
@@ -185,3 +208,29 @@ def processes() -> Iterator[list[Process]]:
         if p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
+
+
+@pytest.fixture(params=["sync", "async"])
+def make_client(request: pytest.FixtureRequest, pki: Pki) -> Iterator[Callable[..., Driver]]:
+    """Open TokenClients, or AsyncTokenClients behind a blocking face, to a port; closed at teardown.
+
+    `make_client(port, cert="bff", **kwargs)`: kwargs go to the client's constructor.
+    """
+    made: list[Driver] = []
+
+    def make(port: int, cert: str = "bff", **kwargs: object) -> Driver:
+        arguments: dict[str, object] = {**client_kwargs(pki, cert), **kwargs}
+        client: Driver
+        if request.param == "sync":
+            client = TokenClient(f"localhost:{port}", **arguments)  # type: ignore[arg-type]
+        else:
+            client = AsyncDriver(AsyncTokenClient(f"localhost:{port}", **arguments))  # type: ignore[arg-type]
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        if isinstance(client, AsyncDriver):
+            client.dispose()
+        else:
+            client.close()

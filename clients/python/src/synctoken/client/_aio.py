@@ -1,0 +1,194 @@
+"""AsyncTokenClient: the asyncio client, for the tasks of one event loop.
+
+It takes the same arguments and keeps the same promises as TokenClient. Its
+channels belong to the loop that first uses it, so they are opened on the
+first call rather than in the constructor, which can then run anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
+
+import grpc
+
+from synctoken.client._cache import DEFAULT_CACHE_SIZE, AsyncTokenCache, CacheKey, Clock, utc_now
+from synctoken.client._channel import Generation, Generations, channel_options
+from synctoken.client._credentials import DEFAULT_CHECK_INTERVAL, CertificateFiles, TlsFiles, TlsMaterial
+from synctoken.client._errors import from_rpc_error
+from synctoken.client._settings import DEFAULT_TIMEOUT, Connection
+from synctoken.client._types import CallerIdentity, IssuedToken, issue_request
+from synctoken.v1 import token_service_pb2 as pb
+from synctoken.v1.token_service_pb2_grpc import TokenServiceStub
+
+if TYPE_CHECKING:
+    # A typing-only name: the generated stub's overload for an aio channel.
+    from synctoken.v1.token_service_pb2_grpc import TokenServiceAsyncStub
+
+R = TypeVar("R")
+
+
+class _Connection(NamedTuple):
+    material: TlsMaterial
+    channel: grpc.aio.Channel
+    stub: TokenServiceAsyncStub
+
+
+class AsyncTokenClient:
+    """Calls synctoken over mutual TLS from asyncio code; see TokenClient for the behaviour."""
+
+    def __init__(  # noqa: PLR0913 - the documented keyword arguments
+        self,
+        target: str,
+        *,
+        ca_file: str | os.PathLike[str],
+        cert_file: str | os.PathLike[str],
+        key_file: str | os.PathLike[str],
+        server_name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        cert_check_interval: float = DEFAULT_CHECK_INTERVAL,
+        clock: Clock = utc_now,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be above 0 seconds, not {timeout}")
+        self._target = target
+        self._options = channel_options(server_name)
+        self._timeout = timeout
+        self._files = CertificateFiles(TlsFiles(Path(ca_file), Path(cert_file), Path(key_file)), cert_check_interval)
+        self._cache = AsyncTokenCache(cache_size, clock)
+        self._generations: Generations[_Connection] | None = None
+        self._polling = False
+        self._closed = False
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        cert_check_interval: float = DEFAULT_CHECK_INTERVAL,
+        clock: Clock = utc_now,
+    ) -> Self:
+        """A client set up by SYNCTOKEN_TARGET, _CA_FILE, _CERT_FILE, _KEY_FILE, _SERVER_NAME and _TIMEOUT."""
+        c = Connection.resolve(os.environ if environ is None else environ)
+        return cls(
+            c.target,
+            ca_file=c.ca_file,
+            cert_file=c.cert_file,
+            key_file=c.key_file,
+            server_name=c.server_name,
+            timeout=c.timeout,
+            cache_size=cache_size,
+            cert_check_interval=cert_check_interval,
+            clock=clock,
+        )
+
+    async def issue_token(
+        self,
+        identity: str,
+        *,
+        service_sid: str = "",
+        endpoint_id: str = "",
+        ttl: dt.timedelta | None = None,
+        region: str = "",
+        validate_only: bool = False,
+    ) -> IssuedToken:
+        """Mint a new token (no cache); empty service_sid and unset ttl mean the caller's defaults."""
+        request = issue_request(
+            identity,
+            service_sid=service_sid,
+            endpoint_id=endpoint_id,
+            ttl=ttl,
+            region=region,
+            validate_only=validate_only,
+        )
+        response = await self._call(lambda stub: stub.IssueToken(request, timeout=self._timeout))
+        return IssuedToken.from_response(response)
+
+    async def get_token(
+        self,
+        identity: str,
+        *,
+        service_sid: str = "",
+        endpoint_id: str = "",
+        ttl: dt.timedelta | None = None,
+        region: str = "",
+    ) -> IssuedToken:
+        """A cached token until its refresh_after, else a new one; one RPC for concurrent identical calls."""
+        key = CacheKey(identity, service_sid, endpoint_id, ttl, region)
+        return await self._cache.get(
+            key,
+            lambda: self.issue_token(
+                identity, service_sid=service_sid, endpoint_id=endpoint_id, ttl=ttl, region=region
+            ),
+        )
+
+    async def whoami(self) -> CallerIdentity:
+        """Who the server believes this client is, and the policy that applies to it."""
+        response = await self._call(
+            lambda stub: stub.GetCallerIdentity(pb.GetCallerIdentityRequest(), timeout=self._timeout)
+        )
+        return CallerIdentity.from_response(response)
+
+    async def close(self) -> None:
+        """Close every channel; calls still in flight are cancelled. A second call does nothing."""
+        self._closed = True
+        connections = self._generations.drain() if self._generations is not None else []
+        for connection in connections:
+            await connection.channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _call(self, rpc: Callable[[TokenServiceAsyncStub], Awaitable[R]]) -> R:
+        generation = await self._acquire()
+        try:
+            return await rpc(generation.connection.stub)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            await self._release(generation)
+
+    async def _acquire(self) -> Generation[_Connection]:
+        if self._closed:
+            raise RuntimeError("this AsyncTokenClient is closed")
+        if self._generations is None:
+            self._generations = Generations(self._open(self._files.current))
+        elif self._files.due() and not self._polling:
+            # In a thread: changed files are read and checked, which is file I/O.
+            # One task polls; the others carry on with the channel they have.
+            self._polling = True
+            try:
+                await asyncio.to_thread(self._files.poll)
+            finally:
+                self._polling = False
+            if self._closed:  # while we were polling
+                raise RuntimeError("this AsyncTokenClient is closed")
+        # The files' current material is the truth, not what poll returned: a
+        # task cancelled while polling must not leave a new pair unused.
+        wanted = self._files.current
+        if self._generations.current.material is not wanted:
+            stale = self._generations.replace(self._open(wanted))
+            if stale is not None:
+                await stale.channel.close()
+        return self._generations.acquire()
+
+    async def _release(self, generation: Generation[_Connection]) -> None:
+        finished = self._generations.release(generation) if self._generations is not None else None
+        if finished is not None:
+            await finished.channel.close()
+
+    def _open(self, material: TlsMaterial) -> _Connection:
+        channel = grpc.aio.secure_channel(self._target, material.channel_credentials(), options=self._options)
+        return _Connection(material, channel, TokenServiceStub(channel))

@@ -1,0 +1,186 @@
+"""TokenClient: the blocking client, safe to share between threads for the life of a process."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple, Self, TypeVar
+
+import grpc
+
+from synctoken.client._cache import DEFAULT_CACHE_SIZE, CacheKey, Clock, TokenCache, utc_now
+from synctoken.client._channel import Generation, Generations, channel_options
+from synctoken.client._credentials import DEFAULT_CHECK_INTERVAL, CertificateFiles, TlsFiles, TlsMaterial
+from synctoken.client._errors import from_rpc_error
+from synctoken.client._settings import DEFAULT_TIMEOUT, Connection
+from synctoken.client._types import CallerIdentity, IssuedToken, issue_request
+from synctoken.v1 import token_service_pb2 as pb
+from synctoken.v1.token_service_pb2_grpc import TokenServiceStub
+
+R = TypeVar("R")
+
+
+class _Connection(NamedTuple):
+    material: TlsMaterial
+    channel: grpc.Channel
+    stub: TokenServiceStub
+
+
+class TokenClient:
+    """Calls synctoken over mutual TLS, with a deadline on every call, gRPC's retries, and a token cache.
+
+    The certificate files are read and checked here (CertificateFilesError if
+    they cannot be used), then looked at again at most every
+    `cert_check_interval` seconds, on a call: a new, matching pair opens a new
+    channel for new calls, while calls in flight finish on the old one.
+    """
+
+    def __init__(  # noqa: PLR0913 - the documented keyword arguments
+        self,
+        target: str,
+        *,
+        ca_file: str | os.PathLike[str],
+        cert_file: str | os.PathLike[str],
+        key_file: str | os.PathLike[str],
+        server_name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        cert_check_interval: float = DEFAULT_CHECK_INTERVAL,
+        clock: Clock = utc_now,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be above 0 seconds, not {timeout}")
+        self._target = target
+        self._options = channel_options(server_name)
+        self._timeout = timeout
+        self._files = CertificateFiles(TlsFiles(Path(ca_file), Path(cert_file), Path(key_file)), cert_check_interval)
+        self._cache = TokenCache(cache_size, clock)
+        # Guards the generations: taking and returning a channel, and swapping it.
+        self._lock = threading.Lock()
+        self._generations = Generations(self._open(self._files.current))
+        self._closed = False
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        cert_check_interval: float = DEFAULT_CHECK_INTERVAL,
+        clock: Clock = utc_now,
+    ) -> Self:
+        """A client set up by SYNCTOKEN_TARGET, _CA_FILE, _CERT_FILE, _KEY_FILE, _SERVER_NAME and _TIMEOUT."""
+        c = Connection.resolve(os.environ if environ is None else environ)
+        return cls(
+            c.target,
+            ca_file=c.ca_file,
+            cert_file=c.cert_file,
+            key_file=c.key_file,
+            server_name=c.server_name,
+            timeout=c.timeout,
+            cache_size=cache_size,
+            cert_check_interval=cert_check_interval,
+            clock=clock,
+        )
+
+    def issue_token(
+        self,
+        identity: str,
+        *,
+        service_sid: str = "",
+        endpoint_id: str = "",
+        ttl: dt.timedelta | None = None,
+        region: str = "",
+        validate_only: bool = False,
+    ) -> IssuedToken:
+        """Mint a new token (no cache); empty service_sid and unset ttl mean the caller's defaults."""
+        request = issue_request(
+            identity,
+            service_sid=service_sid,
+            endpoint_id=endpoint_id,
+            ttl=ttl,
+            region=region,
+            validate_only=validate_only,
+        )
+        response = self._call(lambda stub: stub.IssueToken(request, timeout=self._timeout))
+        return IssuedToken.from_response(response)
+
+    def get_token(
+        self,
+        identity: str,
+        *,
+        service_sid: str = "",
+        endpoint_id: str = "",
+        ttl: dt.timedelta | None = None,
+        region: str = "",
+    ) -> IssuedToken:
+        """A cached token until its refresh_after, else a new one; one RPC for concurrent identical calls."""
+        key = CacheKey(identity, service_sid, endpoint_id, ttl, region)
+        return self._cache.get(
+            key,
+            lambda: self.issue_token(
+                identity, service_sid=service_sid, endpoint_id=endpoint_id, ttl=ttl, region=region
+            ),
+        )
+
+    def whoami(self) -> CallerIdentity:
+        """Who the server believes this client is, and the policy that applies to it."""
+        response = self._call(lambda stub: stub.GetCallerIdentity(pb.GetCallerIdentityRequest(), timeout=self._timeout))
+        return CallerIdentity.from_response(response)
+
+    def close(self) -> None:
+        """Close every channel; calls still in flight are cancelled. A second call does nothing."""
+        with self._lock:
+            self._closed = True
+            connections = self._generations.drain()
+        for connection in connections:
+            connection.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _call(self, rpc: Callable[[TokenServiceStub], R]) -> R:
+        generation = self._acquire()
+        try:
+            return rpc(generation.connection.stub)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            self._release(generation)
+
+    def _acquire(self) -> Generation[_Connection]:
+        # Outside the lock: reading and checking changed files must not hold up other calls.
+        if self._files.due():
+            self._files.poll()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this TokenClient is closed")
+            # The files' current material is the truth, whoever polled: a new
+            # one gets a new channel (opening one only sets it up: no I/O).
+            wanted = self._files.current
+            stale = None
+            if self._generations.current.material is not wanted:
+                stale = self._generations.replace(self._open(wanted))
+            generation = self._generations.acquire()
+        if stale is not None:
+            stale.channel.close()
+        return generation
+
+    def _release(self, generation: Generation[_Connection]) -> None:
+        with self._lock:
+            finished = self._generations.release(generation)
+        if finished is not None:
+            finished.channel.close()
+
+    def _open(self, material: TlsMaterial) -> _Connection:
+        channel = grpc.secure_channel(self._target, material.channel_credentials(), options=self._options)
+        return _Connection(material, channel, TokenServiceStub(channel))

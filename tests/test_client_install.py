@@ -1,0 +1,70 @@
+"""The client package installs alone: a fresh venv, `pip install ./clients/python`, nothing of the server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from support import BFF_ID, Pki, RunningServer
+
+CLIENT_PACKAGE = Path(__file__).resolve().parent.parent / "clients" / "python"
+# What `pip install ./clients/python` may bring: its own dependencies and theirs.
+ALLOWED = {"synctoken-api", "grpcio", "protobuf", "googleapis-common-protos", "typing-extensions", "pip", "setuptools"}
+SERVER_ONLY = ["synctoken_server", "twilio", "cryptography", "structlog", "spiffe", "orjson", "grpc_status"]
+
+_PROBE = """
+import importlib.metadata, importlib.util, json, sys
+import synctoken.client
+names = sorted({d.metadata["Name"].lower().replace("_", "-") for d in importlib.metadata.distributions()})
+present = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is not None]
+print(json.dumps({"names": names, "server_only_present": present, "exports": synctoken.client.__all__}))
+"""
+
+
+class TestFreshVenv:
+    """A microservice's view: only the client's dependencies, and it works."""
+
+    def test_installs_imports_and_calls(self, tmp_path: Path, pki: Pki, shared_server: RunningServer) -> None:
+        """pip installs the package with its dependencies only; synctoken.client imports; the CLI calls the server."""
+        # A copy, so that the build's egg-info and build/ folders land in tmp, not in the work tree.
+        source = shutil.copytree(
+            CLIENT_PACKAGE, tmp_path / "src", ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__")
+        )
+        venv = tmp_path / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        install = subprocess.run(
+            [venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", str(source)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert install.returncode == 0, install.stderr
+        probe = subprocess.run(
+            [venv / "bin" / "python", "-c", _PROBE, *SERVER_ONLY],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        found = json.loads(probe.stdout)
+        assert set(found["names"]) <= ALLOWED
+        assert found["server_only_present"] == []
+        assert "TokenClient" in found["exports"]
+        cert_file, key_file = pki.files("bff")
+        whoami = subprocess.run(
+            [
+                venv / "bin" / "synctoken-client",
+                *("--target", f"localhost:{shared_server.port}", "--ca", str(pki.directory / "ca.pem")),
+                *("--cert", str(cert_file), "--key", str(key_file), "whoami"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert whoami.returncode == 0, whoami.stderr
+        assert json.loads(whoami.stdout)["caller_id"] == BFF_ID
