@@ -301,7 +301,7 @@ PATTERN = 'identity_pattern = "user-[0-9]+"'  # only callers[1] has one
         (
             f'api_key = "{API_KEY_SID}"',
             'api_secret = "hunter2"',
-            "twilio.api_secret: unknown key; expected one of account_sid, api_key, api_secret_env, api_secret_file",
+            "twilio.api_secret: unknown key; expected one of account_sid, api_key, api_keys, api_secret_env, api_secret_file",
         ),
         (
             f'api_key = "{API_KEY_SID}"',
