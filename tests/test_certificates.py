@@ -212,3 +212,23 @@ class TestServerCertificates:
         assert records[0]["not_after"] == certificates.current.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
         certificates.check_expiry()
         assert len(log_sink.records(start)) == len(records), "warned once, not on every check"
+
+    def test_config_naming_other_files(self, pki: Pki, files: TlsFiles, tmp_path: Path, log_sink: LogSink) -> None:
+        """A reloaded config that names other TLS files switches to the set it loaded, and watches those files."""
+        certificates = self.watcher(files)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        moved = TlsFiles(elsewhere / "server.pem", elsewhere / "server-key.pem", elsewhere / "ca.pem")
+        pair = server_pair(pki.ca)
+        pair.write(moved.cert, moved.key)
+        moved.client_ca.write_bytes(pki.ca.cert_pem)
+        start = len(log_sink.lines)
+        certificates.use(tlsfiles.read(moved, restamp(moved.paths()), NOW), expiry_warning=None)
+        assert certificates._fetch() is not None
+        assert certificates.current.serial == serial(pair)
+        assert [r["event"] for r in log_sink.records(start)] == ["tls.reloaded"]
+        newer = server_pair(pki.ca)
+        replace_file(moved.key, newer.key_pem)
+        replace_file(moved.cert, newer.cert_pem)
+        assert certificates._fetch() is not None
+        assert certificates.current.serial == serial(newer)
