@@ -158,11 +158,12 @@ def _server(r: TomlReader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts
 
 def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[TlsMaterial, int | None]:
     tls = r.table(data, "tls", {"cert_file", "key_file", "client_ca_file", "expiry_warning"})
-    names = (r.get(tls, "tls", name, str) for name in ("cert_file", "key_file", "client_ca_file"))
-    files = TlsFiles(*(r.path(name) for name in names))
-    cert_pem = r.read_file(tlsfiles.CERT_KEY, r.get(tls, "tls", "cert_file", str))
-    key_pem = r.read_file(tlsfiles.KEY_KEY, r.get(tls, "tls", "key_file", str), private=True)
-    ca_pem = r.read_file(tlsfiles.CA_KEY, r.get(tls, "tls", "client_ca_file", str))
+    cert, key, ca = (r.get(tls, "tls", name, str) for name in ("cert_file", "key_file", "client_ca_file"))
+    cert_pem = r.read_file(tlsfiles.CERT_KEY, cert)
+    key_pem = r.read_file(tlsfiles.KEY_KEY, key, private=True)
+    ca_pem = r.read_file(tlsfiles.CA_KEY, ca)
+    files = TlsFiles(r.path(cert), r.path(key), r.path(ca))
+    # Stamped by read_file just before it read each: a change since is seen by the certificate watcher.
     stamps = tuple((path, r.files[path]) for path in files.paths())
     try:
         material = tlsfiles.check(files, stamps, cert_pem, key_pem, ca_pem, now=dt.datetime.now(dt.UTC))

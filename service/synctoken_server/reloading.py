@@ -9,10 +9,10 @@ once (see snapshot.py).
 Files are polled, one stat each every `server.watch_interval` (1 s by
 default; 0 turns it off, for deployments that change several files and then
 send SIGHUP): no new dependency, and it works alike on every filesystem,
-Kubernetes secret volumes included. The TLS files
-are the certificate watcher's (certificates.py): a change to them alone calls
-for a config reload only to retry one that failed, perhaps because it read a
-certificate and key caught mid-rotation.
+Kubernetes secret volumes included. The TLS files are the certificate
+watcher's (certificates.py): a change to them alone calls for a config reload
+only to retry one that failed, perhaps because it read a certificate and key
+caught mid-rotation.
 
 Only a restart can change two things:
 - `server.listen`, `server.handshake_timeout`, `server.idle_timeout`: they
