@@ -102,15 +102,14 @@ async def _serve(config: Config, path: Path, *, reuse_port: bool, on_ready: Call
     if on_ready is not None:
         on_ready(server.port)
     received = await signals.get()
-    # A reload half-way through a stop would change nothing that matters any more.
-    reloading.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reloading
     timeouts = server.snapshots.current.config.timeouts
     # SIGTERM is an orchestrator: drain. SIGINT is a person at a terminal: stop now.
     drain_delay = timeouts.drain_delay if received is signal.SIGTERM else 0
     log.info("server.stopping", signal=received.name, drain_delay=drain_delay, grace=timeouts.grace)
     stop = asyncio.create_task(server.stop(drain_delay=drain_delay))
+    # After the stop is under way, so that health turns NOT_SERVING first: a
+    # reload during a stop would change nothing that matters any more.
+    reloading.cancel()
     second = asyncio.create_task(signals.get())
     await asyncio.wait((stop, second), return_when=asyncio.FIRST_COMPLETED)
     if not stop.done():
