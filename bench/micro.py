@@ -25,7 +25,8 @@ from synctoken_server.audit import AuditLog
 from synctoken_server.config import load_config
 from synctoken_server.devenv import DEV_CLIENT_ID
 from synctoken_server.issuing import TokenIssuer
-from synctoken_server.minting import Minter
+from synctoken_server.keyledger import SignedExpiries
+from synctoken_server.snapshot import Snapshot
 
 
 def _interleaved_medians_us(funcs: dict[str, Callable[[], object]], number: int, repeats: int) -> dict[str, float]:
@@ -43,7 +44,8 @@ def run(config_path: Path, *, number: int, repeats: int, sink: BinaryIO) -> dict
     logs.configure(sink)
     config = load_config(config_path, environ={})
     creds = config.credentials
-    issuer = TokenIssuer(policy=config.policy, minter=Minter(creds), audit_log=AuditLog())
+    snapshot = Snapshot.of(config)
+    issuer = TokenIssuer(audit_log=AuditLog(), signed=SignedExpiries())
     request = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
     service_sid = next(iter(config.policy)).sync_services[0]
 
@@ -51,7 +53,7 @@ def run(config_path: Path, *, number: int, repeats: int, sink: BinaryIO) -> dict
         # What one IssueToken does between parsing and serialising, per-RPC log context included.
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(rpc="IssueToken", peer="ipv4:127.0.0.1:1", caller_id=DEV_CLIENT_ID)
-        return issuer.issue(DEV_CLIENT_ID, request, time.perf_counter())
+        return issuer.issue(snapshot, DEV_CLIENT_ID, request, time.perf_counter())
 
     def bare_access_token() -> object:
         token = AccessToken(

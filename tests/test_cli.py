@@ -17,6 +17,7 @@ import pytest
 from cryptography import x509
 
 from support import (
+    API_KEY_SID,
     API_SECRET,
     GRPCURL,
     SECRET_ENV,
@@ -73,7 +74,7 @@ class TestDev:
         assert claims["grants"] == {"identity": "alice", "data_sync": {"service_sid": devenv.DEV_SYNC_SERVICE_SID}}
         assert process.terminate() == 0
         events = [r["event"] for r in process.records()]
-        assert events == ["server.started", "token.decision", "server.stopping", "server.stopped"]
+        assert events == ["tls.loaded", "server.started", "token.decision", "server.stopping", "server.stopped"]
         assert (tmp_path / "dev" / devenv.CLIENT_KEY).stat().st_mode & 0o077 == 0
 
     def test_dev_uses_real_credentials_when_set(
@@ -242,7 +243,9 @@ class TestCheckConfig:
         assert result.returncode == 0, result.stderr
         assert API_SECRET not in result.stdout + result.stderr
         effective = json.loads(result.stdout)
-        assert effective["twilio"]["api_secret"] == "(loaded, not shown)"
+        assert effective["twilio"]["api_keys"] == [
+            {"sid": API_KEY_SID, "active": True, "secret": "(loaded, not shown)"}
+        ]
         assert [c["max_ttl"] for c in effective["callers"]] == ["4h", "30m", "24h"]
         assert effective["callers"][1]["identity_pattern"] == "user-[0-9]+"
 

@@ -303,7 +303,7 @@ PATTERN = 'identity_pattern = "user-[0-9]+"'  # only callers[1] has one
         (
             f'api_key = "{API_KEY_SID}"',
             'api_secret = "hunter2"',
-            "twilio.api_secret: unknown key; expected one of account_sid, api_key, api_secret_env, api_secret_file",
+            "twilio.api_secret: unknown key; expected one of account_sid, api_key, api_keys, api_secret_env, api_secret_file",
         ),
         (
             f'api_key = "{API_KEY_SID}"',
@@ -405,6 +405,7 @@ class TestServerSection:
             ('grace = "11m"', "server.grace: 11m is above the 10m limit"),
             ('handshake_timeout = "0s"', "server.handshake_timeout: 0s is below the 1s minimum"),
             ('idle_timeout = "\uff15s"', "server.idle_timeout: '\uff15s' is not a duration like 90s, 15m, 1h or 1h30m"),
+            ('watch_interval = "11m"', "server.watch_interval: 11m is above the 10m limit"),
         ],
     )
     def test_bad_durations(self, pki: Pki, write_config: WriteConfig, line: str, message: str) -> None:
@@ -419,6 +420,18 @@ class TestServerSection:
             write_config(text),
             f"server.listen: '127.0.0.1:{port}' is not host:port (e.g. 127.0.0.1:50051 or [::]:50051)",
         )
+
+
+class TestTlsSection:
+    """[tls]: the files and the expiry warning."""
+
+    def test_expiry_warning(self, pki: Pki, write_config: WriteConfig) -> None:
+        """Unset, the margin is left to the certificate's lifetime; set, it is a duration of at least a minute."""
+        assert load_config(write_config(config_text(pki)), environ=SECRET_ENV).tls_expiry_warning is None
+        text = replaced(pki, "[identity]", 'expiry_warning = "72h"\n\n[identity]')
+        assert load_config(write_config(text), environ=SECRET_ENV).tls_expiry_warning == 72 * 3600
+        text = replaced(pki, "[identity]", 'expiry_warning = "30s"\n\n[identity]')
+        expect_error(write_config(text), "tls.expiry_warning: 30s is below the 1m minimum")
 
 
 def self_signed(key: PrivateKey, directory: Path) -> tuple[Path, Path]:

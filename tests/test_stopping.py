@@ -14,10 +14,8 @@ import signal
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -31,6 +29,8 @@ from support import (
     LeakWatch,
     Pki,
     Process,
+    SteadyLoad,
+    channel,
     config_text,
     free_port,
     rpc_error,
@@ -64,58 +64,6 @@ def launch(pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Proc
         return process, port
 
     return start
-
-
-def channel(pki: Pki, port: int) -> grpc.Channel:
-    """A channel with its own connection (not shared with other channels in this process)."""
-    return grpc.secure_channel(
-        f"localhost:{port}", pki.credentials("bff"), options=[("grpc.use_local_subchannel_pool", 1)]
-    )
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One call: when it was sent and how it ended."""
-
-    sent: float
-    code: grpc.StatusCode
-
-
-class SteadyLoad:
-    """Several connections sending IssueToken back to back until told to stop (at most `limit` calls each)."""
-
-    def __init__(self, pki: Pki, port: int, watch: LeakWatch, connections: int = 4, limit: int = 5000) -> None:
-        self.outcomes: list[Outcome] = []
-        self._stop = threading.Event()
-        self._channels = [channel(pki, port) for _ in range(connections)]
-        self._threads = [
-            threading.Thread(target=self._run, args=(c, watch, limit), daemon=True) for c in self._channels
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self, ch: grpc.Channel, watch: LeakWatch, limit: int) -> None:
-        stub = token_service_pb2_grpc.TokenServiceStub(ch)
-        for _ in range(limit):
-            if self._stop.is_set():
-                return
-            sent = time.monotonic()
-            try:
-                response = stub.IssueToken(REQUEST, timeout=10)
-                watch.tokens.add(response.token)
-                code = grpc.StatusCode.OK
-            except grpc.RpcError as exc:
-                code = exc.code()
-            self.outcomes.append(Outcome(sent, code))
-
-    def stop(self) -> list[Outcome]:
-        """Stop sending, wait for the last calls, and return every outcome."""
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
-        for ch in self._channels:
-            ch.close()
-        return self.outcomes
 
 
 def health_status(pki: Pki, port: int) -> int:

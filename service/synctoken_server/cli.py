@@ -9,8 +9,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from synctoken_server import __version__, devenv, logs, running
+from synctoken_server.config import Config
 from synctoken_server.configfile import ConfigError
-from synctoken_server.durations import format_duration
+from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
 from synctoken_server.running import EXIT_CONFIG
 
 
@@ -70,7 +71,7 @@ def _check_config(path: Path) -> int:
     config = running.load_or_report(path)
     if config is None:
         return EXIT_CONFIG
-    for warning in config.warnings:
+    for warning in (*config.warnings, *_inactive_key_warnings(config)):
         print(f"synctoken: warning: {warning}", file=sys.stderr)
     timeouts = config.timeouts
     effective = {
@@ -81,12 +82,23 @@ def _check_config(path: Path) -> int:
             "handshake_timeout": format_duration(timeouts.handshake),
             "idle_timeout": format_duration(timeouts.idle),
             "max_connection_age": format_duration(timeouts.connection_age),
+            "watch_interval": format_duration(timeouts.watch_interval),
+        },
+        "tls": {
+            "serial": config.tls.serial,
+            "not_after": config.tls.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "client_cas": config.tls.client_cas,
+            "expiry_warning": format_duration(config.tls_expiry_warning)
+            if config.tls_expiry_warning is not None
+            else "(a third of the certificate's lifetime)",
         },
         "identity": {"source": config.identity_source.value, "trust_domains": sorted(config.trust_domains)},
         "twilio": {
             "account_sid": config.credentials.account_sid,
-            "api_key": config.credentials.api_key_sid,
-            "api_secret": "(loaded, not shown)",
+            "api_keys": [
+                {"sid": config.credentials.api_key_sid, "active": True, "secret": "(loaded, not shown)"},
+                *({"sid": sid, "active": False, "secret": "(loaded, not shown)"} for sid in config.inactive_api_keys),
+            ],
         },
         "callers": [
             {
@@ -105,13 +117,26 @@ def _check_config(path: Path) -> int:
     return 0
 
 
+def _inactive_key_warnings(config: Config) -> list[str]:
+    # Nothing is persisted, so this process cannot know when an inactive key
+    # last signed: only the servers' twilio.key_rotated lines can.
+    max_ttl = format_duration(config.policy.longest_ttl or MAX_TTL_SECONDS)
+    return [
+        f"twilio.api_keys: {sid} is not active, but tokens it signed may still be live (unknown here: "
+        f"wait max_ttl, {max_ttl}, after it stopped signing, or see previous_key_tokens_live_until in the "
+        "servers' twilio.key_rotated log line) before deleting it at Twilio"
+        for sid in config.inactive_api_keys
+    ]
+
+
 def _serve(path: Path, on_ready: Callable[[int], None] | None = None, workers: int = 1) -> int:
+    running.ignore_sighup_until_ready()
     logs.configure()
     config = running.load_or_report(path)
     if config is None:
         return EXIT_CONFIG
     if workers == 1:
-        return running.run_one(config, on_ready=on_ready)
+        return running.run_one(config, path, on_ready=on_ready)
     if config.listen.endswith(":0"):
         # Said like every other config error: the file, the key, the problem.
         error = ConfigError(str(path), "server.listen", "--workers needs a fixed port, not :0")

@@ -1,62 +1,44 @@
-"""The config file: parsed once at start-up, validated, and frozen.
+"""The config file: parsed, validated, and frozen, at start-up and at every reload.
 
 Every error names the file and the key path (`callers[2].max_ttl`) and says
-what would be right. `synctoken check-config` runs this same loader.
+what would be right. `synctoken check-config`, start-up and reload all run
+this same loader; the [twilio] table is read by apikeys.py and the TLS files
+are checked by tlsfiles.py.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import PublicKeyAlgorithmOID
-
+from synctoken_server import tlsfiles
+from synctoken_server.apikeys import read_twilio
 from synctoken_server.configfile import ConfigError, TomlReader
 from synctoken_server.durations import format_duration
+from synctoken_server.filestamps import Stamps, stamp
 from synctoken_server.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
 from synctoken_server.minting import TwilioCredentials
 from synctoken_server.patterns import IdentityPattern, PatternError
 from synctoken_server.policy import RESERVED_IDENTITY_CHARACTERS, CallerRule, Policy, is_service_sid
+from synctoken_server.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
 
-ENV_ACCOUNT_SID = "TWILIO_ACCOUNT_SID"
-ENV_API_KEY = "TWILIO_API_KEY"
-ENV_API_SECRET = "TWILIO_API_SECRET"  # noqa: S105 - the variable's name, not its value
-
-_ACCOUNT_SID = re.compile(r"AC[0-9a-f]{32}")
-_API_KEY_SID = re.compile(r"SK[0-9a-f]{32}")
 # [0-9], not \d: \d also matches other scripts' digits, such as U+FF15 (a full-width 5).
 _LISTEN = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
 _DEFAULT_TTL = "1h"
 _MAX_PORT = 65535
-_MIN_RSA_BITS = 2048
-# What gRPC's TLS (BoringSSL) can serve with, found by trying: P-521 and
-# Ed25519 keys load but every handshake fails; Ed448, DSA, P-224 and
-# secp256k1 keys make the port fail to bind.
-_SERVER_CURVES = frozenset({"secp256r1", "secp384r1"})
-_SERVER_KEYS = "gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys"
-
-
-@dataclass(frozen=True)
-class TlsMaterial:
-    """The server's certificate chain and key, and the CA that client certificates must chain to."""
-
-    cert_chain_pem: bytes = field(repr=False)
-    private_key_pem: bytes = field(repr=False)
-    client_ca_pem: bytes = field(repr=False)
+_MIN_EXPIRY_WARNING = 60
+_MAX_EXPIRY_WARNING = 366 * 24 * 3600
 
 
 @dataclass(frozen=True)
 class ServerTimeouts:
-    """How long connections may take, and how a stop drains; all in seconds."""
+    """Server timings, in seconds: how long connections may take, how a stop drains, how often files are looked at."""
 
     drain_delay: int = 5
     """After SIGTERM: health says NOT_SERVING, but calls are still accepted this long, so balancers notice."""
@@ -69,6 +51,8 @@ class ServerTimeouts:
     connection_age: int = 600
     """Any connection is asked to go away (GOAWAY) after this long, and closed `grace` later even if a
     call on it is still unfinished: a peer cannot hold a connection open with a request it never completes."""
+    watch_interval: int = 1
+    """How often the config file and the files it names are checked for changes; 0: reload on SIGHUP only."""
 
 
 @dataclass(frozen=True)
@@ -80,31 +64,47 @@ class Config:
     identity_source: IdentitySource
     trust_domains: frozenset[str]
     credentials: TwilioCredentials
+    """The active API key: the one that signs."""
     policy: Policy
+    inactive_api_keys: tuple[str, ...] = ()
+    """SIDs of the other API keys listed: kept track of until their tokens have expired, never used to sign."""
+    tls_expiry_warning: int | None = None
+    """Warn when the server certificate has less than this many seconds left; None: a third of its lifetime."""
     timeouts: ServerTimeouts = ServerTimeouts()
     warnings: tuple[str, ...] = ()
     """Things that work but should not be so (a private key readable by others); shown, never fatal."""
+    files: Stamps = ()
+    """The config file and every file it names, stamped before they were read: what a reload watches."""
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, validate and freeze the config file at `path`."""
+    """Read, validate and freeze the config file at `path`.
+
+    A ConfigError carries the files read before it (`files`), so that a
+    reloader can try again when one of them is fixed.
+    """
     source = str(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
     reader = TomlReader(source, path.parent, os.environ if environ is None else environ)
-    return _parse(reader, data)
+    reader.files[path] = stamp(path)
+    try:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+        return _parse(reader, data)
+    except ConfigError as exc:
+        exc.files = tuple(reader.files.items())
+        raise
 
 
 def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
     r.reject_unknown(data, "", {"server", "tls", "identity", "twilio", "defaults", "callers"})
     listen, timeouts = _server(r, data)
-    tls = _tls(r, data)
+    tls, expiry_warning = _tls(r, data)
     source, trust_domains = _identity(r, data)
-    credentials = _twilio(r, data)
+    keys = read_twilio(r, data)
     defaults = r.table(data, "defaults", {"default_ttl", "max_ttl"}, required=False)
     default_max = r.ttl(defaults, "defaults", "max_ttl", _DEFAULT_TTL)
     default_ttl = r.ttl(defaults, "defaults", "default_ttl", format_duration(default_max))
@@ -128,17 +128,27 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
         tls=tls,
         identity_source=source,
         trust_domains=trust_domains,
-        credentials=credentials,
+        credentials=keys.credentials,
         policy=Policy(rules),
+        inactive_api_keys=keys.inactive,
+        tls_expiry_warning=expiry_warning,
         timeouts=timeouts,
         warnings=tuple(r.warnings),
+        files=tuple(r.files.items()),
     )
 
 
 def _server(r: TomlReader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts]:
-    server = r.table(
-        data, "server", {"listen", "drain_delay", "grace", "handshake_timeout", "idle_timeout", "max_connection_age"}
-    )
+    allowed = {
+        "listen",
+        "drain_delay",
+        "grace",
+        "handshake_timeout",
+        "idle_timeout",
+        "max_connection_age",
+        "watch_interval",
+    }
+    server = r.table(data, "server", allowed)
     listen = r.get(server, "server", "listen", str)
     match = _LISTEN.fullmatch(listen)
     if match is None or not 0 <= int(match["port"]) <= _MAX_PORT:
@@ -153,47 +163,30 @@ def _server(r: TomlReader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts
         connection_age=r.duration(
             server, "server", "max_connection_age", format_duration(default.connection_age), 1, 24 * hour
         ),
+        watch_interval=r.duration(
+            server, "server", "watch_interval", format_duration(default.watch_interval), 0, 10 * minute
+        ),
     )
     return listen, timeouts
 
 
-def _tls(r: TomlReader, data: Mapping[str, Any]) -> TlsMaterial:
-    tls = r.table(data, "tls", {"cert_file", "key_file", "client_ca_file"})
-    cert_pem = r.read_file("tls.cert_file", r.get(tls, "tls", "cert_file", str))
-    key_pem = r.read_file("tls.key_file", r.get(tls, "tls", "key_file", str), private=True)
-    ca_pem = r.read_file("tls.client_ca_file", r.get(tls, "tls", "client_ca_file", str))
+def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[TlsMaterial, int | None]:
+    tls = r.table(data, "tls", {"cert_file", "key_file", "client_ca_file", "expiry_warning"})
+    cert, key, ca = (r.get(tls, "tls", name, str) for name in ("cert_file", "key_file", "client_ca_file"))
+    cert_pem = r.read_file(tlsfiles.CERT_KEY, cert)
+    key_pem = r.read_file(tlsfiles.KEY_KEY, key, private=True)
+    ca_pem = r.read_file(tlsfiles.CA_KEY, ca)
+    files = TlsFiles(r.path(cert), r.path(key), r.path(ca))
+    # Stamped by read_file just before it read each: a change since is seen by the certificate watcher.
+    stamps = tuple((path, r.files[path]) for path in files.paths())
     try:
-        chain = x509.load_pem_x509_certificates(cert_pem)
-    except ValueError:
-        raise r.fail("tls.cert_file", "is not a PEM certificate") from None
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except UnsupportedAlgorithm:
-        raise r.fail("tls.key_file", f"is a kind of key that cannot be used; {_SERVER_KEYS}") from None
-    except (ValueError, TypeError):
-        raise r.fail("tls.key_file", "is not an unencrypted PEM private key") from None
-    unusable = _unusable_server_key(key, chain[0])
-    if unusable:
-        raise r.fail("tls.key_file", f"{unusable}; {_SERVER_KEYS}")
-    if key.public_key() != chain[0].public_key():
-        raise r.fail("tls.key_file", "does not match the first certificate in tls.cert_file")
-    try:
-        x509.load_pem_x509_certificates(ca_pem)
-    except ValueError:
-        raise r.fail("tls.client_ca_file", "is not a PEM certificate") from None
-    return TlsMaterial(cert_chain_pem=cert_pem, private_key_pem=key_pem, client_ca_pem=ca_pem)
-
-
-def _unusable_server_key(key: object, certificate: x509.Certificate) -> str:
-    if isinstance(key, rsa.RSAPrivateKey):
-        # An RSA-PSS key loads as an RSA key, but BoringSSL will not serve with it.
-        if certificate.public_key_algorithm_oid == PublicKeyAlgorithmOID.RSASSA_PSS:
-            return "an RSA-PSS key cannot be used"
-        return "" if key.key_size >= _MIN_RSA_BITS else f"a {key.key_size}-bit RSA key is too weak"
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return "" if key.curve.name in _SERVER_CURVES else f"an ECDSA key on curve {key.curve.name} cannot be used"
-    kind = type(key).__name__.removeprefix("_").removesuffix("PrivateKey")
-    return f"an {kind} key cannot be used" if kind[:1] in "AEIOU" else f"a {kind} key cannot be used"
+        material = tlsfiles.check(files, stamps, cert_pem, key_pem, ca_pem, now=dt.datetime.now(dt.UTC))
+    except TlsFileError as exc:
+        raise r.fail(exc.key, exc.problem) from None
+    expiry_warning = None
+    if "expiry_warning" in tls:
+        expiry_warning = r.duration(tls, "tls", "expiry_warning", "", _MIN_EXPIRY_WARNING, _MAX_EXPIRY_WARNING)
+    return material, expiry_warning
 
 
 def _identity(r: TomlReader, data: Mapping[str, Any]) -> tuple[IdentitySource, frozenset[str]]:
@@ -217,51 +210,6 @@ def _identity(r: TomlReader, data: Mapping[str, Any]) -> tuple[IdentitySource, f
         except ValueError as exc:
             raise r.fail(f"identity.trust_domains[{i}]", str(exc)) from None
     return source, frozenset(domains)
-
-
-def _twilio(r: TomlReader, data: Mapping[str, Any]) -> TwilioCredentials:
-    twilio = r.table(data, "twilio", {"account_sid", "api_key", "api_secret_file", "api_secret_env"}, required=False)
-    account_sid = _from_file_or_env(r, twilio, "account_sid", ENV_ACCOUNT_SID)
-    if not _ACCOUNT_SID.fullmatch(account_sid):
-        raise r.fail("twilio.account_sid", "must be AC followed by 32 lower-case hex digits")
-    api_key = _from_file_or_env(r, twilio, "api_key", ENV_API_KEY)
-    if not _API_KEY_SID.fullmatch(api_key):
-        raise r.fail("twilio.api_key", "must be an API key SID: SK followed by 32 lower-case hex digits")
-    return TwilioCredentials(account_sid=account_sid, api_key_sid=api_key, api_secret=_secret(r, twilio))
-
-
-def _from_file_or_env(r: TomlReader, twilio: Mapping[str, Any], name: str, env: str) -> str:
-    if name in twilio:
-        return r.get(twilio, "twilio", name, str)
-    value = r.environ.get(env, "")
-    if not value:
-        raise r.fail(f"twilio.{name}", f"missing, and the environment variable {env} is not set")
-    return value
-
-
-def _secret(r: TomlReader, twilio: Mapping[str, Any]) -> str:
-    # The secret may come from a file or an environment variable but never from
-    # the config itself, which is shared, printed and committed far more often.
-    if "api_secret_file" in twilio and "api_secret_env" in twilio:
-        raise r.fail("twilio.api_secret_file", "set api_secret_file or api_secret_env, not both")
-    # Neither value is ever echoed: a secret pasted into either key would be printed back.
-    if "api_secret_file" in twilio:
-        key = "twilio.api_secret_file"
-        raw = r.read_file(key, r.get(twilio, "twilio", "api_secret_file", str), private=True, echo=False)
-        try:
-            secret = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise r.fail(key, "the secret file is not UTF-8 text") from None
-    else:
-        env = r.get(twilio, "twilio", "api_secret_env", str, ENV_API_SECRET)
-        key = "twilio.api_secret_env"
-        secret = r.environ.get(env, "").strip()
-        if not secret:
-            named = ENV_API_SECRET if env == ENV_API_SECRET else "it names"
-            raise r.fail(key, f"the environment variable {named} is not set or empty")
-    if not secret or any(c.isspace() for c in secret):
-        raise r.fail(key, "the API key secret must be non-empty and contain no whitespace")
-    return secret
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from synctoken_server.durations import MAX_TTL_SECONDS, MIN_TTL_SECONDS, format_duration, parse_duration
+from synctoken_server.filestamps import FileStamp, Stamps, stamp
 
 T = TypeVar("T")
 
@@ -21,6 +22,11 @@ class ConfigError(Exception):
 
     def __init__(self, source: str, key: str, problem: str) -> None:
         super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+        self.files: Stamps = ()
+        """The files read (or tried) before the error, stamped: a reloader tries again when one changes."""
 
 
 class TomlReader:
@@ -31,6 +37,8 @@ class TomlReader:
         self.base_dir = base_dir
         self.environ = environ
         self.warnings: list[str] = []
+        self.files: dict[Path, FileStamp | None] = {}
+        """Every file read or tried, with its stamp from just before: what a reloader watches."""
 
     def fail(self, key: str, problem: str) -> ConfigError:
         """The error to raise for `key` (a full key path)."""
@@ -85,9 +93,10 @@ class TomlReader:
         """
         named = f" {value}" if echo else " the file it names"
         path = self.path(value)
+        self.files[path] = stamp(path)
         try:
-            data = path.read_bytes()
             mode = path.stat().st_mode
+            data = path.read_bytes()
         except OSError as exc:
             raise self.fail(key, f"cannot read{named}: {exc.strerror}") from None
         except ValueError:  # the path has a NUL byte, which no file name can

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from synctoken_server.config import ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET
+from synctoken_server.apikeys import ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET
 from synctoken_server.pki import CertificateAuthority, LeafSpec
 
 DEV_TRUST_DOMAIN = "synctoken.test"

@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from spiffe import SpiffeId, TrustDomain
@@ -155,8 +155,8 @@ class CallerIdentityRules:
 
     source: IdentitySource
     trust_domains: frozenset[str]
-    anchors: svid.TrustAnchors | None = None
-    """The CAs of client_ca_file, whose path length is enforced; None: no limit."""
+    anchors: Callable[[], svid.TrustAnchors] | None = None
+    """The CAs of client_ca_file in force, whose path length is enforced; None: no limit."""
 
     def caller_id(self, auth_context: Mapping[str, Sequence[bytes]]) -> str:
         """The caller id of a TLS peer; raise CallerUnauthenticated if it has none we accept.
@@ -172,7 +172,7 @@ class CallerIdentityRules:
         reading = read_caller(self.source, leaf[0], chain)
         if isinstance(reading, Refusal):
             raise CallerUnauthenticated(reading.why, reading.presented_sans)
-        if self.anchors is not None and self.anchors.too_many_intermediates(reading.issuers):
+        if self.anchors is not None and self.anchors().too_many_intermediates(reading.issuers):
             raise CallerUnauthenticated(svid.TOO_MANY_INTERMEDIATES, (reading.caller_id,))
         if self.source is IdentitySource.SPIFFE and reading.trust_domain not in self.trust_domains:
             # Safe to name: it passed the trust domain grammar.

@@ -10,30 +10,33 @@ import structlog
 
 from synctoken.v1 import token_service_pb2
 from synctoken_server import audit
-from synctoken_server.minting import Minter, plan_times, token_id
-from synctoken_server.policy import Policy, decide
+from synctoken_server.keyledger import SignedExpiries
+from synctoken_server.minting import plan_times, token_id
+from synctoken_server.policy import decide
+from synctoken_server.snapshot import Snapshot
 
 
 class TokenIssuer:
-    """Turns an IssueTokenRequest from a known caller into a response, or raises why not."""
+    """Turns an IssueTokenRequest from a known caller into a response, or raises why not.
+
+    The policy and the signing key come with each call, in the RPC's snapshot.
+    """
 
     def __init__(
         self,
         *,
-        policy: Policy,
-        minter: Minter,
         audit_log: audit.AuditLog,
+        signed: SignedExpiries,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
-        self._policy = policy
-        self._minter = minter
         self._audit = audit_log
+        self._signed = signed
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
 
     def issue(
-        self, caller_id: str, request: token_service_pb2.IssueTokenRequest, started: float
+        self, snapshot: Snapshot, caller_id: str, request: token_service_pb2.IssueTokenRequest, started: float
     ) -> token_service_pb2.IssueTokenResponse:
         """Decide; then mint and write the audit record before returning the token.
 
@@ -43,7 +46,7 @@ class TokenIssuer:
         structlog.contextvars.bind_contextvars(
             identity=request.identity, service_sid=request.sync.service_sid, region=request.region
         )
-        grant = decide(self._policy, caller_id, request)
+        grant = decide(snapshot.policy, caller_id, request)
         granted = {"service_sid": grant.service_sid, "ttl": grant.ttl}
         times = plan_times(int(self._clock()), grant.ttl, self._rng)
         response = token_service_pb2.IssueTokenResponse(identity=grant.identity)
@@ -59,8 +62,11 @@ class TokenIssuer:
                 duration_ms=audit.ms_since(started),
             )
             return response
-        response.token = self._minter.mint(grant, times)
+        response.token = snapshot.minter.mint(grant, times)
         response.token_id = token_id(response.token)
+        # Counted before the record is written: if that fails the token is never
+        # sent, and counting it anyway errs only towards waiting longer.
+        self._signed.record(snapshot.minter.key_sid, times.expires_at)
         # Fail closed: if this raises, the token never leaves the process.
         self._audit.record(
             audit.EVENT_TOKEN_DECISION,

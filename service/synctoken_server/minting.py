@@ -57,6 +57,8 @@ class Minter:
 
     def __init__(self, credentials: TwilioCredentials) -> None:
         self._credentials = credentials
+        self.key_sid = credentials.api_key_sid
+        """The API key this minter signs with."""
 
     def mint(self, grant: Grant, times: TokenTimes) -> str:
         """A signed JWT for `grant`, valid from times.issued_at to times.expires_at."""

@@ -66,6 +66,8 @@ class Policy:
         self._prefixes = sorted(
             (r for r in self._rules if r.caller.endswith("/*")), key=lambda r: len(r.caller), reverse=True
         )
+        self.longest_ttl = max((r.max_ttl for r in self._rules), default=0)
+        """No token this policy allows lives longer than this (0 when it allows none)."""
 
     def __iter__(self) -> Iterator[CallerRule]:
         return iter(self._rules)

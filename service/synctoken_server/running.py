@@ -2,7 +2,8 @@
 
 Each worker is a whole server in its own process (spawned, not forked: gRPC's
 core does not survive fork) bound to the same port with SO_REUSEPORT, so the
-kernel spreads connections across them and no GIL is shared.
+kernel spreads connections across them and no GIL is shared. Each one
+reloads by itself (it watches the files too); the parent forwards SIGHUP.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from synctoken_server import logs
 from synctoken_server.config import Config, load_config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.linesink import Lock
+from synctoken_server.reloading import ConfigReloader
 from synctoken_server.server import TokenServer
 
 EXIT_CONFIG = 2
@@ -56,12 +58,23 @@ def raise_open_file_limit() -> int:
     return hard
 
 
-def run_one(config: Config, *, reuse_port: bool = False, on_ready: Callable[[int], None] | None = None) -> int:
-    """Serve until SIGTERM or SIGINT; return the process exit status."""
-    return asyncio.run(_serve(config, reuse_port=reuse_port, on_ready=on_ready))
+def ignore_sighup_until_ready() -> None:
+    """Ignore SIGHUP until the server installs its reload handler: its default action would kill the process.
+
+    A change that a SIGHUP ignored meanwhile was about is still seen: the
+    file watcher compares against the files as they were when read.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-async def _serve(config: Config, *, reuse_port: bool, on_ready: Callable[[int], None] | None) -> int:
+def run_one(
+    config: Config, path: Path, *, reuse_port: bool = False, on_ready: Callable[[int], None] | None = None
+) -> int:
+    """Serve `config` (loaded from `path`) until SIGTERM or SIGINT, reloading on SIGHUP; return the exit status."""
+    return asyncio.run(_serve(config, path, reuse_port=reuse_port, on_ready=on_ready))
+
+
+async def _serve(config: Config, path: Path, *, reuse_port: bool, on_ready: Callable[[int], None] | None) -> int:
     log = structlog.get_logger("synctoken")
     open_files = raise_open_file_limit()
     try:
@@ -76,6 +89,9 @@ async def _serve(config: Config, *, reuse_port: bool, on_ready: Callable[[int], 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signals.put_nowait, signum)
     await server.start()
+    reloader = ConfigReloader(path, server, config)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    reloading = asyncio.create_task(reloader.run(), name="config-reload")
     log.info(
         "server.started",
         listen=config.listen,
@@ -87,11 +103,14 @@ async def _serve(config: Config, *, reuse_port: bool, on_ready: Callable[[int], 
     if on_ready is not None:
         on_ready(server.port)
     received = await signals.get()
+    timeouts = server.snapshots.current.config.timeouts
     # SIGTERM is an orchestrator: drain. SIGINT is a person at a terminal: stop now.
-    drain_delay = config.timeouts.drain_delay if received is signal.SIGTERM else 0
+    drain_delay = timeouts.drain_delay if received is signal.SIGTERM else 0
     stop = asyncio.create_task(server.stop(drain_delay=drain_delay))
     await asyncio.sleep(0)  # health says NOT_SERVING before anything else, a log line that may stall included
-    log.info("server.stopping", signal=received.name, drain_delay=drain_delay, grace=config.timeouts.grace)
+    log.info("server.stopping", signal=received.name, drain_delay=drain_delay, grace=timeouts.grace)
+    # After the stop is under way: a reload during a stop would change nothing that matters any more.
+    reloading.cancel()
     second = asyncio.create_task(signals.get())
     await asyncio.wait((stop, second), return_when=asyncio.FIRST_COMPLETED)
     if not stop.done():
@@ -105,7 +124,12 @@ async def _serve(config: Config, *, reuse_port: bool, on_ready: Callable[[int], 
 
 
 def run_workers(path: Path, config: Config, workers: int) -> int:
-    """Run `workers` server processes on the config's port; stop them all on SIGTERM or SIGINT."""
+    """Run `workers` server processes on the config's port; forward SIGHUP; stop them all on SIGTERM or SIGINT.
+
+    SIGHUP must be ignored when this is called (see ignore_sighup_until_ready):
+    workers inherit that, and so a SIGHUP forwarded before one can reload
+    cannot kill it.
+    """
     log = structlog.get_logger("synctoken")
     context = multiprocessing.get_context("spawn")
     # One writer at a time on the shared stdout: lines longer than a pipe's
@@ -119,6 +143,7 @@ def run_workers(path: Path, config: Config, workers: int) -> int:
         for index in range(workers)
     ]
     received: list[int] = []
+    hangups: list[int] = []
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -130,11 +155,18 @@ def run_workers(path: Path, config: Config, workers: int) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     status = 0
+    forwarded = 0
     try:
         for process in processes:
             process.start()
+        signal.signal(signal.SIGHUP, lambda signum, _frame: hangups.append(signum))
         log.info("workers.started", workers=workers, pids=[p.pid for p in processes])
         while not stopping.wait(timeout=0.2):
+            if forwarded < len(hangups):
+                # Several SIGHUPs since the last look are one reload.
+                forwarded = len(hangups)
+                _signal_all(processes, signal.SIGHUP)
+                log.info("workers.reload_forwarded", signal="SIGHUP")
             dead = [p for p in processes if p.exitcode is not None]
             if dead:
                 # One worker gone means the port serves at reduced capacity, or not
@@ -143,10 +175,27 @@ def run_workers(path: Path, config: Config, workers: int) -> int:
                 log.error("workers.worker_exited", worker=processes.index(dead[0]), exitcode=dead[0].exitcode)
                 break
     finally:
-        timeout = config.timeouts.drain_delay + config.timeouts.grace + _STOP_MARGIN_SECONDS
-        _stop_all(processes, received, timeout, log)
+        _stop_all(processes, received, _stop_timeout(path, config), log)
     log.info("workers.stopped", status=status)
     return status
+
+
+def _stop_timeout(path: Path, config: Config) -> float:
+    # Workers may have reloaded a longer drain or grace than this process
+    # started with: the longer of the two, so that none is killed mid-drain.
+    try:
+        latest = load_config(path).timeouts
+    except ConfigError:
+        latest = config.timeouts
+    first = config.timeouts
+    return max(first.drain_delay + first.grace, latest.drain_delay + latest.grace) + _STOP_MARGIN_SECONDS
+
+
+def _signal_all(processes: Sequence[multiprocessing.process.BaseProcess], signum: int) -> None:
+    for process in processes:
+        if process.exitcode is None and process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
 
 
 def _stop_all(
@@ -168,10 +217,7 @@ def _stop_all(
         new = received[forwarded:]
         forwarded += len(new)
         for signum in new:
-            for process in processes:
-                if process.exitcode is None and process.pid is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(process.pid, signum)
+            _signal_all(processes, signum)
             log.info("workers.stopping", signal=signal.Signals(signum).name)
         alive = [p for p in processes if p.pid is not None and p.exitcode is None]
         if not alive or time.monotonic() >= deadline:
@@ -189,4 +235,4 @@ def _worker_main(path: str, index: int, output_lock: Lock) -> None:
     logs.configure(worker=index)
     logs.share_output_lock(output_lock)
     config = load_or_report(Path(path))
-    sys.exit(EXIT_CONFIG if config is None else run_one(config, reuse_port=True))
+    sys.exit(EXIT_CONFIG if config is None else run_one(config, Path(path), reuse_port=True))

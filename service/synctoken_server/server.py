@@ -1,4 +1,4 @@
-"""The gRPC server: mTLS credentials, TokenService, health and reflection, start and stop.
+"""The gRPC server: mTLS credentials, TokenService, health and reflection, start, reload and stop.
 
 It is a grpc.aio server: reflection and health Watch are long-lived streams,
 and on a thread-pool server each one holds a worker thread for its whole life,
@@ -18,11 +18,12 @@ from grpc_reflection.v1alpha import reflection
 
 from synctoken.v1 import token_service_pb2
 from synctoken_server.audit import AuditLog
+from synctoken_server.certificates import ServerCertificates
 from synctoken_server.config import Config, ServerTimeouts
-from synctoken_server.identity import CallerIdentityRules
 from synctoken_server.issuing import TokenIssuer
-from synctoken_server.minting import Minter
+from synctoken_server.keyledger import SignedExpiries
 from synctoken_server.servicer import TokenServicer
+from synctoken_server.snapshot import Snapshot, Snapshots
 from synctoken_server.svid import TrustAnchors
 
 _TOKEN_SERVICE_DESCRIPTOR = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"]
@@ -41,35 +42,31 @@ class TokenServer:
     """A configured, not yet started, synctoken server."""
 
     def __init__(self, config: Config, audit_log: AuditLog | None = None, *, reuse_port: bool = False) -> None:
-        self._timeouts = config.timeouts
         self._server = grpc.aio.server(options=_server_options(config.timeouts, reuse_port=reuse_port))
         audit_log = audit_log or AuditLog()
         self._audit = audit_log
         self._audit_watch: asyncio.Task[None] | None = None
+        self.snapshots = Snapshots(Snapshot.of(config, self._anchors))
+        self.signed = SignedExpiries()
+        """What each API key has signed: kept across reloads, for the operator's key rotation."""
+        self.certificates = ServerCertificates(config.tls, config.tls_expiry_warning)
         servicer = TokenServicer(
-            identity_rules=CallerIdentityRules(
-                config.identity_source, config.trust_domains, TrustAnchors.from_pem(config.tls.client_ca_pem)
-            ),
-            policy=config.policy,
-            issuer=TokenIssuer(policy=config.policy, minter=Minter(config.credentials), audit_log=audit_log),
+            snapshots=self.snapshots,
+            issuer=TokenIssuer(audit_log=audit_log, signed=self.signed),
             audit_log=audit_log,
         )
         self._server.add_generic_rpc_handlers((_raw_request_handlers(servicer),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection((TOKEN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
-        credentials = grpc.ssl_server_credentials(
-            [(config.tls.private_key_pem, config.tls.cert_chain_pem)],
-            root_certificates=config.tls.client_ca_pem,
-            require_client_auth=True,
-        )
         try:
-            self.port = self._server.add_secure_port(config.listen, credentials)
+            self.port = self._server.add_secure_port(config.listen, self.certificates.credentials())
         except RuntimeError as exc:  # grpc's way of saying bind() failed
             raise OSError(f"cannot listen on {config.listen}: address in use or not available") from exc
 
     async def start(self) -> None:
         """Accept RPCs; health reports SERVING once config and credentials are loaded, i.e. now."""
+        self.certificates.announce()
         await self._server.start()
         await self._set_health(serving=True)
         self._audit_watch = asyncio.create_task(self._watch_audit(), name="audit-watch")
@@ -80,10 +77,11 @@ class TokenServer:
         Health says NOT_SERVING at once, but calls are still accepted for
         `drain_delay` seconds, so that balancers and health-checking clients
         move away first; then new calls are refused and calls in flight get
-        `grace` seconds to finish. Both default to the config's values.
+        `grace` seconds to finish. Both default to the current config's values.
         """
-        drain_delay = self._timeouts.drain_delay if drain_delay is None else drain_delay
-        grace = self._timeouts.grace if grace is None else grace
+        timeouts = self.snapshots.current.config.timeouts
+        drain_delay = timeouts.drain_delay if drain_delay is None else drain_delay
+        grace = timeouts.grace if grace is None else grace
         await self._health.enter_graceful_shutdown()
         if self._audit_watch is not None:
             self._audit_watch.cancel()
@@ -91,6 +89,18 @@ class TokenServer:
                 await self._audit_watch
         await asyncio.sleep(drain_delay)
         await self._server.stop(grace)
+
+    def _anchors(self) -> TrustAnchors:
+        # The CAs gRPC verifies against right now: they rotate with the TLS files, not with the config.
+        return self.certificates.current.anchors
+
+    def apply(self, config: Config) -> Snapshot:
+        """Serve `config` from the next RPC on (and its TLS files from the next handshake); return the old snapshot.
+
+        What only a restart can change (the port, the gRPC server options) stays as it is.
+        """
+        self.certificates.use(config.tls, config.tls_expiry_warning)
+        return self.snapshots.replace(Snapshot.of(config, self._anchors))
 
     async def _watch_audit(self) -> None:
         # Balancers must stop sending calls we would refuse: while the audit

@@ -1,4 +1,4 @@
-"""TokenService RPCs: thin methods that authenticate, parse, and hand over to the issuer.
+"""TokenService RPCs: thin methods that take the current config snapshot, authenticate, parse, and hand over.
 
 Errors are turned into statuses in `_serve`, the one seam every RPC passes
 through; methods raise, they never abort.
@@ -19,9 +19,9 @@ from google.protobuf.message import DecodeError, Message
 from synctoken.v1 import token_service_pb2
 from synctoken_server import audit
 from synctoken_server.errors import InternalError, MalformedRequest, SynctokenError, to_status
-from synctoken_server.identity import CallerIdentityRules
 from synctoken_server.issuing import TokenIssuer
-from synctoken_server.policy import CallerRule, Policy
+from synctoken_server.policy import CallerRule
+from synctoken_server.snapshot import Snapshot, Snapshots
 
 T = TypeVar("T")
 # The server is grpc.aio; request and response types vary by method.
@@ -38,16 +38,8 @@ class TokenServicer:
     bad input, rather than grpc's bare UNKNOWN naming a Python exception.
     """
 
-    def __init__(
-        self,
-        *,
-        identity_rules: CallerIdentityRules,
-        policy: Policy,
-        issuer: TokenIssuer,
-        audit_log: audit.AuditLog,
-    ) -> None:
-        self._identity_rules = identity_rules
-        self._policy = policy
+    def __init__(self, *, snapshots: Snapshots, issuer: TokenIssuer, audit_log: audit.AuditLog) -> None:
+        self._snapshots = snapshots
         self._issuer = issuer
         self._audit = audit_log
 
@@ -74,18 +66,21 @@ class TokenServicer:
         )
 
     def _issue(self, raw_request: bytes, context: Context, started: float) -> token_service_pb2.IssueTokenResponse:
+        # One snapshot for the whole RPC: a reload meanwhile does not mix configs.
+        snapshot = self._snapshots.current
         # Who is asking comes first: an unauthenticated peer learns nothing else.
-        caller_id = self._caller_id(context)
+        caller_id = self._caller_id(snapshot, context)
         request = _parse(token_service_pb2.IssueTokenRequest, raw_request)
-        return self._issuer.issue(caller_id, request, started)
+        return self._issuer.issue(snapshot, caller_id, request, started)
 
     def _lookup(
         self, raw_request: bytes, context: Context, started: float
     ) -> token_service_pb2.GetCallerIdentityResponse:
-        caller_id = self._caller_id(context)
+        snapshot = self._snapshots.current
+        caller_id = self._caller_id(snapshot, context)
         # No fields, but a malformed body is refused all the same.
         _parse(token_service_pb2.GetCallerIdentityRequest, raw_request)
-        rule = self._policy.rule_for(caller_id)
+        rule = snapshot.policy.rule_for(caller_id)
         response = token_service_pb2.GetCallerIdentityResponse(caller_id=caller_id)
         if rule is not None:
             response.policy.CopyFrom(_describe(rule))
@@ -97,10 +92,10 @@ class TokenServicer:
         )
         return response
 
-    def _caller_id(self, context: Context) -> str:
+    def _caller_id(self, snapshot: Snapshot, context: Context) -> str:
         # types-grpcio says bytes, but grpc maps each property to a list of values.
         auth_context = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
-        caller_id = self._identity_rules.caller_id(auth_context)
+        caller_id = snapshot.identity_rules.caller_id(auth_context)
         structlog.contextvars.bind_contextvars(caller_id=caller_id)
         return caller_id
 

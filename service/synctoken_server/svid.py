@@ -59,7 +59,11 @@ class TrustAnchors:
     @classmethod
     def from_pem(cls, bundle: bytes) -> TrustAnchors:
         """Read a PEM bundle of CA certificates (already known to parse)."""
-        cas = x509.load_pem_x509_certificates(bundle)
+        return cls.of(x509.load_pem_x509_certificates(bundle))
+
+    @classmethod
+    def of(cls, cas: list[x509.Certificate]) -> TrustAnchors:
+        """The anchors that are these CA certificates."""
         lengths = [_value(ca.extensions, x509.BasicConstraints) for ca in cas]
         limits = [c.path_length if c is not None else None for c in lengths]
         allowed = (

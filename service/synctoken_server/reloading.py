@@ -1,0 +1,170 @@
+"""Reloading a running server's config: on SIGHUP, and when the config file or a file it names changes.
+
+A reload runs the start-up loader on the file (in a thread, so that reading
+files and compiling patterns does not hold up RPCs). A bad file changes
+nothing: the running snapshot stays and `config.reload_failed` names the
+file, the key and the problem. A good one replaces the whole snapshot at
+once (see snapshot.py).
+
+Files are polled, one stat each every `server.watch_interval` (1 s by
+default; 0 turns it off, for deployments that change several files and then
+send SIGHUP): no new dependency, and it works alike on every filesystem,
+Kubernetes secret volumes included. The TLS files are the certificate
+watcher's (certificates.py): a change to them alone calls for a config reload
+only to retry one that failed, perhaps because it read a certificate and key
+caught mid-rotation.
+
+Only a restart can change two things:
+- `server.listen`, `server.handshake_timeout`, `server.idle_timeout`,
+  `server.max_connection_age`: they
+  belong to the listening socket and gRPC's server. A reload that changes
+  them applies everything else and logs `config.restart_required` per key:
+  the rest does not depend on them, and holding back a policy fix because
+  the port also changed would help no one.
+- `identity.source`: callers' ids are written in that source's grammar, so
+  a policy for the new source means nothing under the old one (it would deny
+  every caller). Such a reload is refused as a whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import Mapping
+from pathlib import Path
+
+import structlog
+
+from synctoken_server.config import Config, load_config
+from synctoken_server.configfile import ConfigError
+from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
+from synctoken_server.filestamps import changed
+from synctoken_server.server import TokenServer
+
+CERTIFICATE_CHECK_SECONDS = 60.0
+"""With file watching off, how often the certificate's files and expiry are still looked at."""
+
+TRIGGER_SIGNAL = "SIGHUP"
+TRIGGER_FILE = "file"
+
+_log = structlog.get_logger("synctoken.reload")
+
+
+class ConfigReloader:
+    """Watches one server's config file and the files it names, and reloads on change or request."""
+
+    def __init__(
+        self, path: Path, server: TokenServer, config: Config, environ: Mapping[str, str] | None = None
+    ) -> None:
+        self._path = path
+        self._server = server
+        self._environ = environ
+        self._in_force = _restart_only(config)
+        """What only a restart changes, as the server runs it."""
+        self._files = config.files
+        self._failed = False
+        self._requested = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def request(self) -> None:
+        """Reload as soon as possible, whatever the files say (SIGHUP); the TLS files are re-read too."""
+        self._requested.set()
+
+    async def run(self) -> None:
+        """Poll the files and serve requests until cancelled."""
+        while True:
+            interval = self._server.snapshots.current.config.timeouts.watch_interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._requested.wait(), interval or CERTIFICATE_CHECK_SECONDS)
+            try:
+                await self._poll(watching=interval > 0)
+            except Exception:  # noqa: BLE001 - a bug here must not end reloading for the server's lifetime
+                _log.exception("reload.poll_failed")
+
+    async def _poll(self, *, watching: bool) -> None:
+        if self._requested.is_set():
+            self._requested.clear()
+            await self.reload(TRIGGER_SIGNAL)
+            await asyncio.to_thread(self._server.certificates.refresh, force=True)
+        elif watching and self._due():
+            await self.reload(TRIGGER_FILE)
+        # Also without connections to prompt gRPC's fetcher, a new certificate
+        # is picked up (and logged) promptly, and an ageing one is warned about.
+        await asyncio.to_thread(self._tick_certificates)
+
+    async def reload(self, trigger: str) -> bool:
+        """Load the file and, if it is good, serve it; return whether it was."""
+        async with self._lock:
+            try:
+                config = await asyncio.to_thread(load_config, self._path, self._environ)
+            except ConfigError as exc:
+                self._files, self._failed = exc.files or self._files, True
+                _log.error("config.reload_failed", trigger=trigger, file=exc.source, key=exc.key, problem=exc.problem)
+                return False
+            self._files = config.files
+            current = self._server.snapshots.current.config
+            if config.identity_source is not current.identity_source:
+                self._failed = True
+                _log.error(
+                    "config.reload_failed",
+                    trigger=trigger,
+                    file=str(self._path),
+                    key="identity.source",
+                    problem=f"changed from {current.identity_source.value} to {config.identity_source.value}, "
+                    "which needs a restart: the callers' ids are written for one source; nothing was reloaded",
+                )
+                return False
+            self._failed = False
+            old = self._server.apply(config)
+        for warning in config.warnings:
+            _log.warning("config.warning", problem=warning)
+        for key, value in _restart_only(config).items():
+            if value != self._in_force[key]:
+                _log.warning("config.restart_required", key=key, running=self._in_force[key], configured=value)
+        _log.info(
+            "config.reloaded", trigger=trigger, callers=len(config.policy), api_key=config.credentials.api_key_sid
+        )
+        self._log_key_rotation(old.config, config)
+        return True
+
+    def _due(self) -> bool:
+        moved = changed(self._files)
+        if not moved:
+            return False
+        return self._failed or not moved <= set(self._server.certificates.current.files.paths())
+
+    def _tick_certificates(self) -> None:
+        self._server.certificates.refresh()
+        self._server.certificates.check_expiry()
+
+    def _log_key_rotation(self, old: Config, new: Config) -> None:
+        previous = old.credentials.api_key_sid
+        if previous == new.credentials.api_key_sid:
+            return
+        signed = self._server.signed
+        latest = signed.latest(previous)
+        # Tokens from before this process started are unknown: bounded by the longest TTL either config allows.
+        max_ttl = max(old.policy.longest_ttl, new.policy.longest_ttl) or MAX_TTL_SECONDS
+        live_until = signed.live_until(previous, max_ttl)
+        _log.info(
+            "twilio.key_rotated",
+            previous_key=previous,
+            active_key=new.credentials.api_key_sid,
+            previous_key_last_expiry=_iso(latest) if latest is not None else None,
+            previous_key_tokens_live_until=_iso(live_until),
+            unknown_before=_iso(signed.started_at),
+        )
+
+
+def _restart_only(config: Config) -> dict[str, str]:
+    return {
+        "server.listen": config.listen,
+        "server.handshake_timeout": format_duration(config.timeouts.handshake),
+        "server.idle_timeout": format_duration(config.timeouts.idle),
+        "server.max_connection_age": format_duration(config.timeouts.connection_age),
+    }
+
+
+def _iso(unix: int) -> str:
+    return dt.datetime.fromtimestamp(unix, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,160 @@
+"""The server's TLS files (certificate chain, key, client CA bundle): checked as one set before gRPC sees them.
+
+The same checks run at start-up (through the config loader) and whenever the
+files change under a running server, so a set that could not start a server
+never replaces one that works: a key that does not match the certificate, a
+half-written PEM file, a certificate outside its validity period.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import PublicKeyAlgorithmOID
+
+from synctoken_server.filestamps import Stamps
+from synctoken_server.svid import TrustAnchors
+
+CERT_KEY = "tls.cert_file"
+KEY_KEY = "tls.key_file"
+CA_KEY = "tls.client_ca_file"
+
+_MIN_RSA_BITS = 2048
+# What gRPC's TLS (BoringSSL) can serve with, found by trying: P-521 and
+# Ed25519 keys load but every handshake fails; Ed448, DSA, P-224 and
+# secp256k1 keys make the port fail to bind.
+_SERVER_CURVES = frozenset({"secp256r1", "secp384r1"})
+_SERVER_KEYS = "gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys"
+# Certificate blocks only: a chain file may also hold the key, which the count must not include.
+_CERTIFICATE_BEGIN = re.compile(rb"-----BEGIN (?:X509 )?CERTIFICATE-----")
+
+
+class TlsFileError(Exception):
+    """A TLS file is unusable: `key` is its config key, `problem` says why (never the file's bytes)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Where the server's certificate chain, its key and the client CA bundle are."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+    def paths(self) -> tuple[Path, Path, Path]:
+        """The three paths, in a fixed order."""
+        return (self.cert, self.key, self.client_ca)
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """A checked set: the server's chain and key, the CAs client certificates must chain to, and their origin."""
+
+    files: TlsFiles
+    stamps: Stamps
+    """The files' stamps, taken before they were read."""
+    cert_chain_pem: bytes = field(repr=False)
+    private_key_pem: bytes = field(repr=False)
+    client_ca_pem: bytes = field(repr=False)
+    serial: str
+    """The server certificate's serial number, in hex, as `openssl x509 -serial` prints it."""
+    not_after: dt.datetime
+    lifetime: dt.timedelta
+    client_cas: int
+    anchors: TrustAnchors
+    """The client CAs as the caller-id check needs them (their path length is enforced there)."""
+
+    def same_contents(self, other: TlsMaterial) -> bool:
+        """True if `other` holds the same bytes (wherever they came from)."""
+        return (self.cert_chain_pem, self.private_key_pem, self.client_ca_pem) == (
+            other.cert_chain_pem,
+            other.private_key_pem,
+            other.client_ca_pem,
+        )
+
+
+def read(files: TlsFiles, stamps: Stamps, now: dt.datetime) -> TlsMaterial:
+    """Read and check the three files, stamped just before; raise TlsFileError naming the first that is unusable."""
+    contents = []
+    for key, path in zip((CERT_KEY, KEY_KEY, CA_KEY), files.paths(), strict=True):
+        try:
+            contents.append(path.read_bytes())
+        except OSError as exc:
+            raise TlsFileError(key, f"cannot read {path}: {exc.strerror}") from None
+    return check(files, stamps, *contents, now=now)
+
+
+def check(
+    files: TlsFiles, stamps: Stamps, cert_pem: bytes, key_pem: bytes, ca_pem: bytes, *, now: dt.datetime
+) -> TlsMaterial:
+    """Check one set of TLS file contents as a whole; raise TlsFileError naming the file at fault."""
+    chain = _certificates(CERT_KEY, cert_pem)
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except UnsupportedAlgorithm:
+        raise TlsFileError(KEY_KEY, f"is a kind of key that cannot be used; {_SERVER_KEYS}") from None
+    except (ValueError, TypeError):
+        raise TlsFileError(KEY_KEY, "is not an unencrypted PEM private key") from None
+    unusable = _unusable_server_key(key, chain[0])
+    if unusable:
+        raise TlsFileError(KEY_KEY, f"{unusable}; {_SERVER_KEYS}")
+    if key.public_key() != chain[0].public_key():
+        raise TlsFileError(KEY_KEY, f"does not match the first certificate in {CERT_KEY}")
+    leaf = chain[0]
+    if now < leaf.not_valid_before_utc:
+        raise TlsFileError(CERT_KEY, f"is not valid until {_iso(leaf.not_valid_before_utc)}")
+    if now >= leaf.not_valid_after_utc:
+        raise TlsFileError(CERT_KEY, f"expired at {_iso(leaf.not_valid_after_utc)}")
+    cas = _certificates(CA_KEY, ca_pem)
+    return TlsMaterial(
+        files=files,
+        stamps=stamps,
+        cert_chain_pem=cert_pem,
+        private_key_pem=key_pem,
+        client_ca_pem=ca_pem,
+        serial=f"{leaf.serial_number:X}",
+        not_after=leaf.not_valid_after_utc,
+        lifetime=leaf.not_valid_after_utc - leaf.not_valid_before_utc,
+        client_cas=len(cas),
+        anchors=TrustAnchors.of(cas),
+    )
+
+
+def _certificates(key: str, pem: bytes) -> list[x509.Certificate]:
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise TlsFileError(key, "is not a PEM certificate") from None
+    # cryptography skips a last block that lacks its END line, which is what a
+    # file caught half-written looks like: count the blocks it began.
+    if len(certificates) != len(_CERTIFICATE_BEGIN.findall(pem)):
+        raise TlsFileError(key, "holds a PEM block that does not parse (a file caught half-written?)")
+    return certificates
+
+
+def _unusable_server_key(key: object, certificate: x509.Certificate) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        # An RSA-PSS key loads as an RSA key, but BoringSSL will not serve with it.
+        if certificate.public_key_algorithm_oid == PublicKeyAlgorithmOID.RSASSA_PSS:
+            return "an RSA-PSS key cannot be used"
+        return "" if key.key_size >= _MIN_RSA_BITS else f"a {key.key_size}-bit RSA key is too weak"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return "" if key.curve.name in _SERVER_CURVES else f"an ECDSA key on curve {key.curve.name} cannot be used"
+    kind = type(key).__name__.removeprefix("_").removesuffix("PrivateKey")
+    return f"an {kind} key cannot be used" if kind[:1] in "AEIOU" else f"a {kind} key cannot be used"
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
