@@ -197,3 +197,24 @@ class TestClientCa:
         # Verified at its handshake, under the old bundle: a connection is not re-checked.
         rotating.watch.tokens.add(stub.IssueToken(ALICE, timeout=10).token)
         kept.close()
+
+    def test_path_length_follows_the_bundle(self, rotating: Rotating) -> None:
+        """The client CA's path length is enforced from the bundle in force: it rotates with the files, not the config."""
+        strict_ca = CertificateAuthority("a CA allowing no intermediate", path_length=0)
+        intermediate = strict_ca.issue(
+            LeafSpec("intermediate", uris=("spiffe://example.org",), ca=True, key_cert_sign=True, crl_sign=True)
+        )
+        through_intermediate = strict_ca.issue(LeafSpec("bff", uris=(BFF_ID,)), issuer=intermediate)
+        replace_file(rotating.tls / "ca.pem", rotating.pki.ca.cert_pem + strict_ca.cert_pem)
+        rotating.reloaded()
+        assert rotating.call(through_intermediate) == grpc.StatusCode.UNAUTHENTICATED
+        open_ca = CertificateAuthority("a CA allowing intermediates", path_length=None)
+        open_intermediate = open_ca.issue(
+            LeafSpec("intermediate", uris=("spiffe://example.org",), ca=True, key_cert_sign=True, crl_sign=True)
+        )
+        replace_file(rotating.tls / "ca.pem", open_ca.cert_pem)
+        rotating.reloaded(2)
+        assert (
+            rotating.call(open_ca.issue(LeafSpec("bff", uris=(BFF_ID,)), issuer=open_intermediate))
+            == grpc.StatusCode.OK
+        )
