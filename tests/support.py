@@ -452,3 +452,15 @@ def serve(
     processes.append(process)
     process.wait_for_records("server.started", workers)
     return process
+
+
+def check_config(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `synctoken check-config PATH` (with the suite's secret in the environment, by default)."""
+    return subprocess.run(
+        [SYNCTOKEN, "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=os.environ | SECRET_ENV if env is None else env,
+    )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,12 +12,11 @@ import pytest
 
 from support import (
     API_KEY_SID,
-    SECRET_ENV,
-    SYNCTOKEN,
     LeakWatch,
     Pki,
     Process,
     SteadyLoad,
+    check_config,
     config_text,
     free_port,
     replace_file,
@@ -195,14 +192,7 @@ class TestRotation:
         """check-config cannot know when the old key last signed, and says so: wait max_ttl, or read the server's line."""
         path = tmp_path / "synctoken.toml"
         path.write_text(with_keys(pki, key_list(KEY_B)), encoding="utf-8")
-        result = subprocess.run(
-            [SYNCTOKEN, "check-config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            env=os.environ | SECRET_ENV,
-        )
+        result = check_config(path)
         assert result.returncode == 0, result.stderr
         assert result.stderr == (
             f"synctoken: warning: twilio.api_keys: {KEY_A} is not active, but tokens it signed may still be live "

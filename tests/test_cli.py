@@ -26,6 +26,7 @@ from support import (
     LeakWatch,
     Pki,
     Process,
+    check_config,
     config_text,
     free_port,
 )
@@ -232,14 +233,7 @@ class TestCheckConfig:
         """The output lists callers with inherited defaults, and never the secret."""
         path = tmp_path / "synctoken.toml"
         path.write_text(config_text(pki), encoding="utf-8")
-        result = subprocess.run(
-            [SYNCTOKEN, "check-config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            env=os.environ | SECRET_ENV,
-        )
+        result = check_config(path)
         assert result.returncode == 0, result.stderr
         assert API_SECRET not in result.stdout + result.stderr
         effective = json.loads(result.stdout)
@@ -256,14 +250,7 @@ class TestCheckConfig:
         key.chmod(0o644)
         path = tmp_path / "synctoken.toml"
         path.write_text(config_text(pki).replace(str(pki.directory / "server-key.pem"), str(key)), encoding="utf-8")
-        result = subprocess.run(
-            [SYNCTOKEN, "check-config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            env=os.environ | SECRET_ENV,
-        )
+        result = check_config(path)
         assert result.returncode == 0, result.stderr
         assert result.stderr == (
             f"synctoken: warning: {path}: tls.key_file: {key} is readable by group or others (mode 0644); "
@@ -274,14 +261,7 @@ class TestCheckConfig:
         """A pattern RE2 refuses exits 2 with the loader's one line: RE2 logs nothing of its own on stderr."""
         path = tmp_path / "synctoken.toml"
         path.write_text(config_text(pki).replace("user-[0-9]+", "user-[0-9"), encoding="utf-8")
-        result = subprocess.run(
-            [SYNCTOKEN, "check-config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            env=os.environ | SECRET_ENV,
-        )
+        result = check_config(path)
         assert result.returncode == 2
         assert result.stderr == (
             f"synctoken: config error: {path}: callers[1].identity_pattern: not a valid RE2 pattern: missing ]: [0-9\n"

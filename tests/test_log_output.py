@@ -21,7 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from support import SECRET_ENV, START_TIMEOUT, SYNCTOKEN, LeakWatch, Pki, config_text, free_port, rpc_error
+from support import SECRET_ENV, START_TIMEOUT, SYNCTOKEN, LeakWatch, Pki, channel, config_text, free_port, rpc_error
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 
@@ -32,16 +32,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 Start = Callable[..., tuple[subprocess.Popen[bytes], int]]
 
 
-def fresh_channel(pki: Pki, port: int) -> grpc.Channel:
-    """A channel with a connection of its own: with workers, each one may reach another process."""
-    return grpc.secure_channel(
-        f"localhost:{port}", pki.credentials("bff"), options=[("grpc.use_local_subchannel_pool", 1)]
-    )
-
-
 def health(pki: Pki, port: int) -> int:
     """TokenService's health on a fresh connection."""
-    with fresh_channel(pki, port) as ch:
+    with channel(pki, port) as ch:
         check = health_pb2.HealthCheckRequest(service="synctoken.v1.TokenService")
         return int(health_pb2_grpc.HealthStub(ch).Check(check, timeout=5).status)
 
@@ -112,7 +105,7 @@ class TestStalledPipe:
             wait_for_health(pki, port, SERVING)
             worker_pids = children(proc.pid)
             refusals: list[grpc.StatusCode] = []
-            with fresh_channel(pki, port) as ch:
+            with channel(pki, port) as ch:
                 stub = token_service_pb2_grpc.TokenServiceStub(ch)
                 for _ in range(2000):  # a 64 KiB pipe holds a few hundred lines
                     try:
@@ -142,7 +135,7 @@ class TestUnwritableFromTheStart:
         with Path("/dev/full").open("wb") as full:
             proc, port = start(full, 'drain_delay = "0s"\ngrace = "1s"', workers)
         wait_for_health(pki, port, NOT_SERVING, tries=8)
-        with fresh_channel(pki, port) as ch:
+        with channel(pki, port) as ch:
             _, info, _ = rpc_error(lambda: token_service_pb2_grpc.TokenServiceStub(ch).IssueToken(REQUEST, timeout=10))
         assert info.reason == "AUDIT_UNAVAILABLE"
         proc.send_signal(signal.SIGTERM)
@@ -167,7 +160,7 @@ class TestWorkersShareOnePipe:
         def caller(request: pb.IssueTokenRequest) -> None:
             # A fresh connection every ten calls, so that both workers get calls.
             for _ in range(6):
-                with fresh_channel(pki, port) as ch:
+                with channel(pki, port) as ch:
                     stub = token_service_pb2_grpc.TokenServiceStub(ch)
                     for _ in range(10):
                         try:
