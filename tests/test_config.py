@@ -596,3 +596,28 @@ class TestKeysOnlyOpensslMakes:
             "twilio.api_secret_file: cannot read the file it names: a file name cannot contain a NUL byte",
             environ={},
         )
+
+    def test_rsa_pss_key_beside_an_rsa_certificate(self, pki: Pki, write_config: WriteConfig, tmp_path: Path) -> None:
+        """An RSA-PSS key file with an ordinary RSA certificate for the same key: gRPC is asked, and refuses."""
+        key_path, cert_path = tmp_path / "pss-key.pem", tmp_path / "rsa.pem"
+        openssl("genpkey", "-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key_path))
+        key_path.chmod(0o600)
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        assert isinstance(key, rsa.RSAPrivateKey)
+        cert_path, _ = self_signed(key, tmp_path)
+        text = replaced(pki, str(pki.directory / "server.pem"), str(cert_path))
+        text = text.replace(str(pki.directory / "server-key.pem"), str(key_path))
+        expect_error(
+            write_config(text),
+            "tls.key_file: gRPC refused this key and certificate; "
+            "gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys",
+        )
+
+    def test_client_ca_bundle_with_undecodable_extension(
+        self, pki: Pki, write_config: WriteConfig, tmp_path: Path
+    ) -> None:
+        """A CA bundle holding a certificate whose SAN cannot be decoded is a config error, not a crash at serve."""
+        bundle = tmp_path / "ca-bundle.pem"
+        bundle.write_bytes(pki.ca.cert_pem + pki.clients["undecodable_uri_san"].cert_pem)
+        text = replaced(pki, str(pki.directory / "ca.pem"), str(bundle))
+        expect_error(write_config(text), "tls.client_ca_file: holds a certificate whose extensions cannot be decoded")

@@ -326,3 +326,13 @@ class TestTrustAnchors:
         anchors = svid.TrustAnchors.from_pem(ca.cert_pem)
         assert not anchors.too_many_intermediates(frozenset({root_der}))
         assert anchors.too_many_intermediates(frozenset({root_der, b"an intermediate"}))
+
+
+class TestValidityOnEveryCall:
+    """A resumed TLS session skips the handshake's date check, so the caller id check does it on every call."""
+
+    def test_expired_certificate_refused(self, pki: Pki) -> None:
+        """An expired certificate in the auth context (as after a session resumption) names no caller."""
+        with pytest.raises(CallerUnauthenticated) as caught:
+            TestCallerIdentityRules.SPIFFE_RULES.caller_id(auth_context(pki.clients["expired"].cert_pem))
+        assert caught.value.message == f"client certificate has no acceptable caller id: {svid.OUTSIDE_VALIDITY}"

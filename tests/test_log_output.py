@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import SECRET_ENV, START_TIMEOUT, SYNCTOKEN, LeakWatch, Pki, channel, config_text, free_port, rpc_error
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
+from synctoken_server import running
 
 REQUEST = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -57,7 +58,9 @@ def start(pki: Pki, tmp_path: Path) -> Iterator[Start]:
     """Start `synctoken serve` with stdout going where the test says; killed at teardown if still running."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def run(stdout: int | IO[bytes], server_extra: str = "", workers: int = 1) -> tuple[subprocess.Popen[bytes], int]:
+    def run(
+        stdout: int | IO[bytes], server_extra: str = "", workers: int = 1, *, new_group: bool = False
+    ) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
         text = config_text(pki, listen=f"127.0.0.1:{port}").replace("[tls]", f"{server_extra}\n\n[tls]")
         path = tmp_path / "synctoken.toml"
@@ -67,6 +70,7 @@ def start(pki: Pki, tmp_path: Path) -> Iterator[Start]:
             stdout=stdout,
             stderr=subprocess.DEVNULL,
             env=os.environ | SECRET_ENV,
+            start_new_session=new_group,
         )
         started.append(proc)
         return proc, port
@@ -115,7 +119,7 @@ class TestStalledPipe:
                         if len(refusals) == 3:
                             break
             assert refusals == [grpc.StatusCode.UNAVAILABLE] * 3, "the pipe never filled"
-            wait_for_health(pki, port, NOT_SERVING)
+            wait_for_health(pki, port, NOT_SERVING, tries=6)  # every worker, written to or not
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=START_TIMEOUT) == 0
             deadline = time.monotonic() + 10
@@ -200,6 +204,41 @@ class TestWorkersSecondSignal:
         began = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         wait_for_health(pki, port, NOT_SERVING, tries=4)
+        time.sleep(running.DUPLICATE_SIGNAL_SECONDS)  # sooner, the same signal counts as the first one again
         proc.send_signal(second)
         assert proc.wait(timeout=START_TIMEOUT) == 0
         assert time.monotonic() - began < 20
+
+
+class TestWorkersAfterTheParent:
+    """Workers never outlive their parent, and one stop signal sent to all of them is still one signal."""
+
+    def test_parent_killed(self, pki: Pki, start: Start) -> None:
+        """SIGKILL to the parent: the workers notice, drain and exit, so nothing serves an old config."""
+        proc, port = start(subprocess.DEVNULL, 'drain_delay = "0s"\ngrace = "1s"', 2)
+        wait_for_health(pki, port, SERVING)
+        workers = children(proc.pid)  # and multiprocessing's resource tracker, which goes too
+        assert len(workers) >= 2
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + START_TIMEOUT
+        while any(Path(f"/proc/{pid}").exists() for pid in workers):
+            assert time.monotonic() < deadline, "a worker outlived its parent"
+            time.sleep(0.1)
+
+    def test_sigterm_to_the_process_group_drains(self, pki: Pki, start: Start, tmp_path: Path) -> None:
+        """SIGTERM to the whole group (as systemd sends it) reaches each worker twice, and still drains."""
+        log = tmp_path / "out.jsonl"
+        with log.open("wb") as out:
+            proc, port = start(out, 'drain_delay = "2s"\ngrace = "1s"', 2, new_group=True)
+            wait_for_health(pki, port, SERVING)
+            deadline = time.monotonic() + START_TIMEOUT
+            while log.read_text().count('"server.started"') < 2:  # both workers, not just the first up
+                assert time.monotonic() < deadline, "the workers did not start"
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=START_TIMEOUT) == 0
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        stopping = [r for r in records if r["event"] == "server.stopping"]
+        assert len(stopping) == 2
+        assert not [r for r in records if r["event"] == "server.stopping_now"], "a duplicate signal cut the drain"

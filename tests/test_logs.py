@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -202,3 +205,35 @@ class TestPipeOutput:
         with lock, pytest.raises(OutputStalled):
             sink.write_line(b"{}")
         assert not sink.writable
+
+
+class TestSharedOutput:
+    """Processes sharing one output share its lock and whether the last line was torn."""
+
+    def test_torn_by_one_fresh_line_for_the_other(self, filling: FillingFile) -> None:
+        """A line torn by one writer makes the next line of another writer start on a line of its own."""
+        lock, torn = threading.Lock(), multiprocessing.Value("b", 0, lock=False)
+        first, second = LineSink(filling.write), LineSink(filling.write)
+        first.share(lock, torn)
+        second.share(lock, torn)
+        with pytest.raises(OSError, match="No space left"):
+            first.write_line(b'{"n":1,"padding":"' + b"x" * 60 + b'"}')
+        filling.room = 1000
+        second.write_line(b'{"n":2}')
+        fragment, line, end = filling.path.read_bytes().split(b"\n")
+        assert fragment.startswith(b'{"n":1')
+        assert (json.loads(line), end) == ({"n": 2}, b"")
+
+    def test_lists_are_cut(self) -> None:
+        """A list value keeps its first items, each cut short: a refused certificate's SANs cannot fill a disk."""
+        sans = ["\x01" * 5000] * 50
+        out = logs._truncate_long_values(None, "info", {"presented_sans": sans})
+        assert len(out["presented_sans"]) == logs.MAX_ITEMS + 1
+        assert out["presented_sans"][0] == "\x01" * logs.MAX_ITEM_CHARACTERS + "...[4744 more characters]"
+        assert out["presented_sans"][-1] == "...[42 more items]"
+
+    def test_stderr_pipe_made_nonblocking(self) -> None:
+        """Configured for real, the logs make a piped stderr non-blocking: gRPC's lines are dropped, not stalled on."""
+        script = "import os; from synctoken_server import logs; logs.configure(); print(os.get_blocking(2))"
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+        assert result.stdout.strip() == "False"

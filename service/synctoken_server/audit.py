@@ -52,6 +52,9 @@ class AuditLog:
         writing (a pipe nobody reads, a full disk), and any line that failed
         there counts: health must not wait for the next token request to learn.
         """
+        if not logs.output_looks_ready():
+            # Not even a probe line: on a nearly full disk it would fit where records do not.
+            return False
         if self.writable and logs.output_ready():
             return True
         try:

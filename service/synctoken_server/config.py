@@ -183,6 +183,8 @@ def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[TlsMaterial, int | Non
         material = tlsfiles.check(files, stamps, cert_pem, key_pem, ca_pem, now=dt.datetime.now(dt.UTC))
     except TlsFileError as exc:
         raise r.fail(exc.key, exc.problem) from None
+    if not tlsfiles.grpc_can_serve(material):
+        raise r.fail(tlsfiles.KEY_KEY, "gRPC refused this key and certificate; " + tlsfiles.SERVER_KEYS)
     expiry_warning = None
     if "expiry_warning" in tls:
         expiry_warning = r.duration(tls, "tls", "expiry_warning", "", _MIN_EXPIRY_WARNING, _MAX_EXPIRY_WARNING)

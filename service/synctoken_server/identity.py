@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import functools
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -94,7 +95,10 @@ class NamedCaller:
 
     caller_id: str
     trust_domain: str
-    issuers: frozenset[bytes] = frozenset()
+    # What the certificate came with, checked per call; not part of who the caller is.
+    issuers: frozenset[bytes] = dataclasses.field(default=frozenset(), compare=False)
+    valid_from: float = dataclasses.field(default=float("-inf"), compare=False)
+    valid_until: float = dataclasses.field(default=float("inf"), compare=False)
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,9 @@ def read_caller(source: IdentitySource, leaf_pem: bytes, chain_pem: bytes) -> Na
     reading = _spiffe_caller(sans) if source is IdentitySource.SPIFFE else _dns_caller(sans)
     if isinstance(reading, Refusal):
         return reading
-    return dataclasses.replace(reading, issuers=presented.issuers)
+    return dataclasses.replace(
+        reading, issuers=presented.issuers, valid_from=presented.valid_from, valid_until=presented.valid_until
+    )
 
 
 def _spiffe_caller(uris: tuple[str, ...]) -> NamedCaller | Refusal:
@@ -172,6 +178,10 @@ class CallerIdentityRules:
         reading = read_caller(self.source, leaf[0], chain)
         if isinstance(reading, Refusal):
             raise CallerUnauthenticated(reading.why, reading.presented_sans)
+        # The handshake checked the dates, but a resumed TLS session (a ticket
+        # lives for days) brings back a certificate without checking them again.
+        if not reading.valid_from <= time.time() < reading.valid_until:
+            raise CallerUnauthenticated(svid.OUTSIDE_VALIDITY, (reading.caller_id,))
         if self.anchors is not None and self.anchors().too_many_intermediates(reading.issuers):
             raise CallerUnauthenticated(svid.TOO_MANY_INTERMEDIATES, (reading.caller_id,))
         if self.source is IdentitySource.SPIFFE and reading.trust_domain not in self.trust_domains:

@@ -15,7 +15,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict
 
-from synctoken_server.linesink import LineSink, Lock
+from synctoken_server.linesink import Flag, LineSink, Lock, nonblocking_unless_terminal
 
 AUDIT_LOGGER = "synctoken.audit"
 """The one logger whose failed writes are errors (see AuditLog); every other line is best effort."""
@@ -31,6 +31,10 @@ _CONSOLE_ESCAPES = str.maketrans(
 )
 MAX_VALUE_CHARACTERS = 1024
 """Longer string values are cut (a refused request may carry 4 KiB of anything); tracebacks are kept whole."""
+
+MAX_ITEMS = 8
+MAX_ITEM_CHARACTERS = 256
+"""List values keep their first MAX_ITEMS items, each cut at MAX_ITEM_CHARACTERS."""
 
 _output: LineSink | None = None
 
@@ -76,14 +80,22 @@ def _sink_for(stream: BinaryIO) -> LineSink:
     return LineSink.for_fd(fd)
 
 
-def share_output_lock(lock: Lock) -> None:
-    """Take `lock` around every line from now on: processes sharing one output then never interleave lines."""
+def share_output(lock: Lock, torn: Flag) -> None:
+    """Share one output's lock and torn state between processes.
+
+    Then they never interleave lines, and none glues its line to another's fragment.
+    """
     if _output is not None:
-        _output.lock = lock
+        _output.share(lock, torn)
 
 
 def output_ready() -> bool:
-    """Whether the configured output can be written (True when none is configured: nothing to fail)."""
+    """Whether the output's last write worked and it looks able to take more (True when none is configured)."""
+    return _output is None or (_output.writable and _output.check())
+
+
+def output_looks_ready() -> bool:
+    """Whether the output looks able to take a record, found without writing (True when none is configured)."""
     return _output is None or _output.check()
 
 
@@ -117,10 +129,21 @@ class _AddWorker:
 
 def _truncate_long_values(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     for key, value in event_dict.items():
-        if isinstance(value, str) and len(value) > MAX_VALUE_CHARACTERS and key != "exception":
-            cut = len(value) - MAX_VALUE_CHARACTERS
-            event_dict[key] = f"{value[:MAX_VALUE_CHARACTERS]}...[{cut} more characters]"
+        if key == "exception":
+            continue
+        if isinstance(value, str):
+            event_dict[key] = _cut(value, MAX_VALUE_CHARACTERS)
+        elif isinstance(value, list | tuple) and value:
+            # Lists too (the SANs a refused certificate offered): at most a few short items.
+            kept = [_cut(item, MAX_ITEM_CHARACTERS) if isinstance(item, str) else item for item in value[:MAX_ITEMS]]
+            if len(value) > MAX_ITEMS:
+                kept.append(f"...[{len(value) - MAX_ITEMS} more items]")
+            event_dict[key] = kept
     return event_dict
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}...[{len(text) - limit} more characters]"
 
 
 def json_dumps(value: Any, **_kwargs: Any) -> bytes:
@@ -151,6 +174,10 @@ def configure(stream: BinaryIO | None = None, *, worker: int | None = None) -> N
         renderers = [json_renderer()]
     global _output  # noqa: PLW0603 - the process has one log output, configured once here
     _output = _sink_for(stream or sys.stdout.buffer)
+    if stream is None:
+        # gRPC's core writes its own ERROR lines to stderr: a stalled stderr
+        # pipe must drop them, not freeze the threads that wrote them.
+        nonblocking_unless_terminal(sys.stderr.fileno())
     sink = _output
     structlog.configure(
         processors=[*shared_processors(worker), *renderers],

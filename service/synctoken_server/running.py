@@ -25,13 +25,20 @@ import structlog
 from synctoken_server import logs
 from synctoken_server.config import Config, load_config
 from synctoken_server.configfile import ConfigError
-from synctoken_server.linesink import Lock
+from synctoken_server.linesink import Flag, Lock
 from synctoken_server.reloading import ConfigReloader
 from synctoken_server.server import TokenServer
 
 EXIT_CONFIG = 2
 EXIT_START = 3
 EXIT_WORKER_DIED = 4
+
+PARENT_CHECK_SECONDS = 1.0
+"""How often a worker checks that its parent is still alive."""
+
+DUPLICATE_SIGNAL_SECONDS = 1.0
+"""The same signal again within this is one signal delivered twice (to the process group, and
+forwarded by the workers' parent), not an operator asking to stop at once."""
 
 _STOP_MARGIN_SECONDS = 5.0
 """A worker that has not stopped this long after its drain and grace is killed."""
@@ -68,13 +75,33 @@ def ignore_sighup_until_ready() -> None:
 
 
 def run_one(
-    config: Config, path: Path, *, reuse_port: bool = False, on_ready: Callable[[int], None] | None = None
+    config: Config,
+    path: Path,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[int], None] | None = None,
+    parent: int | None = None,
 ) -> int:
-    """Serve `config` (loaded from `path`) until SIGTERM or SIGINT, reloading on SIGHUP; return the exit status."""
-    return asyncio.run(_serve(config, path, reuse_port=reuse_port, on_ready=on_ready))
+    """Serve `config` (loaded from `path`) until SIGTERM or SIGINT, reloading on SIGHUP; return the exit status.
+
+    A worker passes its `parent`'s pid: if the parent dies (SIGKILL, the OOM
+    killer), the worker drains and stops as on SIGTERM, instead of serving an
+    old config on the shared port beside whatever replaces it.
+    """
+    return asyncio.run(_serve(config, path, reuse_port=reuse_port, on_ready=on_ready, parent=parent))
 
 
-async def _serve(config: Config, path: Path, *, reuse_port: bool, on_ready: Callable[[int], None] | None) -> int:
+async def _watch_parent(parent: int, signals: asyncio.Queue[signal.Signals]) -> None:
+    # Polled: no event tells a process its parent died without prctl, which Python does not offer.
+    while os.getppid() == parent:  # noqa: ASYNC110
+        await asyncio.sleep(PARENT_CHECK_SECONDS)
+    structlog.get_logger("synctoken").warning("server.parent_gone", parent=parent)
+    signals.put_nowait(signal.SIGTERM)
+
+
+async def _serve(
+    config: Config, path: Path, *, reuse_port: bool, on_ready: Callable[[int], None] | None, parent: int | None
+) -> int:
     log = structlog.get_logger("synctoken")
     open_files = raise_open_file_limit()
     try:
@@ -102,7 +129,9 @@ async def _serve(config: Config, path: Path, *, reuse_port: bool, on_ready: Call
     )
     if on_ready is not None:
         on_ready(server.port)
+    watching = asyncio.create_task(_watch_parent(parent, signals)) if parent is not None else None
     received = await signals.get()
+    first_at = time.monotonic()
     timeouts = server.snapshots.current.config.timeouts
     # SIGTERM is an orchestrator: drain. SIGINT is a person at a terminal: stop now.
     drain_delay = timeouts.drain_delay if received is signal.SIGTERM else 0
@@ -111,16 +140,29 @@ async def _serve(config: Config, path: Path, *, reuse_port: bool, on_ready: Call
     log.info("server.stopping", signal=received.name, drain_delay=drain_delay, grace=timeouts.grace)
     # After the stop is under way: a reload during a stop would change nothing that matters any more.
     reloading.cancel()
-    second = asyncio.create_task(signals.get())
-    await asyncio.wait((stop, second), return_when=asyncio.FIRST_COMPLETED)
-    if not stop.done():
+    if watching is not None:
+        watching.cancel()
+    if await _second_signal(signals, received, first_at, stop):
         # A second signal while draining: the operator wants out now.
-        log.info("server.stopping_now", signal=second.result().name)
+        log.info("server.stopping_now")
         stop.cancel()
         await server.stop(drain_delay=0, grace=0)
-    second.cancel()
     log.info("server.stopped")
     return 0
+
+
+async def _second_signal(
+    signals: asyncio.Queue[signal.Signals], first: signal.Signals, first_at: float, stop: asyncio.Task[None]
+) -> bool:
+    """Wait for `stop` to finish; True if a second, distinct stop signal came first."""
+    while True:
+        second = asyncio.create_task(signals.get())
+        await asyncio.wait((stop, second), return_when=asyncio.FIRST_COMPLETED)
+        if stop.done():
+            second.cancel()
+            return False
+        if second.result() != first or time.monotonic() - first_at > DUPLICATE_SIGNAL_SECONDS:
+            return True
 
 
 def run_workers(path: Path, config: Config, workers: int) -> int:
@@ -135,10 +177,14 @@ def run_workers(path: Path, config: Config, workers: int) -> int:
     # One writer at a time on the shared stdout: lines longer than a pipe's
     # atomic write size would otherwise interleave between workers.
     output_lock = context.Lock()
-    logs.share_output_lock(output_lock)
+    torn = context.Value("b", 0, lock=False)  # guarded by output_lock
+    logs.share_output(output_lock, torn)
     processes = [
         context.Process(
-            target=_worker_main, args=(str(path), index, output_lock), name=f"synctoken-worker-{index}", daemon=False
+            target=_worker_main,
+            args=(str(path), index, output_lock, torn, os.getpid()),
+            name=f"synctoken-worker-{index}",
+            daemon=False,
         )
         for index in range(workers)
     ]
@@ -229,10 +275,10 @@ def _stop_all(
             process.join()
 
 
-def _worker_main(path: str, index: int, output_lock: Lock) -> None:
+def _worker_main(path: str, index: int, output_lock: Lock, torn: Flag, parent: int) -> None:
     # A fresh interpreter: configure logging and load the config here, with
     # the same loader and the same environment as the parent.
     logs.configure(worker=index)
-    logs.share_output_lock(output_lock)
+    logs.share_output(output_lock, torn)
     config = load_or_report(Path(path))
-    sys.exit(EXIT_CONFIG if config is None else run_one(config, Path(path), reuse_port=True))
+    sys.exit(EXIT_CONFIG if config is None else run_one(config, Path(path), reuse_port=True, parent=parent))

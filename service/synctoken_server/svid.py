@@ -31,6 +31,7 @@ ISSUER_NOT_CA = "a certificate in the chain it presented is not a CA's (it needs
 ISSUER_IS_WORKLOAD = (
     "a certificate in the chain it presented names a workload (a SAN other than its trust domain's SPIFFE ID)"
 )
+OUTSIDE_VALIDITY = "its certificate has expired or is not valid yet (a resumed TLS session is checked too)"
 TOO_MANY_INTERMEDIATES = "it presented more intermediate CA certificates than the path length of client_ca_file allows"
 
 
@@ -45,6 +46,9 @@ class PresentedCertificate:
     dns_names: tuple[str, ...]
     defect: str | None
     issuers: frozenset[bytes] = frozenset()
+    valid_from: float = float("-inf")
+    valid_until: float = float("inf")
+    """The leaf's validity in Unix seconds: checked on every call (a resumed TLS session skips the handshake)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ def read_presented(leaf_pem: bytes, chain_pem: bytes) -> PresentedCertificate:
         dns_names=dns_names,
         defect=defect,
         issuers=frozenset(c.public_bytes(Encoding.DER) for c in issuers),
+        valid_from=leaf.not_valid_before_utc.timestamp(),
+        valid_until=leaf.not_valid_after_utc.timestamp(),
     )
 
 

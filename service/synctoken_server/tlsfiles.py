@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -31,7 +33,7 @@ _MIN_RSA_BITS = 2048
 # Ed25519 keys load but every handshake fails; Ed448, DSA, P-224 and
 # secp256k1 keys make the port fail to bind.
 _SERVER_CURVES = frozenset({"secp256r1", "secp384r1"})
-_SERVER_KEYS = "gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys"
+SERVER_KEYS = "gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys"
 # Certificate blocks only: a chain file may also hold the key, which the count must not include.
 _CERTIFICATE_BEGIN = re.compile(rb"-----BEGIN (?:X509 )?CERTIFICATE-----")
 
@@ -104,13 +106,17 @@ def check(
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except UnsupportedAlgorithm:
-        raise TlsFileError(KEY_KEY, f"is a kind of key that cannot be used; {_SERVER_KEYS}") from None
+        raise TlsFileError(KEY_KEY, f"is a kind of key that cannot be used; {SERVER_KEYS}") from None
     except (ValueError, TypeError):
         raise TlsFileError(KEY_KEY, "is not an unencrypted PEM private key") from None
     unusable = _unusable_server_key(key, chain[0])
     if unusable:
-        raise TlsFileError(KEY_KEY, f"{unusable}; {_SERVER_KEYS}")
-    if key.public_key() != chain[0].public_key():
+        raise TlsFileError(KEY_KEY, f"{unusable}; {SERVER_KEYS}")
+    try:
+        matches = key.public_key() == chain[0].public_key()
+    except UnsupportedAlgorithm:
+        raise TlsFileError(CERT_KEY, f"has a kind of public key that cannot be used; {SERVER_KEYS}") from None
+    if not matches:
         raise TlsFileError(KEY_KEY, f"does not match the first certificate in {CERT_KEY}")
     leaf = chain[0]
     if now < leaf.not_valid_before_utc:
@@ -118,6 +124,10 @@ def check(
     if now >= leaf.not_valid_after_utc:
         raise TlsFileError(CERT_KEY, f"expired at {_iso(leaf.not_valid_after_utc)}")
     cas = _certificates(CA_KEY, ca_pem)
+    try:
+        anchors = TrustAnchors.of(cas)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise TlsFileError(CA_KEY, "holds a certificate whose extensions cannot be decoded") from None
     return TlsMaterial(
         files=files,
         stamps=stamps,
@@ -128,8 +138,33 @@ def check(
         not_after=leaf.not_valid_after_utc,
         lifetime=leaf.not_valid_after_utc - leaf.not_valid_before_utc,
         client_cas=len(cas),
-        anchors=TrustAnchors.of(cas),
+        anchors=anchors,
     )
+
+
+def grpc_can_serve(material: TlsMaterial) -> bool:
+    """Whether gRPC itself accepts the set: bind a throwaway server on a loopback port with it.
+
+    The checks above know what BoringSSL refuses today (Ed448, DSA, an RSA-PSS
+    certificate); this asks BoringSSL, for what they do not know (an RSA-PSS
+    key file beside an ordinary RSA certificate, say), so that such a set is
+    a config error rather than a server that cannot listen.
+    """
+    executor = futures.ThreadPoolExecutor(max_workers=1)
+    server = grpc.server(executor, options=[("grpc.so_reuseport", 0)])
+    credentials = grpc.ssl_server_credentials(
+        [(material.private_key_pem, material.cert_chain_pem)],
+        root_certificates=material.client_ca_pem,
+        require_client_auth=True,
+    )
+    try:
+        server.add_secure_port("127.0.0.1:0", credentials)
+    except RuntimeError:
+        return False
+    finally:
+        server.stop(None)
+        executor.shutdown(wait=False)
+    return True
 
 
 def _certificates(key: str, pem: bytes) -> list[x509.Certificate]:
