@@ -56,22 +56,37 @@ async function refresh(why) {
   }
 }
 
+// The SDK retries forever and its states ("connecting", "retrying") do not say that nothing will work, so
+// after a deadline without a connection, or on any connection error, the page says so in plain words.
 function watchConnection(client) {
-  let connected = false;
-  const deadline = setTimeout(() => {
-    if (!connected) {
-      show("state", "cannot connect to Twilio Sync (no route to Twilio?); still trying");
+  const seen = { state: "connecting", error: null, deadlinePassed: false };
+  const render = () => {
+    if (seen.state === "connected") {
+      show("state", "connected");
+    } else if (seen.state === "denied") {
+      show("state", "denied: Twilio refused the token");
+    } else if (seen.error !== null || seen.deadlinePassed) {
+      const said = seen.error === null ? "no answer" : `the SDK reports "${seen.error}"`;
+      show("state", `cannot connect to Twilio Sync (no route to Twilio?): ${said}; still trying (${seen.state})`);
+    } else {
+      show("state", seen.state);
     }
+  };
+  setTimeout(() => {
+    seen.deadlinePassed = true;
+    render();
   }, CONNECT_DEADLINE_MS);
   client.on("connectionStateChanged", (state) => {
-    connected = state === "connected";
-    if (connected) {
-      clearTimeout(deadline);
+    seen.state = state;
+    if (state === "connected") {
+      seen.error = null;
+      seen.deadlinePassed = false;
     }
-    show("state", state === "denied" ? "denied: Twilio refused the token" : state);
+    render();
   });
   client.on("connectionError", (error) => {
-    show("state", `cannot connect to Twilio Sync: ${error.message}${error.terminal ? "" : " (retrying)"}`);
+    seen.error = error.message;
+    render();
   });
 }
 
