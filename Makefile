@@ -73,15 +73,22 @@ define protoc
 		$(PROTOS)
 endef
 
-generate: $(INSTALLED)
+# Node's stubs: buf with the local protoc-gen-es from node_modules (no remote plugins either).
+NODE_GEN := node_modules/.bin/buf generate --template clients/node/buf.gen.yaml
+
+generate: $(INSTALLED) node_modules/.installed
 	$(call protoc,$(STUBS))
+	$(NODE_GEN)
 
 # synctoken/client is hand-written, beside the generated packages.
-check-generated: $(INSTALLED)
+check-generated: $(INSTALLED) node_modules/.installed
 	rm -rf .gen-check && mkdir .gen-check
 	$(call protoc,.gen-check)
 	@diff -r -x __init__.py -x py.typed -x __pycache__ -x client .gen-check/synctoken $(STUBS)/synctoken \
 		|| { echo "Generated stubs are stale: run 'make generate' and commit the result."; exit 1; }
+	$(NODE_GEN) --output .gen-check/node
+	@diff -r .gen-check/node/clients/node/src/gen clients/node/src/gen \
+		|| { echo "Generated Node stubs are stale: run 'make generate' and commit the result."; exit 1; }
 	rm -rf .gen-check
 
 clean:
