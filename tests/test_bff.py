@@ -102,6 +102,11 @@ class TestToken:
         assert "samesite=lax" in cookie
         assert "secure" not in cookie
 
+    def test_cookie_is_secure_over_https(self, make_bff: MakeBff, shared_server: RunningServer) -> None:
+        """Behind a TLS proxy on loopback (X-Forwarded-Proto: https), the cookie is Secure."""
+        response = make_bff(shared_server.port).token(headers={"x-forwarded-proto": "https"})
+        assert "secure" in response.headers["set-cookie"].lower()
+
     def test_identity_is_stable_with_the_cookie(self, make_bff: MakeBff, shared_server: RunningServer) -> None:
         """A browser keeps its identity across requests; one without the cookie gets another identity."""
         bff = make_bff(shared_server.port)
