@@ -46,46 +46,7 @@ class TokenSource(Protocol):
 
 def create_app(client: TokenSource, settings: Settings, authenticate: Authenticate | None = None) -> Starlette:
     """The BFF. Without `authenticate`, each browser gets an anonymous identity kept in a signed cookie."""
-    sessions = AnonymousSessions(settings.session_secret) if authenticate is None else None
-    who: Authenticate = authenticate or sessions.authenticate  # type: ignore[union-attr]
-
-    async def token(request: Request) -> Response:
-        identity = who(request)
-        if inspect.isawaitable(identity):
-            identity = await identity
-        if not identity:
-            body = error_body("UNAUTHENTICATED", "NO_USER", "sign in first")
-            return JSONResponse(body, status_code=401, headers={"Cache-Control": "no-store"})
-        try:
-            issued = await client.get_token(
-                identity,
-                service_sid=settings.sync_service_sid,
-                endpoint_id=request.query_params.get("device", ""),
-                ttl=settings.token_ttl,
-            )
-        except SynctokenError as exc:
-            # The error's str() is synctoken's code, reason and message: no token, no secret.
-            _log.warning("token.refused identity=%s error=%s", identity, exc)
-            response: Response = error_response(exc)
-        else:
-            # token_id is a hash prefix, made for logs; the token itself never goes there.
-            _log.info("token.served identity=%s token_id=%s", identity, issued.token_id)
-            response = JSONResponse(
-                {
-                    "identity": issued.identity,
-                    "token": issued.token,
-                    "expires_at": _rfc3339(issued.expires_at),
-                    "refresh_after": _rfc3339(issued.refresh_after),
-                },
-                headers={"Cache-Control": "no-store"},
-            )
-        if sessions is not None:
-            sessions.remember(request, response)
-        return response
-
-    async def healthz(_: Request) -> Response:
-        # Liveness of this process only: a synctoken outage shows as 503s on /token, not as a dead BFF.
-        return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
+    token = _TokenRoute(client, settings, authenticate)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -103,11 +64,61 @@ def create_app(client: TokenSource, settings: Settings, authenticate: Authentica
             )
         )
     routes = [
-        Route("/token", token, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
+        Route("/token", token.handle, methods=["GET"]),
+        Route("/healthz", _healthz, methods=["GET"]),
         Mount("/", StaticFiles(directory=STATIC, html=True)),
     ]
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+
+
+class _TokenRoute:
+    """GET /token: the user's token from the client's cache, or the error synctoken gave, as JSON."""
+
+    def __init__(self, client: TokenSource, settings: Settings, authenticate: Authenticate | None) -> None:
+        self._client = client
+        self._settings = settings
+        self._sessions: AnonymousSessions | None = None
+        if authenticate is None:
+            self._sessions = AnonymousSessions(settings.session_secret)
+            authenticate = self._sessions.authenticate
+        self._authenticate = authenticate
+
+    async def handle(self, request: Request) -> Response:
+        """The response for one request (a method, so that Starlette calls it with the request)."""
+        identity = self._authenticate(request)
+        if inspect.isawaitable(identity):
+            identity = await identity
+        if not identity:
+            body = error_body("UNAUTHENTICATED", "NO_USER", "sign in first")
+            return JSONResponse(body, status_code=401, headers={"Cache-Control": "no-store"})
+        response = await self._token(identity, request.query_params.get("device", ""))
+        if self._sessions is not None:
+            self._sessions.remember(request, response)
+        return response
+
+    async def _token(self, identity: str, device: str) -> Response:
+        try:
+            issued = await self._client.get_token(
+                identity, service_sid=self._settings.sync_service_sid, endpoint_id=device, ttl=self._settings.token_ttl
+            )
+        except SynctokenError as exc:
+            # The error's str() is synctoken's code, reason and message: no token, no secret.
+            _log.warning("token.refused identity=%s error=%s", identity, exc)
+            return error_response(exc)
+        # token_id is a hash prefix, made for logs; the token itself never goes there.
+        _log.info("token.served identity=%s token_id=%s", identity, issued.token_id)
+        body = {
+            "identity": issued.identity,
+            "token": issued.token,
+            "expires_at": _rfc3339(issued.expires_at),
+            "refresh_after": _rfc3339(issued.refresh_after),
+        }
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+async def _healthz(_: Request) -> Response:
+    # Liveness of this process only: a synctoken outage shows as 503s on /token, not as a dead BFF.
+    return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
 
 
 def _rfc3339(moment: dt.datetime) -> str:
