@@ -143,15 +143,19 @@ def log_sink() -> LogSink:
     return sink
 
 
+# The client library's loggers, and the BFF's and its server's, which run in the suite's process too.
+_WATCHED_LOGGERS = ("synctoken.client", "synctoken_bff", "uvicorn")
+
+
 class _ClientRecords(logging.Handler):
-    """Every record of the client library's loggers, as formatted text."""
+    """Every record of the client library's and the BFF's loggers, as formatted text."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith("synctoken.client"):
+        if record.name.startswith(_WATCHED_LOGGERS):
             self.lines.append(self.format(record))
 
 
@@ -159,16 +163,20 @@ class _ClientRecords(logging.Handler):
 def leak_watch(log_sink: LogSink) -> Iterator[LeakWatch]:
     """After the whole session, no log line holds the secret, a private key or an issued token.
 
-    The client library's records (standard logging, on synctoken.client) are
-    searched too, caught at the root logger so that its own logger stays as
-    the library leaves it: without handlers.
+    The client library's and the BFF's records (standard logging, on
+    synctoken.client, synctoken_bff and uvicorn) are searched too, caught at
+    the root logger so that their own loggers stay as the libraries leave
+    them: without handlers.
     """
     watch = LeakWatch()
     client_logs = _ClientRecords()
     logging.getLogger().addHandler(client_logs)
+    # At INFO, as synctoken-bff runs: the lines that would reach a deployment's log are the ones searched.
+    for name in ("synctoken_bff", "uvicorn"):
+        logging.getLogger(name).setLevel(logging.INFO)
     yield watch
     logging.getLogger().removeHandler(client_logs)
-    texts = {"in-process logs": "\n".join(log_sink.lines), "client library logs": "\n".join(client_logs.lines)}
+    texts = {"in-process logs": "\n".join(log_sink.lines), "client and BFF logs": "\n".join(client_logs.lines)}
     texts |= {str(p): p.read_text(encoding="utf-8", errors="replace") for p in watch.log_files if p.exists()}
     for where, text in texts.items():
         for needle in watch.secrets | watch.tokens:

@@ -125,3 +125,29 @@ class TestPythonClient:
         ]
         assert result.stdout.endswith("exit 1\n")
         assert json.loads(result.stderr)["field_violations"][0]["field"] == "identity"
+
+
+class TestBffExample:
+    """The BFF example under "Serving tokens to browsers" builds an app that serves the plugged-in user."""
+
+    def test_authenticate_example(self, dev_like: Path, shared_server: RunningServer) -> None:
+        """The printed create_app call, driven by Starlette's TestClient, mints for the header's user."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCTOKEN_", "BFF_"))} | {
+            "SYNCTOKEN_TARGET": f"localhost:{shared_server.port}",
+            "SYNCTOKEN_CA_FILE": str(dev_like / "ca.pem"),
+            "SYNCTOKEN_CERT_FILE": str(dev_like / "client.pem"),
+            "SYNCTOKEN_KEY_FILE": str(dev_like / "client-key.pem"),
+        }
+        [code] = blocks(section("## Serving tokens to browsers"), "python")
+        drive = (
+            "\nfrom starlette.testclient import TestClient\n"
+            "with TestClient(app) as http:\n"
+            "    for user in ('alice', None):\n"
+            "        r = http.get('/token', headers={'x-authenticated-user': user} if user else {})\n"
+            "        print(r.status_code, r.json().get('identity'))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code + drive], capture_output=True, text=True, timeout=60, check=False, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "200 alice\n401 None\n"

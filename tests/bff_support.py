@@ -1,0 +1,66 @@
+"""Support for the BFF's tests: the app on a real uvicorn server on loopback in a thread, and an HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+
+from support import LeakWatch
+
+START_TIMEOUT = 30
+
+
+class RunningBff:
+    """A BFF app served by uvicorn on 127.0.0.1, on its own event loop in a thread (as `synctoken-bff` would)."""
+
+    def __init__(self, app: Starlette) -> None:
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.port: int = self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        # log_config=None: leave logging as the suite set it, so the leak check sees uvicorn's records too.
+        config = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._serve, name="test-bff", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._server.started:
+            assert self._thread.is_alive(), "the BFF stopped while starting"
+            assert time.monotonic() < deadline, f"the BFF did not start within {START_TIMEOUT}s"
+            time.sleep(0.02)
+
+    def _serve(self) -> None:
+        asyncio.run(self._server.serve(sockets=[self._socket]))
+
+    def close(self) -> None:
+        """Stop serving (the app's lifespan closes its client); a second call does nothing."""
+        self._server.should_exit = True
+        self._thread.join(timeout=START_TIMEOUT)
+        self._socket.close()
+
+
+class Bff:
+    """An HTTP client of a running BFF, with a cookie jar like a browser's, recording every token it receives."""
+
+    def __init__(self, running: RunningBff, watch: LeakWatch) -> None:
+        self.running = running
+        self.http = httpx.Client(base_url=running.url, timeout=10)
+        self._watch = watch
+
+    def token(self, headers: dict[str, str] | None = None, **params: str) -> httpx.Response:
+        """GET /token with these query parameters; the token goes to the session's leak check."""
+        response = self.http.get("/token", params=params, headers=headers)
+        if response.status_code == httpx.codes.OK:
+            self._watch.tokens.add(response.json()["token"])
+        return response
+
+    def close(self) -> None:
+        """Close the HTTP client and stop the BFF."""
+        self.http.close()
+        self.running.close()
