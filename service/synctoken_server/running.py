@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from synctoken_server import logs
+from synctoken_server import logs, metrics
 from synctoken_server.config import Config, load_config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.linesink import Lock
@@ -68,17 +68,24 @@ def ignore_sighup_until_ready() -> None:
 
 
 def run_one(
-    config: Config, path: Path, *, reuse_port: bool = False, on_ready: Callable[[int], None] | None = None
+    config: Config,
+    path: Path,
+    *,
+    workers: int = 1,
+    on_ready: Callable[[int], None] | None = None,
 ) -> int:
-    """Serve `config` (loaded from `path`) until SIGTERM or SIGINT, reloading on SIGHUP; return the exit status."""
-    return asyncio.run(_serve(config, path, reuse_port=reuse_port, on_ready=on_ready))
+    """Serve `config` (loaded from `path`) until SIGTERM or SIGINT, reloading on SIGHUP; return the exit status.
+
+    `workers` > 1: this is one of that many processes sharing the port.
+    """
+    return asyncio.run(_serve(config, path, workers=workers, on_ready=on_ready))
 
 
-async def _serve(config: Config, path: Path, *, reuse_port: bool, on_ready: Callable[[int], None] | None) -> int:
+async def _serve(config: Config, path: Path, *, workers: int, on_ready: Callable[[int], None] | None) -> int:
     log = structlog.get_logger("synctoken")
     open_files = raise_open_file_limit()
     try:
-        server = TokenServer(config, reuse_port=reuse_port)
+        server = TokenServer(config, reuse_port=workers > 1, workers=workers)
     except OSError as exc:
         print(f"synctoken: {exc}", file=sys.stderr)  # noqa: T201 - start-up failure, for the operator
         return EXIT_START
@@ -96,6 +103,7 @@ async def _serve(config: Config, path: Path, *, reuse_port: bool, on_ready: Call
         "server.started",
         listen=config.listen,
         port=server.port,
+        metrics_port=server.metrics_port,
         identity_source=config.identity_source.value,
         callers=len(config.policy),
         open_file_limit=open_files,
@@ -124,6 +132,22 @@ async def _serve(config: Config, path: Path, *, reuse_port: bool, on_ready: Call
 
 
 def run_workers(path: Path, config: Config, workers: int) -> int:
+    """Run the workers; with metrics on, serve one scrape for all of them from this process (see metrics.py)."""
+    if config.metrics_listen is None:
+        return _run_workers(path, config, workers, None)
+    with metrics.multiprocess_directory() as directory:
+        try:
+            listener = metrics.serve(config.metrics_listen, metrics.multiprocess_registry(directory))
+        except OSError as exc:
+            print(f"synctoken: cannot listen on {config.metrics_listen}: {exc.strerror or exc}", file=sys.stderr)  # noqa: T201 - start-up failure, for the operator
+            return EXIT_START
+        try:
+            return _run_workers(path, config, workers, directory)
+        finally:
+            listener.close()
+
+
+def _run_workers(path: Path, config: Config, workers: int, metrics_dir: Path | None) -> int:
     """Run `workers` server processes on the config's port; forward SIGHUP; stop them all on SIGTERM or SIGINT.
 
     SIGHUP must be ignored when this is called (see ignore_sighup_until_ready):
@@ -138,7 +162,10 @@ def run_workers(path: Path, config: Config, workers: int) -> int:
     logs.share_output_lock(output_lock)
     processes = [
         context.Process(
-            target=_worker_main, args=(str(path), index, output_lock), name=f"synctoken-worker-{index}", daemon=False
+            target=_worker_main,
+            args=(str(path), index, workers, output_lock),
+            name=f"synctoken-worker-{index}",
+            daemon=False,
         )
         for index in range(workers)
     ]
@@ -176,6 +203,10 @@ def run_workers(path: Path, config: Config, workers: int) -> int:
                 break
     finally:
         _stop_all(processes, received, _stop_timeout(path, config), log)
+        if metrics_dir is not None:
+            for process in processes:
+                if process.pid is not None:
+                    metrics.worker_exited(metrics_dir, process.pid)
     log.info("workers.stopped", status=status)
     return status
 
@@ -229,10 +260,10 @@ def _stop_all(
             process.join()
 
 
-def _worker_main(path: str, index: int, output_lock: Lock) -> None:
+def _worker_main(path: str, index: int, workers: int, output_lock: Lock) -> None:
     # A fresh interpreter: configure logging and load the config here, with
     # the same loader and the same environment as the parent.
     logs.configure(worker=index)
     logs.share_output_lock(output_lock)
     config = load_or_report(Path(path))
-    sys.exit(EXIT_CONFIG if config is None else run_one(config, Path(path), reuse_port=True))
+    sys.exit(EXIT_CONFIG if config is None else run_one(config, Path(path), workers=workers))
