@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support import SECRET_ENV, SYNCTOKEN, LeakWatch, LogSink, Pki, ServerHarness, config_text
+from support import BFF_ID, SECRET_ENV, SYNCTOKEN, LeakWatch, LogSink, Pki, ServerHarness, config_text, rpc_error
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.config import load_config
 from synctoken_server.configfile import ConfigError
@@ -109,6 +109,24 @@ class TestAuditLog:
                 timeout=30,
             )
             assert done.stdout.strip() == record["identity"]
+
+    def test_identity_limit_names_the_hash(
+        self, harness: ServerHarness, pki: Pki, key_file: Path, log_sink: LogSink
+    ) -> None:
+        """With private audit on, an identity limit's QuotaFailure subject is the same keyed hash as the audit log's."""
+        text = private_config(pki, key_file).replace(
+            'allowed_identity_characters = "@"',
+            'allowed_identity_characters = "@"\nidentity_rate = 0.01\nidentity_burst = 1',
+            1,
+        )
+        client = harness.client(harness.start(text), "bff")
+        request = pb.IssueTokenRequest(identity=IDENTITY, sync=pb.SyncGrant())
+        client.issue(request)
+        start = len(log_sink.lines)
+        _, info, _ = rpc_error(lambda: client.issue(request))
+        [record] = [r for r in log_sink.records(start) if r["event"] == "token.decision"]
+        assert info.metadata["quotaSubject"] == f"identity:{BFF_ID}/{record['identity']}"
+        assert IDENTITY not in info.metadata["quotaSubject"]
 
     def test_audit_hash_without_key(self, pki: Pki, write_config: WriteConfig) -> None:
         """A config without private audit is said to have none, rather than printing a hash nobody logged."""

@@ -163,12 +163,11 @@ class RateLimiter:
             buckets.append((self._bucket((caller_id, identity), limits.identity, now), limits.identity, identity))
         for bucket, limit, for_identity in buckets:
             if bucket.tokens < 1:
-                subject = (
-                    f"caller:{caller_id}" if for_identity is None else f"identity:{caller_id}/{digest(for_identity)}"
-                )
-                return _refusal(
-                    subject, for_identity is not None, (1 - bucket.tokens) / limit.rate, shadow=limits.shadow
-                )
+                retry_after = (1 - bucket.tokens) / limit.rate
+                if for_identity is None:
+                    return Refusal(f"caller:{caller_id}", "the caller's rate limit", retry_after, limits.shadow)
+                subject = f"identity:{caller_id}/{digest(for_identity)}"
+                return Refusal(subject, "the caller's rate limit for one identity", retry_after, limits.shadow)
         for bucket, limit, _ in buckets:
             bucket.tokens -= 1
             bucket.full_at = now + (limit.burst - bucket.tokens) / limit.rate
@@ -201,8 +200,3 @@ class RateLimiter:
 
 
 _SWEEP_PER_CALL = 2
-
-
-def _refusal(subject: str, for_identity: bool, retry_after: float, *, shadow: bool) -> Refusal:  # noqa: FBT001 - private, two call sites
-    description = "the caller's rate limit for one identity" if for_identity else "the caller's rate limit"
-    return Refusal(subject, description, retry_after, shadow)
