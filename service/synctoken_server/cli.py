@@ -105,6 +105,7 @@ def _check_config(path: Path) -> int:
         "identity": {"source": config.identity_source.value, "trust_domains": sorted(config.trust_domains)},
         "audit": {"identities": "hashed (key loaded, not shown)" if config.audit_identity else "as they are"},
         "metrics": {"listen": config.metrics_listen},
+        "mesh": {"listen": config.mesh.address if config.mesh else None},
         "twilio": {
             "account_sid": config.credentials.account_sid,
             "api_keys": [
