@@ -179,9 +179,14 @@ def _serve(path: Path, on_ready: Callable[[int], None] | None = None, workers: i
         return EXIT_CONFIG
     if workers == 1:
         return running.run_one(config, path, on_ready=on_ready)
+    # Said like every other config error: the file, the key, the problem.
+    error = None
     if config.listen.endswith(":0"):
-        # Said like every other config error: the file, the key, the problem.
         error = ConfigError(str(path), "server.listen", "--workers needs a fixed port, not :0")
+    elif config.mesh is not None:
+        # Each worker would bind the same socket path, and only the last one would be reached.
+        error = ConfigError(str(path), "mesh", "not yet supported with --workers: run one worker per sidecar")
+    if error is not None:
         print(f"synctoken: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     return running.run_workers(path, config, workers)
