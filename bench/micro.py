@@ -26,6 +26,8 @@ from synctoken_server.config import load_config
 from synctoken_server.devenv import DEV_CLIENT_ID
 from synctoken_server.issuing import TokenIssuer
 from synctoken_server.keyledger import SignedExpiries
+from synctoken_server.limits import RateLimiter
+from synctoken_server.metrics import Metrics
 from synctoken_server.snapshot import Snapshot
 
 
@@ -45,7 +47,9 @@ def run(config_path: Path, *, number: int, repeats: int, sink: BinaryIO) -> dict
     config = load_config(config_path, environ={})
     creds = config.credentials
     snapshot = Snapshot.of(config)
-    issuer = TokenIssuer(audit_log=AuditLog(), signed=SignedExpiries())
+    issuer = TokenIssuer(
+        audit_log=AuditLog(), signed=SignedExpiries(), limiter=RateLimiter(time.monotonic), metrics=Metrics()
+    )
     request = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
     service_sid = next(iter(config.policy)).sync_services[0]
 

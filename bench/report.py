@@ -53,6 +53,9 @@ def ratios(summary: dict[str, dict[int, dict[str, float]]], workers_name: str) -
     ratio("synctoken_rps_over_empty_rps", "synctoken", "empty-rpc", "rps")
     ratio("synctoken_p99_over_empty_p99", "synctoken", "empty-rpc", "p99_ms")
     ratio("synctoken_cpu_per_request_over_empty", "synctoken", "empty-rpc", "server_cpu_ms_per_request")
+    # What limits and metrics cost: throughput below 1 is lost, CPU per request above 1 is added.
+    ratio("guarded_rps_over_synctoken_rps", "synctoken-guarded", "synctoken", "rps")
+    ratio("guarded_cpu_per_request_over_synctoken", "synctoken-guarded", "synctoken", "server_cpu_ms_per_request")
     ratio("workers_rps_over_express_guide_rps", workers_name, "express-guide", "rps")
     ratio("workers_rps_over_express_keyobject_rps", workers_name, "express-keyobject", "rps")
     ratio("express_keyobject_rps_over_guide_rps", "express-keyobject", "express-guide", "rps")

@@ -16,12 +16,21 @@ from pathlib import Path
 
 from bench import micro, report
 from bench.measure import LoadShape, Result, measure
-from bench.systems import System, Workspace, check_express_token, empty_rpc, express, synctoken
+from bench.systems import (
+    System,
+    Workspace,
+    check_express_token,
+    empty_rpc,
+    express,
+    synctoken,
+    synctoken_guarded,
+)
 
 
 def _systems(workspace: Workspace, workers: int) -> list[System]:
     return [
         synctoken(workspace, 1),
+        synctoken_guarded(workspace),
         empty_rpc(workspace),
         synctoken(workspace, workers),
         express(workspace, tuned=False),

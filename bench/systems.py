@@ -136,6 +136,25 @@ def synctoken(workspace: Workspace, workers: int) -> System:
     )
 
 
+GUARDED_CALLER = """\
+# Limits far above what the benchmark sends: every call is checked, none refused.
+rate = 1000000
+burst = 1000000
+identity_rate = 1000000
+identity_burst = 1000000
+"""
+
+
+def synctoken_guarded(workspace: Workspace) -> System:
+    """Synctoken serve with a caller and an identity rate limit and the metrics listener on: their cost."""
+    system = synctoken(workspace, 1)
+    system.name = "synctoken-guarded"
+    config = Path(system.command[system.command.index("--config") + 1])
+    text = config.read_text(encoding="utf-8").replace("[[callers]]\n", f"[[callers]]\n{GUARDED_CALLER}", 1)
+    config.write_text(f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n\n{text}', encoding="utf-8")
+    return system
+
+
 def empty_rpc(workspace: Workspace) -> System:
     """The empty RPC on the same stack: the ceiling."""
     port = free_port()

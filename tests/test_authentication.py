@@ -196,7 +196,6 @@ class TestMetadataIsIgnored:
         """A stranger claiming the BFF's id in metadata is still the stranger."""
         client = connect("stranger")
         forged: tuple[tuple[str, str | bytes], ...] = (
-            ("x-forwarded-client-cert", f"URI={BFF_ID}"),
             ("x-spiffe-id", BFF_ID),
             ("authorization", f"Bearer {BFF_ID}"),
         )
@@ -205,6 +204,17 @@ class TestMetadataIsIgnored:
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
         response = client.stub.GetCallerIdentity(pb.GetCallerIdentityRequest(), metadata=forged, timeout=10)
         assert response.caller_id != BFF_ID
+
+    def test_forwarded_client_cert_refused(self, connect: Connect) -> None:
+        """x-forwarded-client-cert on the mTLS listener is neither used nor ignored: the call is refused."""
+        client = connect("stranger")
+        forged: tuple[tuple[str, str | bytes], ...] = (("x-forwarded-client-cert", f"URI={BFF_ID}"),)
+        for call in (
+            lambda: client.stub.IssueToken(REQUEST, metadata=forged, timeout=10),
+            lambda: client.stub.GetCallerIdentity(pb.GetCallerIdentityRequest(), metadata=forged, timeout=10),
+        ):
+            error, info, _ = rpc_error(call)
+            assert (error.code(), info.reason) == (grpc.StatusCode.UNAUTHENTICATED, "FORWARDED_CLIENT_CERT_UNTRUSTED")
 
 
 class TestDnsSanSource:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = {"synctoken", "empty-rpc", "express-guide", "express-keyobject"}
+SYSTEMS = {"synctoken", "synctoken-guarded", "empty-rpc", "express-guide", "express-keyobject"}
 
 
 def test_quick_run(tmp_path: Path) -> None:

@@ -225,6 +225,22 @@ class TestWorkers:
             f"synctoken: config error: {path}: server.listen: --workers needs a fixed port, not :0\n"
         )
 
+    def test_workers_refuse_mesh_mode(
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """Workers cannot share one mesh socket yet: refused with exit 2 rather than half-served."""
+        path = tmp_path / "synctoken.toml"
+        mesh = '[mesh]\nlisten = "unix:mesh.sock"\ntrust_forwarded_client_cert = true\n'
+        path.write_text(mesh + config_text(pki, listen=f"127.0.0.1:{free_port()}"), encoding="utf-8")
+        process = Process(
+            ["serve", "--workers", "2", "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV
+        )
+        processes.append(process)
+        assert process.proc.wait(timeout=START_TIMEOUT) == 2
+        assert process.stderr_path.read_text() == (
+            f"synctoken: config error: {path}: mesh: not yet supported with --workers: run one worker per sidecar\n"
+        )
+
 
 class TestCheckConfig:
     """`synctoken check-config FILE` runs the same loader and prints the effective policy."""
@@ -277,5 +293,5 @@ class TestCheckConfig:
         assert result.returncode == 2
         assert result.stderr == (
             f"synctoken: config error: {path}: bogus: unknown key; "
-            "expected one of callers, defaults, identity, server, tls, twilio\n"
+            "expected one of audit, callers, defaults, identity, limits, mesh, metrics, server, tls, twilio\n"
         )

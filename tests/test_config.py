@@ -112,12 +112,12 @@ PATTERN = 'identity_pattern = "user-[0-9]+"'  # only callers[1] has one
         (
             "[server]",
             "[serverz]",
-            "serverz: unknown key; expected one of callers, defaults, identity, server, tls, twilio",
+            "serverz: unknown key; expected one of audit, callers, defaults, identity, limits, mesh, metrics, server, tls, twilio",
         ),
         (
             '[[callers]]\nid = "spiffe://example.org/ns/chat/*"',
             '[[callers]]\nmax_tll = "1h"\nid = "spiffe://example.org/ns/chat/*"',
-            "callers[1].max_tll: unknown key; expected one of allowed_identity_characters, default_sync_service, default_ttl, id, identity_pattern, max_ttl, sync_services",
+            "callers[1].max_tll: unknown key; expected one of allowed_identity_characters, burst, default_sync_service, default_ttl, id, identity_burst, identity_pattern, identity_rate, max_ttl, rate, shadow, sync_services",
         ),
         (CALLER_2, 'max_ttl = "30h"', "callers[2].max_ttl: 30h is above the 24h limit"),
         (CALLER_2, 'max_ttl = "2m"', "callers[2].max_ttl: 2m is below the 3m minimum"),
@@ -318,7 +318,7 @@ PATTERN = 'identity_pattern = "user-[0-9]+"'  # only callers[1] has one
         (
             "[[callers]]",
             "callers = 1\n[[x]]",
-            "x: unknown key; expected one of callers, defaults, identity, server, tls, twilio",
+            "x: unknown key; expected one of audit, callers, defaults, identity, limits, mesh, metrics, server, tls, twilio",
         ),
         (
             "[server]",

@@ -82,7 +82,9 @@ class TestDecide:
     def test_defaults(self) -> None:
         """An empty service and unset TTL take the rule's defaults."""
         grant = decide(POLICY, "spiffe://t/team/x", ask())
-        assert grant == Grant(identity="alice", service_sid=SVC_2, endpoint_id="", ttl=3600, region="")
+        assert grant == Grant(
+            rule="spiffe://t/team/*", identity="alice", service_sid=SVC_2, endpoint_id="", ttl=3600, region=""
+        )
 
     def test_explicit(self) -> None:
         """Explicit service, TTL, endpoint and region are carried through."""
@@ -93,7 +95,14 @@ class TestDecide:
             region="au1",
         )
         grant = decide(POLICY, "spiffe://t/team/svc/x", request)
-        assert grant == Grant(identity="alice", service_sid=SVC_2, endpoint_id="dev-1", ttl=7200, region="au1")
+        assert grant == Grant(
+            rule="spiffe://t/team/svc/*",
+            identity="alice",
+            service_sid=SVC_2,
+            endpoint_id="dev-1",
+            ttl=7200,
+            region="au1",
+        )
 
     def test_unknown_caller_first(self) -> None:
         """An unknown caller is refused before its request is looked at."""

@@ -36,6 +36,9 @@ class TestReferenceConfig:
         secret = tmp_path / "twilio_api_secret"
         secret.write_text("readme-secret\n", encoding="utf-8")
         secret.chmod(0o600)
+        audit_key = tmp_path / "audit-hmac-key"
+        audit_key.write_text("readme-audit-key-" + "a" * 32 + "\n", encoding="utf-8")
+        audit_key.chmod(0o600)
         path = tmp_path / "synctoken.toml"
         path.write_text(reference_config(), encoding="utf-8")
         result = subprocess.run(
@@ -44,6 +47,7 @@ class TestReferenceConfig:
         assert result.returncode == 0, result.stderr
         assert result.stderr == ""
         assert "readme-secret" not in result.stdout
+        assert "readme-audit-key" not in result.stdout
 
 
 def section(title: str) -> str:

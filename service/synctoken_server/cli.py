@@ -1,4 +1,4 @@
-"""The `synctoken` command: serve, check-config, dev."""
+"""The `synctoken` command: serve, check-config, audit-hash, dev."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from synctoken_server import __version__, devenv, logs, running
+from synctoken_server import __version__, devenv, logs, privacy, running
 from synctoken_server.config import Config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
+from synctoken_server.limits import CallerLimits
 from synctoken_server.running import EXIT_CONFIG
 
 
@@ -29,6 +30,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     check = commands.add_parser("check-config", help="validate a config file and print the effective policy")
     check.add_argument("config", type=Path)
+    audit_hash = commands.add_parser(
+        "audit-hash", help="print an identity as the private audit log writes it, to find that user's records"
+    )
+    key_source = audit_hash.add_mutually_exclusive_group(required=True)
+    key_source.add_argument("--config", type=Path, help="the server's config (only its [audit] table is read)")
+    key_source.add_argument("--key-file", type=Path, help="the key file itself")
+    audit_hash.add_argument("--identity", required=True, help="the end-user identity, as the caller sent it")
     dev = commands.add_parser("dev", help="run on localhost with throwaway certificates and credentials")
     dev.add_argument("--dir", type=Path, default=Path(".synctoken-dev"), help="where to keep the dev files")
     dev.add_argument("--port", type=int, default=50051)
@@ -36,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "check-config":
         return _check_config(args.config)
+    if args.command == "audit-hash":
+        return _audit_hash(args.config, args.key_file, args.identity)
     if args.command == "dev":
         try:
             env = devenv.prepare(args.dir, args.port)
@@ -93,6 +103,9 @@ def _check_config(path: Path) -> int:
             else "(a third of the certificate's lifetime)",
         },
         "identity": {"source": config.identity_source.value, "trust_domains": sorted(config.trust_domains)},
+        "audit": {"identities": "hashed (key loaded, not shown)" if config.audit_identity else "as they are"},
+        "metrics": {"listen": config.metrics_listen},
+        "mesh": {"listen": config.mesh.address if config.mesh else None},
         "twilio": {
             "account_sid": config.credentials.account_sid,
             "api_keys": [
@@ -109,11 +122,40 @@ def _check_config(path: Path) -> int:
                 "allowed_identity_characters": "".join(sorted(rule.allowed_identity_characters)),
                 "default_ttl": format_duration(rule.default_ttl),
                 "max_ttl": format_duration(rule.max_ttl),
+                "limits": _describe_limits(rule.limits),
             }
             for rule in config.policy
         ],
     }
     print(json.dumps(effective, indent=2))
+    return 0
+
+
+def _describe_limits(limits: CallerLimits | None) -> dict[str, object] | None:
+    if limits is None:
+        return None
+    described: dict[str, object] = {"shadow": limits.shadow}
+    for name, limit in (("caller", limits.caller), ("identity", limits.identity)):
+        if limit is not None:
+            described[name] = {"rate": limit.rate, "burst": limit.burst}
+    return described
+
+
+def _audit_hash(config: Path | None, key_file: Path | None, identity: str) -> int:
+    try:
+        hasher = privacy.hasher_from_config(config) if config is not None else None
+        if key_file is not None:
+            hasher = privacy.hasher_from_key_file(key_file)
+    except ConfigError as exc:
+        print(f"synctoken: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if hasher is None:
+        print(
+            f"synctoken: {config} has no [audit] identity_hash_key_file: identities are logged as they are",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    print(hasher(identity))
     return 0
 
 
@@ -137,9 +179,14 @@ def _serve(path: Path, on_ready: Callable[[int], None] | None = None, workers: i
         return EXIT_CONFIG
     if workers == 1:
         return running.run_one(config, path, on_ready=on_ready)
+    # Said like every other config error: the file, the key, the problem.
+    error = None
     if config.listen.endswith(":0"):
-        # Said like every other config error: the file, the key, the problem.
         error = ConfigError(str(path), "server.listen", "--workers needs a fixed port, not :0")
+    elif config.mesh is not None:
+        # Each worker would bind the same socket path, and only the last one would be reached.
+        error = ConfigError(str(path), "mesh", "not yet supported with --workers: run one worker per sidecar")
+    if error is not None:
         print(f"synctoken: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     return running.run_workers(path, config, workers)

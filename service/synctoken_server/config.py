@@ -23,9 +23,13 @@ from synctoken_server.configfile import ConfigError, TomlReader
 from synctoken_server.durations import format_duration
 from synctoken_server.filestamps import Stamps, stamp
 from synctoken_server.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
+from synctoken_server.limits import CALLER_KEYS, read_caller_limits, read_global_shadow
+from synctoken_server.mesh import MeshListener, read_mesh
+from synctoken_server.metrics import read_listen as read_metrics_listen
 from synctoken_server.minting import TwilioCredentials
 from synctoken_server.patterns import IdentityPattern, PatternError
 from synctoken_server.policy import RESERVED_IDENTITY_CHARACTERS, CallerRule, Policy, is_service_sid
+from synctoken_server.privacy import IdentityHasher, read_audit
 from synctoken_server.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
 
 # [0-9], not \d: \d also matches other scripts' digits, such as U+FF15 (a full-width 5).
@@ -71,6 +75,14 @@ class Config:
     tls_expiry_warning: int | None = None
     """Warn when the server certificate has less than this many seconds left; None: a third of its lifetime."""
     timeouts: ServerTimeouts = ServerTimeouts()
+    metrics_listen: str | None = None
+    """Where Prometheus scrapes (plain HTTP); None: no metrics listener."""
+    audit_identity: IdentityHasher | None = None
+    """Hashes identities for the audit log; None: they are written as they are."""
+    mesh: MeshListener | None = None
+    """The listener where x-forwarded-client-cert names the caller; None: mesh mode off."""
+    """Hashes identities for the audit log; None: they are written as they are."""
+    """Where Prometheus scrapes (plain HTTP); None: no metrics listener."""
     warnings: tuple[str, ...] = ()
     """Things that work but should not be so (a private key readable by others); shown, never fatal."""
     files: Stamps = ()
@@ -100,7 +112,9 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
 
 
 def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
-    r.reject_unknown(data, "", {"server", "tls", "identity", "twilio", "defaults", "callers"})
+    r.reject_unknown(
+        data, "", {"server", "tls", "identity", "twilio", "audit", "defaults", "limits", "metrics", "mesh", "callers"}
+    )
     listen, timeouts = _server(r, data)
     tls, expiry_warning = _tls(r, data)
     source, trust_domains = _identity(r, data)
@@ -116,7 +130,7 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
     callers = data.get("callers", [])
     if not isinstance(callers, list) or not all(isinstance(c, dict) for c in callers):
         raise r.fail("callers", "must be an array of tables ([[callers]])")
-    inherited = _CallerDefaults(source, trust_domains, default_ttl, default_max)
+    inherited = _CallerDefaults(source, trust_domains, default_ttl, default_max, read_global_shadow(r, data))
     rules = [_caller(r, c, f"callers[{i}]", inherited) for i, c in enumerate(callers)]
     seen: dict[str, int] = {}
     for i, rule in enumerate(rules):
@@ -133,6 +147,9 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
         inactive_api_keys=keys.inactive,
         tls_expiry_warning=expiry_warning,
         timeouts=timeouts,
+        metrics_listen=read_metrics_listen(r, data),
+        audit_identity=read_audit(r, data),
+        mesh=read_mesh(r, data, source),
         warnings=tuple(r.warnings),
         files=tuple(r.files.items()),
     )
@@ -222,6 +239,7 @@ class _CallerDefaults:
     trust_domains: frozenset[str]
     default_ttl: int
     max_ttl: int
+    shadow: bool
 
 
 def _caller(r: TomlReader, data: Mapping[str, Any], key: str, defaults: _CallerDefaults) -> CallerRule:
@@ -233,6 +251,7 @@ def _caller(r: TomlReader, data: Mapping[str, Any], key: str, defaults: _CallerD
         "allowed_identity_characters",
         "default_ttl",
         "max_ttl",
+        *CALLER_KEYS,
     }
     r.reject_unknown(data, key, allowed)
     caller = r.get(data, key, "id", str)
@@ -268,6 +287,7 @@ def _caller(r: TomlReader, data: Mapping[str, Any], key: str, defaults: _CallerD
         allowed_identity_characters=frozenset(chars),
         default_ttl=ttl,
         max_ttl=max_ttl,
+        limits=read_caller_limits(r, data, key, shadow=defaults.shadow),
     )
 
 

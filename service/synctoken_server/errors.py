@@ -7,14 +7,15 @@ hand. Nothing here ever includes a secret or a token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc.code_pb2 import Code
-from google.rpc.error_details_pb2 import BadRequest, ErrorInfo
+from google.rpc.error_details_pb2 import BadRequest, ErrorInfo, QuotaFailure, RetryInfo
 from google.rpc.status_pb2 import Status
 from grpc_status import rpc_status
 
@@ -116,6 +117,19 @@ class CallerUnauthenticated(SynctokenError):
         super().__init__(f"client certificate has no acceptable caller id: {why}", audit=audit)
 
 
+class ForwardedCertNotTrusted(SynctokenError):
+    """x-forwarded-client-cert on a listener that does not trust it: refused, neither used nor ignored."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = token_service_pb2.ERROR_REASON_FORWARDED_CLIENT_CERT_UNTRUSTED
+
+    def __init__(self) -> None:
+        super().__init__(
+            "x-forwarded-client-cert is read only on the mesh listener; on this one the client certificate "
+            "names the caller: send the call without the header, or through the sidecar"
+        )
+
+
 def escape(text: str) -> str:
     """`text` in printable ASCII, every other character (and the backslash) as a Python escape."""
     return text.encode("unicode_escape").decode("ascii")
@@ -155,6 +169,40 @@ class IdentityNotAllowed(SynctokenError):
             f"identity does not match the identity_pattern of caller {caller_id}",
             {"callerId": caller_id},
         )
+
+
+class RateLimited(SynctokenError):
+    """The caller, or one identity of the caller, is over its rate limit: retry after the delay given.
+
+    RetryInfo says when a token will be available (rounded up to the
+    millisecond, so that a client honouring it exactly is not refused
+    again); QuotaFailure says which limit. The subject names the identity
+    only by a digest: proxies and client logs see these details too.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = token_service_pb2.ERROR_REASON_RATE_LIMITED
+
+    def __init__(self, caller_id: str, subject: str, description: str, retry_after: float) -> None:
+        self.subject = subject
+        self.description = description
+        self.retry_after_ms = max(1, math.ceil(retry_after * 1000))
+        super().__init__(
+            f"over {description}: retry in {self.retry_after_ms / 1000:g}s",
+            {"callerId": caller_id, "quotaSubject": subject},
+            audit={"limit": subject, "retry_after_ms": self.retry_after_ms},
+        )
+
+    def extra_details(self) -> Sequence[any_pb2.Any]:
+        """A RetryInfo with the delay, and a QuotaFailure naming the limit."""
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(self.retry_after_ms)
+        retry, quota = any_pb2.Any(), any_pb2.Any()
+        retry.Pack(RetryInfo(retry_delay=delay))
+        quota.Pack(
+            QuotaFailure(violations=[QuotaFailure.Violation(subject=self.subject, description=self.description)])
+        )
+        return (retry, quota)
 
 
 class AuditUnavailable(SynctokenError):

@@ -10,10 +10,15 @@ import structlog
 
 from synctoken.v1 import token_service_pb2
 from synctoken_server import audit
+from synctoken_server.errors import RateLimited
 from synctoken_server.keyledger import SignedExpiries
+from synctoken_server.limits import RateLimiter
+from synctoken_server.metrics import Metrics
 from synctoken_server.minting import plan_times, token_id
 from synctoken_server.policy import decide
 from synctoken_server.snapshot import Snapshot
+
+_log = structlog.get_logger("synctoken.limits")
 
 
 class TokenIssuer:
@@ -27,11 +32,15 @@ class TokenIssuer:
         *,
         audit_log: audit.AuditLog,
         signed: SignedExpiries,
+        limiter: RateLimiter,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         self._audit = audit_log
         self._signed = signed
+        self._limiter = limiter
+        self._metrics = metrics
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
 
@@ -44,9 +53,22 @@ class TokenIssuer:
         """
         # Bound before deciding, so that a denial's record says what was asked for.
         structlog.contextvars.bind_contextvars(
-            identity=request.identity, service_sid=request.sync.service_sid, region=request.region
+            identity=snapshot.audit_identity(request.identity),
+            service_sid=request.sync.service_sid,
+            region=request.region,
         )
         grant = decide(snapshot.policy, caller_id, request)
+        # After the decision: only requests that would get a token use up the
+        # limit (validate_only included), and the identity is known to be valid.
+        limits = snapshot.limits.get(grant.rule)
+        if limits is not None:
+            refusal = self._limiter.check(limits, caller_id, grant.identity, snapshot.identity_digest)
+            if refusal is not None:
+                self._metrics.rate_limited.labels(grant.rule, "true" if refusal.shadow else "false").inc()
+                error = RateLimited(caller_id, refusal.subject, refusal.description, refusal.retry_after)
+                if not refusal.shadow:
+                    raise error
+                _log.warning("rate_limit.shadow", policy_rule=grant.rule, limit=refusal.subject, message=error.message)
         granted = {"service_sid": grant.service_sid, "ttl": grant.ttl}
         times = plan_times(int(self._clock()), grant.ttl, self._rng)
         response = token_service_pb2.IssueTokenResponse(identity=grant.identity)
@@ -76,4 +98,6 @@ class TokenIssuer:
             expires_at=times.expires_at,
             duration_ms=audit.ms_since(started),
         )
+        # After the record: a token whose record failed is never sent, and is counted as refused.
+        self._metrics.issued.labels(grant.rule, grant.service_sid).inc()
         return response

@@ -19,6 +19,7 @@ from synctoken_server.errors import (
     InvalidRequest,
     ServiceNotAllowed,
 )
+from synctoken_server.limits import CallerLimits
 from synctoken_server.patterns import IdentityPattern
 
 RESERVED_IDENTITY_CHARACTERS = "!*'();:@&=+$,/?%#[]"
@@ -48,6 +49,8 @@ class CallerRule:
     allowed_identity_characters: frozenset[str]
     default_ttl: int
     max_ttl: int
+    limits: CallerLimits | None = None
+    """Rate limits, as configured (for all workers together); None: unlimited."""
 
     def matches(self, caller_id: str) -> bool:
         """True if this rule applies to `caller_id`."""
@@ -87,6 +90,8 @@ class Policy:
 class Grant:
     """A decision to mint: everything the token will say, all checked."""
 
+    rule: str
+    """The policy entry that allowed it (its `id`): a name from config, safe as a metric label."""
     identity: str
     service_sid: str
     endpoint_id: str
@@ -126,6 +131,7 @@ def decide(policy: Policy, caller_id: str, request: token_service_pb2.IssueToken
     if rule.identity_pattern is not None and not rule.identity_pattern.matches(request.identity):
         raise IdentityNotAllowed(caller_id)
     return Grant(
+        rule=rule.caller,
         identity=request.identity,
         service_sid=service_sid,
         endpoint_id=request.sync.endpoint_id,

@@ -16,7 +16,7 @@ caught mid-rotation.
 
 Only a restart can change two things:
 - `server.listen`, `server.handshake_timeout`, `server.idle_timeout`,
-  `server.max_connection_age`: they
+  `server.max_connection_age`, `metrics.listen`, `mesh.listen`: they
   belong to the listening socket and gRPC's server. A reload that changes
   them applies everything else and logs `config.restart_required` per key:
   the rest does not depend on them, and holding back a policy fix because
@@ -40,6 +40,7 @@ from synctoken_server.config import Config, load_config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
 from synctoken_server.filestamps import changed
+from synctoken_server.metrics import RELOAD_FAILURE, RELOAD_SUCCESS
 from synctoken_server.server import TokenServer
 
 CERTIFICATE_CHECK_SECONDS = 60.0
@@ -99,12 +100,14 @@ class ConfigReloader:
             try:
                 config = await asyncio.to_thread(load_config, self._path, self._environ)
             except ConfigError as exc:
+                self._server.metrics.reloads.labels(RELOAD_FAILURE).inc()
                 self._files, self._failed = exc.files or self._files, True
                 _log.error("config.reload_failed", trigger=trigger, file=exc.source, key=exc.key, problem=exc.problem)
                 return False
             self._files = config.files
             current = self._server.snapshots.current.config
             if config.identity_source is not current.identity_source:
+                self._server.metrics.reloads.labels(RELOAD_FAILURE).inc()
                 self._failed = True
                 _log.error(
                     "config.reload_failed",
@@ -117,6 +120,7 @@ class ConfigReloader:
                 return False
             self._failed = False
             old = self._server.apply(config)
+            self._server.metrics.reloads.labels(RELOAD_SUCCESS).inc()
         for warning in config.warnings:
             _log.warning("config.warning", problem=warning)
         for key, value in _restart_only(config).items():
@@ -137,6 +141,7 @@ class ConfigReloader:
     def _tick_certificates(self) -> None:
         self._server.certificates.refresh()
         self._server.certificates.check_expiry()
+        self._server.record_certificate()
 
     def _log_key_rotation(self, old: Config, new: Config) -> None:
         previous = old.credentials.api_key_sid
@@ -163,6 +168,8 @@ def _restart_only(config: Config) -> dict[str, str]:
         "server.handshake_timeout": format_duration(config.timeouts.handshake),
         "server.idle_timeout": format_duration(config.timeouts.idle),
         "server.max_connection_age": format_duration(config.timeouts.connection_age),
+        "metrics.listen": config.metrics_listen or "(off)",
+        "mesh.listen": config.mesh.address if config.mesh else "(off)",
     }
 
 

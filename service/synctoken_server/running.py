@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from synctoken_server import logs
+from synctoken_server import logs, metrics
 from synctoken_server.config import Config, load_config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.linesink import Flag, Lock
@@ -78,17 +78,18 @@ def run_one(
     config: Config,
     path: Path,
     *,
-    reuse_port: bool = False,
+    workers: int = 1,
     on_ready: Callable[[int], None] | None = None,
     parent: int | None = None,
 ) -> int:
     """Serve `config` (loaded from `path`) until SIGTERM or SIGINT, reloading on SIGHUP; return the exit status.
 
-    A worker passes its `parent`'s pid: if the parent dies (SIGKILL, the OOM
+    `workers` > 1: this is one of that many processes sharing the port, and
+    `parent` is their parent's pid: if the parent dies (SIGKILL, the OOM
     killer), the worker drains and stops as on SIGTERM, instead of serving an
     old config on the shared port beside whatever replaces it.
     """
-    return asyncio.run(_serve(config, path, reuse_port=reuse_port, on_ready=on_ready, parent=parent))
+    return asyncio.run(_serve(config, path, workers=workers, on_ready=on_ready, parent=parent))
 
 
 async def _watch_parent(parent: int, signals: asyncio.Queue[signal.Signals]) -> None:
@@ -100,12 +101,12 @@ async def _watch_parent(parent: int, signals: asyncio.Queue[signal.Signals]) -> 
 
 
 async def _serve(
-    config: Config, path: Path, *, reuse_port: bool, on_ready: Callable[[int], None] | None, parent: int | None
+    config: Config, path: Path, *, workers: int, on_ready: Callable[[int], None] | None, parent: int | None
 ) -> int:
     log = structlog.get_logger("synctoken")
     open_files = raise_open_file_limit()
     try:
-        server = TokenServer(config, reuse_port=reuse_port)
+        server = TokenServer(config, reuse_port=workers > 1, workers=workers)
     except OSError as exc:
         print(f"synctoken: {exc}", file=sys.stderr)  # noqa: T201 - start-up failure, for the operator
         return EXIT_START
@@ -123,6 +124,7 @@ async def _serve(
         "server.started",
         listen=config.listen,
         port=server.port,
+        metrics_port=server.metrics_port,
         identity_source=config.identity_source.value,
         callers=len(config.policy),
         open_file_limit=open_files,
@@ -166,6 +168,22 @@ async def _second_signal(
 
 
 def run_workers(path: Path, config: Config, workers: int) -> int:
+    """Run the workers; with metrics on, serve one scrape for all of them from this process (see metrics.py)."""
+    if config.metrics_listen is None:
+        return _run_workers(path, config, workers, None)
+    with metrics.multiprocess_directory() as directory:
+        try:
+            listener = metrics.serve(config.metrics_listen, metrics.multiprocess_registry(directory))
+        except OSError as exc:
+            print(f"synctoken: cannot listen on {config.metrics_listen}: {exc.strerror or exc}", file=sys.stderr)  # noqa: T201 - start-up failure, for the operator
+            return EXIT_START
+        try:
+            return _run_workers(path, config, workers, directory)
+        finally:
+            listener.close()
+
+
+def _run_workers(path: Path, config: Config, workers: int, metrics_dir: Path | None) -> int:
     """Run `workers` server processes on the config's port; forward SIGHUP; stop them all on SIGTERM or SIGINT.
 
     SIGHUP must be ignored when this is called (see ignore_sighup_until_ready):
@@ -182,7 +200,7 @@ def run_workers(path: Path, config: Config, workers: int) -> int:
     processes = [
         context.Process(
             target=_worker_main,
-            args=(str(path), index, output_lock, torn, os.getpid()),
+            args=(str(path), index, workers, output_lock, torn, os.getpid()),
             name=f"synctoken-worker-{index}",
             daemon=False,
         )
@@ -222,6 +240,10 @@ def run_workers(path: Path, config: Config, workers: int) -> int:
                 break
     finally:
         _stop_all(processes, received, _stop_timeout(path, config), log)
+        if metrics_dir is not None:
+            for process in processes:
+                if process.pid is not None:
+                    metrics.worker_exited(metrics_dir, process.pid)
     log.info("workers.stopped", status=status)
     return status
 
@@ -275,10 +297,10 @@ def _stop_all(
             process.join()
 
 
-def _worker_main(path: str, index: int, output_lock: Lock, torn: Flag, parent: int) -> None:
+def _worker_main(path: str, index: int, workers: int, output_lock: Lock, torn: Flag, parent: int) -> None:
     # A fresh interpreter: configure logging and load the config here, with
     # the same loader and the same environment as the parent.
     logs.configure(worker=index)
     logs.share_output(output_lock, torn)
     config = load_or_report(Path(path))
-    sys.exit(EXIT_CONFIG if config is None else run_one(config, Path(path), reuse_port=True, parent=parent))
+    sys.exit(EXIT_CONFIG if config is None else run_one(config, Path(path), workers=workers, parent=parent))

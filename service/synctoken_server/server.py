@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import grpc
@@ -17,11 +18,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from synctoken.v1 import token_service_pb2
+from synctoken_server import metrics
 from synctoken_server.audit import AuditLog
 from synctoken_server.certificates import ServerCertificates
 from synctoken_server.config import Config, ServerTimeouts
 from synctoken_server.issuing import TokenIssuer
 from synctoken_server.keyledger import SignedExpiries
+from synctoken_server.limits import RateLimiter
+from synctoken_server.metrics import Metrics
 from synctoken_server.servicer import TokenServicer
 from synctoken_server.snapshot import Snapshot, Snapshots
 from synctoken_server.svid import TrustAnchors
@@ -41,19 +45,29 @@ AUDIT_PROBE_SECONDS = 0.5
 class TokenServer:
     """A configured, not yet started, synctoken server."""
 
-    def __init__(self, config: Config, audit_log: AuditLog | None = None, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self, config: Config, audit_log: AuditLog | None = None, *, reuse_port: bool = False, workers: int = 1
+    ) -> None:
+        self._workers = workers
+        """How many processes share the port (and so divide the rate limits)."""
         self._server = grpc.aio.server(options=_server_options(config.timeouts, reuse_port=reuse_port))
         audit_log = audit_log or AuditLog()
         self._audit = audit_log
         self._audit_watch: asyncio.Task[None] | None = None
-        self.snapshots = Snapshots(Snapshot.of(config, self._anchors))
+        self.snapshots = Snapshots(Snapshot.of(config, self._anchors, workers))
+        self.metrics = Metrics()
+        self.metrics.signing_with(config.credentials.api_key_sid)
+        self._metrics_listener: metrics.Listener | None = None
         self.signed = SignedExpiries()
         """What each API key has signed: kept across reloads, for the operator's key rotation."""
         self.certificates = ServerCertificates(config.tls, config.tls_expiry_warning)
         servicer = TokenServicer(
             snapshots=self.snapshots,
-            issuer=TokenIssuer(audit_log=audit_log, signed=self.signed),
+            issuer=TokenIssuer(
+                audit_log=audit_log, signed=self.signed, limiter=RateLimiter(time.monotonic), metrics=self.metrics
+            ),
             audit_log=audit_log,
+            metrics=self.metrics,
         )
         self._server.add_generic_rpc_handlers((_raw_request_handlers(servicer),))
         self._health = health.aio.HealthServicer()
@@ -63,10 +77,25 @@ class TokenServer:
             self.port = self._server.add_secure_port(config.listen, self.certificates.credentials())
         except RuntimeError as exc:  # grpc's way of saying bind() failed
             raise OSError(f"cannot listen on {config.listen}: address in use or not available") from exc
+        if config.mesh is not None:
+            # Plaintext on purpose: the sidecar terminated TLS, and only it can reach this address.
+            try:
+                self._server.add_insecure_port(config.mesh.address)
+            except RuntimeError as exc:
+                raise OSError(f"cannot listen on {config.mesh.address}: in use or not available") from exc
+        # With several workers the parent serves the scrape for all of them (see running.py).
+        if config.metrics_listen is not None and workers == 1:
+            self._metrics_listener = metrics.serve(config.metrics_listen, self.metrics.registry)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the metrics listener is on, if this server runs one."""
+        return self._metrics_listener.port if self._metrics_listener else None
 
     async def start(self) -> None:
         """Accept RPCs; health reports SERVING once config and credentials are loaded, i.e. now."""
         self.certificates.announce()
+        self.record_certificate()
         await self._server.start()
         await self._set_health(serving=True)
         self._audit_watch = asyncio.create_task(self._watch_audit(), name="audit-watch")
@@ -89,6 +118,13 @@ class TokenServer:
                 await self._audit_watch
         await asyncio.sleep(drain_delay)
         await self._server.stop(grace)
+        # Last, so that the calls drained meanwhile are counted in a final scrape.
+        if self._metrics_listener is not None:
+            await asyncio.to_thread(self._metrics_listener.close)
+
+    def record_certificate(self) -> None:
+        """Put the expiry of the server certificate in use into the metrics."""
+        self.metrics.certificate_expiry.set(self.certificates.current.not_after.timestamp())
 
     def _anchors(self) -> TrustAnchors:
         # The CAs gRPC verifies against right now: they rotate with the TLS files, not with the config.
@@ -100,7 +136,9 @@ class TokenServer:
         What only a restart can change (the port, the gRPC server options) stays as it is.
         """
         self.certificates.use(config.tls, config.tls_expiry_warning)
-        return self.snapshots.replace(Snapshot.of(config, self._anchors))
+        old = self.snapshots.replace(Snapshot.of(config, self._anchors, self._workers))
+        self.metrics.signing_with(config.credentials.api_key_sid, old.config.credentials.api_key_sid)
+        return old
 
     async def _watch_audit(self) -> None:
         # Balancers must stop sending calls we would refuse: while the audit

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
@@ -17,9 +18,10 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError, Message
 
 from synctoken.v1 import token_service_pb2
-from synctoken_server import audit
+from synctoken_server import audit, mesh, xfcc
 from synctoken_server.errors import InternalError, MalformedRequest, SynctokenError, to_status
 from synctoken_server.issuing import TokenIssuer
+from synctoken_server.metrics import NO_POLICY, Metrics
 from synctoken_server.policy import CallerRule
 from synctoken_server.snapshot import Snapshot, Snapshots
 
@@ -38,21 +40,25 @@ class TokenServicer:
     bad input, rather than grpc's bare UNKNOWN naming a Python exception.
     """
 
-    def __init__(self, *, snapshots: Snapshots, issuer: TokenIssuer, audit_log: audit.AuditLog) -> None:
+    def __init__(
+        self, *, snapshots: Snapshots, issuer: TokenIssuer, audit_log: audit.AuditLog, metrics: Metrics
+    ) -> None:
         self._snapshots = snapshots
         self._issuer = issuer
         self._audit = audit_log
+        self._metrics = metrics
 
     async def IssueToken(  # noqa: N802 - the name is the RPC's
         self, request: bytes, context: Context
     ) -> token_service_pb2.IssueTokenResponse:
         """Mint a token if policy allows; the audit record is written before the token is returned."""
-        return await self._serve(
-            context,
-            "IssueToken",
-            audit.EVENT_TOKEN_DECISION,
-            lambda started: self._issue(request, context, started),
-        )
+        started = time.perf_counter()
+        try:
+            return await self._serve(
+                context, "IssueToken", audit.EVENT_TOKEN_DECISION, lambda rpc: self._issue(request, context, rpc)
+            )
+        finally:
+            self._metrics.latency.observe(time.perf_counter() - started)
 
     async def GetCallerIdentity(  # noqa: N802 - the name is the RPC's
         self, request: bytes, context: Context
@@ -62,22 +68,18 @@ class TokenServicer:
             context,
             "GetCallerIdentity",
             audit.EVENT_CALLER_LOOKUP,
-            lambda started: self._lookup(request, context, started),
+            lambda rpc: self._lookup(request, context, rpc),
         )
 
-    def _issue(self, raw_request: bytes, context: Context, started: float) -> token_service_pb2.IssueTokenResponse:
-        # One snapshot for the whole RPC: a reload meanwhile does not mix configs.
-        snapshot = self._snapshots.current
+    def _issue(self, raw_request: bytes, context: Context, rpc: _Rpc) -> token_service_pb2.IssueTokenResponse:
         # Who is asking comes first: an unauthenticated peer learns nothing else.
-        caller_id = self._caller_id(snapshot, context)
+        caller_id = rpc.caller_id = self._caller_id(rpc.snapshot, context)
         request = _parse(token_service_pb2.IssueTokenRequest, raw_request)
-        return self._issuer.issue(snapshot, caller_id, request, started)
+        return self._issuer.issue(rpc.snapshot, caller_id, request, rpc.started)
 
-    def _lookup(
-        self, raw_request: bytes, context: Context, started: float
-    ) -> token_service_pb2.GetCallerIdentityResponse:
-        snapshot = self._snapshots.current
-        caller_id = self._caller_id(snapshot, context)
+    def _lookup(self, raw_request: bytes, context: Context, rpc: _Rpc) -> token_service_pb2.GetCallerIdentityResponse:
+        snapshot, started = rpc.snapshot, rpc.started
+        caller_id = rpc.caller_id = self._caller_id(snapshot, context)
         # No fields, but a malformed body is refused all the same.
         _parse(token_service_pb2.GetCallerIdentityRequest, raw_request)
         rule = snapshot.policy.rule_for(caller_id)
@@ -95,23 +97,32 @@ class TokenServicer:
     def _caller_id(self, snapshot: Snapshot, context: Context) -> str:
         # types-grpcio says bytes, but grpc maps each property to a list of values.
         auth_context = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
-        caller_id = snapshot.identity_rules.caller_id(auth_context)
+        # Values are bytes only for keys ending in -bin, which this one does not.
+        metadata = context.invocation_metadata() or ()
+        forwarded = [value for key, value in metadata if key == xfcc.HEADER and isinstance(value, str)]
+        caller_id = mesh.caller_id(
+            snapshot.identity_rules, auth_context, forwarded, mesh=snapshot.config.mesh is not None
+        )
         structlog.contextvars.bind_contextvars(caller_id=caller_id)
         return caller_id
 
-    async def _serve(self, context: Context, method: str, event: str, body: Callable[[float], T]) -> T:
+    async def _serve(self, context: Context, method: str, event: str, body: Callable[[_Rpc], T]) -> T:
         # Each RPC's record starts empty, whatever context its task inherited.
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(rpc=method, peer=context.peer())
-        started = time.perf_counter()
+        # One snapshot for the whole RPC: a reload meanwhile does not mix configs.
+        rpc = _Rpc(self._snapshots.current, time.perf_counter())
         try:
-            return body(started)
+            return body(rpc)
         except SynctokenError as exc:
             error = exc
         except Exception:  # noqa: BLE001 - the one place anything unexpected becomes INTERNAL
             _log.exception("rpc.failed")
             error = InternalError()
-        return await self._deny(context, event, error, started)
+        # The label is the policy entry's id, never the caller id: see metrics.py.
+        rule = rpc.snapshot.policy.rule_for(rpc.caller_id) if rpc.caller_id else None
+        self._metrics.refused.labels(rule.caller if rule else NO_POLICY, error.reason_name).inc()
+        return await self._deny(context, event, error, rpc.started)
 
     async def _deny(self, context: Context, event: str, error: SynctokenError, started: float) -> NoReturn:
         # Already refusing: an unwritable audit log cannot make that worse.
@@ -126,6 +137,16 @@ class TokenServicer:
                 duration_ms=audit.ms_since(started),
             )
         await context.abort_with_status(to_status(error))
+
+
+@dataclass
+class _Rpc:
+    """What one RPC has established so far: its snapshot, its start, and who is asking once known."""
+
+    snapshot: Snapshot
+    started: float
+    """perf_counter at the start, for the audit record's duration."""
+    caller_id: str = ""
 
 
 M = TypeVar("M", bound=Message)

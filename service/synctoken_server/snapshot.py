@@ -10,13 +10,15 @@ the hot path does none of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from synctoken_server.config import Config
 from synctoken_server.identity import CallerIdentityRules
+from synctoken_server.limits import CallerLimits, identity_digest
 from synctoken_server.minting import Minter
 from synctoken_server.policy import Policy
+from synctoken_server.privacy import plain
 from synctoken_server.svid import TrustAnchors
 
 
@@ -28,15 +30,28 @@ class Snapshot:
     identity_rules: CallerIdentityRules
     policy: Policy
     minter: Minter
+    limits: Mapping[str, CallerLimits]
+    """Each limited policy entry's limits (by its id), this process's share of them."""
+    audit_identity: Callable[[str], str]
+    """An identity as the audit log writes it: keyed hash (private audit) or as it is."""
+    identity_digest: Callable[[str], str]
+    """An identity as a rate limit's QuotaFailure names it: the keyed hash if there is a key, else a SHA-256 digest."""
 
     @classmethod
-    def of(cls, config: Config, anchors: Callable[[], TrustAnchors] | None = None) -> Snapshot:
-        """The snapshot of a loaded config; `anchors` gives the client CAs in force (they rotate with the TLS files)."""
+    def of(cls, config: Config, anchors: Callable[[], TrustAnchors] | None = None, workers: int = 1) -> Snapshot:
+        """The snapshot of a loaded config; `anchors` gives the client CAs in force (they rotate with the TLS files).
+
+        With `workers` processes each enforces 1/workers of every rate limit,
+        so that together they allow what is configured.
+        """
         return cls(
             config=config,
             identity_rules=CallerIdentityRules(config.identity_source, config.trust_domains, anchors),
             policy=config.policy,
             minter=Minter(config.credentials),
+            limits={rule.caller: rule.limits.share(workers) for rule in config.policy if rule.limits is not None},
+            audit_identity=config.audit_identity or plain,
+            identity_digest=config.audit_identity or identity_digest,
         )
 
 

@@ -330,6 +330,23 @@ export enum ErrorReason {
    * @generated from enum value: ERROR_REASON_MALFORMED_REQUEST = 8;
    */
   MALFORMED_REQUEST = 8,
+
+  /**
+   * RESOURCE_EXHAUSTED: the caller, or one identity it asks for, is over its
+   * rate limit. RetryInfo says when to retry; QuotaFailure says which limit
+   * ("caller:<id>" or "identity:<caller id>/<digest of the identity>").
+   *
+   * @generated from enum value: ERROR_REASON_RATE_LIMITED = 9;
+   */
+  RATE_LIMITED = 9,
+
+  /**
+   * UNAUTHENTICATED: the call carries x-forwarded-client-cert on a listener
+   * that does not trust it (only the mesh listener does). Never ignored.
+   *
+   * @generated from enum value: ERROR_REASON_FORWARDED_CLIENT_CERT_UNTRUSTED = 10;
+   */
+  FORWARDED_CLIENT_CERT_UNTRUSTED = 10,
 }
 
 /**

@@ -1,0 +1,175 @@
+"""Prometheus metrics: what the server counts, and the plain-HTTP listener a scraper reads them from.
+
+Label values come only from configuration: policy entry ids (never a caller
+id taken from a certificate), Sync service SIDs a policy lists, API key
+SIDs, ErrorInfo reasons. A stream of unknown callers therefore cannot grow
+the number of series, and no identity or token can appear in a scrape.
+
+With `--workers` the parent process serves the scrape and reads every
+worker's values from the files prometheus-client's multiprocess mode keeps
+in PROMETHEUS_MULTIPROC_DIR (see `multiprocess_registry`); each worker only
+counts. That variable must be set before prometheus-client is first imported
+in a worker, which is why the parent sets it before spawning them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+
+from synctoken_server.configfile import TomlReader
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+NO_POLICY = ""
+"""The `caller` label of a refusal no policy entry matched (unknown or unauthenticated callers)."""
+
+RELOAD_SUCCESS = "success"
+RELOAD_FAILURE = "failure"
+
+# Issuing takes well under a millisecond (see the benchmark); the upper
+# buckets are for a stalled audit log or an overloaded event loop.
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_LISTEN = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
+
+
+class Metrics:
+    """The server's metrics, on their own registry (tests run several servers in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.issued = Counter(
+            "synctoken_tokens_issued",
+            "Tokens issued, by policy entry and Sync service.",
+            ["caller", "service_sid"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "synctoken_requests_refused",
+            "Requests refused, by policy entry (empty: none matched) and ErrorInfo reason.",
+            ["caller", "reason"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "synctoken_issue_latency_seconds",
+            "IssueToken handling time in the server, whatever the outcome.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "synctoken_rate_limited",
+            "Requests over a rate limit, by policy entry; shadow=true ones were let through.",
+            ["caller", "shadow"],
+            registry=r,
+        )
+        self.reloads = Counter("synctoken_config_reloads", "Config reloads, by result.", ["result"], registry=r)
+        # In multiprocess mode: the largest over live workers, so a worker still
+        # signing with an old key shows it as in use.
+        self.signing_key = Gauge(
+            "synctoken_signing_key_info",
+            "1 for the API key that signs, 0 for one that did before a reload.",
+            ["key_sid"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.certificate_expiry = Gauge(
+            "synctoken_server_certificate_expiry_timestamp_seconds",
+            "When the server certificate in use expires (Unix time).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+
+    def signing_with(self, key_sid: str, previous: str | None = None) -> None:
+        """Say which API key signs now (and that `previous`, if another, no longer does)."""
+        if previous is not None and previous != key_sid:
+            self.signing_key.labels(previous).set(0)
+        self.signing_key.labels(key_sid).set(1)
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A running metrics HTTP listener."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (useful when configured as 0)."""
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        """Stop serving and close the socket."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def split_listen(listen: str) -> tuple[str, int] | None:
+    """`host:port` as (host, port), brackets off an IPv6 host; None if it is not that."""
+    match = _LISTEN.fullmatch(listen)
+    if match is None or int(match["port"]) > 65535:  # noqa: PLR2004 - the largest port
+        return None
+    return match["host"].strip("[]"), int(match["port"])
+
+
+def serve(listen: str, registry: CollectorRegistry) -> Listener:
+    """Serve `registry` over HTTP at `listen` (any path) on a thread of its own; OSError if it cannot bind."""
+    address = split_listen(listen)
+    if address is None:  # the loader checked it; this is for callers that did not
+        raise OSError(f"cannot listen on {listen}: not host:port")
+    host, port = address
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return Listener(server, thread)
+
+
+def multiprocess_registry(directory: Path) -> CollectorRegistry:
+    """A registry that reads every worker's values from `directory` at scrape time."""
+    registry = CollectorRegistry()
+    # prometheus-client leaves its multiprocess module unannotated.
+    multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    return registry
+
+
+@contextmanager
+def multiprocess_directory() -> Iterator[Path]:
+    """A fresh directory for the workers' metric files, named in PROMETHEUS_MULTIPROC_DIR meanwhile.
+
+    Fresh, because files left by an earlier run would be counted as this one's.
+    """
+    previous = os.environ.get(MULTIPROC_ENV)
+    with tempfile.TemporaryDirectory(prefix="synctoken-metrics-") as directory:
+        os.environ[MULTIPROC_ENV] = directory
+        try:
+            yield Path(directory)
+        finally:
+            if previous is None:
+                del os.environ[MULTIPROC_ENV]
+            else:
+                os.environ[MULTIPROC_ENV] = previous
+
+
+def read_listen(r: TomlReader, data: Mapping[str, Any]) -> str | None:
+    """`[metrics] listen`, checked; None when there is no [metrics] table (metrics are off)."""
+    table = r.table(data, "metrics", {"listen"}, required=False)
+    if "metrics" not in data:
+        return None
+    listen = r.get(table, "metrics", "listen", str)
+    if split_listen(listen) is None:
+        raise r.fail("metrics.listen", f"{listen!r} is not host:port (e.g. 127.0.0.1:9464)")
+    return listen
+
+
+def worker_exited(directory: Path, pid: int) -> None:
+    """Drop a dead worker's gauges (its counters stay: what it counted did happen)."""
+    multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]

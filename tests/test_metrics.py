@@ -1,0 +1,175 @@
+"""Prometheus metrics over real HTTP scrapes, parsed with prometheus_client's own parser.
+
+Counters are compared before and after a bounded number of calls; nothing
+depends on timing. Every scrape is also checked for what must never be in
+one: an identity, a token, a caller id from a certificate.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from support import (
+    API_KEY_SID,
+    BFF_ID,
+    POLICY_TOML,
+    SERVICE_A,
+    STRANGER_ID,
+    LeakWatch,
+    Pki,
+    Process,
+    ServerHarness,
+    channel,
+    config_text,
+    free_port,
+    replace_file,
+    serve,
+)
+from synctoken.v1 import token_service_pb2 as pb
+from synctoken.v1 import token_service_pb2_grpc
+from synctoken_server.config import load_config
+from synctoken_server.configfile import ConfigError
+
+WriteConfig = Callable[[str], Path]
+ALICE = pb.IssueTokenRequest(identity="alice-7c1f", sync=pb.SyncGrant())
+"""A distinctive identity, so that finding it in a scrape means something."""
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int, watch: LeakWatch) -> Samples:
+    """GET the metrics; every sample by name and labels. Fails if an identity, token or caller id is in the text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for forbidden in (ALICE.identity, STRANGER_ID, *watch.tokens, *watch.secrets):
+        assert forbidden not in text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when the series does not exist yet."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def with_metrics(text: str, listen: str = "127.0.0.1:0") -> str:
+    """`text` with a [metrics] table."""
+    return f'[metrics]\nlisten = "{listen}"\n{text}'
+
+
+class TestInProcess:
+    """One server, its listener on an ephemeral port."""
+
+    def test_counters_move(self, harness: ServerHarness, pki: Pki, leak_watch: LeakWatch) -> None:
+        """Issued, refused and latency move with the calls made; labels are policy entries and reasons."""
+        server = harness.start(with_metrics(config_text(pki)))
+        port = server._server.metrics_port
+        assert port is not None
+        before = scrape(port, leak_watch)
+        bff, stranger = harness.client(server, "bff"), harness.client(server, "stranger")
+        for _ in range(3):
+            bff.issue(ALICE)
+        with pytest.raises(grpc.RpcError):
+            stranger.issue(ALICE)
+        with pytest.raises(grpc.RpcError):
+            bff.issue(pb.IssueTokenRequest(identity="", sync=pb.SyncGrant()))
+        after = scrape(port, leak_watch)
+        issued = "synctoken_tokens_issued_total"
+        assert (
+            value(after, issued, caller=BFF_ID, service_sid=SERVICE_A)
+            - value(before, issued, caller=BFF_ID, service_sid=SERVICE_A)
+            == 3
+        )
+        refused = "synctoken_requests_refused_total"
+        assert value(after, refused, caller="", reason="CALLER_NOT_ALLOWED") == 1
+        assert value(after, refused, caller=BFF_ID, reason="INVALID_REQUEST") == 1
+        count = "synctoken_issue_latency_seconds_count"
+        assert value(after, count) - value(before, count) == 5
+        assert value(after, "synctoken_signing_key_info", key_sid=API_KEY_SID) == 1
+        assert value(after, "synctoken_server_certificate_expiry_timestamp_seconds") > time.time()
+
+    def test_rate_limited_by_shadow(self, harness: ServerHarness, pki: Pki, leak_watch: LeakWatch) -> None:
+        """Enforced and shadow refusals are counted apart, under the policy entry's id."""
+        policy = POLICY_TOML.replace(f'id = "{BFF_ID}"', f'id = "{BFF_ID}"\nrate = 0.01\nburst = 1\nshadow = true', 1)
+        server = harness.start(with_metrics(config_text(pki, policy=policy)))
+        port = server._server.metrics_port
+        bff = harness.client(server, "bff")
+        for _ in range(4):
+            bff.issue(ALICE)
+        after = scrape(port, leak_watch)
+        assert value(after, "synctoken_rate_limited_total", caller=BFF_ID, shadow="true") == 3
+        assert value(after, "synctoken_rate_limited_total", caller=BFF_ID, shadow="false") == 0
+
+    def test_off_by_default(self, harness: ServerHarness, pki: Pki) -> None:
+        """Without a [metrics] table there is no listener."""
+        server = harness.start(config_text(pki))
+        assert server._server.metrics_port is None
+
+
+class TestConfig:
+    """The [metrics] table."""
+
+    @pytest.mark.parametrize(
+        ("table", "message"),
+        [
+            ("[metrics]\n", "metrics.listen: missing"),
+            ('[metrics]\nlisten = "9464"', "metrics.listen: '9464' is not host:port (e.g. 127.0.0.1:9464)"),
+            ('[metrics]\nlisten = "127.0.0.1:9464"\npath = "/m"', "metrics.path: unknown key; expected one of listen"),
+        ],
+    )
+    def test_invalid(self, pki: Pki, write_config: WriteConfig, table: str, message: str) -> None:
+        """Each defect names the file and the key."""
+        path = write_config(f"{table}\n{config_text(pki)}")
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, environ={"TWILIO_API_SECRET": "x" * 32})
+        assert str(caught.value) == f"{path}: {message}"
+
+
+def issue_fresh(pki: Pki, port: int, watch: LeakWatch) -> None:
+    """IssueToken on a new connection (with workers, the kernel picks a worker per connection)."""
+    with channel(pki, port) as ch:
+        watch.tokens.add(token_service_pb2_grpc.TokenServiceStub(ch).IssueToken(ALICE, timeout=10).token)
+
+
+class TestProcesses:
+    """`synctoken serve` with metrics: reload counts, and one scrape for all workers."""
+
+    def test_workers_share_one_scrape(
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """With --workers 2 the parent's scrape adds up both workers' counts."""
+        port, metrics_port = free_port(), free_port()
+        text = with_metrics(config_text(pki, listen=f"127.0.0.1:{port}"), f"127.0.0.1:{metrics_port}")
+        process = serve(text, tmp_path, leak_watch, processes, workers=2)
+        calls = 24
+        for _ in range(calls):
+            issue_fresh(pki, port, leak_watch)
+        workers = {r["worker"] for r in process.records() if r["event"] == "token.decision"}
+        assert workers == {0, 1}, "the kernel sent every connection to one worker"
+        samples = scrape(metrics_port, leak_watch)
+        assert value(samples, "synctoken_tokens_issued_total", caller=BFF_ID, service_sid=SERVICE_A) == calls
+        assert value(samples, "synctoken_signing_key_info", key_sid=API_KEY_SID) == 1
+
+    def test_reloads_counted(self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> None:
+        """A good reload and a bad one are counted by result."""
+        port, metrics_port = free_port(), free_port()
+        text = with_metrics(config_text(pki, listen=f"127.0.0.1:{port}"), f"127.0.0.1:{metrics_port}")
+        process = serve(text, tmp_path, leak_watch, processes)
+        path = tmp_path / "synctoken.toml"
+        replace_file(path, text.replace("[defaults]", "[defaults]\nbogus = 1").encode())
+        process.wait_for_records("config.reload_failed")
+        replace_file(path, text.replace('max_ttl = "4h"', 'max_ttl = "5h"').encode())
+        process.wait_for_records("config.reloaded")
+        samples = scrape(metrics_port, leak_watch)
+        assert value(samples, "synctoken_config_reloads_total", result="failure") == 1
+        assert value(samples, "synctoken_config_reloads_total", result="success") == 1
+        issue_fresh(pki, port, leak_watch)
