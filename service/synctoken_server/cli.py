@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from synctoken_server import __version__, devenv, logs, privacy, running
+from synctoken_server import workers as workers_module
 from synctoken_server.config import Config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
@@ -189,7 +190,7 @@ def _serve(path: Path, on_ready: Callable[[int], None] | None = None, workers: i
     if error is not None:
         print(f"synctoken: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    return running.run_workers(path, config, workers)
+    return workers_module.run_workers(path, config, workers)
 
 
 def run() -> None:
