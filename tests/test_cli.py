@@ -136,6 +136,24 @@ class TestDev:
             cert = x509.load_pem_x509_certificate((tmp_path / cert_file).read_bytes())
             assert cert.not_valid_after_utc - now > devenv.RENEW_MARGIN
 
+    def test_dev_on_a_busy_port_writes_nothing(self, tmp_path: Path) -> None:
+        """dev on a port in use (a dev server already running there) exits 3 before touching the dev folder."""
+        with socket.socket() as taken:
+            taken.bind(("localhost", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = subprocess.run(
+                [SYNCTOKEN, "dev", "--port", str(port), "--dir", str(tmp_path / "dev")],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+                env=without_twilio_env(),
+            )
+        assert result.returncode == 3
+        assert result.stderr == f"synctoken dev: cannot listen on localhost:{port}: address in use\n"
+        assert not (tmp_path / "dev").exists()
+
     def test_dev_reuses_its_pki(self, tmp_path: Path) -> None:
         """A second run keeps the CA and certificates, so clients configured once keep working."""
         first = devenv.prepare(tmp_path, 50051, environ={})

@@ -177,7 +177,7 @@ class TestErrors:
                 [
                     (
                         "identity",
-                        "must not contain the URI-reserved characters '/' unless the caller's policy allows them",
+                        "must not contain the URI-reserved character '/' unless the caller's policy allows them",
                     )
                 ],
             ),

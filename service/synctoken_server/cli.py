@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from synctoken_server.config import Config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
 from synctoken_server.limits import CallerLimits
-from synctoken_server.running import EXIT_CONFIG
+from synctoken_server.running import EXIT_CONFIG, EXIT_START
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "audit-hash":
         return _audit_hash(args.config, args.key_file, args.identity)
     if args.command == "dev":
+        if not _port_free(args.port):
+            # Before writing anything: the folder may belong to a dev server
+            # already running there, which would reload whatever is written.
+            print(f"synctoken dev: cannot listen on localhost:{args.port}: address in use", file=sys.stderr)
+            return EXIT_START
         try:
             env = devenv.prepare(args.dir, args.port)
         except devenv.DevSetupError as exc:
@@ -63,6 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         return _serve(env.config_path, on_ready=lambda port: _say(f"Try:\n  {env.grpcurl_command(port)}"))
     return _serve(args.config, workers=args.workers)
+
+
+def _port_free(port: int) -> bool:
+    if port == 0:
+        return True
+    with socket.socket() as probe:
+        try:
+            probe.bind(("localhost", port))
+        except OSError:
+            return False
+    return True
 
 
 def _positive(text: str) -> int:

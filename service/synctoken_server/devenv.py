@@ -52,7 +52,7 @@ class DevEnvironment:
 
     def grpcurl_command(self, port: int) -> str:
         """The exact grpcurl command that mints a token from this environment."""
-        d = self.directory
+        d = self.directory.resolve()  # works from any folder, not just the one dev ran in
         return (
             f"{_grpcurl()} -cacert {d / CA_FILE} -cert {d / CLIENT_CERT} -key {d / CLIENT_KEY} "
             f"""-d '{{"identity":"alice","sync":{{}}}}' localhost:{port} synctoken.v1.TokenService/IssueToken"""

@@ -151,7 +151,7 @@ def _identity_violations(identity: str, rule: CallerRule) -> Iterator[FieldViola
     if reserved:
         yield FieldViolation(
             "identity",
-            f"must not contain the URI-reserved characters {''.join(reserved)!r} "
+            f"must not contain the URI-reserved character{'s' if len(reserved) > 1 else ''} {''.join(reserved)!r} "
             "unless the caller's policy allows them",
         )
 
