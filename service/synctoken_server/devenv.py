@@ -88,9 +88,10 @@ def prepare(
         if not secret_path.exists():
             secret_path.touch(mode=0o600)
             secret_path.write_text(secrets.token_hex(16) + "\n", encoding="ascii")
+        # The current key-list form, so that a dev config copied as a start is not the old one.
         twilio = (
-            f'[twilio]\naccount_sid = "{DEV_ACCOUNT_SID}"\napi_key = "{DEV_API_KEY_SID}"\n'
-            f'api_secret_file = "{SECRET_FILE}"\n'
+            f'[twilio]\naccount_sid = "{DEV_ACCOUNT_SID}"\n\n'
+            f'[[twilio.api_keys]]\nsid = "{DEV_API_KEY_SID}"\nsecret_file = "{SECRET_FILE}"\nactive = true\n'
         )
     config_path = directory / config_name
     config_path.write_text(_CONFIG_TEMPLATE.format(port=port, twilio=twilio, service=service_sid), encoding="utf-8")
