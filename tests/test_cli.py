@@ -275,6 +275,8 @@ class TestCheckConfig:
             {"sid": API_KEY_SID, "active": True, "secret": "(loaded, not shown)"}
         ]
         assert [c["max_ttl"] for c in effective["callers"]] == ["4h", "30m", "24h"]
+        assert effective["tls"]["cert_file"] == str(pki.directory / "server.pem")
+        assert effective["mesh"] is None
         assert effective["callers"][1]["identity_pattern"] == "user-[0-9]+"
 
     def test_warns_about_readable_key(self, pki: Pki, tmp_path: Path) -> None:

@@ -113,6 +113,9 @@ def _check_config(path: Path) -> int:
             "watch_interval": format_duration(timeouts.watch_interval),
         },
         "tls": {
+            "cert_file": str(config.tls.files.cert),
+            "key_file": str(config.tls.files.key),
+            "client_ca_file": str(config.tls.files.client_ca),
             "serial": config.tls.serial,
             "not_after": config.tls.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "client_cas": config.tls.client_cas,
@@ -123,7 +126,8 @@ def _check_config(path: Path) -> int:
         "identity": {"source": config.identity_source.value, "trust_domains": sorted(config.trust_domains)},
         "audit": {"identities": "hashed (key loaded, not shown)" if config.audit_identity else "as they are"},
         "metrics": {"listen": config.metrics_listen},
-        "mesh": {"listen": config.mesh.address if config.mesh else None},
+        # A mesh listener exists only with trust_forwarded_client_cert = true, which the loader requires.
+        "mesh": {"listen": config.mesh.address, "trust_forwarded_client_cert": True} if config.mesh else None,
         "twilio": {
             "account_sid": config.credentials.account_sid,
             "api_keys": [
