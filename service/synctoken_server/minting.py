@@ -6,6 +6,8 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
+from jwt.algorithms import HMACAlgorithm
+from jwt.exceptions import InvalidKeyError
 from twilio.jwt.access_token import AccessToken
 from twilio.jwt.access_token.grants import SyncGrant
 
@@ -75,3 +77,18 @@ class Minter:
         )
         jwt: str = token.to_jwt()
         return jwt
+
+
+def check_secret(secret: str) -> str | None:
+    """Why PyJWT would refuse `secret` as an HS256 key (empty, or a PEM, SSH, DER or JWK key), or None.
+
+    PyJWT's own check, run once at load time rather than on every token.
+    """
+    try:
+        _HS256.prepare_key(secret)
+    except InvalidKeyError as exc:
+        return str(exc)
+    return None
+
+
+_HS256 = HMACAlgorithm(HMACAlgorithm.SHA256)
