@@ -13,6 +13,7 @@ mpl.use("Agg")  # no display here: render straight to PNG
 import matplotlib.pyplot as plt
 
 from bench.measure import Result, median_of
+from bench.micro import with_quartiles
 
 SUMMARY_FIELDS = (
     "rps",
@@ -104,8 +105,8 @@ def markdown(
             f"{ratio_by_concurrency[c]:.2f}" if c in ratio_by_concurrency else "" for c in _concurrencies(ratio_table)
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| in-process (median µs per call) | value |", "| --- | ---: |"]
-    lines += [f"| {name} | {value:.2f} |" for name, value in micro.items()]
+    lines += ["", "| in-process (µs per call, or ratio) | median | IQR |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {median:.2f} | {q1:.2f} to {q3:.2f} |" for name, median, q1, q3 in with_quartiles(micro)]
     return "\n".join(lines) + "\n"
 
 

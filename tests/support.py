@@ -25,7 +25,9 @@ from grpc_status import rpc_status
 from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
 from synctoken_server.audit import AuditLog
 from synctoken_server.config import Config, load_config
+from synctoken_server.minting import Minter, TokenTimes
 from synctoken_server.pki import CertificateAuthority, KeyPair
+from synctoken_server.policy import Grant
 from synctoken_server.server import TokenServer
 
 TRUST_DOMAIN = "example.org"
@@ -238,6 +240,15 @@ class ServerHarness:
             channel.close()
         for server in self._servers:
             server.close()
+
+
+def break_signing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every mint in this process fail, as a fault nobody planned for would (a ValueError)."""
+
+    def fail(_self: Minter, _grant: Grant, _times: TokenTimes) -> str:
+        raise ValueError("signing failed")
+
+    monkeypatch.setattr(Minter, "mint", fail)
 
 
 def rpc_error(call: Callable[[], object]) -> tuple[grpc.RpcError, ErrorInfo, BadRequest | None]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from support import (
     STRANGER_ID,
     LogSink,
     ServerHarness,
+    break_signing,
     config_text,
     rpc_error,
 )
@@ -129,13 +129,15 @@ class TestFailClosed:
 class TestUnexpectedFault:
     """A fault nobody planned for: INTERNAL to the caller, the traceback to the log."""
 
-    def test_internal(self, harness: ServerHarness, log_sink: LogSink, tmp_path: Path) -> None:
-        """A signing failure (here: an empty secret) gives a generic INTERNAL and a logged traceback."""
+    def test_internal(
+        self, harness: ServerHarness, log_sink: LogSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A signing failure (here: a ValueError from the minter) gives a generic INTERNAL and a logged traceback."""
         path = tmp_path / "synctoken.toml"
         path.write_text(config_text(harness.pki), encoding="utf-8")
-        config = load_config(path, environ=SECRET_ENV)
-        broken = dataclasses.replace(config, credentials=dataclasses.replace(config.credentials, api_secret=""))
-        client = harness.client(harness.start_config(broken), "bff")
+        # The loader and the minter refuse an unusable secret before serving, so the fault is injected.
+        break_signing(monkeypatch)
+        client = harness.client(harness.start_config(load_config(path, environ=SECRET_ENV)), "bff")
         start = len(log_sink.lines)
         error, info, _ = rpc_error(lambda: client.issue(REQUEST))
         assert error.code() == grpc.StatusCode.INTERNAL

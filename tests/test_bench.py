@@ -33,11 +33,12 @@ def test_quick_run(tmp_path: Path) -> None:
         assert r["errors"] == 0, r
         assert r["requests"] > 0, r
         assert r["server_cpu_s"] > 0, r
-    assert set(data["micro"]) == {
-        "synctoken_issue_path_us",
-        "bare_access_token_us",
-        "hmac_sha256_us",
-        "issue_path_over_bare",
+    paths = ["synctoken_issue_path", "synctoken_issue_path_twilio_minter", "bare_access_token"]
+    paths += ["direct_mint", "twilio_minter_mint", "hmac_sha256"]
+    ratios = ["issue_path_over_bare", "issue_path_twilio_minter_over_bare"]
+    ratios += ["issue_path_over_issue_path_twilio_minter", "direct_mint_over_twilio_minter_mint"]
+    assert set(data["micro"]) == {f"{p}{q}_us" for p in paths for q in ("", "_q1", "_q3")} | {
+        f"{r}{q}" for r in ratios for q in ("", "_q1", "_q3")
     }
     assert "| synctoken | 16 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -37,6 +37,7 @@ from support import (
     Pki,
     RunningServer,
     ServerHarness,
+    break_signing,
     config_text,
     free_port,
 )
@@ -280,13 +281,15 @@ class TestErrors:
         assert (error.reason, error.message, error.metadata) == ("RATE_LIMITED", "slow down", {"callerId": BFF_ID})
         assert error.retry_after == dt.timedelta(seconds=2.5)
 
-    def test_internal_is_the_base_class(self, make_client: MakeClient, harness: ServerHarness, tmp_path: Path) -> None:
+    def test_internal_is_the_base_class(
+        self, make_client: MakeClient, harness: ServerHarness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """A code with no class of its own (INTERNAL) is a plain SynctokenError."""
         path = tmp_path / "synctoken.toml"
         path.write_text(config_text(harness.pki), encoding="utf-8")
-        config = load_config(path, environ=SECRET_ENV)
-        broken = dataclasses.replace(config, credentials=dataclasses.replace(config.credentials, api_secret=""))
-        error = failure(lambda: make_client(harness.start_config(broken).port).issue_token("alice"))
+        break_signing(monkeypatch)
+        server = harness.start_config(load_config(path, environ=SECRET_ENV))
+        error = failure(lambda: make_client(server.port).issue_token("alice"))
         assert type(error) is SynctokenError
         assert (error.code, error.reason, error.message) == (grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
 

@@ -28,6 +28,7 @@ from support import (
 from synctoken_server.config import load_config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.identity import IdentitySource
+from synctoken_server.minting import check_secret
 
 WriteConfig = Callable[[str], Path]
 
@@ -549,6 +550,66 @@ class TestSecretHandling:
     def test_private_files_not_warned(self, pki: Pki, write_config: WriteConfig) -> None:
         """The suite's 0600 keys give no warning."""
         assert load_config(write_config(config_text(pki)), environ=SECRET_ENV).warnings == ()
+
+
+class TestSecretsPyJwtRefuses:
+    """Secrets PyJWT would refuse as HMAC keys on every token are refused once, when the config loads."""
+
+    ASYMMETRIC = "The specified key is an asymmetric key or x509 certificate and should not be used as an HMAC secret."
+    JWK = (
+        "The specified key looks like a JWK and should not be used directly as an HMAC secret."
+        " Load it via PyJWK / HMACAlgorithm.from_jwk first."
+    )
+    # An Ed25519 SubjectPublicKeyInfo in DER: valid UTF-8, no whitespace, so only the DER check catches it.
+    DER_PUBLIC_KEY = (bytes.fromhex("302a300506032b6570032100") + b"A" * 32).decode("ascii")
+
+    @pytest.mark.parametrize(
+        ("secret", "reason"),
+        [
+            ("ssh-ed25519AAAAC3NzaC1lZDI1NTE5", ASYMMETRIC),
+            (DER_PUBLIC_KEY, ASYMMETRIC),
+            ('{"kty":"oct","k":"c2VjcmV0"}', JWK),
+            ('[{"kty":"oct","k":"c2VjcmV0"}]', JWK),
+        ],
+        ids=["ssh-key", "der-public-key", "jwk", "jwk-set"],
+    )
+    def test_refused_naming_the_key(
+        self, pki: Pki, write_config: WriteConfig, tmp_path: Path, secret: str, reason: str
+    ) -> None:
+        """A secret file holding a key, not a secret, is a config error naming the key that points at it."""
+        path = tmp_path / "secret"
+        path.write_text(secret, encoding="utf-8")
+        path.chmod(0o600)
+        text = config_text(pki).replace("[twilio]\n", '[twilio]\napi_secret_file = "secret"\n')
+        expect_error(
+            write_config(text), f"twilio.api_secret_file: the API key secret cannot sign HS256 tokens: {reason}", {}
+        )
+
+    def test_refused_from_the_environment(self, pki: Pki, write_config: WriteConfig) -> None:
+        """The same holds for a secret from a variable, in a key list: the message names that entry's key."""
+        text = replaced(
+            pki,
+            f'api_key = "{API_KEY_SID}"',
+            f'[[twilio.api_keys]]\nsid = "{API_KEY_SID}"\nsecret_env = "JWK_SECRET"\nactive = true',
+        )
+        expect_error(
+            write_config(text),
+            f"twilio.api_keys[0].secret_env: the API key secret cannot sign HS256 tokens: {self.JWK}",
+            {"JWK_SECRET": '{"kty":"oct"}'},
+        )
+
+    @pytest.mark.parametrize(
+        ("secret", "refused"),
+        [
+            ("", True),
+            ("-----BEGIN PRIVATE KEY-----x-----END PRIVATE KEY-----", True),
+            (API_SECRET, False),
+            ("{not json", False),
+        ],
+    )
+    def test_check_secret(self, secret: str, refused: bool) -> None:
+        """check_secret refuses what PyJWT's HS256 key check refuses (PEM markers hold a space, so the loader's whitespace rule meets those first)."""
+        assert (check_secret(secret) is not None) is refused
 
 
 def openssl(*args: str) -> None:

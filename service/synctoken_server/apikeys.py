@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from synctoken_server.configfile import TomlReader
-from synctoken_server.minting import TwilioCredentials
+from synctoken_server.minting import TwilioCredentials, check_secret
 
 ENV_ACCOUNT_SID = "TWILIO_ACCOUNT_SID"
 ENV_API_KEY = "TWILIO_API_KEY"
@@ -126,4 +126,8 @@ def _secret(r: TomlReader, table: Mapping[str, Any], key: str, names: tuple[str,
             raise r.fail(path, f"the environment variable {named} is not set or empty")
     if not secret or any(c.isspace() for c in secret):
         raise r.fail(path, "the API key secret must be non-empty and contain no whitespace")
+    # PyJWT would refuse it on every token; refusing it here says so before serving.
+    problem = check_secret(secret)
+    if problem is not None:
+        raise r.fail(path, f"the API key secret cannot sign HS256 tokens: {problem}")
     return secret

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from synctoken_server.config import Config
 from synctoken_server.identity import CallerIdentityRules
 from synctoken_server.limits import CallerLimits, identity_digest
-from synctoken_server.minting import Minter
+from synctoken_server.minting import Minter, TokenMinter
 from synctoken_server.policy import Policy
 from synctoken_server.privacy import plain
 from synctoken_server.svid import TrustAnchors
@@ -29,7 +29,7 @@ class Snapshot:
     config: Config
     identity_rules: CallerIdentityRules
     policy: Policy
-    minter: Minter
+    minter: TokenMinter
     limits: Mapping[str, CallerLimits]
     """Each limited policy entry's limits (by its id), this process's share of them."""
     audit_identity: Callable[[str], str]
