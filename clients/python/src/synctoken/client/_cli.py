@@ -54,14 +54,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        client = TokenClient(
-            connection.target,
-            ca_file=connection.ca_file,
-            cert_file=connection.cert_file,
-            key_file=connection.key_file,
-            server_name=connection.server_name,
-            timeout=connection.timeout,
-        )
+        client = TokenClient(connection.target, **connection.client_files())
     except CertificateFilesError as exc:
         parser.error(str(exc))
     with client:

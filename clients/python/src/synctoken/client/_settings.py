@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 DEFAULT_TIMEOUT = 5.0
 """Seconds for a whole call, gRPC's retries and the wait for a connection included."""
@@ -26,6 +27,16 @@ class MissingSettingError(ValueError):
         self.variable = variable
 
 
+class ClientFiles(TypedDict):
+    """The clients' keyword arguments a Connection settles: `TokenClient(target, **connection.client_files())`."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    server_name: str | None
+    timeout: float
+
+
 @dataclass(frozen=True)
 class Connection:
     """Where synctoken is and how to prove who we are: the clients' constructor arguments."""
@@ -36,6 +47,16 @@ class Connection:
     key_file: Path
     server_name: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+
+    def client_files(self) -> ClientFiles:
+        """Everything but the target, as the clients' keyword arguments."""
+        return ClientFiles(
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
+            server_name=self.server_name,
+            timeout=self.timeout,
+        )
 
     @classmethod
     def resolve(  # noqa: PLR0913 - each setting may be given, or else comes from its variable

@@ -77,11 +77,7 @@ class TokenClient:
         c = Connection.resolve(os.environ if environ is None else environ)
         return cls(
             c.target,
-            ca_file=c.ca_file,
-            cert_file=c.cert_file,
-            key_file=c.key_file,
-            server_name=c.server_name,
-            timeout=c.timeout,
+            **c.client_files(),
             cache_size=cache_size,
             cert_check_interval=cert_check_interval,
             clock=clock,
