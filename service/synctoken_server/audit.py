@@ -55,7 +55,7 @@ class AuditLog:
         if not logs.output_looks_ready():
             # Not even a probe line: on a nearly full disk it would fit where records do not.
             return False
-        if self.writable and logs.output_ready():
+        if self.writable and logs.output_last_write_ok():
             return True
         try:
             self.record(EVENT_WRITABLE_AGAIN)

@@ -89,9 +89,9 @@ def share_output(lock: Lock, torn: Flag) -> None:
         _output.share(lock, torn)
 
 
-def output_ready() -> bool:
-    """Whether the output's last write worked and it looks able to take more (True when none is configured)."""
-    return _output is None or (_output.writable and _output.check())
+def output_last_write_ok() -> bool:
+    """Whether the output's last write, audit or not, worked (True when none is configured)."""
+    return _output is None or _output.writable
 
 
 def output_looks_ready() -> bool:
