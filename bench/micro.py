@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-import structlog
 from twilio.jwt.access_token import AccessToken
 from twilio.jwt.access_token.grants import SyncGrant
 
@@ -87,9 +86,8 @@ def run(config_path: Path, *, number: int, repeats: int, sink: BinaryIO) -> dict
     def issue_path(which: Snapshot) -> Callable[[], object]:
         def path() -> object:
             # What one IssueToken does between parsing and serialising, per-RPC log context included.
-            structlog.contextvars.clear_contextvars()
-            structlog.contextvars.bind_contextvars(rpc="IssueToken", peer="ipv4:127.0.0.1:1", caller_id=DEV_CLIENT_ID)
-            return issuer.issue(which, DEV_CLIENT_ID, request, time.perf_counter())
+            context: dict[str, object] = {"rpc": "IssueToken", "peer": "ipv4:127.0.0.1:1", "caller_id": DEV_CLIENT_ID}
+            return issuer.issue(which, DEV_CLIENT_ID, request, time.perf_counter(), context)
 
         return path
 

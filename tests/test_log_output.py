@@ -158,6 +158,11 @@ class TestWorkersShareOnePipe:
         reader = threading.Thread(target=lambda: lines.extend(iter(stdout.readline, b"")), daemon=True)
         reader.start()
         wait_for_health(pki, port, SERVING)
+        # Health answers once one worker serves; on a busy machine the other may not listen yet.
+        deadline = time.monotonic() + START_TIMEOUT
+        while sum(b'"event":"server.started"' in line for line in list(lines)) < 2:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
         hostile = pb.IssueTokenRequest(identity="\x00" * 3900, sync=pb.SyncGrant())
         issued: list[str] = []
 

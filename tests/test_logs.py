@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import errno
 import json
 import multiprocessing
 import os
+import pty
+import re
 import subprocess
 import sys
 import threading
@@ -110,6 +113,95 @@ class TestAuditLogHealth:
         factory("synctoken").info(b"{}")
         with pytest.raises(OSError, match="No space left"):
             factory(logs.AUDIT_LOGGER).info(b"{}")
+
+
+# Values an audit record can hold: every JSON type it uses, and each kind of string the chain treats specially.
+_AUDIT_VALUES: dict[str, object] = {
+    "ascii": "alice",
+    "empty": "",
+    "none": None,
+    "bool": True,
+    "zero": 0,
+    "int": 3600,
+    "float": 1.25,
+    "non-ascii-and-astral": "ålice 日本 \U0001f600",
+    "line-breaks-and-controls": "a\u2028b\u2029c\x85d\ne\r\x00\x1b[2J",
+    "quotes-and-slashes": '"quoted" \\ back/slash',
+    "one-over-the-cut": "x" * (logs.MAX_VALUE_CHARACTERS + 1),
+    "at-the-cut": "y" * logs.MAX_VALUE_CHARACTERS,
+    "long-list": ["spiffe://td/a", "\x01" * 5000, *(f"dns{n}" for n in range(20))],
+    "tuple": ("a", "b"),
+    "empty-list": [],
+    "dict": {"nested": "\u2028"},
+}
+
+
+def _rendered_by_chain(event: str, fields: dict[str, object], worker: int | None) -> bytes:
+    """The line structlog's JSON chain writes for one audit record."""
+    lines: list[bytes] = []
+
+    def keep(data: bytes) -> int:
+        lines.append(data)
+        return len(data)
+
+    logger = structlog.wrap_logger(
+        logs.LineLogger(LineSink(keep), strict=True),
+        processors=[*logs.shared_processors(worker), logs.json_renderer()],
+    )
+    logger.info(event, **fields)
+    [line] = lines
+    return line.removesuffix(b"\n")
+
+
+def _without_timestamp(line: bytes) -> tuple[bytes, str]:
+    """The line with its timestamp value blanked, and that value."""
+    record = json.loads(line)
+    stamp = record["timestamp"]
+    return line.replace(f'"timestamp":"{stamp}"'.encode(), b'"timestamp":""'), stamp
+
+
+class TestAuditLineParity:
+    """Audit records skip structlog's chain for speed, and must come out as the chain would write them."""
+
+    @pytest.mark.parametrize("worker", [None, 0, 3])
+    @pytest.mark.parametrize("value", _AUDIT_VALUES.values(), ids=_AUDIT_VALUES.keys())
+    def test_same_bytes_as_the_chain(self, value: object, worker: int | None) -> None:
+        """Same fields in the same order, cut and escaped alike; the timestamps differ only in time."""
+        fields: dict[str, object] = {
+            "rpc": "IssueToken",
+            "caller_id": "spiffe://td/bff",
+            "identity": value,
+            "outcome": "issued",
+            "presented_sans": value,
+            "duration_ms": 0.123,
+        }
+        lean, lean_stamp = _without_timestamp(logs.render_json("token.decision", fields, worker))
+        chain, chain_stamp = _without_timestamp(_rendered_by_chain("token.decision", fields, worker))
+        assert lean == chain
+        assert len(lean.splitlines()) == 1
+        stamp_form = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z"
+        assert re.fullmatch(stamp_form, lean_stamp)
+        assert re.fullmatch(stamp_form, chain_stamp)
+        gap = dt.datetime.fromisoformat(chain_stamp) - dt.datetime.fromisoformat(lean_stamp)
+        assert dt.timedelta(0) <= gap < dt.timedelta(seconds=5)
+
+    def test_on_a_terminal_records_go_through_structlog(self) -> None:
+        """With stdout on a TTY the console renderer is in force, and audit records use it too."""
+        script = (
+            "from synctoken_server import logs; from synctoken_server.audit import AuditLog; logs.configure(); "
+            "AuditLog().record('token.decision', {'identity': 'a\\x1bb'}, outcome='issued')"
+        )
+        leader, follower = pty.openpty()
+        try:
+            subprocess.run([sys.executable, "-c", script], stdout=follower, timeout=60, check=True)
+            os.close(follower)
+            shown = os.read(leader, 65536).decode()
+        finally:
+            os.close(leader)
+        assert "token.decision" in shown
+        assert "outcome=issued" in shown
+        assert "identity=a\\x1bb" in shown  # escaped by the console path
+        assert not shown.lstrip().startswith("{")
 
 
 class TestLineBreaks:

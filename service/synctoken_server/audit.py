@@ -7,9 +7,9 @@ in: a token appears only as its token_id fingerprint.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
-
-import structlog
 
 from synctoken_server import logs
 from synctoken_server.errors import AuditUnavailable
@@ -24,22 +24,26 @@ OUTCOME_DENIED = "denied"
 OUTCOME_ANSWERED = "answered"
 
 
+_NO_CONTEXT: Mapping[str, object] = MappingProxyType({})
+
+
 class AuditLog:
     """Writes decision records; a record that cannot be written is an error, not a shrug."""
 
     def __init__(self, logger: Any | None = None) -> None:
-        self._log = logger if logger is not None else structlog.get_logger(logs.AUDIT_LOGGER)
+        self._log = logger if logger is not None else logs.AuditLogger()
         self.writable = True
         """False since the last write failed; health reports NOT_SERVING meanwhile."""
 
-    def record(self, event: str, **fields: object) -> None:
+    def record(self, event: str, context: Mapping[str, object] = _NO_CONTEXT, **fields: object) -> None:
         """Write one record; raise AuditUnavailable unless all of it, newline included, was written.
 
-        Context bound for the RPC (caller, identity, service...) is merged in
-        by structlog; `fields` adds the outcome-specific ones.
+        `context` is what the RPC established (rpc, peer, caller, identity,
+        service...); `fields` adds the outcome-specific ones, and wins where
+        both name a field.
         """
         try:
-            self._log.info(event, **fields)
+            self._log.info(event, **{**context, **fields})
         except Exception as exc:  # whatever broke the write: fail closed
             self.writable = False
             raise AuditUnavailable from exc

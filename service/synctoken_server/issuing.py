@@ -45,18 +45,22 @@ class TokenIssuer:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
 
     def issue(
-        self, snapshot: Snapshot, caller_id: str, request: token_service_pb2.IssueTokenRequest, started: float
+        self,
+        snapshot: Snapshot,
+        caller_id: str,
+        request: token_service_pb2.IssueTokenRequest,
+        started: float,
+        context: dict[str, object],
     ) -> token_service_pb2.IssueTokenResponse:
         """Decide; then mint and write the audit record before returning the token.
 
-        `started` is the RPC's perf_counter start, for the record's duration.
+        `started` is the RPC's perf_counter start, for the record's duration;
+        `context` its log context, to which this adds what the request asks for.
         """
-        # Bound before deciding, so that a denial's record says what was asked for.
-        structlog.contextvars.bind_contextvars(
-            identity=snapshot.audit_identity(request.identity),
-            service_sid=request.sync.service_sid,
-            region=request.region,
-        )
+        # Added before deciding, so that a denial's record says what was asked for.
+        context["identity"] = snapshot.audit_identity(request.identity)
+        context["service_sid"] = request.sync.service_sid
+        context["region"] = request.region
         grant = decide(snapshot.policy, caller_id, request)
         # After the decision: only requests that would get a token use up the
         # limit (validate_only included), and the identity is known to be valid.
@@ -68,7 +72,13 @@ class TokenIssuer:
                 error = RateLimited(caller_id, refusal.subject, refusal.description, refusal.retry_after)
                 if not refusal.shadow:
                     raise error
-                _log.warning("rate_limit.shadow", policy_rule=grant.rule, limit=refusal.subject, message=error.message)
+                _log.warning(
+                    "rate_limit.shadow",
+                    **context,
+                    policy_rule=grant.rule,
+                    limit=refusal.subject,
+                    message=error.message,
+                )
         granted = {"service_sid": grant.service_sid, "ttl": grant.ttl}
         times = plan_times(int(self._clock()), grant.ttl, self._rng)
         response = token_service_pb2.IssueTokenResponse(identity=grant.identity)
@@ -79,6 +89,7 @@ class TokenIssuer:
         if request.validate_only:
             self._audit.record(
                 audit.EVENT_TOKEN_DECISION,
+                context,
                 outcome=audit.OUTCOME_VALIDATED,
                 **granted,
                 duration_ms=audit.ms_since(started),
@@ -92,6 +103,7 @@ class TokenIssuer:
         # Fail closed: if this raises, the token never leaves the process.
         self._audit.record(
             audit.EVENT_TOKEN_DECISION,
+            context,
             outcome=audit.OUTCOME_ISSUED,
             **granted,
             token_id=response.token_id,

@@ -73,13 +73,13 @@ class TokenServicer:
 
     def _issue(self, raw_request: bytes, context: Context, rpc: _Rpc) -> token_service_pb2.IssueTokenResponse:
         # Who is asking comes first: an unauthenticated peer learns nothing else.
-        caller_id = rpc.caller_id = self._caller_id(rpc.snapshot, context)
+        caller_id = self._caller_id(rpc, context)
         request = _parse(token_service_pb2.IssueTokenRequest, raw_request)
-        return self._issuer.issue(rpc.snapshot, caller_id, request, rpc.started)
+        return self._issuer.issue(rpc.snapshot, caller_id, request, rpc.started, rpc.context)
 
     def _lookup(self, raw_request: bytes, context: Context, rpc: _Rpc) -> token_service_pb2.GetCallerIdentityResponse:
         snapshot, started = rpc.snapshot, rpc.started
-        caller_id = rpc.caller_id = self._caller_id(snapshot, context)
+        caller_id = self._caller_id(rpc, context)
         # No fields, but a malformed body is refused all the same.
         _parse(token_service_pb2.GetCallerIdentityRequest, raw_request)
         rule = snapshot.policy.rule_for(caller_id)
@@ -88,13 +88,15 @@ class TokenServicer:
             response.policy.CopyFrom(_describe(rule))
         self._audit.record(
             audit.EVENT_CALLER_LOOKUP,
+            rpc.context,
             outcome=audit.OUTCOME_ANSWERED,
             policy_rule=rule.caller if rule else None,
             duration_ms=audit.ms_since(started),
         )
         return response
 
-    def _caller_id(self, snapshot: Snapshot, context: Context) -> str:
+    def _caller_id(self, rpc: _Rpc, context: Context) -> str:
+        snapshot = rpc.snapshot
         # types-grpcio says bytes, but grpc maps each property to a list of values.
         auth_context = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
         # Values are bytes only for keys ending in -bin, which this one does not.
@@ -103,38 +105,36 @@ class TokenServicer:
         caller_id = mesh.caller_id(
             snapshot.identity_rules, auth_context, forwarded, mesh=snapshot.config.mesh is not None
         )
-        structlog.contextvars.bind_contextvars(caller_id=caller_id)
+        rpc.caller_id = rpc.context["caller_id"] = caller_id
         return caller_id
 
     async def _serve(self, context: Context, method: str, event: str, body: Callable[[_Rpc], T]) -> T:
-        # Each RPC's record starts empty, whatever context its task inherited.
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(rpc=method, peer=context.peer())
         # One snapshot for the whole RPC: a reload meanwhile does not mix configs.
-        rpc = _Rpc(self._snapshots.current, time.perf_counter())
+        rpc = _Rpc(self._snapshots.current, time.perf_counter(), {"rpc": method, "peer": context.peer()})
         try:
             return body(rpc)
         except SynctokenError as exc:
             error = exc
         except Exception:  # noqa: BLE001 - the one place anything unexpected becomes INTERNAL
-            _log.exception("rpc.failed")
+            _log.exception("rpc.failed", **rpc.context)
             error = InternalError()
         # The label is the policy entry's id, never the caller id: see metrics.py.
         rule = rpc.snapshot.policy.rule_for(rpc.caller_id) if rpc.caller_id else None
         self._metrics.refused.labels(rule.caller if rule else NO_POLICY, error.reason_name).inc()
-        return await self._deny(context, event, error, rpc.started)
+        return await self._deny(context, event, error, rpc)
 
-    async def _deny(self, context: Context, event: str, error: SynctokenError, started: float) -> NoReturn:
+    async def _deny(self, context: Context, event: str, error: SynctokenError, rpc: _Rpc) -> NoReturn:
         # Already refusing: an unwritable audit log cannot make that worse.
         with contextlib.suppress(SynctokenError):
             self._audit.record(
                 event,
+                rpc.context,
                 outcome=audit.OUTCOME_DENIED,
                 code=error.code.name,
                 reason=error.reason_name,
                 message=error.message,
                 **error.audit,
-                duration_ms=audit.ms_since(started),
+                duration_ms=audit.ms_since(rpc.started),
             )
         await context.abort_with_status(to_status(error))
 
@@ -146,6 +146,8 @@ class _Rpc:
     snapshot: Snapshot
     started: float
     """perf_counter at the start, for the audit record's duration."""
+    context: dict[str, object]
+    """What the RPC's log lines say about it: rpc and peer, then caller_id, then what the request asked for."""
     caller_id: str = ""
 
 
