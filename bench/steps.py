@@ -39,6 +39,7 @@ class _Counts:
     count: int
     total_ns: int
     callee_ns: int
+    cpu_ns: int
     parent: str | None
 
     def minus(self, earlier: _Counts | None) -> _Counts:
@@ -48,6 +49,7 @@ class _Counts:
             self.count - earlier.count,
             self.total_ns - earlier.total_ns,
             self.callee_ns - earlier.callee_ns,
+            self.cpu_ns - earlier.cpu_ns,
             self.parent,
         )
 
@@ -117,6 +119,7 @@ def _figures(
         "empty_rpc_cpu_us_per_request": empty.server_cpu_ms_per_request * 1000,
         "extra_cpu_us": (result.server_cpu_ms_per_request - empty.server_cpu_ms_per_request) * 1000,
         "wrapper_overhead_us": overhead_ns() / 1000,
+        "handler_cpu_us_per_request": handler.cpu_ns / requests / 1000 if handler and requests else None,
         "stages": {
             label: {
                 "what": what.get(label, ""),
@@ -192,15 +195,16 @@ def render(figures: dict[str, Any]) -> str:
     if figures["missing"]:
         lines.append(f"not found (renamed or removed?): {', '.join(figures['missing'])}")
     handler = stages.get(HANDLER)
-    if handler and handler["us_per_request"] is not None:
-        extra, inside = figures["extra_cpu_us"], handler["us_per_request"]
+    if handler and figures["handler_cpu_us_per_request"] is not None:
+        extra, inside = figures["extra_cpu_us"], figures["handler_cpu_us_per_request"]
         share = f" ({inside / extra * 100:.0f}%)" if extra > 0 else ""
         lines.append(
-            f"the handler takes {inside:.0f} µs per request of the {extra:.0f} µs extra CPU{share}; "
-            f"{extra - inside:.0f} µs is outside it"
+            f"the handler uses {inside:.0f} µs CPU per request ({handler['us_per_request']:.0f} µs wall) "
+            f"of the {extra:.0f} µs extra CPU{share}: {extra - inside:.0f} µs is outside it"
         )
     lines.append(
-        "stage figures are wall time between counters read as the window opened and as it closed (warm-up left out)"
+        "stage figures are wall time (a wait for a core counts) between counters read as the window opened "
+        "and as it closed (warm-up left out)"
     )
     if handler and handler["count"]:
         within = sum(s["count"] for label, s in stages.items() if label != HANDLER) / handler["count"]
