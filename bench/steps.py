@@ -202,6 +202,12 @@ def render(figures: dict[str, Any]) -> str:
             f"the handler uses {inside:.0f} µs CPU per request ({handler['us_per_request']:.0f} µs wall) "
             f"of the {extra:.0f} µs extra CPU{share}: {extra - inside:.0f} µs is outside it"
         )
+        if inside > extra:
+            # Two loads a few seconds apart: something else on the machine moved one of them.
+            lines.append(
+                "the handler alone uses more than the extra CPU: the two loads saw different machines "
+                "(shared cores?); rerun, and meanwhile compare the stages with one another"
+            )
     lines.append(
         "stage figures are wall time (a wait for a core counts) between counters read as the window opened "
         "and as it closed (warm-up left out)"
