@@ -55,7 +55,7 @@ test: lint check-generated pytest
 pytest: $(INSTALLED) node_modules/.installed /usr/bin/wrk /usr/bin/openssl /usr/bin/chromium $(BUNDLE)
 	$(BIN)/pytest
 
-# The full benchmark, about five minutes: writes bench/results/results.{json,md,png}.
+# The full benchmark, about eight minutes (five rounds): writes bench/results/results.{json,md,png}.
 bench: $(INSTALLED) node_modules/.installed /usr/bin/wrk
 	$(BIN)/python -m bench
 

@@ -59,7 +59,8 @@ def _interleaved_runs_us(funcs: dict[str, Callable[[], object]], number: int, re
     return runs
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3) of `values`, quartiles taken inclusively; one value is its own quartiles."""
     if len(values) < 2:  # noqa: PLR2004 - quantiles needs two points
         return values[0], values[0], values[0]
     q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
@@ -121,10 +122,10 @@ def run(config_path: Path, *, number: int, repeats: int, sink: BinaryIO) -> dict
     )
     results: dict[str, float] = {}
     for name, values in runs.items():
-        q1, median, q3 = _quartiles(values)
+        q1, median, q3 = quartiles(values)
         results |= {f"{name}_us": median, f"{name}_q1_us": q1, f"{name}_q3_us": q3}
     for ratio, (top, bottom) in RATIOS.items():
-        q1, median, q3 = _quartiles([a / b for a, b in zip(runs[top], runs[bottom], strict=True)])
+        q1, median, q3 = quartiles([a / b for a, b in zip(runs[top], runs[bottom], strict=True)])
         results |= {ratio: median, f"{ratio}_q1": q1, f"{ratio}_q3": q3}
     return results
 

@@ -12,6 +12,7 @@ import matplotlib as mpl
 mpl.use("Agg")  # no display here: render straight to PNG
 import matplotlib.pyplot as plt
 
+from bench import paired
 from bench.measure import Result, median_of
 from bench.micro import with_quartiles
 
@@ -64,17 +65,18 @@ def ratios(summary: dict[str, dict[int, dict[str, float]]], workers_name: str) -
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """The full record: metadata, every round's result, medians, ratios, micro-benchmarks."""
+    """The full record: metadata, every round's result, medians, ratios, paired figures, micro-benchmarks."""
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def markdown(
     summary: dict[str, dict[int, dict[str, float]]],
     ratio_table: dict[str, dict[int, float]],
+    paired_figures: dict[str, dict[int, dict[str, Any]]],
     micro: dict[str, float],
     meta: dict[str, Any],
 ) -> str:
-    """A human-readable report: medians by system and concurrency, then ratios and micro-benchmarks."""
+    """A human-readable report: medians by system and concurrency, ratios, paired figures, micro-benchmarks."""
     lines = [
         "# synctoken benchmark",
         "",
@@ -105,9 +107,27 @@ def markdown(
             f"{ratio_by_concurrency[c]:.2f}" if c in ratio_by_concurrency else "" for c in _concurrencies(ratio_table)
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", *_paired_table(paired_figures, meta["rounds"])]
     lines += ["", "| in-process (µs per call, or ratio) | median | IQR |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {median:.2f} | {q1:.2f} to {q3:.2f} |" for name, median, q1, q3 in with_quartiles(micro)]
     return "\n".join(lines) + "\n"
+
+
+def _paired_table(figures: dict[str, dict[int, dict[str, Any]]], rounds: int) -> list[str]:
+    lines = [
+        f"paired, per round: each figure taken within one round, then the median and IQR over {rounds} round(s)",
+        "",
+        "| paired figure | in flight | median | IQR | rounds | target | median meets it |",
+        "| --- | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for figure in paired.FIGURES:
+        for concurrency, f in figures.get(figure.name, {}).items():
+            median, q1, q3 = (f"{f[key]:.{figure.decimals}f}" for key in ("median", "q1", "q3"))
+            each = ", ".join(f"{value:.{figure.decimals}f}" for value in f["per_round"])
+            meets = "—" if f["meets_target"] is None else ("yes" if f["meets_target"] else "**no**")
+            target = f["target"] or "—"
+            lines.append(f"| {figure.label} | {concurrency} | {median} | {q1} to {q3} | {each} | {target} | {meets} |")
+    return lines
 
 
 def _concurrencies(table: dict[str, dict[int, float]]) -> list[int]:

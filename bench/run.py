@@ -1,7 +1,8 @@
 """The benchmark run: every system at every concurrency, round after round, then the report.
 
 Rounds interleave the systems, so a noisy minute on this shared machine hurts
-them all alike; reported figures are medians over rounds and their ratios.
+them all alike; reported figures are medians over rounds, their ratios, and
+figures paired within each round (bench/paired.py) with their quartiles.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import micro, report
+from bench import micro, paired, report
 from bench.measure import LoadShape, Result, measure
 from bench.systems import (
     System,
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="workers for the scaled run")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     warmup, duration = (0.3, 1.0) if args.quick else (1.0, 3.0)
     concurrencies = (1, 16) if args.quick else (1, 16, 64)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                         )
                 finally:
                     system.stop()
+            # The round's pairs at once, so a long run shows where it is heading.
+            figures = paired.of_round(results, round_index)
+            for concurrency in concurrencies:
+                print(paired.live_line(figures, concurrency, f"round {round_index + 1}/{rounds}"), flush=True)
         with (Path(tmp) / "micro-audit.jsonl").open("wb") as sink:
             micro_figures = micro.run(
                 workspace.config_path,
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     workers_name = f"synctoken-{args.workers}w" if args.workers > 1 else "synctoken"
     summary = report.summarize(results)
     ratio_table = report.ratios(summary, workers_name)
+    paired_figures = paired.summarize(results)
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
@@ -101,10 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             "results": [r.as_dict() for r in results],
             "summary": summary,
             "ratios": ratio_table,
+            "paired": paired_figures,
             "micro": micro_figures,
         },
     )
-    (args.out / "results.md").write_text(report.markdown(summary, ratio_table, micro_figures, meta), encoding="utf-8")
+    (args.out / "results.md").write_text(
+        report.markdown(summary, ratio_table, paired_figures, micro_figures, meta), encoding="utf-8"
+    )
     report.chart(args.out / "results.png", summary)
     print(f"wrote {args.out}/results.json, results.md and results.png in {meta['elapsed_s']} s")
     return 0

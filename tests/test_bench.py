@@ -11,8 +11,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench import paired
+from bench.measure import Result
+from bench.steps_server import STAGES
+
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = {"synctoken", "synctoken-guarded", "empty-rpc", "express-guide", "express-keyobject"}
+PAIRED = {
+    "synctoken_extra_cpu_us_over_empty",
+    "synctoken_rps_over_empty_rps",
+    "synctoken_cpu_over_express_guide_cpu",
+    "synctoken_peak_rss_mib",
+    "empty_rpc_peak_rss_mib",
+}
 
 
 def test_quick_run(tmp_path: Path) -> None:
@@ -42,3 +55,84 @@ def test_quick_run(tmp_path: Path) -> None:
     }
     assert "| synctoken | 16 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["meta"]["rounds"] == 1
+    assert set(data["paired"]) == PAIRED
+    for by_concurrency in data["paired"].values():
+        assert set(by_concurrency) == {"1", "16"}
+        for figures in by_concurrency.values():
+            assert len(figures["per_round"]) == 1
+            assert figures["q1"] <= figures["median"] <= figures["q3"]
+    assert data["paired"]["synctoken_rps_over_empty_rps"]["16"]["target"] == "≥ 0.8 at c=16, 64"
+    assert data["paired"]["synctoken_rps_over_empty_rps"]["1"]["target"] is None
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| paired figure | in flight | median | IQR | rounds | target | median meets it |" in markdown
+    assert "| synctoken extra server CPU per request over empty-rpc, µs | 16 |" in markdown
+    assert "round 1/1 paired c=16  extra CPU µs/req " in result.stdout
+
+
+def _result(system: str, round_index: int, cpu_ms: float, rps: float) -> Result:
+    return Result(system, 16, round_index, 100, 0, rps, 1, 1, 1, 1, 1, cpu_ms, 50, 1)
+
+
+# Round 1 is slow for both: paired within it, the figures stay as in the other rounds.
+THREE_ROUNDS = [
+    *(_result("synctoken", r, cpu, rps) for r, cpu, rps in ((0, 0.30, 1000), (1, 0.60, 500), (2, 0.31, 990))),
+    *(_result("empty-rpc", r, cpu, rps) for r, cpu, rps in ((0, 0.20, 1250), (1, 0.50, 625), (2, 0.20, 1200))),
+    *(_result("express-guide", r, 0.6, 400) for r in range(3)),
+]
+
+
+class TestPaired:
+    """Paired figures: taken within each round, then summarized over rounds."""
+
+    def test_each_round_pairs_its_own_results(self) -> None:
+        """The extra CPU of a round is synctoken's minus the empty RPC's of that round, in µs."""
+        figures = paired.summarize(THREE_ROUNDS)["synctoken_extra_cpu_us_over_empty"][16]
+        assert figures["per_round"] == pytest.approx([100, 100, 110])
+        assert (figures["q1"], figures["median"], figures["q3"]) == pytest.approx((100, 100, 105))
+        assert figures["target"] == "≤ 90"
+        assert figures["meets_target"] is False
+
+    @pytest.mark.parametrize(
+        ("name", "median", "meets"),
+        [
+            ("synctoken_rps_over_empty_rps", 0.8, True),
+            ("synctoken_cpu_over_express_guide_cpu", 0.517, False),
+            ("synctoken_peak_rss_mib", 50, True),
+            ("empty_rpc_peak_rss_mib", 50, None),
+        ],
+    )
+    def test_targets(self, name: str, median: float, meets: bool | None) -> None:
+        """Each figure's median is held to its target; a figure without one says so with None."""
+        figures = paired.summarize(THREE_ROUNDS)[name][16]
+        assert figures["median"] == pytest.approx(median, rel=0.01)
+        assert figures["meets_target"] is meets
+
+    def test_a_round_missing_a_side_is_left_out(self) -> None:
+        """A round in which one of the pair was not measured adds nothing to that pair's figures."""
+        results = [r for r in THREE_ROUNDS if (r.system, r.round) != ("empty-rpc", 2)]
+        assert paired.summarize(results)["synctoken_extra_cpu_us_over_empty"][16]["per_round"] == pytest.approx(
+            [100, 100]
+        )
+
+
+def test_profile_steps(tmp_path: Path) -> None:
+    """`python -m bench.profile --steps` times every stage of IssueToken that exists, inside a loaded server."""
+    # The guarded system has a rate limit, so that RateLimiter.check is called too.
+    out = tmp_path / "steps.json"
+    command = [sys.executable, "-m", "bench.profile", "synctoken-guarded", "--steps", "--seconds", "3"]
+    result = subprocess.run(
+        [*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["errors"] == 0
+    assert set(figures["stages"]) | set(figures["missing"]) == {stage.attribute for stage in STAGES}
+    for label, stage in figures["stages"].items():
+        assert stage["count"] > 0, label
+        assert stage["mean_us"] > 0, label
+        assert label in result.stdout
+    assert "handler, other" in result.stdout
+    assert figures["server_cpu_us_per_request"] > 0
+    assert figures["empty_rpc_cpu_us_per_request"] > 0
+    assert figures["handler_cpu_us_per_request"] > 0
