@@ -15,7 +15,8 @@ from typing import Any
 
 import grpc
 
-from synctoken_server.server import MAX_REQUEST_BYTES
+# This module alone: importing the rest of synctoken would add its libraries to the ceiling's memory.
+from synctoken_server.serveroptions import ServerTimeouts, server_options
 
 METHOD = "/bench.Empty/Call"
 
@@ -26,7 +27,8 @@ async def _call(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> 
 
 
 async def _serve(port: int, directory: Path) -> None:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)])
+    # synctoken's own options at their defaults (message size, connection timeouts and ages): the same stack.
+    server = grpc.aio.server(options=server_options(ServerTimeouts(), reuse_port=False))
     handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(_call)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Empty", {"Call": handler}),))
     credentials = grpc.ssl_server_credentials(

@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from synctoken_server.minting import TwilioCredentials
 from synctoken_server.patterns import IdentityPattern, PatternError
 from synctoken_server.policy import RESERVED_IDENTITY_CHARACTERS, CallerRule, Policy, is_service_sid
 from synctoken_server.privacy import IdentityHasher, read_audit
+from synctoken_server.serveroptions import ServerTimeouts
 from synctoken_server.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
 
 # [0-9], not \d: \d also matches other scripts' digits, such as U+FF15 (a full-width 5).
@@ -38,25 +39,6 @@ _DEFAULT_TTL = "1h"
 _MAX_PORT = 65535
 _MIN_EXPIRY_WARNING = 60
 _MAX_EXPIRY_WARNING = 366 * 24 * 3600
-
-
-@dataclass(frozen=True)
-class ServerTimeouts:
-    """Server timings, in seconds: how long connections may take, how a stop drains, how often files are looked at."""
-
-    drain_delay: int = 5
-    """After SIGTERM: health says NOT_SERVING, but calls are still accepted this long, so balancers notice."""
-    grace: int = 10
-    """Then: no new calls; calls in flight get this long to finish."""
-    handshake: int = 10
-    """A connection that has not finished its TLS handshake by then is closed."""
-    idle: int = 300
-    """A connection with no call for this long is closed (clients reconnect when they need to)."""
-    connection_age: int = 600
-    """Any connection is asked to go away (GOAWAY) after this long, and closed `grace` later even if a
-    call on it is still unfinished: a peer cannot hold a connection open with a request it never completes."""
-    watch_interval: int = 1
-    """How often the config file and the files it names are checked for changes; 0: reload on SIGHUP only."""
 
 
 @dataclass(frozen=True)
@@ -74,15 +56,13 @@ class Config:
     """SIDs of the other API keys listed: kept track of until their tokens have expired, never used to sign."""
     tls_expiry_warning: int | None = None
     """Warn when the server certificate has less than this many seconds left; None: a third of its lifetime."""
-    timeouts: ServerTimeouts = ServerTimeouts()
+    timeouts: ServerTimeouts = field(default_factory=ServerTimeouts)
     metrics_listen: str | None = None
     """Where Prometheus scrapes (plain HTTP); None: no metrics listener."""
     audit_identity: IdentityHasher | None = None
     """Hashes identities for the audit log; None: they are written as they are."""
     mesh: MeshListener | None = None
     """The listener where x-forwarded-client-cert names the caller; None: mesh mode off."""
-    """Hashes identities for the audit log; None: they are written as they are."""
-    """Where Prometheus scrapes (plain HTTP); None: no metrics listener."""
     warnings: tuple[str, ...] = ()
     """Things that work but should not be so (a private key readable by others); shown, never fatal."""
     files: Stamps = ()

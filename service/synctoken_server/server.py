@@ -21,11 +21,12 @@ from synctoken.v1 import token_service_pb2
 from synctoken_server import metrics
 from synctoken_server.audit import AuditLog
 from synctoken_server.certificates import ServerCertificates
-from synctoken_server.config import Config, ServerTimeouts
+from synctoken_server.config import Config
 from synctoken_server.issuing import TokenIssuer
 from synctoken_server.keyledger import SignedExpiries
 from synctoken_server.limits import RateLimiter
 from synctoken_server.metrics import Metrics
+from synctoken_server.serveroptions import server_options
 from synctoken_server.servicer import TokenServicer
 from synctoken_server.snapshot import Snapshot, Snapshots
 from synctoken_server.svid import TrustAnchors
@@ -33,10 +34,6 @@ from synctoken_server.svid import TrustAnchors
 _TOKEN_SERVICE_DESCRIPTOR = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"]
 TOKEN_SERVICE = _TOKEN_SERVICE_DESCRIPTOR.full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-
-MAX_REQUEST_BYTES = 4 * 1024
-"""A valid IssueTokenRequest is well under 1 KiB; anything bigger is refused
-by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed."""
 
 AUDIT_PROBE_SECONDS = 0.5
 """How often health re-checks an audit log that could not be written."""
@@ -50,7 +47,7 @@ class TokenServer:
     ) -> None:
         self._workers = workers
         """How many processes share the port (and so divide the rate limits)."""
-        self._server = grpc.aio.server(options=_server_options(config.timeouts, reuse_port=reuse_port))
+        self._server = grpc.aio.server(options=server_options(config.timeouts, reuse_port=reuse_port))
         audit_log = audit_log or AuditLog()
         self._audit = audit_log
         self._audit_watch: asyncio.Task[None] | None = None
@@ -156,25 +153,6 @@ class TokenServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", TOKEN_SERVICE):
             await self._health.set(service, status)
-
-
-def _server_options(timeouts: ServerTimeouts, *, reuse_port: bool) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-        # gRPC enables SO_REUSEPORT by default, so a second server on a busy
-        # port would start "fine" and silently take half the traffic. Only
-        # our own workers share a port, and they ask for it.
-        ("grpc.so_reuseport", 1 if reuse_port else 0),
-        # gRPC's default handshake timeout is 120 s: idle TCP connections that
-        # never start TLS would each hold a file descriptor that long, and a
-        # thousand of them lock everyone else out.
-        ("grpc.server_handshake_timeout_ms", timeouts.handshake * 1000),
-        ("grpc.max_connection_idle_ms", timeouts.idle * 1000),
-        # A peer that opens a call and never finishes its request would
-        # otherwise hold the connection, and its file descriptor, forever.
-        ("grpc.max_connection_age_ms", timeouts.connection_age * 1000),
-        ("grpc.max_connection_age_grace_ms", timeouts.grace * 1000),
-    ]
 
 
 def _raw_request_handlers(servicer: TokenServicer) -> grpc.GenericRpcHandler:
