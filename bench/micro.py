@@ -76,7 +76,10 @@ def run(config_path: Path, *, number: int, repeats: int, sink: BinaryIO) -> dict
     # The issuing path as it was before the direct minter: the same snapshot, twilio's AccessToken.
     twilio_snapshot = dataclasses.replace(snapshot, minter=TwilioLibraryMinter(creds))
     issuer = TokenIssuer(
-        audit_log=AuditLog(), signed=SignedExpiries(), limiter=RateLimiter(time.monotonic), metrics=Metrics()
+        audit_log=AuditLog(),
+        signed=SignedExpiries(),
+        limiter=RateLimiter(time.monotonic),
+        metrics=Metrics(enabled=config.metrics_listen is not None),
     )
     request = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
     service_sid = next(iter(config.policy)).sync_services[0]

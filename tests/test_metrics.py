@@ -7,6 +7,8 @@ one: an identity, a token, a caller id from a certificate.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -173,3 +175,18 @@ class TestProcesses:
         assert value(samples, "synctoken_config_reloads_total", result="failure") == 1
         assert value(samples, "synctoken_config_reloads_total", result="success") == 1
         issue_fresh(pki, port, leak_watch)
+
+
+class TestOff:
+    """Without a [metrics] listener nobody can read counts, so none are kept and prometheus-client is not loaded."""
+
+    def test_nothing_counted_nothing_imported(self) -> None:
+        """The server's modules and a disabled Metrics load no prometheus-client; its metrics take calls and keep nothing."""
+        script = (
+            "import sys; import synctoken_server.cli, synctoken_server.server, synctoken_server.workers; "
+            "from synctoken_server.metrics import Metrics; m = Metrics(enabled=False); "
+            "m.issued.labels('bff', 'IS1').inc(); m.latency.observe(0.1); m.certificate_expiry.set(1.0); "
+            "print(m.registry, 'prometheus_client' in sys.modules)"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+        assert result.stdout.split() == ["None", "False"]

@@ -10,6 +10,11 @@ worker's values from the files prometheus-client's multiprocess mode keeps
 in PROMETHEUS_MULTIPROC_DIR (see `multiprocess_registry`); each worker only
 counts. That variable must be set before prometheus-client is first imported
 in a worker, which is why the parent sets it before spawning them.
+
+Without a `[metrics]` listener nothing is counted at all: the server's
+metrics are stand-ins that do nothing, and prometheus-client is not even
+imported. Nobody could read the counts, and every IssueToken would pay for
+them (a counter, a histogram observation) all the same.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from wsgiref.simple_server import WSGIServer
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from synctoken_server.configfile import TomlReader
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from prometheus_client import CollectorRegistry
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 NO_POLICY = ""
@@ -42,10 +49,65 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _LISTEN = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
 
 
-class Metrics:
-    """The server's metrics, on their own registry (tests run several servers in one process)."""
+class CounterLike(Protocol):
+    """A prometheus-client Counter, or the stand-in counting nothing."""
 
-    def __init__(self) -> None:
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> CounterLike: ...  # noqa: D102 - prometheus-client's
+    def inc(self, amount: float = 1) -> None: ...  # noqa: D102
+
+
+class GaugeLike(Protocol):
+    """A prometheus-client Gauge, or the stand-in."""
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> GaugeLike: ...  # noqa: D102 - prometheus-client's
+    def set(self, value: float) -> None: ...  # noqa: D102
+
+
+class HistogramLike(Protocol):
+    """A prometheus-client Histogram without labels, or the stand-in."""
+
+    def observe(self, amount: float) -> None: ...  # noqa: D102 - prometheus-client's
+
+
+class _Uncounted:
+    """A metric nobody can read (no listener): every method does nothing."""
+
+    def labels(self, *_labelvalues: object, **_labelkwargs: object) -> Self:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+
+class Metrics:
+    """The server's metrics, on their own registry (tests run several servers in one process).
+
+    `enabled` False (no listener): `registry` is None and every metric is a stand-in counting nothing.
+    """
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.registry: CollectorRegistry | None = None
+        self.issued: CounterLike
+        self.refused: CounterLike
+        self.latency: HistogramLike
+        self.rate_limited: CounterLike
+        self.reloads: CounterLike
+        self.signing_key: GaugeLike
+        self.certificate_expiry: GaugeLike
+        if not enabled:
+            uncounted = _Uncounted()
+            self.issued = self.refused = self.latency = self.rate_limited = uncounted
+            self.reloads = self.signing_key = self.certificate_expiry = uncounted
+            return
+        # Imported only here and where metrics are served: see the module's docstring.
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # noqa: PLC0415
+
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.issued = Counter(
@@ -129,12 +191,16 @@ def serve(listen: str, registry: CollectorRegistry) -> Listener:
     if address is None:  # the loader checked it; this is for callers that did not
         raise OSError(f"cannot listen on {listen}: not host:port")
     host, port = address
+    from prometheus_client import start_http_server  # noqa: PLC0415 - see the module's docstring
+
     server, thread = start_http_server(port, addr=host, registry=registry)
     return Listener(server, thread)
 
 
 def multiprocess_registry(directory: Path) -> CollectorRegistry:
     """A registry that reads every worker's values from `directory` at scrape time."""
+    from prometheus_client import CollectorRegistry, multiprocess  # noqa: PLC0415 - see the module's docstring
+
     registry = CollectorRegistry()
     # prometheus-client leaves its multiprocess module unannotated.
     multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
@@ -172,4 +238,6 @@ def read_listen(r: TomlReader, data: Mapping[str, Any]) -> str | None:
 
 def worker_exited(directory: Path, pid: int) -> None:
     """Drop a dead worker's gauges (its counters stay: what it counted did happen)."""
+    from prometheus_client import multiprocess  # noqa: PLC0415 - see the module's docstring
+
     multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]

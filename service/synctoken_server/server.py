@@ -52,7 +52,8 @@ class TokenServer:
         self._audit = audit_log
         self._audit_watch: asyncio.Task[None] | None = None
         self.snapshots = Snapshots(Snapshot.of(config, self._anchors, workers))
-        self.metrics = Metrics()
+        # Workers count too when the parent serves the scrape (workers > 1).
+        self.metrics = Metrics(enabled=config.metrics_listen is not None)
         self.metrics.signing_with(config.credentials.api_key_sid)
         self._metrics_listener: metrics.Listener | None = None
         self.signed = SignedExpiries()
@@ -81,7 +82,7 @@ class TokenServer:
             except RuntimeError as exc:
                 raise OSError(f"cannot listen on {config.mesh.address}: in use or not available") from exc
         # With several workers the parent serves the scrape for all of them (see running.py).
-        if config.metrics_listen is not None and workers == 1:
+        if config.metrics_listen is not None and self.metrics.registry is not None and workers == 1:
             self._metrics_listener = metrics.serve(config.metrics_listen, self.metrics.registry)
 
     @property
