@@ -185,6 +185,27 @@ class TestAuditLineParity:
         gap = dt.datetime.fromisoformat(chain_stamp) - dt.datetime.fromisoformat(lean_stamp)
         assert dt.timedelta(0) <= gap < dt.timedelta(seconds=5)
 
+    @pytest.mark.parametrize(
+        "ns",
+        [
+            0,
+            1,
+            999,
+            1_000,
+            999_999_999,
+            1_000_000_000,
+            1_764_421_200_000_000_000,
+            1_764_421_200_123_456_789,
+            4_102_444_799_999_999_000,
+        ],
+    )
+    def test_timestamp_as_isoformat_writes_it(self, ns: int) -> None:
+        """The audit line's time is datetime's isoformat for the same microsecond, with Z; no fraction on a whole second."""
+        micro = ns // 1000
+        expected = dt.datetime.fromtimestamp(micro // 1_000_000, tz=dt.UTC).replace(microsecond=micro % 1_000_000)
+        assert logs.utc_timestamp(ns) == expected.isoformat().replace("+00:00", "Z")
+        assert logs.utc_timestamp(ns) == logs.utc_timestamp(ns)  # the cached second gives the same text
+
     def test_on_a_terminal_records_go_through_structlog(self) -> None:
         """With stdout on a TTY the console renderer is in force, and audit records use it too."""
         script = (
