@@ -17,10 +17,11 @@ $(INSTALLED): pyproject.toml clients/python/pyproject.toml clients/bff/pyproject
 	touch $@
 
 # wrk (Debian) drives the Express comparison in the benchmark and its smoke test;
-# openssl makes the keys cryptography cannot (RSA-PSS, rare curves) for the config tests.
+# openssl makes the keys cryptography cannot (RSA-PSS, rare curves) for the config tests;
+# valgrind counts instructions per request for bench.instructions and its smoke test.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-/usr/bin/wrk /usr/bin/openssl:
-	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends wrk openssl
+/usr/bin/wrk /usr/bin/openssl /usr/bin/valgrind:
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends wrk openssl valgrind
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
@@ -52,7 +53,7 @@ test: lint check-generated pytest
 
 # The tests compare tokens with Twilio's Node helper library, from npm, smoke-test
 # the benchmark (which also needs wrk), and load the demo page in Chromium.
-pytest: $(INSTALLED) node_modules/.installed /usr/bin/wrk /usr/bin/openssl /usr/bin/chromium $(BUNDLE)
+pytest: $(INSTALLED) node_modules/.installed /usr/bin/wrk /usr/bin/openssl /usr/bin/valgrind /usr/bin/chromium $(BUNDLE)
 	$(BIN)/pytest
 
 # The full benchmark, about eight minutes (five rounds): writes bench/results/results.{json,md,png}.

@@ -136,3 +136,24 @@ def test_profile_steps(tmp_path: Path) -> None:
     assert figures["server_cpu_us_per_request"] > 0
     assert figures["empty_rpc_cpu_us_per_request"] > 0
     assert figures["handler_cpu_us_per_request"] > 0
+
+
+def test_instruction_counts(tmp_path: Path) -> None:
+    """`python -m bench.instructions` counts, under callgrind, every server's and the handler's instructions."""
+    out = tmp_path / "counts.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "--calls", "20", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = json.loads(out.read_text())
+    assert counts["calls"] == 20
+    # Counts, not times: an IssueToken does strictly more than an empty call on the same stack.
+    assert 0 < counts["empty_rpc"] < counts["synctoken"]
+    assert counts["synctoken_extra"] == counts["synctoken"] - counts["empty_rpc"]
+    assert counts["in_process_handler"] > 0
+    assert "synctoken extra" in result.stdout

@@ -1,0 +1,216 @@
+"""Instructions per request, counted by valgrind's callgrind: the one figure here that noise does not move.
+
+    python -m bench.instructions [--calls 400] [--out FILE]
+
+On this shared 2-core machine a server's CPU time per request moves by half
+between rounds; the number of instructions it executes does not (the same
+code, inputs and environment give the same count to within a percent). Each
+server runs under callgrind with counting switched on (`callgrind_control`)
+only while `--calls` IssueToken calls (empty calls for the empty RPC) are
+made one at a time over one mTLS connection, after a warm-up; every thread of
+the server counts. The in-process figure counts the handler's own work
+(caller id, parsing, policy, mint, audit line) in a loop, as the difference
+between two runs of different lengths, so start-up cancels out.
+
+Instructions are not time: the same instructions take longer when they run
+cold, between gRPC's own work, than in a loop. Comparing the two says which
+of the two a gap comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from bench.systems import ROOT, System, Workspace, empty_rpc, issue_payload, synctoken
+from synctoken.v1 import token_service_pb2 as pb
+from synctoken_server import devenv, logs, mesh
+from synctoken_server.audit import AuditLog
+from synctoken_server.config import load_config
+from synctoken_server.issuing import TokenIssuer
+from synctoken_server.keyledger import SignedExpiries
+from synctoken_server.limits import RateLimiter
+from synctoken_server.metrics import Metrics
+from synctoken_server.snapshot import Snapshot
+
+START_TIMEOUT_S = 300.0  # everything runs tens of times slower under valgrind
+WARMUP_CALLS = 50
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Instructions per request: each server's, the difference, and the handler's work in a loop."""
+
+    calls: int
+    empty_rpc: int
+    synctoken: int
+    in_process_handler: int
+
+    @property
+    def synctoken_extra(self) -> int:
+        """What an IssueToken costs beyond an empty call on the same stack."""
+        return self.synctoken - self.empty_rpc
+
+    def as_dict(self) -> dict[str, int]:
+        """Plain data for JSON."""
+        return {
+            "calls": self.calls,
+            "empty_rpc": self.empty_rpc,
+            "synctoken": self.synctoken,
+            "synctoken_extra": self.synctoken_extra,
+            "in_process_handler": self.in_process_handler,
+        }
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} is not installed (Debian package valgrind; `make test` installs it)"
+        raise RuntimeError(msg)
+    return path
+
+
+def _valgrind() -> list[str]:
+    return [_tool("valgrind"), "--tool=callgrind", "--quiet"]
+
+
+def _total(prefix: Path) -> int:
+    """The instructions counted in every dump callgrind wrote for one process."""
+    total = 0
+    for dump in prefix.parent.glob(f"{prefix.name}*"):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith("totals:"):
+                total += int(line.split()[1])
+    return total
+
+
+def _callgrind_control(option: str, pid: int) -> None:
+    subprocess.run([_tool("callgrind_control"), option, str(pid)], check=True, capture_output=True, timeout=60)
+
+
+def _count_server(system: System, workspace: Workspace, calls: int, out_dir: Path) -> int:
+    prefix = out_dir / f"{system.name}.callgrind"
+    log_path = out_dir / f"{system.name}.log"
+    command = [*_valgrind(), "--instr-atstart=no", f"--callgrind-out-file={prefix}.%p", *system.command]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while system.ready_text.encode() not in log_path.read_bytes():
+            if process.poll() is not None or time.monotonic() > deadline:
+                msg = f"{system.name} did not start under valgrind: {log_path.read_text(errors='replace')[-2000:]}"
+                raise RuntimeError(msg)
+            time.sleep(0.2)
+        pki = workspace.directory
+        credentials = grpc.ssl_channel_credentials(
+            (pki / devenv.CA_FILE).read_bytes(),
+            (pki / devenv.CLIENT_KEY).read_bytes(),
+            (pki / devenv.CLIENT_CERT).read_bytes(),
+        )
+        with grpc.secure_channel(f"localhost:{system.port}", credentials) as channel:
+            call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(system.grpc_method)
+            for _ in range(WARMUP_CALLS):
+                call(system.grpc_payload, timeout=60)
+            _callgrind_control("--instr=on", process.pid)
+            for _ in range(calls):
+                call(system.grpc_payload, timeout=60)
+            _callgrind_control("--instr=off", process.pid)
+    finally:
+        # SIGINT: synctoken stops without its drain delay; the empty server takes either.
+        process.send_signal(signal.SIGINT if system.name == "synctoken" else signal.SIGTERM)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return _total(Path(f"{prefix}.{process.pid}")) // calls
+
+
+def _count_in_process(workspace: Workspace, calls: int, out_dir: Path) -> int:
+    def run(loops: int) -> int:
+        prefix = out_dir / f"in-process-{loops}.callgrind"
+        hot = [sys.executable, "-m", "bench.instructions", "--in-process-loop", str(loops)]
+        hot += ["--config", str(workspace.config_path), "--audit-to", str(out_dir / "in-process-audit.jsonl")]
+        subprocess.run(
+            [*_valgrind(), f"--callgrind-out-file={prefix}", *hot],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            timeout=900,
+        )
+        return _total(prefix)
+
+    return (run(WARMUP_CALLS + calls) - run(WARMUP_CALLS)) // calls
+
+
+def _in_process_loop(config_path: Path, loops: int, audit_to: Path) -> None:
+    """The handler's work, `loops` times: caller id from the dev client certificate, parse, issue, audit."""
+    with audit_to.open("wb") as sink:
+        logs.configure(sink)
+        config = load_config(config_path, environ={})
+        snapshot = Snapshot.of(config)
+        issuer = TokenIssuer(
+            audit_log=AuditLog(),
+            signed=SignedExpiries(),
+            limiter=RateLimiter(time.monotonic),
+            metrics=Metrics(enabled=config.metrics_listen is not None),
+        )
+        leaf = (config_path.parent / devenv.CLIENT_CERT).read_bytes()
+        raw = issue_payload()
+        for _ in range(loops):
+            # What gRPC hands the servicer: a fresh auth context and request bytes on every call.
+            auth_context = {"x509_pem_cert": [bytes(leaf)], "transport_security_type": [b"ssl"]}
+            caller_id = mesh.caller_id(snapshot.identity_rules, auth_context, [], mesh=False)
+            request = pb.IssueTokenRequest.FromString(raw)
+            context: dict[str, object] = {"rpc": "IssueToken", "peer": "ipv4:127.0.0.1:1", "caller_id": caller_id}
+            issuer.issue(snapshot, caller_id, request, time.perf_counter(), context)
+
+
+def count(calls: int) -> Counts:
+    """Count instructions per request for the empty RPC, synctoken, and the handler's work in-process."""
+    with tempfile.TemporaryDirectory(prefix="synctoken-instructions-") as tmp:
+        out_dir = Path(tmp)
+        workspace = Workspace.make(out_dir / "pki")
+        return Counts(
+            calls=calls,
+            empty_rpc=_count_server(empty_rpc(workspace), workspace, calls, out_dir),
+            synctoken=_count_server(synctoken(workspace, 1), workspace, calls, out_dir),
+            in_process_handler=_count_in_process(workspace, calls, out_dir),
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Count and print; with --out, also write the counts as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=400, help="calls counted per server (after a warm-up)")
+    parser.add_argument("--out", type=Path, help="write the counts here as JSON")
+    parser.add_argument("--in-process-loop", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--audit-to", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.in_process_loop is not None:
+        _in_process_loop(args.config, args.in_process_loop, args.audit_to)
+        return 0
+    counts = count(args.calls)
+    print(f"instructions per request (callgrind; {counts.calls} calls, one at a time, after {WARMUP_CALLS} warm-up)")
+    print(f"  empty-rpc server            {counts.empty_rpc:>10,}")
+    print(f"  synctoken server            {counts.synctoken:>10,}")
+    print(f"  synctoken extra             {counts.synctoken_extra:>10,}")
+    print(f"  handler's work, in-process  {counts.in_process_handler:>10,}   (caller id, parse, policy, mint, audit)")
+    if args.out is not None:
+        args.out.write_text(json.dumps(counts.as_dict(), indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
