@@ -27,20 +27,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 
+from bench.micro import issuer_for
 from bench.systems import ROOT, System, Workspace, empty_rpc, issue_payload, synctoken
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server import devenv, logs, mesh
-from synctoken_server.audit import AuditLog
 from synctoken_server.config import load_config
-from synctoken_server.issuing import TokenIssuer
-from synctoken_server.keyledger import SignedExpiries
-from synctoken_server.limits import RateLimiter
-from synctoken_server.metrics import Metrics
 from synctoken_server.snapshot import Snapshot
 
 START_TIMEOUT_S = 300.0  # everything runs tens of times slower under valgrind
@@ -100,17 +96,12 @@ def _callgrind_control(option: str, pid: int) -> None:
 
 def _count_server(system: System, workspace: Workspace, calls: int, out_dir: Path) -> int:
     prefix = out_dir / f"{system.name}.callgrind"
-    log_path = out_dir / f"{system.name}.log"
     command = [*_valgrind(), "--instr-atstart=no", f"--callgrind-out-file={prefix}.%p", *system.command]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    traced = replace(system, command=command, start_timeout_s=START_TIMEOUT_S)
+    traced.start(out_dir)
+    assert traced.process is not None  # noqa: S101 - start() either started it or raised
+    pid = traced.process.pid
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while system.ready_text.encode() not in log_path.read_bytes():
-            if process.poll() is not None or time.monotonic() > deadline:
-                msg = f"{system.name} did not start under valgrind: {log_path.read_text(errors='replace')[-2000:]}"
-                raise RuntimeError(msg)
-            time.sleep(0.2)
         pki = workspace.directory
         credentials = grpc.ssl_channel_credentials(
             (pki / devenv.CA_FILE).read_bytes(),
@@ -121,19 +112,15 @@ def _count_server(system: System, workspace: Workspace, calls: int, out_dir: Pat
             call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(system.grpc_method)
             for _ in range(WARMUP_CALLS):
                 call(system.grpc_payload, timeout=60)
-            _callgrind_control("--instr=on", process.pid)
+            _callgrind_control("--instr=on", pid)
             for _ in range(calls):
                 call(system.grpc_payload, timeout=60)
-            _callgrind_control("--instr=off", process.pid)
+            _callgrind_control("--instr=off", pid)
     finally:
-        # SIGINT: synctoken stops without its drain delay; the empty server takes either.
-        process.send_signal(signal.SIGINT if system.name == "synctoken" else signal.SIGTERM)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return _total(Path(f"{prefix}.{process.pid}")) // calls
+        # SIGINT: synctoken stops without its drain delay. A kill would lose
+        # callgrind's counts, which it writes as the process exits.
+        traced.stop(signal.SIGINT if system.name == "synctoken" else signal.SIGTERM, timeout=120)
+    return _total(Path(f"{prefix}.{pid}")) // calls
 
 
 def _count_in_process(workspace: Workspace, calls: int, out_dir: Path) -> int:
@@ -159,12 +146,7 @@ def _in_process_loop(config_path: Path, loops: int, audit_to: Path) -> None:
         logs.configure(sink)
         config = load_config(config_path, environ={})
         snapshot = Snapshot.of(config)
-        issuer = TokenIssuer(
-            audit_log=AuditLog(),
-            signed=SignedExpiries(),
-            limiter=RateLimiter(time.monotonic),
-            metrics=Metrics(enabled=config.metrics_listen is not None),
-        )
+        issuer = issuer_for(config)
         leaf = (config_path.parent / devenv.CLIENT_CERT).read_bytes()
         raw = issue_payload()
         for _ in range(loops):

@@ -31,7 +31,7 @@ from twilio.jwt.access_token.grants import SyncGrant
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server import logs
 from synctoken_server.audit import AuditLog
-from synctoken_server.config import load_config
+from synctoken_server.config import Config, load_config
 from synctoken_server.devenv import DEV_CLIENT_ID
 from synctoken_server.issuing import TokenIssuer
 from synctoken_server.keyledger import SignedExpiries
@@ -67,6 +67,16 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
+def issuer_for(config: Config) -> TokenIssuer:
+    """A TokenIssuer as the server builds one for `config`, audit records going to the configured log output."""
+    return TokenIssuer(
+        audit_log=AuditLog(),
+        signed=SignedExpiries(),
+        limiter=RateLimiter(time.monotonic),
+        metrics=Metrics(enabled=config.metrics_listen is not None),
+    )
+
+
 def run(config_path: Path, *, number: int, repeats: int, sink: BinaryIO) -> dict[str, float]:
     """Time the paths; audit records go to `sink` through the production log set-up."""
     logs.configure(sink)
@@ -75,12 +85,7 @@ def run(config_path: Path, *, number: int, repeats: int, sink: BinaryIO) -> dict
     snapshot = Snapshot.of(config)
     # The issuing path as it was before the direct minter: the same snapshot, twilio's AccessToken.
     twilio_snapshot = dataclasses.replace(snapshot, minter=TwilioLibraryMinter(creds))
-    issuer = TokenIssuer(
-        audit_log=AuditLog(),
-        signed=SignedExpiries(),
-        limiter=RateLimiter(time.monotonic),
-        metrics=Metrics(enabled=config.metrics_listen is not None),
-    )
+    issuer = issuer_for(config)
     request = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
     service_sid = next(iter(config.policy)).sync_services[0]
     grant = decide(config.policy, DEV_CLIENT_ID, request)

@@ -73,6 +73,7 @@ class System:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    start_timeout_s: float = START_TIMEOUT_S
 
     def start(self, log_dir: Path) -> None:
         """Start the server and wait until it says it is ready."""
@@ -81,7 +82,7 @@ class System:
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | self.env, cwd=ROOT
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while self.log_path.read_bytes().count(self.ready_text.encode()) < self.ready_count:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 msg = f"{self.name} did not start: {self.log_path.read_text(errors='replace')[-2000:]}"
@@ -95,13 +96,13 @@ class System:
         parent = psutil.Process(self.process.pid)
         return [parent, *parent.children(recursive=True)]
 
-    def stop(self) -> None:
-        """SIGTERM, then wait; kill if it will not go."""
+    def stop(self, signum: signal.Signals = signal.SIGTERM, timeout: float = 20) -> None:
+        """Send `signum`, then wait up to `timeout` seconds; kill if it will not go."""
         if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
+        self.process.send_signal(signum)
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

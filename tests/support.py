@@ -19,12 +19,15 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 from google.rpc.error_details_pb2 import BadRequest, ErrorInfo
 from grpc_status import rpc_status
 
 from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
+from synctoken_server import logs
 from synctoken_server.audit import AuditLog
 from synctoken_server.config import Config, load_config
+from synctoken_server.linesink import LineSink
 from synctoken_server.minting import Minter, TokenTimes
 from synctoken_server.pki import CertificateAuthority, KeyPair
 from synctoken_server.policy import Grant
@@ -474,4 +477,12 @@ def check_config(path: Path, env: dict[str, str] | None = None) -> subprocess.Co
         timeout=30,
         check=False,
         env=os.environ | SECRET_ENV if env is None else env,
+    )
+
+
+def chain_logger(sink: LineSink, worker: int | None = None) -> Any:
+    """A strict logger over `sink` on structlog's JSON chain, as logs.configure sets up every logger but the audit's."""
+    return structlog.wrap_logger(
+        logs.LineLogger(sink, strict=True),
+        processors=[*logs.shared_processors(worker), logs.json_renderer()],
     )

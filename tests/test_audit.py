@@ -8,7 +8,6 @@ from typing import Any
 
 import grpc
 import pytest
-import structlog
 
 from support import (
     API_SECRET,
@@ -19,11 +18,11 @@ from support import (
     LogSink,
     ServerHarness,
     break_signing,
+    chain_logger,
     config_text,
     rpc_error,
 )
 from synctoken.v1 import token_service_pb2 as pb
-from synctoken_server import logs
 from synctoken_server.audit import AuditLog
 from synctoken_server.config import load_config
 from synctoken_server.linesink import LineSink
@@ -109,10 +108,7 @@ class TestFailClosed:
     def full_disk_audit(self) -> Iterator[AuditLog]:
         """An audit log writing to /dev/full, where every write fails with ENOSPC."""
         with Path("/dev/full").open("wb") as full:
-            logger = structlog.wrap_logger(
-                logs.LineLogger(LineSink.for_fd(full.fileno()), strict=True),
-                processors=[*logs.shared_processors(), logs.json_renderer()],
-            )
+            logger = chain_logger(LineSink.for_fd(full.fileno()))
             yield AuditLog(logger)
 
     @pytest.mark.parametrize("validate_only", [False, True])

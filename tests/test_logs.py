@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
+from support import chain_logger
 from synctoken_server import linesink, logs
 from synctoken_server.audit import AuditLog
 from synctoken_server.errors import AuditUnavailable
@@ -90,10 +90,7 @@ class TestAuditLogHealth:
 
     def test_unwritable_then_writable_again(self, filling: FillingFile) -> None:
         """A failed record marks the log unwritable; probe() writes a line once there is room again."""
-        logger = structlog.wrap_logger(
-            logs.LineLogger(LineSink(filling.write), strict=True),
-            processors=[*logs.shared_processors(), logs.json_renderer()],
-        )
+        logger = chain_logger(LineSink(filling.write))
         audit = AuditLog(logger)
         filling.room = 0
         with pytest.raises(AuditUnavailable):
@@ -144,10 +141,7 @@ def _rendered_by_chain(event: str, fields: dict[str, object], worker: int | None
         lines.append(data)
         return len(data)
 
-    logger = structlog.wrap_logger(
-        logs.LineLogger(LineSink(keep), strict=True),
-        processors=[*logs.shared_processors(worker), logs.json_renderer()],
-    )
+    logger = chain_logger(LineSink(keep), worker)
     logger.info(event, **fields)
     [line] = lines
     return line.removesuffix(b"\n")
