@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
-from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
 
 import grpc
 
-from synctoken.client._cache import DEFAULT_CACHE_SIZE, AsyncTokenCache, CacheKey, Clock, utc_now
-from synctoken.client._channel import Generation, Generations, channel_options
-from synctoken.client._credentials import DEFAULT_CHECK_INTERVAL, CertificateFiles, TlsFiles, TlsMaterial
+from synctoken.client._base import ClientBase
+from synctoken.client._cache import AsyncTokenCache, CacheKey, Clock
+from synctoken.client._channel import Generation, Generations
+from synctoken.client._credentials import TlsMaterial
 from synctoken.client._errors import from_rpc_error
-from synctoken.client._settings import DEFAULT_TIMEOUT, Connection
 from synctoken.client._types import CallerIdentity, IssuedToken, issue_request
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1.token_service_pb2_grpc import TokenServiceStub
@@ -39,51 +37,14 @@ class _Connection(NamedTuple):
     stub: TokenServiceAsyncStub
 
 
-class AsyncTokenClient:
+class AsyncTokenClient(ClientBase):
     """Calls synctoken over mutual TLS from asyncio code; see TokenClient for the behaviour."""
 
-    def __init__(  # noqa: PLR0913 - the documented keyword arguments
-        self,
-        target: str,
-        *,
-        ca_file: str | os.PathLike[str],
-        cert_file: str | os.PathLike[str],
-        key_file: str | os.PathLike[str],
-        server_name: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        cache_size: int = DEFAULT_CACHE_SIZE,
-        cert_check_interval: float = DEFAULT_CHECK_INTERVAL,
-        clock: Clock = utc_now,
-    ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be above 0 seconds, not {timeout}")
-        self._target = target
-        self._options = channel_options(server_name)
-        self._timeout = timeout
-        self._files = CertificateFiles(TlsFiles(Path(ca_file), Path(cert_file), Path(key_file)), cert_check_interval)
+    def _start(self, cache_size: int, clock: Clock) -> None:
         self._cache = AsyncTokenCache(cache_size, clock)
+        # Opened on the first call, on the loop that makes it.
         self._generations: Generations[_Connection] | None = None
         self._polling = False
-        self._closed = False
-
-    @classmethod
-    def from_env(
-        cls,
-        environ: Mapping[str, str] | None = None,
-        *,
-        cache_size: int = DEFAULT_CACHE_SIZE,
-        cert_check_interval: float = DEFAULT_CHECK_INTERVAL,
-        clock: Clock = utc_now,
-    ) -> Self:
-        """A client set up by SYNCTOKEN_TARGET, _CA_FILE, _CERT_FILE, _KEY_FILE, _SERVER_NAME and _TIMEOUT."""
-        c = Connection.resolve(os.environ if environ is None else environ)
-        return cls(
-            c.target,
-            **c.client_files(),
-            cache_size=cache_size,
-            cert_check_interval=cert_check_interval,
-            clock=clock,
-        )
 
     async def issue_token(
         self,
