@@ -5,32 +5,59 @@ VENV := .venv
 BIN := $(VENV)/bin
 STUBS := clients/python/src
 PROTOS := $(shell find proto -name '*.proto' | sort)
-# The venv is (re)built when any dependency list changes.
+# The venv is synced from uv.lock whenever the lock or a dependency list changes.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: dev bff test lint pytest bench generate check-generated clean
+.PHONY: dev bff test lint pytest bench generate check-generated check-lock lock test-lowest clean
 
-$(INSTALLED): pyproject.toml clients/python/pyproject.toml clients/bff/pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade "pip>=25.1"
-	$(BIN)/pip install --quiet -e ./clients/python -e ./clients/bff -e . --group dev
+# uv, pinned with hashes (tools/uv.txt, compiled from tools/uv.in), in a venv of its own: the
+# project's venv holds exactly what uv.lock says, and nothing on the host is touched.
+UV_VENV := .uv
+UV := $(UV_VENV)/bin/uv
+# Never download a Python: use the host's $(PYTHON), as CI does.
+export UV_PYTHON_DOWNLOADS := never
+$(UV): tools/uv.txt
+	$(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/pip install --quiet --require-hashes --no-deps -r tools/uv.txt
 	touch $@
 
-# wrk (Debian) drives the Express comparison in the benchmark and its smoke test;
-# openssl makes the keys cryptography cannot (RSA-PSS, rare curves) for the config tests;
-# valgrind counts instructions per request for bench.instructions and its smoke test.
+# Exactly the locked versions (--locked also fails when uv.lock no longer satisfies a
+# pyproject.toml): the service, clients/python, clients/bff (editable) and every dev group.
+$(INSTALLED): $(UV) uv.lock pyproject.toml clients/python/pyproject.toml clients/bff/pyproject.toml
+	$(UV) sync --quiet --locked --all-packages --python $(PYTHON)
+	touch $@
+
+# Refresh the lock on purpose, to the newest versions the ranges allow; then run `make test`.
+lock: $(UV)
+	$(UV) lock --upgrade --python $(PYTHON)
+
+# CI: the lock must still satisfy every pyproject.toml (a range edited without `make lock` fails).
+check-lock: $(UV)
+	$(UV) lock --check --python $(PYTHON)
+
+# Debian packages, each installed only when missing, never upgraded when present (--no-upgrade),
+# one package per rule. apt may still upgrade a shared library that a new package needs a newer
+# version of. Bounded: a stuck mirror must not eat CI's time.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-/usr/bin/wrk /usr/bin/openssl /usr/bin/valgrind:
-	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends wrk openssl valgrind
+apt_install = $(SUDO) timeout 600 sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends --no-upgrade $(1)'
+
+# wrk drives the Express comparison in the benchmark and its smoke test.
+/usr/bin/wrk:
+	$(call apt_install,wrk)
+# openssl makes the keys cryptography cannot (RSA-PSS, rare curves) for the config tests.
+/usr/bin/openssl:
+	$(call apt_install,openssl)
+# valgrind counts instructions per request for bench.instructions and its smoke test.
+/usr/bin/valgrind:
+	$(call apt_install,valgrind)
+# Chromium drives the demo page's browser test (Playwright with executable_path: browser
+# downloads cannot work here).
+/usr/bin/chromium:
+	$(call apt_install,chromium)
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
-
-# Debian's Chromium drives the demo page's browser test (Playwright with executable_path:
-# browser downloads cannot work here). Bounded: a stuck mirror must not eat CI's time.
-/usr/bin/chromium:
-	$(SUDO) timeout 600 sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium'
 
 # The demo page: the Twilio Sync SDK bundled with the page's script, so the browser loads nothing
 # but the BFF's own files. Built, not committed (gitignored).
@@ -49,12 +76,23 @@ bff: $(INSTALLED) $(BUNDLE)
 		SYNCTOKEN_CERT_FILE=$(DEV)/client.pem SYNCTOKEN_KEY_FILE=$(DEV)/client-key.pem \
 		$(BIN)/synctoken-bff --host 127.0.0.1 --port 8080
 
-test: lint check-generated pytest
+test: check-lock lint check-generated pytest
 
 # The tests compare tokens with Twilio's Node helper library, from npm, smoke-test
 # the benchmark (which also needs wrk), and load the demo page in Chromium.
-pytest: $(INSTALLED) node_modules/.installed /usr/bin/wrk /usr/bin/openssl /usr/bin/valgrind /usr/bin/chromium $(BUNDLE)
+PYTEST_NEEDS := node_modules/.installed /usr/bin/wrk /usr/bin/openssl /usr/bin/valgrind /usr/bin/chromium $(BUNDLE)
+pytest: $(INSTALLED) $(PYTEST_NEEDS)
 	$(BIN)/pytest
+
+# The tested lower bounds: the lowest versions every direct dependency's range allows, in a
+# venv of their own (.venv-lowest), and the whole pytest suite. Run by hand when a lower bound changes; the README says what it last gave.
+LOWEST := .venv-lowest
+test-lowest: $(UV) $(PYTEST_NEEDS)
+	rm -rf $(LOWEST)
+	$(UV) venv --quiet --python $(PYTHON) $(LOWEST)
+	VIRTUAL_ENV=$(LOWEST) $(UV) pip install --quiet --resolution lowest-direct \
+		-e ./clients/python -e ./clients/bff -e . --group dev
+	$(LOWEST)/bin/pytest -p no:cacheprovider
 
 # The full benchmark, about eight minutes (five rounds): writes bench/results/results.{json,md,png}.
 bench: $(INSTALLED) node_modules/.installed /usr/bin/wrk
@@ -93,4 +131,4 @@ check-generated: $(INSTALLED) node_modules/.installed
 	rm -rf .gen-check
 
 clean:
-	rm -rf $(VENV) node_modules $(BUNDLE) .gen-check .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(UV_VENV) $(LOWEST) node_modules $(BUNDLE) .gen-check .mypy_cache .ruff_cache .pytest_cache

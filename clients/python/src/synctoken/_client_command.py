@@ -1,0 +1,9 @@
+"""The `synctoken-client` console script: warnings are silenced before any library is imported."""
+
+from synctoken._quiet import quiet_library_warnings
+
+quiet_library_warnings()
+
+from synctoken.client._cli import run  # noqa: E402  (after the filter, on purpose)
+
+__all__ = ["run"]
