@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -157,6 +158,33 @@ class _ClientRecords(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith(_WATCHED_LOGGERS):
             self.lines.append(self.format(record))
+
+
+DEFAULT_PORTS = (50051, 8080, 9464)
+"""The ports the README's examples use: `make dev`, `make bff`, the metrics example."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_ports_taken() -> Iterator[None]:
+    """The suite runs as if `make dev` and `make bff` were serving: every default port is taken.
+
+    A test that relies on a fixed port then fails every time, not only on the machine of someone
+    who left `make dev` running. A port already in use (by `make dev`, say) is taken all the same.
+    """
+    held = []
+    for port in DEFAULT_PORTS:
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                listener.bind((host, port))
+                listener.listen()
+            except OSError:  # in use already, or no IPv6 here: taken either way, or unreachable
+                listener.close()
+            else:
+                held.append(listener)
+    yield
+    for listener in held:
+        listener.close()
 
 
 @pytest.fixture(scope="session", autouse=True)

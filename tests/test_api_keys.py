@@ -195,8 +195,9 @@ class TestRotation:
         result = check_config(path)
         assert result.returncode == 0, result.stderr
         assert result.stderr == (
-            f"synctoken: warning: twilio.api_keys: {KEY_A} is not active, but tokens it signed may still be live "
-            "(unknown here: wait max_ttl, 24h, after it stopped signing, or see previous_key_tokens_live_until "
-            "in the servers' twilio.key_rotated log line) before deleting it at Twilio\n"
+            f"synctoken: warning: twilio.api_keys: {KEY_A} is listed but not active. If it is a new key waiting "
+            "for active = true, nothing is needed. If it signed before, tokens it signed may still be live: delete "
+            "it at Twilio only max_ttl (24h) after it stopped signing, or after previous_key_tokens_live_until in "
+            "the servers' twilio.key_rotated line\n"
         )
         assert all(secret not in result.stdout for secret in SECRETS.values())

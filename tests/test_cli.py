@@ -8,7 +8,9 @@ import os
 import shlex
 import socket
 import subprocess
+import textwrap
 import time
+import tomllib
 from pathlib import Path
 
 import grpc
@@ -17,10 +19,13 @@ import pytest
 from cryptography import x509
 
 from support import (
+    ACCOUNT_SID,
     API_KEY_SID,
     API_SECRET,
+    BFF_ID,
     GRPCURL,
     SECRET_ENV,
+    SERVICE_A,
     START_TIMEOUT,
     SYNCTOKEN,
     LeakWatch,
@@ -105,7 +110,7 @@ class TestDev:
         """Setting only some TWILIO_* variables is an error naming the missing ones, not silently dev credentials."""
         env = without_twilio_env() | dict.fromkeys(given, "set")
         result = subprocess.run(
-            [SYNCTOKEN, "dev", "--dir", str(tmp_path / "dev")],
+            [SYNCTOKEN, "dev", "--port", "0", "--dir", str(tmp_path / "dev")],
             capture_output=True,
             text=True,
             timeout=30,
@@ -271,13 +276,97 @@ class TestCheckConfig:
         assert result.returncode == 0, result.stderr
         assert API_SECRET not in result.stdout + result.stderr
         effective = json.loads(result.stdout)
-        assert effective["twilio"]["api_keys"] == [
-            {"sid": API_KEY_SID, "active": True, "secret": "(loaded, not shown)"}
-        ]
+        # The single-key spelling, its secret from the default variable: the variable's name is shown.
+        assert effective["twilio"] == {
+            "account_sid": ACCOUNT_SID,
+            "api_key": API_KEY_SID,
+            "api_secret_env": "TWILIO_API_SECRET",
+        }
         assert [c["max_ttl"] for c in effective["callers"]] == ["4h", "30m", "24h"]
         assert effective["tls"]["cert_file"] == str(pki.directory / "server.pem")
         assert effective["mesh"] is None
         assert effective["callers"][1]["identity_pattern"] == "user-[0-9]+"
+
+    def test_prints_every_key_the_loader_read(self, pki: Pki, tmp_path: Path) -> None:
+        """Every key of a file using every table comes back with its value, and defaults for the rest.
+
+        The printout is what the loader recorded as it read, so a key added to the schema shows up
+        without check-config being told: this is the check that the two cannot drift.
+        """
+        for name in ("sk-current.secret", "audit-hmac-key"):
+            (tmp_path / name).write_text("s" * 40 + "\n", encoding="utf-8")
+            (tmp_path / name).chmod(0o600)
+        written = config_text(pki, policy="").replace(
+            f'api_key = "{API_KEY_SID}"\n',
+            f'[[twilio.api_keys]]\nsid = "{API_KEY_SID}"\nsecret_file = "sk-current.secret"\nactive = true\n',
+        ) + textwrap.dedent(
+            f"""
+            [audit]
+            identity_hash_key_file = "audit-hmac-key"
+            [limits]
+            shadow = true
+            [mesh]
+            listen = "unix:mesh.sock"
+            trust_forwarded_client_cert = true
+            [metrics]
+            listen = "127.0.0.1:0"
+            [defaults]
+            default_ttl = "20m"
+            max_ttl = "2h"
+            [[callers]]
+            id = "{BFF_ID}"
+            sync_services = ["{SERVICE_A}"]
+            rate = 2.5
+            identity_rate = 1
+            identity_burst = 3
+            """
+        )
+        path = tmp_path / "synctoken.toml"
+        path.write_text(written, encoding="utf-8")
+        result = check_config(path, env={})
+        assert result.returncode == 0, result.stderr
+        effective = json.loads(result.stdout)
+        assert effective["server"] == {
+            "listen": "127.0.0.1:0",
+            "drain_delay": "5s",
+            "grace": "10s",
+            "handshake_timeout": "10s",
+            "idle_timeout": "5m",
+            "max_connection_age": "10m",
+            "watch_interval": "1s",
+        }
+        assert effective["twilio"]["api_keys"] == [
+            {"sid": API_KEY_SID, "secret_file": str(tmp_path / "sk-current.secret"), "active": True}
+        ]
+        assert effective["audit"] == {"identity_hash_key_file": str(tmp_path / "audit-hmac-key")}
+        assert effective["limits"] == {"shadow": True}
+        assert effective["mesh"]["trust_forwarded_client_cert"] is True
+        assert effective["metrics"] == {"listen": "127.0.0.1:0"}
+        assert effective["defaults"] == {"max_ttl": "2h", "default_ttl": "20m"}
+        assert effective["callers"] == [
+            {
+                "id": BFF_ID,
+                "sync_services": [SERVICE_A],
+                "default_sync_service": "",
+                "identity_pattern": "",
+                "allowed_identity_characters": "",
+                "max_ttl": "2h",
+                "default_ttl": "20m",
+                "rate": 2.5,
+                "burst": 3,
+                "identity_rate": 1,
+                "identity_burst": 3,
+                "shadow": True,
+            }
+        ]
+        # Every table and every key written in the file is in the printout.
+        for table, keys in tomllib.loads(written).items():
+            shown = effective[table]
+            for entry, printed in zip(
+                keys if isinstance(keys, list) else [keys], shown if isinstance(shown, list) else [shown], strict=True
+            ):
+                assert set(entry) <= set(printed), table
+        assert "s" * 40 not in result.stdout + result.stderr
 
     def test_warns_about_readable_key(self, pki: Pki, tmp_path: Path) -> None:
         """A server key readable by others is accepted, with a warning on stderr naming the key."""
@@ -315,3 +404,34 @@ class TestCheckConfig:
             f"synctoken: config error: {path}: bogus: unknown key; "
             "expected one of audit, callers, defaults, identity, limits, mesh, metrics, server, tls, twilio\n"
         )
+
+
+class TestLibraryWarnings:
+    """A deprecation inside a dependency is the project's to fix: the commands print only their own lines."""
+
+    COMMANDS = ("synctoken", "synctoken-client", "synctoken-bff")
+
+    @staticmethod
+    def run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(SYNCTOKEN).parent / command), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | env,
+        )
+
+    @pytest.mark.parametrize("command", COMMANDS)
+    def test_commands_print_no_library_warning(self, command: str) -> None:
+        """--help loads each command's libraries (spiffe and cryptography for synctoken) and says nothing else."""
+        result = self.run(command, {})
+        assert result.returncode == 0
+        assert result.stderr == ""
+        assert result.stdout.startswith(f"usage: {command}")
+
+    def test_pythonwarnings_shows_them(self) -> None:
+        """PYTHONWARNINGS brings them back: the locked cryptography deprecates DSA, which spiffe names on import."""
+        result = self.run("synctoken", {"PYTHONWARNINGS": "default"})
+        assert result.returncode == 0
+        assert "CryptographyDeprecationWarning: DSA is deprecated" in result.stderr

@@ -531,7 +531,7 @@ class TestSecretHandling:
         expect_error(write_config(text), message, environ={})
 
     def test_readable_files_warned(self, pki: Pki, write_config: WriteConfig, tmp_path: Path) -> None:
-        """A 0644 secret file or server key loads, with a warning naming the key and the mode."""
+        """A 0644 secret file or server key loads, with a warning naming the key, the file and the mode."""
         secret = tmp_path / "secret"
         secret.write_text(API_SECRET, encoding="utf-8")
         secret.chmod(0o644)
@@ -544,7 +544,8 @@ class TestSecretHandling:
         advice = "make it readable by its owner only (chmod 600)"
         assert load_config(path, environ={}).warnings == (
             f"{path}: tls.key_file: {key} is readable by group or others (mode 0640); {advice}",
-            f"{path}: twilio.api_secret_file: the file it names is readable by group or others (mode 0644); {advice}",
+            # The file's path too: it was read, so it is a path, not a secret pasted into the key.
+            f"{path}: twilio.api_secret_file: {path.parent / 'secret'} is readable by group or others (mode 0644); {advice}",
         )
 
     def test_private_files_not_warned(self, pki: Pki, write_config: WriteConfig) -> None:

@@ -100,6 +100,7 @@ def _from_file_or_env(r: TomlReader, twilio: Mapping[str, Any], name: str, env: 
     value = r.environ.get(env, "")
     if not value:
         raise r.fail(f"twilio.{name}", f"missing, and the environment variable {env} is not set")
+    r.note(f"twilio.{name}", value)  # a SID, not a secret
     return value
 
 
@@ -118,7 +119,7 @@ def _secret(r: TomlReader, table: Mapping[str, Any], key: str, names: tuple[str,
     else:
         if env_name not in table and default_env is None:
             raise r.fail(key, f"set {file_name} or {env_name}: where this key's secret is")
-        env = r.get(table, key, env_name, str, default_env)
+        env = r.get(table, key, env_name, str, default_env)  # the variable's name, never its value
         path = f"{key}.{env_name}"
         secret = r.environ.get(env, "").strip()
         if not secret:

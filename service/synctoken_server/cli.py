@@ -12,9 +12,8 @@ from pathlib import Path
 from synctoken_server import __version__, devenv, logs, privacy, running
 from synctoken_server import workers as workers_module
 from synctoken_server.config import Config
-from synctoken_server.configfile import ConfigError
+from synctoken_server.configfile import ConfigError, nest
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
-from synctoken_server.limits import CallerLimits
 from synctoken_server.running import EXIT_CONFIG, EXIT_START
 
 
@@ -101,66 +100,15 @@ def _check_config(path: Path) -> int:
         return EXIT_CONFIG
     for warning in (*config.warnings, *_inactive_key_warnings(config)):
         print(f"synctoken: warning: {warning}", file=sys.stderr)
-    timeouts = config.timeouts
-    effective = {
-        "listen": config.listen,
-        "server": {
-            "drain_delay": format_duration(timeouts.drain_delay),
-            "grace": format_duration(timeouts.grace),
-            "handshake_timeout": format_duration(timeouts.handshake),
-            "idle_timeout": format_duration(timeouts.idle),
-            "max_connection_age": format_duration(timeouts.connection_age),
-            "watch_interval": format_duration(timeouts.watch_interval),
-        },
-        "tls": {
-            "cert_file": str(config.tls.files.cert),
-            "key_file": str(config.tls.files.key),
-            "client_ca_file": str(config.tls.files.client_ca),
-            "serial": config.tls.serial,
-            "not_after": config.tls.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "client_cas": config.tls.client_cas,
-            "expiry_warning": format_duration(config.tls_expiry_warning)
-            if config.tls_expiry_warning is not None
-            else "(a third of the certificate's lifetime)",
-        },
-        "identity": {"source": config.identity_source.value, "trust_domains": sorted(config.trust_domains)},
-        "audit": {"identities": "hashed (key loaded, not shown)" if config.audit_identity else "as they are"},
-        "metrics": {"listen": config.metrics_listen},
-        # A mesh listener exists only with trust_forwarded_client_cert = true, which the loader requires.
-        "mesh": {"listen": config.mesh.address, "trust_forwarded_client_cert": True} if config.mesh else None,
-        "twilio": {
-            "account_sid": config.credentials.account_sid,
-            "api_keys": [
-                {"sid": config.credentials.api_key_sid, "active": True, "secret": "(loaded, not shown)"},
-                *({"sid": sid, "active": False, "secret": "(loaded, not shown)"} for sid in config.inactive_api_keys),
-            ],
-        },
-        "callers": [
-            {
-                "id": rule.caller,
-                "sync_services": list(rule.sync_services),
-                "default_sync_service": rule.default_sync_service,
-                "identity_pattern": rule.identity_pattern.pattern if rule.identity_pattern else None,
-                "allowed_identity_characters": "".join(sorted(rule.allowed_identity_characters)),
-                "default_ttl": format_duration(rule.default_ttl),
-                "max_ttl": format_duration(rule.max_ttl),
-                "limits": _describe_limits(rule.limits),
-            }
-            for rule in config.policy
-        ],
+    effective = nest(config.effective)
+    # What the files hold, beside where they are: nothing secret, and what an operator checks first.
+    effective["certificate"] = {
+        "serial": config.tls.serial,
+        "not_after": config.tls.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "client_cas": config.tls.client_cas,
     }
     print(json.dumps(effective, indent=2))
     return 0
-
-
-def _describe_limits(limits: CallerLimits | None) -> dict[str, object] | None:
-    if limits is None:
-        return None
-    described: dict[str, object] = {"shadow": limits.shadow}
-    for name, limit in (("caller", limits.caller), ("identity", limits.identity)):
-        if limit is not None:
-            described[name] = {"rate": limit.rate, "burst": limit.burst}
-    return described
 
 
 def _audit_hash(config: Path | None, key_file: Path | None, identity: str) -> int:
@@ -182,13 +130,15 @@ def _audit_hash(config: Path | None, key_file: Path | None, identity: str) -> in
 
 
 def _inactive_key_warnings(config: Config) -> list[str]:
-    # Nothing is persisted, so this process cannot know when an inactive key
-    # last signed: only the servers' twilio.key_rotated lines can.
+    # Nothing is persisted, so this process cannot know whether an inactive key is a new one waiting
+    # to sign or an old one that signed until recently: only the servers' key ledgers (their
+    # twilio.key_rotated and twilio.inactive_key lines) know. Say what is true in both cases.
     max_ttl = format_duration(config.policy.longest_ttl or MAX_TTL_SECONDS)
     return [
-        f"twilio.api_keys: {sid} is not active, but tokens it signed may still be live (unknown here: "
-        f"wait max_ttl, {max_ttl}, after it stopped signing, or see previous_key_tokens_live_until in the "
-        "servers' twilio.key_rotated log line) before deleting it at Twilio"
+        f"twilio.api_keys: {sid} is listed but not active. If it is a new key waiting for active = true, "
+        f"nothing is needed. If it signed before, tokens it signed may still be live: delete it at Twilio only "
+        f"max_ttl ({max_ttl}) after it stopped signing, or after previous_key_tokens_live_until in the servers' "
+        "twilio.key_rotated line"
         for sid in config.inactive_api_keys
     ]
 

@@ -67,6 +67,8 @@ class Config:
     """Things that work but should not be so (a private key readable by others); shown, never fatal."""
     files: Stamps = ()
     """The config file and every file it names, stamped before they were read: what a reload watches."""
+    effective: tuple[tuple[str, object], ...] = ()
+    """Every key path the loader read and the value that applies, defaults included (see TomlReader.effective)."""
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -91,10 +93,14 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise
 
 
+_TABLES = ("server", "tls", "identity", "twilio", "audit", "limits", "mesh", "metrics", "defaults", "callers")
+"""The top-level tables, in the order the README and check-config show them."""
+
+
 def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
-    r.reject_unknown(
-        data, "", {"server", "tls", "identity", "twilio", "audit", "defaults", "limits", "metrics", "mesh", "callers"}
-    )
+    r.reject_unknown(data, "", set(_TABLES))
+    for table in _TABLES:  # absent until read: check-config shows an optional table that is not there as null
+        r.note(table, None)
     listen, timeouts = _server(r, data)
     tls, expiry_warning = _tls(r, data)
     source, trust_domains = _identity(r, data)
@@ -108,6 +114,7 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
             f"{format_duration(default_ttl)} is above defaults.max_ttl {format_duration(default_max)}",
         )
     callers = data.get("callers", [])
+    r.note("callers", [])  # [[callers]] entries are filled in below, at callers[i]
     if not isinstance(callers, list) or not all(isinstance(c, dict) for c in callers):
         raise r.fail("callers", "must be an array of tables ([[callers]])")
     inherited = _CallerDefaults(source, trust_domains, default_ttl, default_max, read_global_shadow(r, data))
@@ -132,6 +139,7 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
         mesh=read_mesh(r, data, source),
         warnings=tuple(r.warnings),
         files=tuple(r.files.items()),
+        effective=tuple(r.effective.items()),
     )
 
 
@@ -183,6 +191,7 @@ def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[TlsMaterial, int | Non
     if not tlsfiles.grpc_can_serve(material):
         raise r.fail(tlsfiles.KEY_KEY, "gRPC refused this key and certificate; " + tlsfiles.SERVER_KEYS)
     expiry_warning = None
+    r.note("tls.expiry_warning", "a third of the certificate's lifetime")
     if "expiry_warning" in tls:
         expiry_warning = r.duration(tls, "tls", "expiry_warning", "", _MIN_EXPIRY_WARNING, _MAX_EXPIRY_WARNING)
     return material, expiry_warning

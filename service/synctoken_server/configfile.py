@@ -7,7 +7,7 @@ the walking and checking every key shares.
 from __future__ import annotations
 
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,6 +39,17 @@ class TomlReader:
         self.warnings: list[str] = []
         self.files: dict[Path, FileStamp | None] = {}
         """Every file read or tried, with its stamp from just before: what a reloader watches."""
+        self.effective: dict[str, object] = {}
+        """Every key path read, with the value that applies (defaults included): what check-config prints.
+
+        Filled by the same calls that read the file, so the printout cannot drift from the schema.
+        Only names are recorded (file paths, variable names), never what a secret file holds.
+        """
+
+    def note(self, path: str, value: object) -> None:
+        """Record `value` as the effective value of the key `path` (`callers[0].max_ttl`); "" is no key."""
+        if path:
+            self.effective[path] = value
 
     def fail(self, key: str, problem: str) -> ConfigError:
         """The error to raise for `key` (a full key path)."""
@@ -50,6 +61,7 @@ class TomlReader:
         if value is None:
             if required:
                 raise self.fail(key, "missing table")
+            self.effective.setdefault(key, None)
             return {}
         if not isinstance(value, dict):
             raise self.fail(key, "must be a table")
@@ -71,6 +83,7 @@ class TomlReader:
             raise self.fail(path, "missing")
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.fail(path, f"must be a {_KIND_NAMES.get(kind, kind.__name__)}")
+        self.note(path, value)
         return value
 
     def string_list(self, data: Mapping[str, Any], key: str, name: str) -> tuple[str, ...]:
@@ -94,6 +107,7 @@ class TomlReader:
         named = f" {value}" if echo else " the file it names"
         path = self.path(value)
         self.files[path] = stamp(path)
+        self.note(key, str(path))
         try:
             mode = path.stat().st_mode
             data = path.read_bytes()
@@ -102,9 +116,10 @@ class TomlReader:
         except ValueError:  # the path has a NUL byte, which no file name can
             raise self.fail(key, f"cannot read{named}: a file name cannot contain a NUL byte") from None
         if private and mode & (stat.S_IRWXG | stat.S_IRWXO):
-            # A warning, not an error: Kubernetes secret volumes are 0644 unless told otherwise.
+            # A warning, not an error: Kubernetes secret volumes are 0644 unless told otherwise. The path
+            # is named even when `echo` is off: a file was read there, so it is a path, not a pasted secret.
             self.warnings.append(
-                f"{self.source}: {key}: {named.strip()} is readable by group or others "
+                f"{self.source}: {key}: {path} is readable by group or others "
                 f"(mode {stat.S_IMODE(mode):04o}); make it readable by its owner only (chmod 600)"
             )
         return data
@@ -120,11 +135,40 @@ class TomlReader:
             raise self.fail(f"{key}.{name}", f"{text} is below the {format_duration(low)} minimum")
         if seconds > high:
             raise self.fail(f"{key}.{name}", f"{text} is above the {format_duration(high)} limit")
+        self.note(f"{key}.{name}", format_duration(seconds))
         return seconds
 
     def ttl(self, data: Mapping[str, Any], key: str, name: str, default: str) -> int:
         """A token lifetime: a duration within the bounds Twilio and the Sync SDK allow."""
         return self.duration(data, key, name, default, MIN_TTL_SECONDS, MAX_TTL_SECONDS)
+
+
+def nest(effective: Iterable[tuple[str, object]]) -> dict[str, Any]:
+    """Key paths and values (`callers[0].max_ttl`, "4h") as the nested tables and arrays they name.
+
+    A table recorded as absent (None) becomes a table once a key inside it has a value.
+    """
+    tree: dict[str, Any] = {}
+    for path, value in effective:
+        *parents, leaf = path.split(".")
+        node = tree
+        for part in parents:
+            node = _child(node, part)
+        node[leaf] = value
+    return tree
+
+
+def _child(node: dict[str, Any], part: str) -> dict[str, Any]:
+    """The table `part` (`server`, or `callers[2]`) of `node`, made if it is not there yet."""
+    name, bracket, index = part.partition("[")
+    if not bracket:
+        if not isinstance(node.get(name), dict):
+            node[name] = {}
+        return node[name]  # type: ignore[no-any-return]
+    items: list[dict[str, Any]] = node.setdefault(name, [])
+    position = int(index.removesuffix("]"))
+    items.extend({} for _ in range(position + 1 - len(items)))
+    return items[position]
 
 
 _KIND_NAMES: Mapping[type, str] = {str: "string", int: "integer", list: "list", bool: "boolean", dict: "table"}

@@ -92,6 +92,7 @@ def _limit(r: TomlReader, data: Mapping[str, Any], key: str, rate_key: str, burs
         raise r.fail(f"{key}.{rate_key}", "must be a number (tokens per second, e.g. 5 or 0.5)")
     if not 0 < rate <= MAX_RATE:
         raise r.fail(f"{key}.{rate_key}", f"{rate} is not above 0 and at most {MAX_RATE:g} per second")
+    r.note(f"{key}.{rate_key}", rate)
     # By default a caller may use one second's worth at once (and always at least one token).
     burst = r.get(data, key, burst_key, int, max(1, math.ceil(rate)))
     if not 1 <= burst <= MAX_BURST:
