@@ -34,8 +34,14 @@ class Target:
         """Whether the target speaks about this concurrency at all."""
         return not self.concurrencies or concurrency in self.concurrencies
 
-    def met_by(self, value: float) -> bool:
-        """Whether `value` is within the bound."""
+    def met_by(self, value: float) -> bool | None:
+        """Whether `value` is within the bound; None when `value` cannot be a measurement of it.
+
+        Every upper bound here is on a cost (CPU, memory, a ratio of costs), which cannot be below
+        zero: a negative median is noise between two windows, and meets nothing.
+        """
+        if self.at_most and value < 0:
+            return None
         return value <= self.bound if self.at_most else value >= self.bound
 
     def __str__(self) -> str:

@@ -69,6 +69,12 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+QUICK_NOTE = (
+    "**A smoke run (`--quick`), not a measurement**: one short round, to show that every system "
+    "runs and every figure is computed. Its figures and verdicts mean nothing; `make bench` measures."
+)
+
+
 def markdown(
     summary: dict[str, dict[int, dict[str, float]]],
     ratio_table: dict[str, dict[int, float]],
@@ -80,6 +86,7 @@ def markdown(
     lines = [
         "# synctoken benchmark",
         "",
+        *([QUICK_NOTE, ""] if meta["quick"] else []),
         (
             f"{meta['date']} · {meta['machine']} · {meta['rounds']} round(s) · {meta['duration_s']} s windows "
             f"after {meta['warmup_s']} s warm-up · medians over rounds"
@@ -124,8 +131,11 @@ def _paired_table(figures: dict[str, dict[int, dict[str, Any]]], rounds: int) ->
         for concurrency, f in figures.get(figure.name, {}).items():
             median, q1, q3 = (f"{f[key]:.{figure.decimals}f}" for key in ("median", "q1", "q3"))
             each = ", ".join(f"{value:.{figure.decimals}f}" for value in f["per_round"])
-            meets = "—" if f["meets_target"] is None else ("yes" if f["meets_target"] else "**no**")
             target = f["target"] or "—"
+            if f["meets_target"] is None:
+                meets = "—" if f["target"] is None else "**no reading** (a negative cost is noise)"
+            else:
+                meets = "yes" if f["meets_target"] else "**no**"
             lines.append(f"| {figure.label} | {concurrency} | {median} | {q1} to {q3} | {each} | {target} | {meets} |")
     return lines
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import paired
+from bench import paired, report
 from bench.measure import Result
 from bench.steps_server import STAGES
 
@@ -68,6 +68,10 @@ def test_quick_run(tmp_path: Path) -> None:
     assert "| paired figure | in flight | median | IQR | rounds | target | median meets it |" in markdown
     assert "| synctoken extra server CPU per request over empty-rpc, µs | 16 |" in markdown
     assert "round 1/1 paired c=16  extra CPU µs/req " in result.stdout
+    # Said where a reader looks: the first line printed, the last one, and the top of results.md.
+    assert result.stdout.startswith("A smoke run (--quick), not a measurement")
+    assert result.stdout.rstrip().endswith("(a smoke run: not a measurement)")
+    assert markdown.splitlines()[2].startswith("**A smoke run (`--quick`), not a measurement**")
 
 
 def _result(system: str, round_index: int, cpu_ms: float, rps: float) -> Result:
@@ -107,6 +111,21 @@ class TestPaired:
         figures = paired.summarize(THREE_ROUNDS)[name][16]
         assert figures["median"] == pytest.approx(median, rel=0.01)
         assert figures["meets_target"] is meets
+
+    def test_a_negative_cost_meets_no_target(self) -> None:
+        """synctoken below the empty RPC is noise between windows: no reading, never a target met."""
+        results = [
+            _result("synctoken", 0, 0.20, 1000),
+            _result("empty-rpc", 0, 0.25, 1000),
+            _result("express-guide", 0, 0.6, 400),
+        ]
+        figures = paired.summarize(results)["synctoken_extra_cpu_us_over_empty"][16]
+        assert figures["median"] == pytest.approx(-50)
+        assert figures["meets_target"] is None
+        meta = {"date": "d", "machine": "m", "rounds": 1, "duration_s": 1, "warmup_s": 0, "quick": False}
+        markdown = report.markdown({}, {}, paired.summarize(results), {}, meta)
+        row = next(line for line in markdown.splitlines() if line.startswith("| synctoken extra server CPU"))
+        assert row.endswith("| ≤ 90 | **no reading** (a negative cost is noise) |")
 
     def test_a_round_missing_a_side_is_left_out(self) -> None:
         """A round in which one of the pair was not measured adds nothing to that pair's figures."""

@@ -6,11 +6,13 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from support import BFF_ID, Pki, RunningServer
 
-CLIENT_PACKAGE = Path(__file__).resolve().parent.parent / "clients" / "python"
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_PACKAGE = ROOT / "clients" / "python"
 # What `pip install ./clients/python` may bring: its own dependencies and theirs.
 ALLOWED = {"synctoken-api", "grpcio", "protobuf", "googleapis-common-protos", "typing-extensions", "pip", "setuptools"}
 SERVER_ONLY = ["synctoken_server", "twilio", "cryptography", "structlog", "spiffe", "orjson", "grpc_status"]
@@ -20,8 +22,17 @@ import importlib.metadata, importlib.util, json, sys
 import synctoken.client
 names = sorted({d.metadata["Name"].lower().replace("_", "-") for d in importlib.metadata.distributions()})
 present = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is not None]
-print(json.dumps({"names": names, "server_only_present": present, "exports": synctoken.client.__all__}))
+licence = [str(f) for f in importlib.metadata.distribution("synctoken-api").files if f.name == "LICENSE"]
+print(json.dumps({"names": names, "server_only_present": present, "exports": synctoken.client.__all__, "licence": licence}))
 """
+
+
+def locked_versions(path: Path) -> str:
+    """uv.lock's registry packages as pip constraints: the fresh venv gets what CI tested, not today's newest."""
+    packages = tomllib.loads((ROOT / "uv.lock").read_text(encoding="utf-8"))["package"]
+    lines = [f"{p['name']}=={p['version']}" for p in packages if "registry" in p.get("source", {})]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
 
 
 class TestFreshVenv:
@@ -36,7 +47,10 @@ class TestFreshVenv:
         venv = tmp_path / "venv"
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
         install = subprocess.run(
-            [venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", str(source)],
+            [
+                *(venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check"),
+                *("--constraint", locked_versions(tmp_path / "constraints.txt"), str(source)),
+            ],
             capture_output=True,
             text=True,
             timeout=300,
@@ -54,6 +68,7 @@ class TestFreshVenv:
         assert set(found["names"]) <= ALLOWED
         assert found["server_only_present"] == []
         assert "TokenClient" in found["exports"]
+        assert len(found["licence"]) == 1, "the wheel carries its LICENSE"
         cert_file, key_file = pki.files("bff")
         whoami = subprocess.run(
             [

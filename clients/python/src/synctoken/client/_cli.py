@@ -140,7 +140,7 @@ def _seconds_json(duration: dt.timedelta) -> str:
 
 
 def _token_json(token: IssuedToken) -> dict[str, object]:
-    return {
+    printed: dict[str, object] = {
         "token": token.token,
         "identity": token.identity,
         "issued_at": _timestamp(token.issued_at),
@@ -148,6 +148,8 @@ def _token_json(token: IssuedToken) -> dict[str, object]:
         "refresh_after": _timestamp(token.refresh_after),
         "token_id": token.token_id,
     }
+    # As grpcurl prints proto3 JSON: empty fields (token and token_id of a validate_only call) are left out.
+    return {key: value for key, value in printed.items() if value != ""}
 
 
 def _identity_json(identity: CallerIdentity) -> dict[str, object]:
