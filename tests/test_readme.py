@@ -125,7 +125,8 @@ class TestPythonClient:
         leak_watch.tokens.update(str(p["token"]) for p in printed if p.get("token"))
         assert [sorted(p) for p in printed] == [
             ["caller_id", "policy"],
-            *[["expires_at", "identity", "issued_at", "refresh_after", "token", "token_id"]] * 2,
+            ["expires_at", "identity", "issued_at", "refresh_after", "token", "token_id"],
+            ["expires_at", "identity", "issued_at", "refresh_after"],  # --validate-only: nothing signed
         ]
         assert result.stdout.endswith("exit 1\n")
         assert json.loads(result.stderr)["field_violations"][0]["field"] == "identity"
