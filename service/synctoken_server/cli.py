@@ -131,8 +131,8 @@ def _audit_hash(config: Path | None, key_file: Path | None, identity: str) -> in
 
 def _inactive_key_warnings(config: Config) -> list[str]:
     # Nothing is persisted, so this process cannot know whether an inactive key is a new one waiting
-    # to sign or an old one that signed until recently: only the servers' key ledgers (their
-    # twilio.key_rotated and twilio.inactive_key lines) know. Say what is true in both cases.
+    # to sign or an old one that signed until recently: only the running servers' key ledgers know
+    # (their twilio.key_rotated lines). Say what is true in both cases.
     max_ttl = format_duration(config.policy.longest_ttl or MAX_TTL_SECONDS)
     return [
         f"twilio.api_keys: {sid} is listed but not active. If it is a new key waiting for active = true, "
