@@ -17,6 +17,7 @@ import grpc
 import jwt
 import pytest
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from support import (
     ACCOUNT_SID,
@@ -37,7 +38,8 @@ from support import (
 )
 from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
 from synctoken_server import devenv
-from synctoken_server.pki import CertificateAuthority, LeafSpec
+from synctoken_server.identity import SPIFFE_ID_FORM
+from synctoken_server.pki import CertificateAuthority, KeyPair, LeafSpec
 
 
 def without_twilio_env() -> dict[str, str]:
@@ -435,3 +437,268 @@ class TestLibraryWarnings:
         result = self.run("synctoken", {"PYTHONWARNINGS": "default"})
         assert result.returncode == 0
         assert "CryptographyDeprecationWarning: DSA is deprecated" in result.stderr
+
+
+def dev_issue(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `synctoken dev issue ARGS` as a user would."""
+    return subprocess.run(
+        [SYNCTOKEN, "dev", "issue", *map(str, args)], capture_output=True, text=True, timeout=30, check=False, cwd=cwd
+    )
+
+
+def certificate(path: Path) -> x509.Certificate:
+    """The first certificate in the PEM file `path`."""
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def sans(cert: x509.Certificate) -> list[str]:
+    """The certificate's subjectAltNames, as strings."""
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(getattr(name, "value", name)) for name in names]
+
+
+class TestDevIssue:
+    """`synctoken dev issue`: more certificates from the dev CA, or a new CA."""
+
+    @pytest.fixture
+    def dev_dir(self, tmp_path: Path) -> Path:
+        """A dev folder as `synctoken dev` leaves it."""
+        return devenv.prepare(tmp_path / "dev", 0, environ={}).directory
+
+    @pytest.mark.parametrize(
+        ("source", "callers"),
+        [
+            ("spiffe", ["spiffe://example.org/ns/web/sa/bff", "spiffe://synctoken.test/a/b.c-d_E", "spiffe://x_y.z/1"]),
+            ("dns_san", ["svc.internal", "billing.internal.example.com", "a"]),
+        ],
+    )
+    def test_issued_certificates_are_served_and_callers(
+        self,
+        dev_dir: Path,
+        tmp_path: Path,
+        leak_watch: LeakWatch,
+        processes: list[Process],
+        source: str,
+        callers: list[str],
+    ) -> None:
+        """A server certificate and clients issued by the command work with a real server, each its own caller."""
+        assert dev_issue("--dir", dev_dir, "--server", "--dns-name", "localhost", "--out", tmp_path).returncode == 0
+        flag = "--spiffe-id" if source == "spiffe" else "--dns-name"
+        for n, caller in enumerate(callers):
+            result = dev_issue("--dir", dev_dir, flag, caller, "--out", tmp_path / f"c{n}")
+            assert result.returncode == 0, result.stderr
+            assert caller in result.stderr
+            assert "PRIVATE KEY" not in result.stdout + result.stderr
+        trust = '\ntrust_domains = ["example.org", "synctoken.test", "x_y.z"]' if source == "spiffe" else ""
+        entries = "".join(
+            f'[[callers]]\nid = "{c}"\nsync_services = ["{devenv.DEV_SYNC_SERVICE_SID}"]\n\n' for c in callers
+        )
+        port = free_port()
+        config = tmp_path / "synctoken.toml"
+        config.write_text(
+            f'[server]\nlisten = "127.0.0.1:{port}"\n\n[tls]\ncert_file = "server.pem"\nkey_file = "server-key.pem"\n'
+            f'client_ca_file = "{dev_dir / devenv.CA_FILE}"\n\n[identity]\nsource = "{source}"{trust}\n\n'
+            f'[twilio]\naccount_sid = "{devenv.DEV_ACCOUNT_SID}"\napi_key = "{API_KEY_SID}"\n\n{entries}',
+            encoding="utf-8",
+        )
+        process = Process(["serve", "--config", str(config)], tmp_path, leak_watch, os.environ | SECRET_ENV)
+        processes.append(process)
+        process.wait_for_records("server.started")
+        root = (dev_dir / devenv.CA_FILE).read_bytes()
+        for n, caller in enumerate(callers):
+            pair = (
+                (tmp_path / f"c{n}" / "client-key.pem").read_bytes(),
+                (tmp_path / f"c{n}" / "client.pem").read_bytes(),
+            )
+            with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(root, *pair)) as channel:
+                stub = token_service_pb2_grpc.TokenServiceStub(channel)
+                request = token_service_pb2.IssueTokenRequest(
+                    identity="alice", sync=token_service_pb2.SyncGrant(service_sid=devenv.DEV_SYNC_SERVICE_SID)
+                )
+                leak_watch.tokens.add(stub.IssueToken(request, timeout=10).token)
+                whoami = stub.GetCallerIdentity(token_service_pb2.GetCallerIdentityRequest(), timeout=10)
+            assert (whoami.caller_id, whoami.policy.matched_caller) == (caller, caller)
+        assert process.terminate() == 0
+
+    def test_files_modes_and_contents(self, dev_dir: Path, tmp_path: Path) -> None:
+        """Keys (the CA's too) are the owner's alone; each certificate has what was asked, signed by its CA."""
+        assert (dev_dir / devenv.CA_KEY).stat().st_mode & 0o777 == 0o600
+        ca = certificate(dev_dir / devenv.CA_FILE)
+        assert (dev_dir / devenv.CLIENTS_CA_FILE).read_bytes() == (dev_dir / devenv.CA_FILE).read_bytes()
+        out = tmp_path / "made" / "here"
+        assert dev_issue("--dir", dev_dir, "--spiffe-id", "spiffe://td/w", "--out", out).returncode == 0
+        server = tmp_path / "server"
+        result = dev_issue("--dir", dev_dir, "--server", "--dns-name", "a.test", "--ip", "::1", "--out", server)
+        assert result.returncode == 0, result.stderr
+        assert out.stat().st_mode & 0o777 == 0o700
+        expected = {
+            out / "client.pem": (["spiffe://td/w"], ExtendedKeyUsageOID.CLIENT_AUTH),
+            server / "server.pem": (["a.test", "::1"], ExtendedKeyUsageOID.SERVER_AUTH),
+        }
+        for path, (names, usage) in expected.items():
+            cert = certificate(path)
+            cert.verify_directly_issued_by(ca)
+            assert sans(cert) == names
+            usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            assert list(usages) == [usage]
+            assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+            assert cert.not_valid_after_utc <= ca.not_valid_after_utc
+            key = path.with_name(path.stem + "-key.pem")
+            assert key.stat().st_mode & 0o777 == 0o600
+        assert sorted(p.name for p in out.iterdir()) == ["client-key.pem", "client.pem"]  # no temporary file left
+
+    def test_never_overwrites_unasked(self, dev_dir: Path, tmp_path: Path) -> None:
+        """A second issue into the same folder is refused and changes nothing; --force replaces, and says so."""
+        args = ("--dir", dev_dir, "--dns-name", "svc.internal", "--out", tmp_path)
+        assert dev_issue(*args).returncode == 0
+        before = {p: p.read_bytes() for p in (tmp_path / "client.pem", tmp_path / "client-key.pem")}
+        result = dev_issue(*args)
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"synctoken dev issue: {tmp_path / 'client.pem'} exists: choose another --out, or add --force to replace it\n"
+        )
+        assert {p: p.read_bytes() for p in before} == before
+        (tmp_path / "client.pem").unlink()  # the key alone is still refused
+        assert "client-key.pem exists" in dev_issue(*args).stderr
+        forced = dev_issue(*args, "--force")
+        assert forced.returncode == 0, forced.stderr
+        assert f"{tmp_path / 'client-key.pem'} (readable by you alone) (replaced)\n" in forced.stderr
+        assert f"{tmp_path / 'client.pem'}\n" in forced.stderr
+        assert (tmp_path / "client-key.pem").read_bytes() != before[tmp_path / "client-key.pem"]
+        assert (tmp_path / "client-key.pem").stat().st_mode & 0o777 == 0o600
+
+    def test_a_second_ca(self, dev_dir: Path, tmp_path: Path) -> None:
+        """--ca makes a new CA; --ca-dir issues from it, and `dev --dir D issue` from D's."""
+        result = dev_issue("--ca", "--out", tmp_path / "ca2")
+        assert result.returncode == 0, result.stderr
+        ca2 = certificate(tmp_path / "ca2" / "ca.pem")
+        dev_ca = certificate(dev_dir / devenv.CA_FILE)
+        assert ca2.subject != dev_ca.subject  # two CAs in one client_ca_file must not share a name
+        assert (tmp_path / "ca2" / "ca-key.pem").stat().st_mode & 0o777 == 0o600
+        args = ("--spiffe-id", "spiffe://synctoken.test/dev/backend")
+        assert dev_issue("--dir", dev_dir, "--ca-dir", tmp_path / "ca2", *args, "--out", tmp_path / "n").returncode == 0
+        certificate(tmp_path / "n" / "client.pem").verify_directly_issued_by(ca2)
+        with pytest.raises(ValueError, match="does not match"):
+            certificate(tmp_path / "n" / "client.pem").verify_directly_issued_by(dev_ca)
+        result = subprocess.run(
+            [SYNCTOKEN, "dev", "--dir", str(dev_dir), "issue", *args, "--out", str(tmp_path / "d")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        certificate(tmp_path / "d" / "client.pem").verify_directly_issued_by(dev_ca)
+
+    def test_leaves_end_with_their_ca(self, tmp_path: Path) -> None:
+        """A certificate from a CA with two days left ends with it; an expired CA issues nothing."""
+        for name, days in (("short", 2), ("expired", 0)):
+            ca = CertificateAuthority(f"{name} CA", days=days)
+            (tmp_path / name).mkdir()
+            KeyPair(ca.cert_pem, ca.key_pem).write(tmp_path / name / "ca.pem", tmp_path / name / "ca-key.pem")
+        assert dev_issue("--ca-dir", tmp_path / "short", "--dns-name", "a", "--out", tmp_path / "a").returncode == 0
+        assert (
+            certificate(tmp_path / "a" / "client.pem").not_valid_after_utc
+            == certificate(tmp_path / "short" / "ca.pem").not_valid_after_utc
+        )
+        result = dev_issue("--ca-dir", tmp_path / "expired", "--dns-name", "a", "--out", tmp_path / "b")
+        assert result.returncode == 2
+        assert result.stderr.startswith(f"synctoken dev issue: the CA in {tmp_path / 'expired'} expired at ")
+        assert not (tmp_path / "b").exists()
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            *(
+                (("--spiffe-id", bad), f"--spiffe-id: {bad!r} is not a SPIFFE ID ({SPIFFE_ID_FORM})")
+                for bad in (
+                    "spiffe://Example.org/w",  # the trust domain in upper case
+                    "SPIFFE://example.org/w",
+                    "spiffe://example.org/w/",  # a trailing slash
+                    "spiffe://example.org/a/../b",
+                    "spiffe://example.org//w",
+                    "spiffe://example.org:8443/w",
+                    "spiffe://example.org/w?x=1",
+                    "spiffe://example.org/%41",
+                    "https://example.org/w",
+                    "spiffe://example.org/w\n",
+                )
+            ),
+            (
+                ("--spiffe-id", "spiffe://example.org"),
+                "--spiffe-id 'spiffe://example.org' names a trust domain, not a workload (it has no path)",
+            ),
+            (
+                ("--dns-name", "Svc.internal"),
+                "--dns-name 'Svc.internal' is not a lower-case DNS host name (e.g. svc.internal)",
+            ),
+            (
+                ("--dns-name", "a", "--dns-name", "b"),
+                "a client certificate takes one --dns-name: the server reads exactly one",
+            ),
+            (
+                ("--dns-name", "a", "--ip", "127.0.0.1"),
+                "--ip is for --server: a client is named by --spiffe-id or --dns-name",
+            ),
+            (("--server", "--ip", "localhost"), "--ip 'localhost' is not an IP address"),
+            (("--server",), "--server needs --dns-name (or --ip): the names clients connect to"),
+            (
+                ("--server", "--spiffe-id", "spiffe://td/w", "--dns-name", "a"),
+                "--server takes --dns-name and --ip, the names clients connect to, not --spiffe-id",
+            ),
+            (
+                ("--ca", "--dns-name", "a"),
+                "--ca makes a CA, which names no workload: drop --spiffe-id, --dns-name and --ip",
+            ),
+            (("--ca", "--ca-dir", "."), "--ca makes a self-signed CA: --ca-dir does not apply"),
+            ((), "say what to issue: --spiffe-id ID or --dns-name NAME (a client), --server --dns-name NAME, or --ca"),
+        ],
+    )
+    def test_bad_requests_exit_2(self, dev_dir: Path, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+        """Each bad request is one line naming the flag, exit 2, and nothing written."""
+        result = dev_issue("--dir", dev_dir, *args, "--out", tmp_path / "out")
+        assert (result.returncode, result.stderr, result.stdout) == (2, f"synctoken dev issue: {message}\n", "")
+        assert not (tmp_path / "out").exists()
+
+    def test_missing_ca(self, tmp_path: Path) -> None:
+        """No dev folder, or one made before dev kept its CA key: exit 2 saying what to run; dev then remakes it."""
+        result = dev_issue("--dns-name", "a", "--out", "out", cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr == (
+            "synctoken dev issue: no CA in .synctoken-dev: .synctoken-dev/ca.pem does not exist. Run `synctoken dev` "
+            "once to make the dev CA there, or give --ca-dir a folder that `synctoken dev issue --ca` wrote\n"
+        )
+        old = devenv.prepare(tmp_path / ".synctoken-dev", 0, environ={}).directory
+        (old / devenv.CA_KEY).unlink()  # as an older synctoken dev left it
+        result = dev_issue("--dns-name", "a", "--out", "out", cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr == (
+            "synctoken dev issue: .synctoken-dev has ca.pem but not the CA's key, ca-key.pem: it was made before "
+            "`synctoken dev` kept it. Run `synctoken dev` once to remake the dev PKI\n"
+        )
+        assert not (tmp_path / "out").exists()
+        ca = (old / devenv.CA_FILE).read_bytes()
+        devenv.prepare(old, 0, environ={})
+        assert (old / devenv.CA_FILE).read_bytes() != ca
+        assert dev_issue("--dns-name", "a", "--out", "out", cwd=tmp_path).returncode == 0
+
+    def test_unusable_ca(self, dev_dir: Path, tmp_path: Path) -> None:
+        """A CA key that does not match its certificate, or a leaf in place of the CA, is refused by name."""
+        other = CertificateAuthority("other")
+        (tmp_path / "mismatch").mkdir()
+        KeyPair((dev_dir / "ca.pem").read_bytes(), other.key_pem).write(
+            tmp_path / "mismatch" / "ca.pem", tmp_path / "mismatch" / "ca-key.pem"
+        )
+        (tmp_path / "leaf").mkdir()
+        leaf = other.issue(LeafSpec("leaf"))
+        leaf.write(tmp_path / "leaf" / "ca.pem", tmp_path / "leaf" / "ca-key.pem")
+        for name, why in (
+            ("mismatch", "the key does not match the certificate"),
+            ("leaf", "the certificate is not a CA's (no CA:TRUE)"),
+        ):
+            result = dev_issue("--ca-dir", tmp_path / name, "--dns-name", "a", "--out", tmp_path / "out")
+            assert result.returncode == 2
+            assert result.stderr == (
+                f"synctoken dev issue: cannot use the CA in {tmp_path / name} (ca.pem, ca-key.pem): {why}\n"
+            )
+            assert "PRIVATE KEY" not in result.stderr

@@ -1,18 +1,25 @@
-"""The README's examples work as written: the reference config, the Python client's examples, its CLI walk-through."""
+"""The README's examples work as written: the reference config, the rotations, the Python client's examples, its CLI."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
+import jwt
 import pytest
+from cryptography import x509
 
-from support import BFF_ID, SYNCTOKEN, LeakWatch, Pki, RunningServer
+from support import BFF_ID, SYNCTOKEN, LeakWatch, Pki, Process, RunningServer, free_port
+from synctoken_server import devenv
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -156,3 +163,179 @@ class TestBffExample:
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout == "200 alice\n401 None\n"
+
+
+BASH = shutil.which("bash") or "/bin/bash"
+VENV_BIN = f"{Path(sys.executable).parent}/"
+
+
+def as_here(script: str, port: int) -> str:
+    """A README script with our venv and the server's port in place of .venv/bin/ and 50051."""
+    return script.replace(".venv/bin/", VENV_BIN).replace("localhost:50051", f"localhost:{port}")
+
+
+def run_script(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a README script with bash, stopping at the first failing command."""
+    return subprocess.run(
+        [BASH, "-euo", "pipefail", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=cwd,
+        env=clean_env(),
+    )
+
+
+def clean_env() -> dict[str, str]:
+    """This environment minus anything that would change what the README's commands do."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "SYNCTOKEN_", "GRPC_"))}
+
+
+class ScriptProcess(Process):
+    """A server started by a README line, through bash, which execs it (so SIGTERM reaches synctoken itself)."""
+
+    def __init__(self, script: str, cwd: Path, watch: LeakWatch) -> None:
+        self.stdout_path = cwd / "stdout.jsonl"
+        self.stderr_path = cwd / "stderr.txt"
+        watch.log_files += [self.stdout_path, self.stderr_path]
+        with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
+            self.proc = subprocess.Popen([BASH, "-euo", "pipefail", "-c", script], stdout=out, stderr=err, cwd=cwd)
+
+
+def issued_tokens(output: str, watch: LeakWatch) -> list[dict[str, str]]:
+    """The IssueToken responses grpcurl printed (JSON objects over several lines), each token watched for leaks."""
+    responses = [json.loads(m) for m in re.findall(r"^\{\n.*?^\}$", output, re.DOTALL | re.MULTILINE)]
+    watch.tokens.update(r["token"] for r in responses if "token" in r)
+    return responses
+
+
+class TestTryTheReferenceConfig:
+    """The "To try it" steps under Config reference make every file the example names, and it serves."""
+
+    def test_steps_serve_the_example(self, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> None:
+        """Run as printed (with free ports for 50051 and 9464), the example serves IssueToken to grpcurl."""
+        devenv.prepare(tmp_path / ".synctoken-dev", free_port(), environ={})  # what `make dev` made
+        setup, call = blocks(section("### Config reference").split("```toml", 1)[0], "sh")
+        *steps, serve_line = setup.strip().splitlines()
+        assert " serve --config " in serve_line
+        # The one step the reader does by hand: save the example where the serve line reads it.
+        config = shlex.split(serve_line.split("--config ", 1)[1], comments=True)[0]
+        port, metrics_port = free_port(), free_port()
+        example = tmp_path / "example.toml"
+        example.write_text(
+            reference_config().replace(":50051", f":{port}").replace(":9464", f":{metrics_port}"), encoding="utf-8"
+        )
+        # One shell, as the reader's terminal: the steps, the example saved where serve reads it, then serve.
+        script = as_here("\n".join([*steps, f"cp {example} {config}", f"exec {serve_line}"]), port)
+        server = ScriptProcess(script, tmp_path, leak_watch)
+        processes.append(server)
+        server.wait_for_records("server.started")
+        assert "PRIVATE KEY" not in server.stderr_path.read_text()
+        try_dir = tmp_path / ".synctoken-dev" / "try"
+        secrets = [(try_dir / name).read_text().strip() for name in ("twilio_api_secret", "audit-hmac-key")]
+        leak_watch.secrets.update(secrets)
+        result = run_script(as_here(call, port), tmp_path)
+        assert result.returncode == 0, result.stderr
+        [response] = issued_tokens(result.stdout, leak_watch)
+        claims = jwt.decode(response["token"], secrets[0], algorithms=["HS256"])
+        assert claims["grants"] == {
+            "identity": "alice",
+            "data_sync": {"service_sid": "IS0123456789abcdef0123456789abcdef"},
+        }
+        [decision] = server.wait_for_records("token.decision")
+        assert (decision["caller_id"], decision["outcome"]) == ("spiffe://example.org/ns/web/sa/bff", "issued")
+        assert decision["identity"].startswith("h:")  # the audit key is in use
+        assert (try_dir / "mesh.sock").is_socket()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/", timeout=10) as scrape:
+            assert b"synctoken_tokens_issued_total" in scrape.read()
+        checked = subprocess.run(
+            [SYNCTOKEN, "check-config", str(try_dir / "synctoken.toml")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=clean_env(),
+        )
+        assert (checked.returncode, checked.stderr) == (0, "")
+        assert server.terminate() == 0
+
+
+def peer_serial(port: int, ca: Path) -> str:
+    """The serial of the certificate the server presents on a new connection."""
+    context = ssl.create_default_context(cafile=ca)
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("localhost", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return f"{x509.load_der_x509_certificate(der).serial_number:X}"
+
+
+def handshake_fails(port: int, ca: Path, cert: Path, key: Path) -> bool:
+    """Whether the server refuses `cert` in the TLS handshake of a new connection.
+
+    TLS 1.2: in TLS 1.3 the client's handshake is over before the server has
+    judged its certificate, so a refusal would show only at the first read.
+    """
+    context = ssl.create_default_context(cafile=ca)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection(("localhost", port), timeout=10) as raw:
+        try:
+            context.wrap_socket(raw, server_hostname="localhost").close()
+        except ssl.SSLError:
+            return True
+    return False
+
+
+class TestRotationWalkThroughs:
+    """Under "Operating synctoken", the dev server's rotations run as printed, one after the other."""
+
+    def test_rotations(self, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> None:
+        """Server certificate, client CA, then a client's certificate: calls succeed throughout; the old CA ends."""
+        port = free_port()
+        dev = Process(["dev", "--port", str(port)], tmp_path, leak_watch, clean_env())  # `make dev`, on a free port
+        processes.append(dev)
+        dev.wait_for_stderr("Try:")
+        folder = tmp_path / ".synctoken-dev"
+        leak_watch.secrets.add((folder / devenv.SECRET_FILE).read_text().strip())
+        ca = folder / devenv.CA_FILE
+        old_serial = peer_serial(port, ca)
+        old_client = folder / "old-client.pem", folder / "old-client-key.pem"
+        shutil.copy(folder / devenv.CLIENT_CERT, old_client[0])
+        shutil.copy(folder / devenv.CLIENT_KEY, old_client[1])
+
+        [server_steps] = blocks(section("### Rotating the server certificate"), "sh")
+        result = run_script(as_here(server_steps, port), tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert len(issued_tokens(result.stdout, leak_watch)) == 1
+        new_serial = f"{x509.load_pem_x509_certificate((folder / devenv.SERVER_CERT).read_bytes()).serial_number:X}"
+        assert peer_serial(port, ca) == new_serial != old_serial
+        assert dev.wait_for_records("tls.reloaded")[-1]["serial"] == new_serial
+
+        assert not handshake_fails(port, ca, *old_client)  # the check below means something
+        [ca_steps] = blocks(section("### Rotating the client CA"), "sh")
+        result = run_script(as_here(ca_steps, port), tmp_path)
+        assert result.returncode == 0, result.stderr
+        callers = [json.loads(line)["caller_id"] for line in result.stdout.splitlines() if line.startswith("{")]
+        assert callers == [devenv.DEV_CLIENT_ID] * 3  # old and new, then new alone
+        assert result.stdout.endswith("old CA refused: exit 1\n")
+        assert [r["client_cas"] for r in dev.records() if r["event"] == "tls.reloaded"][-2:] == [2, 1]
+        # On a new connection, the old CA's client is refused in the handshake itself, the new CA's is not.
+        new_client = folder / "next-client" / devenv.CLIENT_CERT, folder / "next-client" / devenv.CLIENT_KEY
+        assert (handshake_fails(port, ca, *old_client), handshake_fails(port, ca, *new_client)) == (True, False)
+
+        [client_steps] = blocks(section("### Rotating a client's certificate"), "sh")
+        result = run_script(as_here(client_steps, port), tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert len(issued_tokens(result.stdout, leak_watch)) == 1
+        next_ca = x509.load_pem_x509_certificate((folder / "next-ca" / "ca.pem").read_bytes())
+        x509.load_pem_x509_certificate((folder / devenv.CLIENT_CERT).read_bytes()).verify_directly_issued_by(next_ca)
+        # The command dev prints works again, and so does a restarted dev server.
+        line = dev.wait_for_stderr("Try:").split("Try:\n", 1)[1].strip()
+        assert len(issued_tokens(run_script(line, tmp_path).stdout, leak_watch)) == 1
+        assert dev.terminate() == 0

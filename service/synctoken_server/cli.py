@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from synctoken_server import __version__, devenv, logs, privacy, running
+from synctoken_server import __version__, devenv, devissue, logs, privacy, running
 from synctoken_server import workers as workers_module
 from synctoken_server.config import Config
 from synctoken_server.configfile import ConfigError, nest
@@ -41,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = commands.add_parser("dev", help="run on localhost with throwaway certificates and credentials")
     dev.add_argument("--dir", type=Path, default=Path(".synctoken-dev"), help="where to keep the dev files")
     dev.add_argument("--port", type=int, default=50051)
+    _add_dev_issue(dev)
     args = parser.parse_args(argv)
 
     if args.command == "check-config":
@@ -48,26 +49,84 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "audit-hash":
         return _audit_hash(args.config, args.key_file, args.identity)
     if args.command == "dev":
-        if not _port_free(args.port):
-            # Before writing anything: the folder may belong to a dev server
-            # already running there, which would reload whatever is written.
-            print(f"synctoken dev: cannot listen on localhost:{args.port}: address in use", file=sys.stderr)
-            return EXIT_START
-        try:
-            env = devenv.prepare(args.dir, args.port)
-        except devenv.DevSetupError as exc:
-            print(f"synctoken dev: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        _say(f"synctoken dev: throwaway CA, certificates and config in {env.directory}/")
-        if env.real_credentials:
-            _say("Using TWILIO_ACCOUNT_SID, TWILIO_API_KEY and TWILIO_API_SECRET: tokens are real.")
-        else:
-            _say(
-                "Using dev credentials: tokens are well-formed, but Twilio will refuse them. "
-                "Set TWILIO_ACCOUNT_SID, TWILIO_API_KEY and TWILIO_API_SECRET for real ones."
-            )
-        return _serve(env.config_path, on_ready=lambda port: _say(f"Try:\n  {env.grpcurl_command(port)}"))
+        return _dev_issue(args) if args.dev_command == "issue" else _dev(args.dir, args.port)
     return _serve(args.config, workers=args.workers)
+
+
+def _dev(directory: Path, port: int) -> int:
+    if not _port_free(port):
+        # Before writing anything: the folder may belong to a dev server
+        # already running there, which would reload whatever is written.
+        print(f"synctoken dev: cannot listen on localhost:{port}: address in use", file=sys.stderr)
+        return EXIT_START
+    try:
+        env = devenv.prepare(directory, port)
+    except devenv.DevSetupError as exc:
+        print(f"synctoken dev: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    _say(f"synctoken dev: throwaway CA, certificates and config in {env.directory}/")
+    if env.real_credentials:
+        _say("Using TWILIO_ACCOUNT_SID, TWILIO_API_KEY and TWILIO_API_SECRET: tokens are real.")
+    else:
+        _say(
+            "Using dev credentials: tokens are well-formed, but Twilio will refuse them. "
+            "Set TWILIO_ACCOUNT_SID, TWILIO_API_KEY and TWILIO_API_SECRET for real ones."
+        )
+    return _serve(env.config_path, on_ready=lambda bound: _say(f"Try:\n  {env.grpcurl_command(bound)}"))
+
+
+def _add_dev_issue(dev: argparse.ArgumentParser) -> None:
+    issue = dev.add_subparsers(dest="dev_command", title="more certificates").add_parser(
+        "issue",
+        allow_abbrev=False,  # --ca is not short for --ca-dir
+        help="issue another certificate from the dev CA (or from --ca-dir), or a new CA",
+        description="Issue a certificate from the dev CA, for another caller or to try a rotation. "
+        "Writes client.pem and client-key.pem (server.pem and server-key.pem with --server, "
+        "ca.pem and ca-key.pem with --ca) into --out; keys are readable by you alone.",
+    )
+    issue.add_argument("--spiffe-id", help="a client certificate (X509-SVID) with this SPIFFE ID")
+    issue.add_argument(
+        "--dns-name",
+        action="append",
+        default=[],
+        help="a client certificate with this DNS name; with --server, a name it serves (repeat for more)",
+    )
+    kind = issue.add_mutually_exclusive_group()
+    kind.add_argument("--server", action="store_true", help="a server certificate, for --dns-name and --ip")
+    kind.add_argument("--ca", action="store_true", help="a new CA, e.g. to rotate the client CA")
+    issue.add_argument("--ip", action="append", default=[], help="with --server, an IP address it serves")
+    issue.add_argument("--out", type=Path, required=True, help="the folder to write to (made if missing)")
+    issue.add_argument("--force", action="store_true", help="replace the files if --out has them already")
+    # SUPPRESS: `synctoken dev --dir D issue` keeps D unless issue is given a --dir of its own.
+    issue.add_argument(
+        "--dir", type=Path, default=argparse.SUPPRESS, help="the dev folder, whose CA signs (default .synctoken-dev)"
+    )
+    issue.add_argument("--ca-dir", type=Path, help="sign with the CA in this folder instead (one --ca wrote)")
+
+
+def _dev_issue(args: argparse.Namespace) -> int:
+    kind = devissue.Kind.CA if args.ca else devissue.Kind.SERVER if args.server else devissue.Kind.CLIENT
+    wanted = devissue.Wanted(kind, args.spiffe_id, tuple(args.dns_name), tuple(args.ip))
+    ca_dir: Path = args.ca_dir or args.dir
+    try:
+        if args.ca and args.ca_dir is not None:
+            raise devissue.IssueError("--ca makes a self-signed CA: --ca-dir does not apply")  # noqa: TRY301
+        issued = devissue.issue(wanted, ca_dir, args.out, force=args.force)
+    except devissue.IssueError as exc:
+        print(f"synctoken dev issue: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    what = {
+        devissue.Kind.CA: "a new CA",
+        devissue.Kind.SERVER: f"a server certificate from the CA in {ca_dir}",
+        devissue.Kind.CLIENT: f"a client certificate from the CA in {ca_dir}",
+    }[kind]
+    names = ", ".join(n for n in (args.spiffe_id, *args.dns_name, *args.ip) if n)
+    print(f"synctoken dev issue: {what}{f' for {names}' if names else ''}", file=sys.stderr)
+    print(f"  serial {issued.serial}, valid until {issued.not_after:%Y-%m-%d %H:%M} UTC", file=sys.stderr)
+    for path, note in ((issued.cert, ""), (issued.key, " (readable by you alone)")):
+        replaced = " (replaced)" if path in issued.replaced else ""
+        print(f"  {path}{note}{replaced}", file=sys.stderr)
+    return 0
 
 
 def _port_free(port: int) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from cryptography import x509
 
 from synctoken_server.apikeys import ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET
-from synctoken_server.pki import CertificateAuthority, LeafSpec
+from synctoken_server.pki import CertificateAuthority, KeyPair, LeafSpec
 
 DEV_TRUST_DOMAIN = "synctoken.test"
 DEV_CLIENT_ID = f"spiffe://{DEV_TRUST_DOMAIN}/dev/backend"
@@ -25,12 +25,15 @@ ENV_SYNC_SERVICE_SID = "TWILIO_SYNC_SERVICE_SID"
 DEV_ACCOUNT_SID = "AC" + "0" * 32
 DEV_API_KEY_SID = "SK" + "0" * 32
 
-CA_FILE = "ca.pem"
+CA_FILE, CA_KEY = "ca.pem", "ca-key.pem"  # the key stays, so that `synctoken dev issue` can sign more
+# The server's client_ca_file: a copy of the CA at first, so that rotating the
+# client CA (see the README) leaves ca.pem, which clients check the server with, alone.
+CLIENTS_CA_FILE = "clients-ca.pem"
 SERVER_CERT, SERVER_KEY = "server.pem", "server-key.pem"
 CLIENT_CERT, CLIENT_KEY = "client.pem", "client-key.pem"
 SECRET_FILE = "api_secret"  # noqa: S105 - a file name, not a password
 CONFIG_FILE = "config.toml"
-_PKI_FILES = (CA_FILE, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY)
+_PKI_FILES = (CA_FILE, CA_KEY, CLIENTS_CA_FILE, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY)
 _TWILIO_VARIABLES = (ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET)
 
 RENEW_MARGIN = dt.timedelta(days=7)
@@ -120,7 +123,8 @@ def _pki_usable(directory: Path, now: dt.datetime) -> bool:
 
 def _make_pki(directory: Path) -> None:
     ca = CertificateAuthority("synctoken dev CA")
-    (directory / CA_FILE).write_bytes(ca.cert_pem)
+    KeyPair(ca.cert_pem, ca.key_pem).write(directory / CA_FILE, directory / CA_KEY)
+    (directory / CLIENTS_CA_FILE).write_bytes(ca.cert_pem)
     ca.issue(LeafSpec("localhost", dns_names=("localhost",), ip_addresses=("127.0.0.1", "::1"), server=True)).write(
         directory / SERVER_CERT, directory / SERVER_KEY
     )
@@ -136,7 +140,7 @@ drain_delay = "0s"  # no balancer watches a dev server's health
 [tls]
 cert_file = "{SERVER_CERT}"
 key_file = "{SERVER_KEY}"
-client_ca_file = "{CA_FILE}"
+client_ca_file = "{CLIENTS_CA_FILE}"
 
 [identity]
 source = "spiffe"

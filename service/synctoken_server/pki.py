@@ -75,10 +75,42 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
 
+    @classmethod
+    def load(cls, cert_pem: bytes, key_pem: bytes) -> CertificateAuthority:
+        """The CA that `cert_pem` and `key_pem` wrote, to issue more; ValueError says what is wrong with them."""
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("the key is not an EC key, as this module makes")  # noqa: TRY004 - a bad file, not a bug
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+            raise ValueError("the key does not match the certificate")
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise ValueError("the certificate is not a CA's (no CA:TRUE)")
+        ca = cls.__new__(cls)  # not __init__: that makes a new key
+        ca._key, ca._cert, ca._name = key, cert, cert.subject  # noqa: SLF001 - our own class
+        return ca
+
     @property
     def cert_pem(self) -> bytes:
         """The CA certificate, to be trusted by peers."""
         return self._cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def key_pem(self) -> bytes:
+        """The CA's private key (unencrypted PKCS#8), to keep beside `cert_pem` and `load` later."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    @property
+    def not_after(self) -> dt.datetime:
+        """When the CA certificate expires: nothing it signs is trusted after that."""
+        return self._cert.not_valid_after_utc
 
     def issue(self, spec: LeafSpec, *, issuer: KeyPair | None = None) -> KeyPair:
         """Sign a new leaf certificate described by `spec`.
