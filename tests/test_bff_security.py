@@ -26,8 +26,8 @@ from support import (
     ServerHarness,
     config_text,
 )
-from synctoken_bff import Settings
-from synctoken_bff._addresslimit import AddressLimiter, NewIdentityLimit
+from synctoken_bff import NewIdentityLimit, Settings
+from synctoken_bff._addresslimit import AddressLimiter
 from synctoken_bff._identityhash import IdentityHasher, key_from_file
 from synctoken_bff._session import COOKIE_NAME
 from synctoken_server.privacy import IdentityHasher as ServerIdentityHasher
@@ -298,13 +298,13 @@ class TestNewIdentities:
     LIMIT = NewIdentityLimit(burst=3, every=dt.timedelta(hours=1))
 
     def test_cookieless_client_is_limited(
-        self, make_bff: MakeBff, shared_server: RunningServer, log_sink: LogSink
+        self, make_bff: MakeBff, shared_server: RunningServer, log_sink: LogSink, leak_watch: LeakWatch
     ) -> None:
         """After `burst` new identities a client without cookies gets 429 with Retry-After, and synctoken is not asked."""
         bff = make_bff(shared_server.port, settings=Settings(SESSION_SECRET, new_identity_limit=self.LIMIT))
-        keeper = httpx.Client(base_url=bff.running.url, timeout=10)
+        keeper = Bff(bff.running, leak_watch)  # a second browser on the same address, keeping its cookie
         try:
-            kept = keeper.get("/token").json()["identity"]
+            kept = keeper.token().json()["identity"]
             identities = set()
             for _ in range(2):
                 bff.http.cookies.clear()
@@ -320,11 +320,11 @@ class TestNewIdentities:
                 assert "set-cookie" not in response.headers
             assert sum(1 for r in log_sink.records() if r["event"] == "token.decision") == audited
             # The browser that kept its cookie goes on as before.
-            again = keeper.get("/token")
+            again = keeper.token()
             assert again.status_code == httpx.codes.OK
             assert again.json()["identity"] == kept
         finally:
-            keeper.close()
+            keeper.http.close()
 
     @pytest.mark.parametrize(
         ("first", "second", "shared"),
