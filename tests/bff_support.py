@@ -11,9 +11,13 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
-from support import LeakWatch
+from client_support import client_kwargs
+from support import LeakWatch, Pki
+from synctoken.client import AsyncTokenClient
+from synctoken_bff import Authenticate, Settings, create_app
 
 START_TIMEOUT = 30
+SESSION_SECRET = b"k" * 32
 
 
 class RunningBff:
@@ -64,3 +68,32 @@ class Bff:
         """Close the HTTP client and stop the BFF."""
         self.http.close()
         self.running.close()
+
+
+class BffFactory:
+    """Starts BFFs whose AsyncTokenClient calls synctoken at a port; `close` stops them all (a fixture's teardown)."""
+
+    def __init__(self, pki: Pki, watch: LeakWatch) -> None:
+        self._pki = pki
+        self._watch = watch
+        self._started: list[Bff] = []
+
+    def __call__(
+        self,
+        port: int,
+        cert: str = "bff",
+        settings: Settings | None = None,
+        authenticate: Authenticate | None = None,
+        timeout: float = 5.0,
+    ) -> Bff:
+        """A BFF presenting `cert` to synctoken on `port`; settings default to a fixed session key."""
+        client = AsyncTokenClient(f"localhost:{port}", **client_kwargs(self._pki, cert), timeout=timeout)
+        app = create_app(client, settings or Settings(session_secret=SESSION_SECRET), authenticate)
+        bff = Bff(RunningBff(app), self._watch)
+        self._started.append(bff)
+        return bff
+
+    def close(self) -> None:
+        """Stop every BFF started."""
+        for bff in self._started:
+            bff.close()

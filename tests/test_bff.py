@@ -14,8 +14,7 @@ import jwt
 import pytest
 from starlette.requests import Request
 
-from bff_support import Bff, RunningBff
-from client_support import client_kwargs
+from bff_support import SESSION_SECRET, Bff, BffFactory, RunningBff
 from support import (
     API_SECRET,
     SERVICE_A,
@@ -27,39 +26,20 @@ from support import (
     RunningServer,
     free_port,
 )
-from synctoken.client import AsyncTokenClient, IssuedToken, RateLimited, SynctokenError, Unavailable
-from synctoken_bff import Authenticate, Settings, create_app
+from synctoken.client import IssuedToken, RateLimited, SynctokenError, Unavailable
+from synctoken_bff import Settings, create_app
 from synctoken_bff._durations import parse_duration
 from synctoken_bff._session import COOKIE_NAME
 
-SESSION_SECRET = b"k" * 32
 MakeBff = Callable[..., Bff]
 
 
 @pytest.fixture
 def make_bff(pki: Pki, leak_watch: LeakWatch) -> Iterator[MakeBff]:
-    """Start BFFs whose AsyncTokenClient calls synctoken at a port; stopped at teardown.
-
-    `make_bff(port, cert="bff", settings=None, authenticate=None, timeout=5.0)`.
-    """
-    started: list[Bff] = []
-
-    def make(
-        port: int,
-        cert: str = "bff",
-        settings: Settings | None = None,
-        authenticate: Authenticate | None = None,
-        timeout: float = 5.0,
-    ) -> Bff:
-        client = AsyncTokenClient(f"localhost:{port}", **client_kwargs(pki, cert), timeout=timeout)
-        app = create_app(client, settings or Settings(session_secret=SESSION_SECRET), authenticate)
-        bff = Bff(RunningBff(app), leak_watch)
-        started.append(bff)
-        return bff
-
-    yield make
-    for bff in started:
-        bff.close()
+    """Start BFFs: `make_bff(port, cert="bff", settings=None, authenticate=None, timeout=5.0)`; stopped at teardown."""
+    factory = BffFactory(pki, leak_watch)
+    yield factory
+    factory.close()
 
 
 def claims(token: str) -> dict[str, Any]:
@@ -199,10 +179,9 @@ class TestErrors:
         ("identity", "settings", "status", "reason"),
         [
             (" alice", Settings(SESSION_SECRET), 400, "INVALID_REQUEST"),
-            ("alice", Settings(SESSION_SECRET, token_ttl=dt.timedelta(hours=5)), 400, "INVALID_REQUEST"),
             ("alice", Settings(SESSION_SECRET, sync_service_sid=SERVICE_C), 403, "SERVICE_NOT_ALLOWED"),
         ],
-        ids=["identity with a leading space", "ttl over max_ttl", "service not allowed"],
+        ids=["identity with a leading space", "service not allowed"],
     )
     def test_policy_refusals(
         self,
@@ -231,12 +210,6 @@ class TestErrors:
         response = make_bff(shared_server.port, cert="chat_worker", settings=settings).token()
         assert response.status_code == 403
         assert error_of(response)["reason"] == "IDENTITY_NOT_ALLOWED"
-
-    def test_request_too_large_is_429(self, make_bff: MakeBff, shared_server: RunningServer) -> None:
-        """synctoken's RESOURCE_EXHAUSTED (a request over 4 KiB) is 429."""
-        response = make_bff(shared_server.port).token(device="d" * 5000)
-        assert response.status_code == 429
-        assert error_of(response)["code"] == "RESOURCE_EXHAUSTED"
 
     def test_no_server_is_503(self, make_bff: MakeBff) -> None:
         """With nothing listening, the call fails within its timeout and the browser gets 503."""
@@ -276,17 +249,25 @@ class _Refusing:
 
 
 class TestRetryAfter:
-    """429 and 503 carry Retry-After when synctoken's RetryInfo says when, rounded up to whole seconds."""
+    """429 and 503 carry Retry-After when synctoken's RetryInfo says when, rounded up to whole seconds; others never."""
 
     @pytest.mark.parametrize(
         ("error", "status", "retry_after"),
         [
-            (RateLimited(RateLimited.codes[0], "slow down", retry_after=dt.timedelta(seconds=2.5)), 429, "3"),
+            (
+                RateLimited(
+                    RateLimited.codes[0], "slow down", reason="RATE_LIMITED", retry_after=dt.timedelta(seconds=2.5)
+                ),
+                429,
+                "3",
+            ),
+            # Without synctoken's RATE_LIMITED reason it is gRPC refusing a size: no point in waiting.
+            (RateLimited(RateLimited.codes[0], "too big", retry_after=dt.timedelta(seconds=2)), 502, None),
             (Unavailable(Unavailable.codes[0], "down", retry_after=dt.timedelta(seconds=10)), 503, "10"),
             (Unavailable(Unavailable.codes[0], "down", retry_after=dt.timedelta(milliseconds=1)), 503, "1"),
             (Unavailable(Unavailable.codes[0], "down"), 503, None),
         ],
-        ids=["429 rounded up", "503", "at least one second", "no RetryInfo"],
+        ids=["429 rounded up", "resource exhausted but not rate limited", "503", "at least one second", "no RetryInfo"],
     )
     def test_retry_after(
         self, leak_watch: LeakWatch, error: SynctokenError, status: int, retry_after: str | None
@@ -320,16 +301,6 @@ class TestServing:
         assert bundle.status_code == 200
         assert "javascript" in bundle.headers["content-type"]
         assert "tokenAboutToExpire" in bundle.text
-
-    def test_cors_only_for_configured_origins(self, make_bff: MakeBff, shared_server: RunningServer) -> None:
-        """A configured origin gets credentialed CORS headers; any other origin gets none."""
-        settings = Settings(SESSION_SECRET, allowed_origins=("https://app.example.com",))
-        bff = make_bff(shared_server.port, settings=settings)
-        allowed = bff.token(headers={"origin": "https://app.example.com"})
-        assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
-        assert allowed.headers["access-control-allow-credentials"] == "true"
-        other = bff.token(headers={"origin": "https://evil.example.com"})
-        assert "access-control-allow-origin" not in other.headers
 
 
 class TestSettings:
@@ -372,10 +343,13 @@ class TestSettings:
         with pytest.raises(ValueError, match="holds 5 bytes; at least 32 are needed"):
             Settings.from_env({"BFF_SESSION_SECRET_FILE": str(secret)})
 
-    def test_random_secret_warns(self, caplog: pytest.LogCaptureFixture) -> None:
-        """Without a secret file each process signs with its own random key, and says so."""
+    def test_random_secret_warns_only_for_the_demo_authenticator(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Without a secret file the demo's cookies are signed with a per-process key, said when the app is made."""
         with caplog.at_level(logging.WARNING, logger="synctoken_bff"):
-            first = Settings.from_env({})
-        assert len(first.session_secret) == 32
-        assert first.session_secret != Settings.from_env({}).session_secret
+            settings = Settings.from_env({})
+            assert settings.session_secret is None
+            assert caplog.text == ""
+            create_app(_Refusing(Unavailable(Unavailable.codes[0], "down")), settings, authenticate=lambda _: "alice")
+            assert caplog.text == ""
+            create_app(_Refusing(Unavailable(Unavailable.codes[0], "down")), settings)
         assert "BFF_SESSION_SECRET_FILE is not set" in caplog.text

@@ -8,8 +8,9 @@ app = create_app(AsyncTokenClient.from_env(), authenticate=my_login_check)
 ```
 """
 
+from synctoken_bff._addresslimit import NewIdentityLimit
 from synctoken_bff._app import Authenticate, TokenSource, create_app
 from synctoken_bff._session import AnonymousSessions
 from synctoken_bff._settings import Settings
 
-__all__ = ["AnonymousSessions", "Authenticate", "Settings", "TokenSource", "create_app"]
+__all__ = ["AnonymousSessions", "Authenticate", "NewIdentityLimit", "Settings", "TokenSource", "create_app"]

@@ -6,22 +6,23 @@ import contextlib
 import datetime as dt
 import inspect
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from synctoken.client import IssuedToken, SynctokenError
-from synctoken_bff._errors import error_body, error_response
+from synctoken_bff._cors import Cors
+from synctoken_bff._errors import Refusal, error_body, error_response, mapping_for
+from synctoken_bff._identityhash import IdentityHasher
 from synctoken_bff._session import AnonymousSessions
-from synctoken_bff._settings import Settings
+from synctoken_bff._settings import ENV_SESSION_SECRET_FILE, ENV_SYNC_SERVICE_SID, ENV_TOKEN_TTL, Settings
 
 STATIC = Path(__file__).parent / "static"
 _log = logging.getLogger("synctoken_bff")
@@ -44,6 +45,12 @@ class TokenSource(Protocol):
         ...
 
 
+MAX_QUERY_BYTES = 4096
+"""A longer query string is refused with 414: ?device= at its limit, percent-encoded, fits well within this."""
+MAX_DEVICE_CHARACTERS = 256
+"""synctoken's limit on endpoint_id: a longer ?device= could never succeed, so synctoken is not asked."""
+
+
 def create_app(client: TokenSource, settings: Settings, authenticate: Authenticate | None = None) -> Starlette:
     """The BFF. Without `authenticate`, each browser gets an anonymous identity kept in a signed cookie."""
     token = _TokenRoute(client, settings, authenticate)
@@ -53,22 +60,14 @@ def create_app(client: TokenSource, settings: Settings, authenticate: Authentica
         yield
         await client.close()
 
-    middleware = []
-    if settings.allowed_origins:
-        middleware.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(settings.allowed_origins),
-                allow_methods=["GET"],
-                allow_credentials=True,
-            )
-        )
+    # OPTIONS only with CORS: without it there is no preflight to answer, and 405 says so.
+    methods = ["GET", "OPTIONS"] if settings.allowed_origins else ["GET"]
     routes = [
-        Route("/token", token.handle, methods=["GET"]),
+        Route("/token", token.handle, methods=methods),
         Route("/healthz", _healthz, methods=["GET"]),
         Mount("/", StaticFiles(directory=STATIC, html=True)),
     ]
-    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan)
 
 
 class _TokenRoute:
@@ -77,21 +76,38 @@ class _TokenRoute:
     def __init__(self, client: TokenSource, settings: Settings, authenticate: Authenticate | None) -> None:
         self._client = client
         self._settings = settings
+        self._cors = Cors(settings.allowed_origins) if settings.allowed_origins else None
+        key = settings.identity_hash_key
+        self._hash = IdentityHasher(key) if key is not None else None
         self._sessions: AnonymousSessions | None = None
         if authenticate is None:
-            self._sessions = AnonymousSessions(settings.session_secret)
+            self._sessions = AnonymousSessions(_session_secret(settings), settings.new_identity_limit)
             authenticate = self._sessions.authenticate
         self._authenticate = authenticate
 
     async def handle(self, request: Request) -> Response:
         """The response for one request (a method, so that Starlette calls it with the request)."""
-        identity = self._authenticate(request)
-        if inspect.isawaitable(identity):
-            identity = await identity
+        if self._cors is None:
+            return await self._respond(request)
+        if request.method == "OPTIONS":
+            return self._cors.preflight(request)
+        response = await self._respond(request)
+        self._cors.decorate(request, response)
+        return response
+
+    async def _respond(self, request: Request) -> Response:
+        try:
+            # The input first: a request that can never succeed costs no identity and no RPC.
+            device = _device(request)
+            identity = self._authenticate(request)
+            if inspect.isawaitable(identity):
+                identity = await identity
+        except Refusal as refusal:
+            return refusal.response()
         if not identity:
             body = error_body("UNAUTHENTICATED", "NO_USER", "sign in first")
             return JSONResponse(body, status_code=401, headers={"Cache-Control": "no-store"})
-        response = await self._token(identity, request.query_params.get("device", ""))
+        response = await self._token(identity, device)
         if self._sessions is not None:
             self._sessions.remember(request, response)
         return response
@@ -102,11 +118,23 @@ class _TokenRoute:
                 identity, service_sid=self._settings.sync_service_sid, endpoint_id=device, ttl=self._settings.token_ttl
             )
         except SynctokenError as exc:
-            # The error's str() is synctoken's code, reason and message: no token, no secret.
-            _log.warning("token.refused identity=%s error=%s", identity, exc)
-            return error_response(exc)
+            mapping = mapping_for(exc)
+            # The error's str() is synctoken's code, reason and message: no token, no secret, no identity.
+            if mapping.operator_fault:
+                _log.error(
+                    "token.refused%s status=%d error=%s (synctoken refuses this BFF's settings: check %s and %s "
+                    "against the caller's policy)",
+                    self._who(identity),
+                    mapping.status,
+                    exc,
+                    ENV_TOKEN_TTL,
+                    ENV_SYNC_SERVICE_SID,
+                )
+            else:
+                _log.warning("token.refused%s status=%d error=%s", self._who(identity), mapping.status, exc)
+            return error_response(exc, mapping)
         # token_id is a hash prefix, made for logs; the token itself never goes there.
-        _log.info("token.served identity=%s token_id=%s", identity, issued.token_id)
+        _log.info("token.served%s token_id=%s", self._who(identity), issued.token_id)
         body = {
             "identity": issued.identity,
             "token": issued.token,
@@ -114,6 +142,36 @@ class _TokenRoute:
             "refresh_after": _rfc3339(issued.refresh_after),
         }
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    def _who(self, identity: str) -> str:
+        # The identity only as its keyed hash: a plain user id in a log is personal data anyone reading it has.
+        return f" identity={self._hash(identity)}" if self._hash is not None else ""
+
+
+def _device(request: Request) -> str:
+    """?device=, checked against what synctoken would take; raise Refusal otherwise."""
+    if len(request.scope["query_string"]) > MAX_QUERY_BYTES:
+        message = f"the query string is over {MAX_QUERY_BYTES} bytes"
+        raise Refusal(414, "INVALID_ARGUMENT", "URI_TOO_LONG", message)
+    devices = request.query_params.getlist("device")
+    if len(devices) > 1:
+        raise Refusal(400, "INVALID_ARGUMENT", "INVALID_REQUEST", "device is given more than once")
+    device = devices[0] if devices else ""
+    if len(device) > MAX_DEVICE_CHARACTERS:
+        message = f"device is {len(device)} characters; the limit is {MAX_DEVICE_CHARACTERS}"
+        raise Refusal(400, "INVALID_ARGUMENT", "INVALID_REQUEST", message)
+    return device
+
+
+def _session_secret(settings: Settings) -> bytes:
+    if settings.session_secret is not None:
+        return settings.session_secret
+    # Fine for a demo; behind a balancer every process would sign differently, and a restart logs everyone out.
+    # Said here, not when reading the settings: only the demo authenticator signs, and every fatal check is done.
+    _log.warning(
+        "%s is not set: signing session cookies with a random key for this process only", ENV_SESSION_SECRET_FILE
+    )
+    return secrets.token_bytes(32)
 
 
 async def _healthz(_: Request) -> Response:

@@ -11,6 +11,9 @@ import secrets
 from starlette.requests import Request
 from starlette.responses import Response
 
+from synctoken_bff._addresslimit import AddressLimiter, NewIdentityLimit
+from synctoken_bff._errors import Refusal
+
 COOKIE_NAME = "synctoken_bff_identity"
 # A year: the identity is anonymous and worthless once the browser drops it.
 _MAX_AGE = 365 * 24 * 3600
@@ -21,10 +24,13 @@ class AnonymousSessions:
 
     Replace it with your login: `create_app(authenticate=...)` takes any
     function of the request that returns the user id, or None for no user.
+    New identities are limited per client address (`limit`): a client that
+    drops its cookie on every request would otherwise be a new user each time.
     """
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, limit: NewIdentityLimit | None = None) -> None:
         self._secret = secret
+        self._new_identities = AddressLimiter(limit or NewIdentityLimit())
 
     def identity(self, request: Request) -> str | None:
         """The identity in the request's cookie, if its signature holds; None otherwise."""
@@ -40,9 +46,21 @@ class AnonymousSessions:
         return identity if hmac.compare_digest(given, self._sign(identity)) else None
 
     def authenticate(self, request: Request) -> str:
-        """The request's identity, or a new one that `remember` will set in the response."""
+        """The request's identity, or a new one that `remember` will set in the response.
+
+        Raise Refusal (429) when the client's address has had its share of new identities.
+        """
         identity = self.identity(request)
         if identity is None:
+            wait = self._new_identities.take(request.client.host if request.client else None)
+            if wait is not None:
+                raise Refusal(
+                    429,
+                    "RESOURCE_EXHAUSTED",
+                    "TOO_MANY_NEW_SESSIONS",
+                    "too many new sessions from this address; keep the cookie, or try again later",
+                    retry_after=wait,
+                )
             identity = f"anon-{secrets.token_hex(16)}"
             request.state.new_identity = identity
         return identity
