@@ -322,8 +322,9 @@ class Process:
         return self.proc.wait(timeout=START_TIMEOUT)
 
     def records(self) -> list[dict[str, Any]]:
-        """The JSON log lines written so far."""
-        return [json.loads(line) for line in self.stdout_path.read_text().splitlines()]
+        """The JSON log lines written so far: whole lines only, since the server may be writing the last one."""
+        text = self.stdout_path.read_text()
+        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
     def wait_for_records(self, event: str, count: int = 1) -> list[dict[str, Any]]:
         """Wait until `count` records of `event` were logged; return them."""
