@@ -672,6 +672,20 @@ class TestDevIssue:
         assert (result.returncode, result.stderr, result.stdout) == (2, f"synctoken dev issue: {message}\n", "")
         assert not (tmp_path / "out").exists()
 
+    def test_port_is_not_ignored(self, dev_dir: Path, tmp_path: Path) -> None:
+        """`dev --port N issue` is refused rather than silently ignoring the port."""
+        result = subprocess.run(
+            [SYNCTOKEN, "dev", "--dir", str(dev_dir), "--port", "50052", "issue", "--dns-name", "a", "--out", "out"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd=tmp_path,
+        )
+        message = "synctoken dev issue: --port is for serving (synctoken dev --port N): issue serves nothing\n"
+        assert (result.returncode, result.stderr) == (2, message)
+        assert not (tmp_path / "out").exists()
+
     def test_missing_ca(self, tmp_path: Path) -> None:
         """No dev folder, or one made before dev kept its CA key: exit 2 saying what to run; dev then remakes it."""
         result = dev_issue("--dns-name", "a", "--out", "out", cwd=tmp_path)

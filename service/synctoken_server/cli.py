@@ -16,6 +16,8 @@ from synctoken_server.configfile import ConfigError, nest
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
 from synctoken_server.running import EXIT_CONFIG, EXIT_START
 
+DEV_PORT = 50051
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `synctoken` command."""
@@ -40,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     audit_hash.add_argument("--identity", required=True, help="the end-user identity, as the caller sent it")
     dev = commands.add_parser("dev", help="run on localhost with throwaway certificates and credentials")
     dev.add_argument("--dir", type=Path, default=Path(".synctoken-dev"), help="where to keep the dev files")
-    dev.add_argument("--port", type=int, default=50051)
+    # None, not 50051: `dev --port N issue` must be told --port does not apply, not ignore it.
+    dev.add_argument("--port", type=int, default=None, help=f"the port to serve on (default {DEV_PORT})")
     _add_dev_issue(dev)
     args = parser.parse_args(argv)
 
@@ -49,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "audit-hash":
         return _audit_hash(args.config, args.key_file, args.identity)
     if args.command == "dev":
-        return _dev_issue(args) if args.dev_command == "issue" else _dev(args.dir, args.port)
+        if args.dev_command == "issue":
+            return _dev_issue(args)
+        return _dev(args.dir, DEV_PORT if args.port is None else args.port)
     return _serve(args.config, workers=args.workers)
 
 
@@ -109,6 +114,8 @@ def _dev_issue(args: argparse.Namespace) -> int:
     wanted = devissue.Wanted(kind, args.spiffe_id, tuple(args.dns_name), tuple(args.ip))
     ca_dir: Path = args.ca_dir or args.dir
     try:
+        if args.port is not None:
+            raise devissue.IssueError("--port is for serving (synctoken dev --port N): issue serves nothing")  # noqa: TRY301
         if args.ca and args.ca_dir is not None:
             raise devissue.IssueError("--ca makes a self-signed CA: --ca-dir does not apply")  # noqa: TRY301
         issued = devissue.issue(wanted, ca_dir, args.out, force=args.force)
