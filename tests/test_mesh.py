@@ -205,12 +205,19 @@ class TestConfig:
             ),
             (
                 '[mesh]\nlisten = "0.0.0.0:50052"\ntrust_forwarded_client_cert = true',
-                "mesh.listen: '0.0.0.0:50052' is neither unix:<path> nor a loopback host:port (127.0.0.1, [::1] or localhost): only the sidecar may reach it",
+                (
+                    "mesh.listen: '0.0.0.0:50052' resolves to 0.0.0.0, which is not loopback: only the sidecar may "
+                    "reach the mesh listener (use 127.0.0.1, [::1] or unix:<path>)"
+                ),
             ),
             ('[mesh]\nlisten = "unix:"\ntrust_forwarded_client_cert = true', "mesh.listen: unix: needs a socket path"),
             (
                 '[mesh]\nlisten = "unix:/x"\ntrust_forwarded_client_cert = true\nport = 1',
-                "mesh.port: unknown key; expected one of listen, trust_forwarded_client_cert",
+                "mesh.port: unknown key; expected one of listen, socket_group, trust_forwarded_client_cert",
+            ),
+            (
+                '[mesh]\nlisten = "localhost"\ntrust_forwarded_client_cert = true',
+                "mesh.listen: 'localhost' is neither unix:<path> nor a loopback host:port",
             ),
             ("[mesh]\ntrust_forwarded_client_cert = true", "mesh.listen: missing"),
         ],

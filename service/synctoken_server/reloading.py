@@ -170,6 +170,7 @@ def _restart_only(config: Config) -> dict[str, str]:
         "server.max_connection_age": format_duration(config.timeouts.connection_age),
         "metrics.listen": config.metrics_listen or "(off)",
         "mesh.listen": config.mesh.address if config.mesh else "(off)",
+        "mesh.socket_group": str(config.mesh.socket_group) if config.mesh and config.mesh.socket_group else "(none)",
     }
 
 
