@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.config import load_config
 from synctoken_server.configfile import ConfigError
+from synctoken_server.serveroptions import MAX_METADATA_BYTES
 
 WriteConfig = Callable[[str], Path]
 ALICE = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
@@ -74,6 +76,13 @@ class Mesh:
         error, info, _ = rpc_error(lambda: self.issue(request, *headers))
         return error.code(), info.reason, error.details() or ""
 
+    def caller_id(self, *headers: str) -> str:
+        """GetCallerIdentity over the socket: whom these x-forwarded-client-cert values name."""
+        response = self._stub.GetCallerIdentity(
+            pb.GetCallerIdentityRequest(), metadata=tuple(("x-forwarded-client-cert", h) for h in headers), timeout=10
+        )
+        return response.caller_id
+
     def close(self) -> None:
         self._channel.close()
 
@@ -98,6 +107,19 @@ class TestTrustedListener:
     def test_nearest_element_wins(self, mesh: Mesh) -> None:
         """With several proxies, the element the nearest one added (the last) names the caller."""
         assert mesh.issue(ALICE, f"{xfcc(STRANGER_ID)},{xfcc(BFF_ID)}").token
+
+    def test_appended_to_a_forged_header(self, mesh: Mesh) -> None:
+        """APPEND_FORWARD (Istio's default) keeps what the client sent in front: the sidecar's element, last, wins.
+
+        The client forged an element naming the BFF; the sidecar appended the one for the
+        certificate the client really presented (a stranger's): the caller is the stranger.
+        """
+        forged = f"By=spiffe://example.org/ns/web/sa/anything;URI={BFF_ID}"
+        header = f"{forged},{xfcc(STRANGER_ID)}"
+        assert mesh.caller_id(header) == STRANGER_ID
+        code, reason, _ = mesh.refused(ALICE, header)
+        assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED")
+        assert mesh.caller_id(f"{xfcc(STRANGER_ID)},{xfcc(BFF_ID)}") == BFF_ID
 
     @pytest.mark.parametrize(
         ("uri", "request_", "reason"),
@@ -147,6 +169,37 @@ class TestTrustedListener:
         code, reason, message = mesh.refused(ALICE, *headers)
         assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "CALLER_UNAUTHENTICATED")
         assert message == f"client certificate has no acceptable caller id: {why}"
+
+
+def forwarded_certificates(pki: Pki, size: int) -> str:
+    """An XFCC element as a sidecar writes it when told to forward whole certificates, about `size` bytes long.
+
+    Cert= is the caller's URL-encoded PEM, Chain= repeats it (a long chain) until the header has the size.
+    """
+    cert_file, _ = pki.files("bff")
+    pem = urllib.parse.quote(cert_file.read_text(), safe="")
+    head = f'By={SIDECAR};Hash=c0ffee;Cert="{pem}";URI={BFF_ID};Chain="'
+    chain = (pem * (size // len(pem) + 1))[: size - len(head) - 1]
+    return f'{head}{chain}"'
+
+
+class TestForwardedCertificateSize:
+    """Sidecars that forward whole certificates (Cert=, Chain=) make long headers; gRPC limits all headers."""
+
+    def test_under_the_limit_always_served(self, mesh: Mesh, pki: Pki) -> None:
+        """12 KiB of XFCC is served every time (gRPC's default soft limit would refuse it about half the time)."""
+        header = forwarded_certificates(pki, 12 * 1024)
+        assert len(header) == 12 * 1024
+        for _ in range(20):
+            assert mesh.caller_id(header) == BFF_ID
+
+    def test_over_the_limit_refused(self, mesh: Mesh, pki: Pki) -> None:
+        """Headers over 16 KiB are refused by gRPC itself, before synctoken sees the call: no ErrorInfo."""
+        header = forwarded_certificates(pki, MAX_METADATA_BYTES + 1)
+        with pytest.raises(grpc.RpcError) as caught:
+            mesh.caller_id(header)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "received metadata size exceeds hard limit" in (caught.value.details() or "")
 
 
 class TestTlsListener:
