@@ -30,8 +30,6 @@ from synctoken_server.configfile import TomlReader
 from synctoken_server.errors import CallerUnauthenticated, ForwardedCertNotTrusted
 from synctoken_server.identity import (
     NO_CERTIFICATE,
-    NO_WORKLOAD_PATH,
-    NOT_A_SPIFFE_ID,
     CallerIdentityRules,
     IdentitySource,
     parse_spiffe_id,
@@ -39,6 +37,9 @@ from synctoken_server.identity import (
 from synctoken_server.metrics import split_listen
 
 NOT_ONE_HEADER = "the mesh listener needs exactly one x-forwarded-client-cert header"
+# The header's URI= is the forwarded certificate's URI SAN; these say it as the header does.
+NOT_A_SPIFFE_ID = "its URI is not a SPIFFE ID"
+NO_WORKLOAD_PATH = "its URI names a trust domain, not a workload (it has no path)"
 
 _KEYS = {"listen", "trust_forwarded_client_cert", "socket_group"}
 _OWNER_ONLY = 0o600
@@ -201,18 +202,20 @@ def caller_id(
     if not mesh:  # no plaintext listener exists; refuse rather than trust a transport we did not expect
         raise CallerUnauthenticated(NO_CERTIFICATE)
     if len(forwarded) != 1:
-        raise CallerUnauthenticated(NOT_ONE_HEADER)
+        raise CallerUnauthenticated(NOT_ONE_HEADER, forwarded=True)
     try:
         uri = xfcc.nearest_uri(forwarded[0])
     except xfcc.XfccError as exc:
-        raise CallerUnauthenticated(f"its x-forwarded-client-cert header is malformed: {exc}") from None
+        raise CallerUnauthenticated(f"the header is malformed: {exc}", forwarded=True) from None
     try:
         spiffe_id = parse_spiffe_id(uri)
     except ValueError:
-        raise CallerUnauthenticated(NOT_A_SPIFFE_ID, (uri,)) from None
+        raise CallerUnauthenticated(NOT_A_SPIFFE_ID, (uri,), forwarded=True) from None
     if not spiffe_id.path:
-        raise CallerUnauthenticated(NO_WORKLOAD_PATH, (uri,))
+        raise CallerUnauthenticated(NO_WORKLOAD_PATH, (uri,), forwarded=True)
     if spiffe_id.trust_domain.name not in rules.trust_domains:
         # Safe to name: it passed the trust domain grammar.
-        raise CallerUnauthenticated(f"trust domain {spiffe_id.trust_domain.name} is not trusted", (uri,))
+        raise CallerUnauthenticated(
+            f"trust domain {spiffe_id.trust_domain.name} is not trusted", (uri,), forwarded=True
+        )
     return uri
