@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from support import (
     STRANGER_ID,
     LeakWatch,
     Pki,
+    Process,
     RunningServer,
     ServerHarness,
     config_text,
@@ -245,6 +248,47 @@ class TestGrpcurl:
         response = json.loads(result.stdout)
         leak_watch.tokens.add(response["token"])
         assert response["identity"] == "alice"
+
+
+class TestStartedLine:
+    """server.started names every listener, as bound, so that an operator sees what is reachable."""
+
+    def test_names_every_listener(
+        self, pki: Pki, tmp_path: Path, socket_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """The mTLS port, the mesh socket and the metrics address (its real port, configured as :0)."""
+        text = mesh_config(pki, socket_path) + '\n[metrics]\nlisten = "127.0.0.1:0"\n'
+        path = tmp_path / "synctoken.toml"
+        path.write_text(text, encoding="utf-8")
+        process = Process(["serve", "--config", str(path)], tmp_path, leak_watch, env=os.environ | SECRET_ENV)
+        processes.append(process)
+        [started] = process.wait_for_records("server.started")
+        assert (started["listen"], started["mesh"]) == ("127.0.0.1:0", [f"unix:{socket_path}"])
+        assert isinstance(started["port"], int)
+        assert started["port"] > 0
+        host, _, port = started["metrics"].rpartition(":")
+        assert (host, port != "0") == ("127.0.0.1", True)
+        with urllib.request.urlopen(f"http://{started['metrics']}/", timeout=10) as scrape:
+            assert b"synctoken_tokens_issued_total" in scrape.read()
+        assert process.terminate() == 0
+
+    def test_loopback_mesh_as_bound(
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """A mesh port configured as localhost:0 is named by the addresses and port bound; no metrics: null."""
+        text = '[mesh]\nlisten = "localhost:0"\ntrust_forwarded_client_cert = true\n' + config_text(pki)
+        path = tmp_path / "synctoken.toml"
+        path.write_text(text, encoding="utf-8")
+        process = Process(["serve", "--config", str(path)], tmp_path, leak_watch, env=os.environ | SECRET_ENV)
+        processes.append(process)
+        [started] = process.wait_for_records("server.started")
+        assert started["metrics"] is None
+        assert started["mesh"]
+        for address in started["mesh"]:
+            host, _, port = address.rpartition(":")
+            assert host in {"127.0.0.1", "[::1]"}
+            assert int(port) not in {0, started["port"]}
+        assert process.terminate() == 0
 
 
 class TestConfig:
