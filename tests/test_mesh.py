@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from support import (
     STRANGER_ID,
     LeakWatch,
     Pki,
+    Process,
     RunningServer,
     ServerHarness,
     config_text,
@@ -29,6 +33,7 @@ from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.config import load_config
 from synctoken_server.configfile import ConfigError
+from synctoken_server.serveroptions import MAX_METADATA_BYTES
 
 WriteConfig = Callable[[str], Path]
 ALICE = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
@@ -74,6 +79,13 @@ class Mesh:
         error, info, _ = rpc_error(lambda: self.issue(request, *headers))
         return error.code(), info.reason, error.details() or ""
 
+    def caller_id(self, *headers: str) -> str:
+        """GetCallerIdentity over the socket: whom these x-forwarded-client-cert values name."""
+        response = self._stub.GetCallerIdentity(
+            pb.GetCallerIdentityRequest(), metadata=tuple(("x-forwarded-client-cert", h) for h in headers), timeout=10
+        )
+        return response.caller_id
+
     def close(self) -> None:
         self._channel.close()
 
@@ -98,6 +110,19 @@ class TestTrustedListener:
     def test_nearest_element_wins(self, mesh: Mesh) -> None:
         """With several proxies, the element the nearest one added (the last) names the caller."""
         assert mesh.issue(ALICE, f"{xfcc(STRANGER_ID)},{xfcc(BFF_ID)}").token
+
+    def test_appended_to_a_forged_header(self, mesh: Mesh) -> None:
+        """APPEND_FORWARD (Istio's default) keeps what the client sent in front: the sidecar's element, last, wins.
+
+        The client forged an element naming the BFF; the sidecar appended the one for the
+        certificate the client really presented (a stranger's): the caller is the stranger.
+        """
+        forged = f"By=spiffe://example.org/ns/web/sa/anything;URI={BFF_ID}"
+        header = f"{forged},{xfcc(STRANGER_ID)}"
+        assert mesh.caller_id(header) == STRANGER_ID
+        code, reason, _ = mesh.refused(ALICE, header)
+        assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED")
+        assert mesh.caller_id(f"{xfcc(STRANGER_ID)},{xfcc(BFF_ID)}") == BFF_ID
 
     @pytest.mark.parametrize(
         ("uri", "request_", "reason"),
@@ -127,26 +152,58 @@ class TestTrustedListener:
             ((xfcc(BFF_ID), xfcc(BFF_ID)), "the mesh listener needs exactly one x-forwarded-client-cert header"),
             (
                 (f'By={SIDECAR};Subject="unterminated;URI={BFF_ID}',),
-                "its x-forwarded-client-cert header is malformed: an unterminated quote from offset 54",
+                "the header is malformed: an unterminated quote from offset 54",
             ),
             (
                 (f"By={SIDECAR};Hash=c0ffee",),
-                "its x-forwarded-client-cert header is malformed: the nearest proxy's element has 0 URI values, not one",
+                "the header is malformed: the nearest proxy's element has 0 URI values, not one",
             ),
             (
                 (f"By={SIDECAR};URI={BFF_ID};URI={CHAT_WORKER_ID}",),
-                "its x-forwarded-client-cert header is malformed: the nearest proxy's element has 2 URI values, not one",
+                "the header is malformed: the nearest proxy's element has 2 URI values, not one",
             ),
             ((xfcc("spiffe://evil.example/ns/web/sa/bff"),), "trust domain evil.example is not trusted"),
-            ((xfcc("https://bff.example.org"),), "its URI SAN is not a SPIFFE ID"),
-            ((xfcc("spiffe://example.org"),), "its SPIFFE ID names a trust domain, not a workload (it has no path)"),
+            ((xfcc("https://bff.example.org"),), "its URI is not a SPIFFE ID"),
+            ((xfcc("spiffe://example.org"),), "its URI names a trust domain, not a workload (it has no path)"),
         ],
     )
     def test_refused(self, mesh: Mesh, headers: tuple[str, ...], why: str) -> None:
         """A missing, repeated or malformed header, or a URI that is no acceptable SPIFFE ID, is refused."""
         code, reason, message = mesh.refused(ALICE, *headers)
         assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "CALLER_UNAUTHENTICATED")
-        assert message == f"client certificate has no acceptable caller id: {why}"
+        # There is no client certificate on this listener: the message names what there is.
+        assert message == f"x-forwarded-client-cert has no acceptable caller id: {why}"
+
+
+def forwarded_certificates(pki: Pki, size: int) -> str:
+    """An XFCC element as a sidecar writes it when told to forward whole certificates, about `size` bytes long.
+
+    Cert= is the caller's URL-encoded PEM, Chain= repeats it (a long chain) until the header has the size.
+    """
+    cert_file, _ = pki.files("bff")
+    pem = urllib.parse.quote(cert_file.read_text(), safe="")
+    head = f'By={SIDECAR};Hash=c0ffee;Cert="{pem}";URI={BFF_ID};Chain="'
+    chain = (pem * (size // len(pem) + 1))[: size - len(head) - 1]
+    return f'{head}{chain}"'
+
+
+class TestForwardedCertificateSize:
+    """Sidecars that forward whole certificates (Cert=, Chain=) make long headers; gRPC limits all headers."""
+
+    def test_under_the_limit_always_served(self, mesh: Mesh, pki: Pki) -> None:
+        """12 KiB of XFCC is served every time (gRPC's default soft limit would refuse it about half the time)."""
+        header = forwarded_certificates(pki, 12 * 1024)
+        assert len(header) == 12 * 1024
+        for _ in range(20):
+            assert mesh.caller_id(header) == BFF_ID
+
+    def test_over_the_limit_refused(self, mesh: Mesh, pki: Pki) -> None:
+        """Headers over 16 KiB are refused by gRPC itself, before synctoken sees the call: no ErrorInfo."""
+        header = forwarded_certificates(pki, MAX_METADATA_BYTES + 1)
+        with pytest.raises(grpc.RpcError) as caught:
+            mesh.caller_id(header)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "received metadata size exceeds hard limit" in (caught.value.details() or "")
 
 
 class TestTlsListener:
@@ -193,6 +250,47 @@ class TestGrpcurl:
         assert response["identity"] == "alice"
 
 
+class TestStartedLine:
+    """server.started names every listener, as bound, so that an operator sees what is reachable."""
+
+    def test_names_every_listener(
+        self, pki: Pki, tmp_path: Path, socket_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """The mTLS port, the mesh socket and the metrics address (its real port, configured as :0)."""
+        text = mesh_config(pki, socket_path) + '\n[metrics]\nlisten = "127.0.0.1:0"\n'
+        path = tmp_path / "synctoken.toml"
+        path.write_text(text, encoding="utf-8")
+        process = Process(["serve", "--config", str(path)], tmp_path, leak_watch, env=os.environ | SECRET_ENV)
+        processes.append(process)
+        [started] = process.wait_for_records("server.started")
+        assert (started["listen"], started["mesh"]) == ("127.0.0.1:0", [f"unix:{socket_path}"])
+        assert isinstance(started["port"], int)
+        assert started["port"] > 0
+        host, _, port = started["metrics"].rpartition(":")
+        assert (host, port != "0") == ("127.0.0.1", True)
+        with urllib.request.urlopen(f"http://{started['metrics']}/", timeout=10) as scrape:
+            assert b"synctoken_tokens_issued_total" in scrape.read()
+        assert process.terminate() == 0
+
+    def test_loopback_mesh_as_bound(
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """A mesh port configured as localhost:0 is named by the addresses and port bound; no metrics: null."""
+        text = '[mesh]\nlisten = "localhost:0"\ntrust_forwarded_client_cert = true\n' + config_text(pki)
+        path = tmp_path / "synctoken.toml"
+        path.write_text(text, encoding="utf-8")
+        process = Process(["serve", "--config", str(path)], tmp_path, leak_watch, env=os.environ | SECRET_ENV)
+        processes.append(process)
+        [started] = process.wait_for_records("server.started")
+        assert started["metrics"] is None
+        assert started["mesh"]
+        for address in started["mesh"]:
+            host, _, port = address.rpartition(":")
+            assert host in {"127.0.0.1", "[::1]"}
+            assert int(port) not in {0, started["port"]}
+        assert process.terminate() == 0
+
+
 class TestConfig:
     """The [mesh] table."""
 
@@ -205,12 +303,19 @@ class TestConfig:
             ),
             (
                 '[mesh]\nlisten = "0.0.0.0:50052"\ntrust_forwarded_client_cert = true',
-                "mesh.listen: '0.0.0.0:50052' is neither unix:<path> nor a loopback host:port (127.0.0.1, [::1] or localhost): only the sidecar may reach it",
+                (
+                    "mesh.listen: '0.0.0.0:50052' resolves to 0.0.0.0, which is not loopback: only the sidecar may "
+                    "reach the mesh listener (use 127.0.0.1, [::1] or unix:<path>)"
+                ),
             ),
             ('[mesh]\nlisten = "unix:"\ntrust_forwarded_client_cert = true', "mesh.listen: unix: needs a socket path"),
             (
                 '[mesh]\nlisten = "unix:/x"\ntrust_forwarded_client_cert = true\nport = 1',
-                "mesh.port: unknown key; expected one of listen, trust_forwarded_client_cert",
+                "mesh.port: unknown key; expected one of listen, socket_group, trust_forwarded_client_cert",
+            ),
+            (
+                '[mesh]\nlisten = "localhost"\ntrust_forwarded_client_cert = true',
+                "mesh.listen: 'localhost' is neither unix:<path> nor a loopback host:port",
             ),
             ("[mesh]\ntrust_forwarded_client_cert = true", "mesh.listen: missing"),
         ],

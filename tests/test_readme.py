@@ -247,6 +247,17 @@ class TestTryTheReferenceConfig:
         assert (decision["caller_id"], decision["outcome"]) == ("spiffe://example.org/ns/web/sa/bff", "issued")
         assert decision["identity"].startswith("h:")  # the audit key is in use
         assert (try_dir / "mesh.sock").is_socket()
+        # Mesh mode's grpcurl line reaches the same example over its socket, as the sidecar would.
+        [mesh_call] = blocks(section("#### Mesh mode"), "sh")
+        result = run_script(as_here(mesh_call, port), tmp_path)
+        assert result.returncode == 0, result.stderr
+        [response] = issued_tokens(result.stdout, leak_watch)
+        assert jwt.decode(response["token"], secrets[0], algorithms=["HS256"])["grants"]["identity"] == "alice"
+        mesh_decision = server.wait_for_records("token.decision", 2)[1]
+        assert (mesh_decision["caller_id"], mesh_decision["outcome"]) == (
+            "spiffe://example.org/ns/web/sa/bff",
+            "issued",
+        )
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/", timeout=10) as scrape:
             assert b"synctoken_tokens_issued_total" in scrape.read()
         checked = subprocess.run(

@@ -7,6 +7,7 @@ calls and time. The snapshot's all-or-nothing rule is checked in process.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,6 +202,23 @@ class TestRestartOnly:
         )
         server.process.wait_for_records("config.reloaded")
         assert server.issue(ASK_FOR_C)
+
+    def test_mesh_socket_group_change_needs_a_restart(
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """The socket's group is set when it is made: a new socket_group is named as needing a restart."""
+        port = free_port()
+        mesh = f'[mesh]\nlisten = "unix:{tmp_path}/m.sock"\ntrust_forwarded_client_cert = true\n'
+        base = config_text(pki, listen=f"127.0.0.1:{port}")
+        process = serve(mesh + base, tmp_path, leak_watch, processes, 1)
+        replace_file(tmp_path / "synctoken.toml", (mesh + f"socket_group = {os.getegid()}\n" + base).encode())
+        [pending] = process.wait_for_records("config.restart_required")
+        assert (pending["key"], pending["running"], pending["configured"]) == (
+            "mesh.socket_group",
+            "(none)",
+            str(os.getegid()),
+        )
+        process.wait_for_records("config.reloaded")
 
     def test_identity_source_change_is_refused_whole(self, start: Start, pki: Pki) -> None:
         """Switching to dns_san would make every caller id mean something else: nothing is reloaded."""

@@ -136,7 +136,7 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
         timeouts=timeouts,
         metrics_listen=read_metrics_listen(r, data),
         audit_identity=read_audit(r, data),
-        mesh=read_mesh(r, data, source),
+        mesh=read_mesh(r, data, source, listen),
         warnings=tuple(r.warnings),
         files=tuple(r.files.items()),
         effective=tuple(r.effective.items()),

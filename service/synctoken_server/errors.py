@@ -96,25 +96,29 @@ class MalformedRequest(SynctokenError):
 
 
 class CallerUnauthenticated(SynctokenError):
-    r"""The TLS peer's certificate carries no caller id the server accepts.
+    r"""The caller's certificate carries no caller id the server accepts.
 
-    `why` is one of the identity module's fixed phrases, never certificate
-    bytes. The SANs the certificate offered go to the audit record only, as
-    received but escaped, so that a NUL or a newline shows as \x00 or \n
-    instead of cutting or splitting the record.
+    On the mTLS listener that is the TLS peer's certificate; on the mesh
+    listener (`forwarded`) it is the one the sidecar forwarded in
+    x-forwarded-client-cert, and the message says so: there the caller sent
+    no certificate of its own. `why` is one of the identity or mesh module's
+    fixed phrases, never certificate bytes. The SANs offered go to the audit
+    record only, as received but escaped, so that a NUL or a newline shows
+    as \x00 or \n instead of cutting or splitting the record.
     """
 
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = token_service_pb2.ERROR_REASON_CALLER_UNAUTHENTICATED
 
-    def __init__(self, why: str, presented_sans: Sequence[str] = ()) -> None:
+    def __init__(self, why: str, presented_sans: Sequence[str] = (), *, forwarded: bool = False) -> None:
         escaped = [escape(san) for san in presented_sans]
         audit: dict[str, object] = {}
         if len(escaped) == 1:
             audit["presented_san"] = escaped[0]
         elif escaped:
             audit["presented_sans"] = escaped
-        super().__init__(f"client certificate has no acceptable caller id: {why}", audit=audit)
+        subject = "x-forwarded-client-cert" if forwarded else "client certificate"
+        super().__init__(f"{subject} has no acceptable caller id: {why}", audit=audit)
 
 
 class ForwardedCertNotTrusted(SynctokenError):

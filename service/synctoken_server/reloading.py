@@ -163,6 +163,7 @@ class ConfigReloader:
 
 
 def _restart_only(config: Config) -> dict[str, str]:
+    group = config.mesh.socket_group if config.mesh else None
     return {
         "server.listen": config.listen,
         "server.handshake_timeout": format_duration(config.timeouts.handshake),
@@ -170,6 +171,7 @@ def _restart_only(config: Config) -> dict[str, str]:
         "server.max_connection_age": format_duration(config.timeouts.connection_age),
         "metrics.listen": config.metrics_listen or "(off)",
         "mesh.listen": config.mesh.address if config.mesh else "(off)",
+        "mesh.socket_group": "(none)" if group is None else str(group),  # set when the socket is made
     }
 
 

@@ -110,11 +110,13 @@ async def _serve(
     reloader = ConfigReloader(path, server, config)
     loop.add_signal_handler(signal.SIGHUP, reloader.request)
     reloading = asyncio.create_task(reloader.run(), name="config-reload")
+    # Every listener, as bound: an operator checks here what is reachable, the plaintext ones included.
     log.info(
         "server.started",
         listen=config.listen,
         port=server.port,
-        metrics_port=server.metrics_port,
+        mesh=list(server.mesh_addresses) or None,
+        metrics=_metrics_address(config.metrics_listen, server.metrics_port),
         identity_source=config.identity_source.value,
         callers=len(config.policy),
         open_file_limit=open_files,
@@ -141,6 +143,16 @@ async def _serve(
         await server.stop(drain_delay=0, grace=0)
     log.info("server.stopped")
     return 0
+
+
+def _metrics_address(listen: str | None, port: int | None) -> str | None:
+    """Where metrics are scraped: as configured, with the port bound (a configured :0 is no address).
+
+    Without a port of its own, a worker's scrape is the workers' parent's, at the configured address.
+    """
+    if listen is None or port is None:
+        return listen
+    return f"{listen.rpartition(':')[0]}:{port}"
 
 
 async def _second_signal(

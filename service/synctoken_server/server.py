@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from synctoken.v1 import token_service_pb2
-from synctoken_server import metrics
+from synctoken_server import meshbind, metrics
 from synctoken_server.audit import AuditLog
 from synctoken_server.certificates import ServerCertificates
 from synctoken_server.config import Config
@@ -75,12 +75,11 @@ class TokenServer:
             self.port = self._server.add_secure_port(config.listen, self.certificates.credentials())
         except RuntimeError as exc:  # grpc's way of saying bind() failed
             raise OSError(f"cannot listen on {config.listen}: address in use or not available") from exc
+        self.mesh_addresses: tuple[str, ...] = ()
+        """What the mesh listener listens on (a unix: path, or loopback host:port each); () when off."""
         if config.mesh is not None:
             # Plaintext on purpose: the sidecar terminated TLS, and only it can reach this address.
-            try:
-                self._server.add_insecure_port(config.mesh.address)
-            except RuntimeError as exc:
-                raise OSError(f"cannot listen on {config.mesh.address}: in use or not available") from exc
+            self.mesh_addresses = meshbind.bind(self._server, config.mesh, self.port)
         # With several workers the parent serves the scrape for all of them (see running.py).
         if config.metrics_listen is not None and self.metrics.registry is not None and workers == 1:
             self._metrics_listener = metrics.serve(config.metrics_listen, self.metrics.registry)

@@ -13,6 +13,12 @@ MAX_REQUEST_BYTES = 4 * 1024
 """A valid IssueTokenRequest is well under 1 KiB; anything bigger is refused
 by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed."""
 
+MAX_METADATA_BYTES = 16 * 1024
+"""A request's headers, all together. gRPC's defaults are a soft limit of 8 KiB and a hard one of
+16 KiB, and between the two it refuses at random, more often the larger the headers: a sidecar
+forwarding whole certificates in x-forwarded-client-cert (Cert=, Chain=) would fail now and then.
+One limit makes the answer the same every time."""
+
 
 @dataclass(frozen=True)
 class ServerTimeouts:
@@ -37,6 +43,8 @@ def server_options(timeouts: ServerTimeouts, *, reuse_port: bool) -> list[tuple[
     """The gRPC server's channel arguments (the benchmark's empty RPC server uses them too)."""
     return [
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         # gRPC enables SO_REUSEPORT by default, so a second server on a busy
         # port would start "fine" and silently take half the traffic. Only
         # our own workers share a port, and they ask for it.
