@@ -172,7 +172,8 @@ class TestRateLimiter:
             clock.now += 1
         refusal = limiter.check(limits, CALLER, "late")
         assert refusal is not None
-        assert (refusal.subject, refusal.retry_after) == (TABLE_FULL_SUBJECT, pytest.approx(6))
+        assert refusal.subject == TABLE_FULL_SUBJECT
+        assert refusal.retry_after == pytest.approx(6)
         clock.now += refusal.retry_after
         assert limiter.check(limits, CALLER, "late") is None
         assert len(limiter) == 4
