@@ -175,6 +175,11 @@ class RunningServer:
         await server.start()
         return server
 
+    @property
+    def buckets(self) -> int:
+        """How many rate-limit buckets the server holds."""
+        return len(self._server.limiter)
+
     def _call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
@@ -218,10 +223,12 @@ class ServerHarness:
     _servers: list[RunningServer] = field(default_factory=list)
     _channels: list[grpc.Channel] = field(default_factory=list)
 
-    def start(self, text: str | None = None, audit_log: AuditLog | None = None, **kwargs: str) -> RunningServer:
+    def start(
+        self, text: str | None = None, audit_log: AuditLog | None = None, max_buckets: int = MAX_BUCKETS, **kwargs: str
+    ) -> RunningServer:
         """Start a server with `text` as its config (default: the suite's policy)."""
         config = load_config(self.write_config(text or config_text(self.pki, **kwargs)), environ=SECRET_ENV)
-        return self.start_config(config, audit_log)
+        return self.start_config(config, audit_log, max_buckets)
 
     def start_config(
         self, config: Config, audit_log: AuditLog | None = None, max_buckets: int = MAX_BUCKETS
