@@ -234,10 +234,20 @@ class TestReload:
             # Burst raised: nothing added; the bucket refills towards it at the rate.
             (caller(1, 2), caller(1, 10), 2, 1, 0, 1),
             (caller(1, 2), caller(1, 10), 2, 1, 5, 6),
+            # Burst raised over a bucket that has refilled: full is the same as no bucket, so the new burst.
+            (caller(1, 2), caller(1, 10), 1, 1, 0, 10),
             # Unchanged: as if there had been no reload.
             (caller(2, 10), caller(2, 10), 10, 1, 1, 4),
         ],
-        ids=["rate lowered", "rate raised", "burst lowered", "burst raised", "burst raised, refilling", "unchanged"],
+        ids=[
+            "rate lowered",
+            "rate raised",
+            "burst lowered",
+            "burst raised",
+            "burst raised, refilling",
+            "burst raised, refilled",
+            "unchanged",
+        ],
     )
     def test_no_fresh_burst(
         self, old: CallerLimits, new: CallerLimits, take: int, before: float, after: float, allowed: int

@@ -227,8 +227,10 @@ class RateLimiter:
         new one; a lowered burst caps what it holds and a raised one adds
         nothing (it is reached by refilling). Its refill time is worked out
         again under the new limit, so it is forgotten neither early nor late.
-        A bucket whose limit is gone, or that is full, is dropped: it is the
-        same as no bucket. Called on the event loop, between two RPCs.
+        A bucket whose limit is gone, or that is full under the old limit or
+        the new, is dropped: it is the same as no bucket (so a full one starts
+        with the new burst, as a new caller does, whether or not the sweep had
+        already met it). Called on the event loop, between two RPCs.
         """
         now = self._clock()
         changes: dict[str, tuple[CallerLimits | None, CallerLimits | None]] = {}
@@ -242,7 +244,10 @@ class RateLimiter:
             if new is None:
                 continue
             # No old limit: the bucket was made under limits older than `before`; credit it nothing.
-            tokens = min(new.burst, bucket.tokens if old is None else _level(bucket, old, now))
+            level = bucket.tokens if old is None else _level(bucket, old, now)
+            if old is not None and level >= old.burst:
+                continue  # full, so the same as no bucket, whether or not the sweep had met it yet
+            tokens = min(new.burst, level)
             if tokens >= new.burst:
                 continue
             bucket.tokens, bucket.stamp = tokens, now
