@@ -227,31 +227,40 @@ class RateLimiter:
         new one; a lowered burst caps what it holds and a raised one adds
         nothing (it is reached by refilling). Its refill time is worked out
         again under the new limit, so it is forgotten neither early nor late.
-        A bucket whose limit is gone, or that is full under the old limit or
-        the new, is dropped: it is the same as no bucket (so a full one starts
-        with the new burst, as a new caller does, whether or not the sweep had
-        already met it). Called on the event loop, between two RPCs.
+        A bucket whose limit is gone, or whose limit changed and that is full
+        under the old limit or the new, is dropped: it is the same as no
+        bucket (so a full one starts with the new burst, as a new caller does,
+        whether or not the sweep had already met it). Work is per bucket, and
+        none when no limit in use changed. Called on the event loop, between
+        two RPCs.
         """
         now = self._clock()
-        changes: dict[str, tuple[CallerLimits | None, CallerLimits | None]] = {}
+        # Per caller id: (old, new) for its caller bucket, then for its identity buckets.
+        changes: dict[str, tuple[Limit | None, Limit | None, Limit | None, Limit | None]] = {}
+        for caller_id, _ in self._buckets:
+            if caller_id not in changes:
+                old, new = before(caller_id) or _NO_LIMITS, after(caller_id) or _NO_LIMITS
+                changes[caller_id] = (old.caller, new.caller, old.identity, new.identity)
+        if all(change[0] == change[1] and change[2] == change[3] for change in changes.values()):
+            return  # the common reload: no limit in use changed, so every bucket is right as it is
         kept: dict[_Key, _Bucket] = {}
         for key, bucket in self._buckets.items():
-            caller_id, identity = key
-            change = changes.get(caller_id)
-            if change is None:
-                change = changes[caller_id] = (before(caller_id), after(caller_id))
-            old, new = (_of_kind(limits, identity) for limits in change)
-            if new is None:
+            change = changes[key[0]]
+            old_limit, new_limit = (change[0], change[1]) if key[1] is None else (change[2], change[3])
+            if new_limit is None:
+                continue
+            if old_limit == new_limit:
+                kept[key] = bucket  # its tokens, stamp and refill time hold as they are
                 continue
             # No old limit: the bucket was made under limits older than `before`; credit it nothing.
-            level = bucket.tokens if old is None else _level(bucket, old, now)
-            if old is not None and level >= old.burst:
+            level = bucket.tokens if old_limit is None else _level(bucket, old_limit, now)
+            if old_limit is not None and level >= old_limit.burst:
                 continue  # full, so the same as no bucket, whether or not the sweep had met it yet
-            tokens = min(new.burst, level)
-            if tokens >= new.burst:
+            tokens = min(new_limit.burst, level)
+            if tokens >= new_limit.burst:
                 continue
             bucket.tokens, bucket.stamp = tokens, now
-            bucket.full_at = now + (new.burst - tokens) / new.rate
+            bucket.full_at = now + (new_limit.burst - tokens) / new_limit.rate
             kept[key] = bucket
         self._buckets = kept
         self._refills = [(bucket.full_at, next(self._order), bucket) for bucket in kept.values()]
@@ -288,13 +297,7 @@ class RateLimiter:
                 heapq.heappush(refills, (bucket.full_at, next(self._order), bucket))
 
 
-def _of_kind(limits: CallerLimits | None, identity: str | None) -> Limit | None:
-    """The caller limit for a caller's bucket, the identity limit for an identity's."""
-    if limits is None:
-        return None
-    return limits.caller if identity is None else limits.identity
-
-
+_NO_LIMITS = CallerLimits()
 _SWEEP_PER_CALL = 2
 _BUCKETS_PER_REQUEST = 2
 """A caller's and an identity's: the table must hold at least that many, or such a request could never go through."""
