@@ -27,6 +27,7 @@ from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
 from synctoken_server import logs
 from synctoken_server.audit import AuditLog
 from synctoken_server.config import Config, load_config
+from synctoken_server.limits import MAX_BUCKETS
 from synctoken_server.linesink import LineSink
 from synctoken_server.minting import Minter, TokenTimes
 from synctoken_server.pki import CertificateAuthority, KeyPair
@@ -162,17 +163,22 @@ class LeakWatch:
 class RunningServer:
     """A real TokenServer on 127.0.0.1, its asyncio loop in a background thread."""
 
-    def __init__(self, config: Config, audit_log: AuditLog | None = None) -> None:
+    def __init__(self, config: Config, audit_log: AuditLog | None = None, max_buckets: int = MAX_BUCKETS) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-server-loop", daemon=True)
         self._thread.start()
-        self._server = self._call(self._start(config, audit_log))
+        self._server = self._call(self._start(config, audit_log, max_buckets))
         self.port = self._server.port
 
-    async def _start(self, config: Config, audit_log: AuditLog | None) -> TokenServer:
-        server = TokenServer(config, audit_log)
+    async def _start(self, config: Config, audit_log: AuditLog | None, max_buckets: int) -> TokenServer:
+        server = TokenServer(config, audit_log, max_buckets=max_buckets)
         await server.start()
         return server
+
+    @property
+    def buckets(self) -> int:
+        """How many rate-limit buckets the server holds."""
+        return len(self._server.limiter)
 
     def _call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
@@ -217,14 +223,18 @@ class ServerHarness:
     _servers: list[RunningServer] = field(default_factory=list)
     _channels: list[grpc.Channel] = field(default_factory=list)
 
-    def start(self, text: str | None = None, audit_log: AuditLog | None = None, **kwargs: str) -> RunningServer:
+    def start(
+        self, text: str | None = None, audit_log: AuditLog | None = None, max_buckets: int = MAX_BUCKETS, **kwargs: str
+    ) -> RunningServer:
         """Start a server with `text` as its config (default: the suite's policy)."""
         config = load_config(self.write_config(text or config_text(self.pki, **kwargs)), environ=SECRET_ENV)
-        return self.start_config(config, audit_log)
+        return self.start_config(config, audit_log, max_buckets)
 
-    def start_config(self, config: Config, audit_log: AuditLog | None = None) -> RunningServer:
-        """Start a server from an already loaded config."""
-        server = RunningServer(config, audit_log)
+    def start_config(
+        self, config: Config, audit_log: AuditLog | None = None, max_buckets: int = MAX_BUCKETS
+    ) -> RunningServer:
+        """Start a server from an already loaded config (and at most `max_buckets` rate-limit buckets)."""
+        server = RunningServer(config, audit_log, max_buckets)
         self._servers.append(server)
         return server
 

@@ -10,7 +10,7 @@ import pytest
 from support import POLICY_TOML, SECRET_ENV, Pki, config_text
 from synctoken_server.config import load_config
 from synctoken_server.configfile import ConfigError
-from synctoken_server.limits import CallerLimits, Limit, RateLimiter, identity_digest
+from synctoken_server.limits import TABLE_FULL_SUBJECT, CallerLimits, Limit, RateLimiter, identity_digest
 
 WriteConfig = Callable[[str], Path]
 CALLER = "spiffe://t/svc"
@@ -97,11 +97,10 @@ class TestRateLimiter:
         assert len(limiter) == 1
 
     def test_bucket_count_is_capped(self) -> None:
-        """However many identities are active at once, no more than the cap are kept."""
+        """However many identities are active at once, no more than the cap are kept; the rest are refused."""
         limiter = RateLimiter(Clock(), max_buckets=50)
         limits = CallerLimits(identity=Limit(rate=0.001, burst=1))
-        for i in range(500):
-            limiter.check(limits, CALLER, f"user-{i}")
+        assert sum(limiter.check(limits, CALLER, f"user-{i}") is None for i in range(500)) == 50
         assert len(limiter) == 50
 
     def test_lowered_burst_applies_at_once(self) -> None:
@@ -109,6 +108,93 @@ class TestRateLimiter:
         limiter = RateLimiter(Clock())
         assert taken(limiter, CallerLimits(caller=Limit(rate=1, burst=10)), 1) == 1
         assert taken(limiter, CallerLimits(caller=Limit(rate=1, burst=2)), 10) == 2
+
+    def test_caller_refusal_creates_no_identity_bucket(self) -> None:
+        """A caller over its own limit can send any number of identities: none of them gets a bucket."""
+        limiter = RateLimiter(Clock())
+        limits = CallerLimits(caller=Limit(rate=0.001, burst=1), identity=Limit(rate=1, burst=5))
+        assert taken(limiter, limits, 1) == 1
+        before = len(limiter)
+        for i in range(200):
+            refusal = limiter.check(limits, CALLER, f"user-{i}")
+            assert refusal is not None
+            assert refusal.subject == f"caller:{CALLER}"
+        assert len(limiter) == before
+
+    def test_identity_refusal_creates_no_caller_bucket(self) -> None:
+        """An identity over its limit does not make a caller bucket when a reload has just added the caller limit."""
+        limiter = RateLimiter(Clock())
+        assert taken(limiter, CallerLimits(identity=Limit(rate=0.001, burst=1)), 1) == 1
+        assert len(limiter) == 1
+        both = CallerLimits(caller=Limit(rate=1, burst=5), identity=Limit(rate=0.001, burst=1))
+        refusal = limiter.check(both, CALLER, "alice")
+        assert refusal is not None
+        assert refusal.subject.startswith("identity:")
+        assert len(limiter) == 1
+
+    def test_table_full_refusal_creates_nothing(self) -> None:
+        """A request refused for want of room takes no token from its caller's existing bucket."""
+        limiter = RateLimiter(Clock(), max_buckets=3)
+        limits = CallerLimits(caller=Limit(rate=0.001, burst=3), identity=Limit(rate=0.001, burst=1))
+        assert taken(limiter, limits, 1, "alice") == 1
+        assert taken(limiter, limits, 1, "bob") == 1
+        for i in range(10):
+            refusal = limiter.check(limits, CALLER, f"user-{i}")
+            assert refusal is not None
+            assert refusal.subject == TABLE_FULL_SUBJECT
+        assert len(limiter) == 3
+        # Nothing was taken from the caller's bucket by those ten: it still holds its last token.
+        assert limiter.check(CallerLimits(caller=Limit(rate=0.001, burst=3)), CALLER, "alice") is None
+
+    @pytest.mark.parametrize("others", [9, 100, 5000])
+    def test_drained_identity_outlives_a_flood(self, others: int) -> None:
+        """A drained "1 per hour" identity stays drained however many other identities are pushed through."""
+        clock = Clock()
+        limiter = RateLimiter(clock, max_buckets=8)
+        hourly = CallerLimits(identity=Limit(rate=1 / 3600, burst=1))
+        assert taken(limiter, hourly, 2, "victim") == 1
+        for i in range(others):
+            clock.now += 0.01
+            limiter.check(hourly, CALLER, f"other-{i}")
+        clock.now += 60
+        refusal = limiter.check(hourly, CALLER, "victim")
+        assert refusal is not None
+        assert refusal.subject == f"identity:{CALLER}/{identity_digest('victim')}"
+        assert len(limiter) <= 8
+
+    def test_table_full_refusal_says_when_room_comes(self) -> None:
+        """Refused for want of room, a request learns when the first bucket will have refilled; then it goes in."""
+        clock = Clock()
+        limiter = RateLimiter(clock, max_buckets=4)
+        limits = CallerLimits(identity=Limit(rate=0.1, burst=1))
+        for i in range(4):
+            assert limiter.check(limits, CALLER, f"user-{i}") is None
+            clock.now += 1
+        refusal = limiter.check(limits, CALLER, "late")
+        assert refusal is not None
+        assert refusal.subject == TABLE_FULL_SUBJECT
+        assert refusal.retry_after == pytest.approx(6)
+        clock.now += refusal.retry_after
+        assert limiter.check(limits, CALLER, "late") is None
+        assert len(limiter) == 4
+        # The bucket that made room was user-0's, which had refilled; the others are still drained.
+        for i in range(1, 4):
+            refusal = limiter.check(limits, CALLER, f"user-{i}")
+            assert refusal is not None
+            assert refusal.subject == f"identity:{CALLER}/{identity_digest(f'user-{i}')}"
+
+    def test_room_comes_from_refilled_buckets_not_the_oldest(self) -> None:
+        """When the oldest bucket is still refilling, newer ones that have refilled make the room."""
+        clock = Clock()
+        limiter = RateLimiter(clock, max_buckets=4)
+        slow = CallerLimits(caller=Limit(rate=0.001, burst=1))
+        fast = CallerLimits(identity=Limit(rate=1, burst=1))
+        assert limiter.check(slow, CALLER, "") is None
+        for i in range(3):
+            assert limiter.check(fast, "spiffe://t/other", f"user-{i}") is None
+        clock.now += 1
+        assert limiter.check(fast, "spiffe://t/other", "new") is None
+        assert limiter.check(slow, CALLER, "") is not None
 
     @pytest.mark.parametrize(
         ("limit", "workers", "share"),
@@ -121,6 +207,104 @@ class TestRateLimiter:
     def test_share_among_workers(self, limit: Limit, workers: int, share: Limit) -> None:
         """Each worker gets its part of the rate and burst, and never a burst below one token."""
         assert limit.share(workers) == share
+
+
+def reconfigure(limiter: RateLimiter, before: CallerLimits | None, after: CallerLimits | None) -> None:
+    """A reload from `before` to `after`, for every caller."""
+    limiter.reconfigure(lambda _: before, lambda _: after)
+
+
+def caller(rate: float, burst: float) -> CallerLimits:
+    """Only a caller limit."""
+    return CallerLimits(caller=Limit(rate, burst))
+
+
+class TestReload:
+    """A reload carries every bucket over to the new limits and hands out no fresh burst."""
+
+    @pytest.mark.parametrize(
+        ("old", "new", "take", "before", "after", "allowed"),
+        [
+            # 5 tokens back by the reload; then 0.5 s at the new rate adds 0.005, where the old one would fill it.
+            (caller(10, 10), caller(0.01, 10), 10, 0.5, 0.5, 5),
+            # 0.5 token back by the reload (100 s at 0.005/s), then 1 s at 1/s: 1, not 101 s at the new rate (a burst).
+            (caller(0.005, 10), caller(1, 10), 10, 100, 1, 1),
+            # Burst lowered: a bucket holding 9 is capped at once.
+            (caller(1, 10), caller(1, 2), 1, 0, 0, 2),
+            # Burst raised: nothing added; the bucket refills towards it at the rate.
+            (caller(1, 2), caller(1, 10), 2, 1, 0, 1),
+            (caller(1, 2), caller(1, 10), 2, 1, 5, 6),
+            # Burst raised over a bucket that has refilled: full is the same as no bucket, so the new burst.
+            (caller(1, 2), caller(1, 10), 1, 1, 0, 10),
+            # Unchanged: as if there had been no reload.
+            (caller(2, 10), caller(2, 10), 10, 1, 1, 4),
+        ],
+        ids=[
+            "rate lowered",
+            "rate raised",
+            "burst lowered",
+            "burst raised",
+            "burst raised, refilling",
+            "burst raised, refilled",
+            "unchanged",
+        ],
+    )
+    def test_no_fresh_burst(
+        self, old: CallerLimits, new: CallerLimits, take: int, before: float, after: float, allowed: int
+    ) -> None:
+        """`take` calls under `old`; `before` s later a reload to `new`; `after` s later, `allowed` calls go through."""
+        clock = Clock()
+        limiter = RateLimiter(clock)
+        assert taken(limiter, old, take) == take
+        clock.now += before
+        reconfigure(limiter, old, new)
+        clock.now += after
+        assert taken(limiter, new, 100) == allowed
+
+    def test_lowered_rate_keeps_the_bucket(self) -> None:
+        """After the rate is lowered, the bucket is not forgotten when the old rate would have refilled it."""
+        clock = Clock()
+        limiter = RateLimiter(clock)
+        fast, slow = caller(10, 10), caller(0.01, 10)
+        taken(limiter, fast, 10)
+        reconfigure(limiter, fast, slow)
+        clock.now += 2
+        for i in range(10):  # other callers' calls sweep
+            limiter.check(slow, f"spiffe://t/other-{i}", "alice")
+        assert len(limiter) == 11
+        assert taken(limiter, slow, 10) == 0
+
+    def test_identity_limit_carried_over(self) -> None:
+        """Identity buckets are carried over under the new identity limit, not the caller limit."""
+        clock = Clock()
+        limiter = RateLimiter(clock)
+        old = CallerLimits(caller=Limit(0.001, 100), identity=Limit(10, 10))
+        new = CallerLimits(caller=Limit(1000, 100), identity=Limit(0.01, 10))
+        assert taken(limiter, old, 20) == 10
+        clock.now += 0.2
+        reconfigure(limiter, old, new)
+        clock.now += 10
+        assert taken(limiter, new, 20) == 2
+
+    def test_removed_limit_forgets_its_buckets(self) -> None:
+        """A limit taken away leaves nothing behind: with no limit, a bucket counts for nothing."""
+        limiter = RateLimiter(Clock())
+        taken(limiter, caller(0.001, 1), 1)
+        reconfigure(limiter, caller(0.001, 1), None)
+        assert len(limiter) == 0
+
+    def test_each_caller_under_its_own_limits(self) -> None:
+        """Each bucket is carried over under its own caller's new limits."""
+        clock = Clock()
+        limiter = RateLimiter(clock)
+        before = {"spiffe://t/a": caller(0.001, 2), "spiffe://t/b": caller(0.001, 2)}
+        after = {"spiffe://t/a": caller(1000, 2), "spiffe://t/b": before["spiffe://t/b"]}
+        for caller_id, limits in before.items():
+            assert sum(limiter.check(limits, caller_id, "alice") is None for _ in range(3)) == 2
+        limiter.reconfigure(before.get, after.get)
+        clock.now += 0.01
+        assert sum(limiter.check(after["spiffe://t/a"], "spiffe://t/a", "alice") is None for _ in range(3)) == 2
+        assert limiter.check(after["spiffe://t/b"], "spiffe://t/b", "alice") is not None
 
 
 LIMITED = 'default_ttl = "10m"'  # only callers[1] sets this

@@ -5,7 +5,10 @@ Every load is bounded in calls; no assertion depends on how fast anything ran.
 
 from __future__ import annotations
 
+import functools
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -33,7 +36,7 @@ from support import (
 )
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
-from synctoken_server.limits import identity_digest
+from synctoken_server.limits import TABLE_FULL_SUBJECT, identity_digest
 
 BFF_LIMIT = f'id = "{BFF_ID}"'
 CHAT_LIMIT = 'default_ttl = "10m"'  # only the chat/* entry sets this
@@ -137,6 +140,55 @@ class TestIdentityLimit:
         assert client.issue(ask("user-2", SERVICE_B)).token
 
 
+class TestBucketTable:
+    """The bucket table: refused requests leave nothing in it, and no flood of identities resets a drained one."""
+
+    TABLE = 8
+    HOURLY = "identity_rate = 0.000278\nidentity_burst = 1"  # one token an hour
+    VICTIM = "user-0"
+
+    def test_drained_identity_outlives_a_flood(self, harness: ServerHarness, pki: Pki) -> None:
+        """Once the table is full of live buckets, new identities are refused, and the drained one stays drained."""
+        server = harness.start(config_text(pki, policy=policy(chat=self.HOURLY)), max_buckets=self.TABLE)
+        client = harness.client(server, "chat_worker")
+        succeeded, _ = until_refused(client, ask(self.VICTIM, SERVICE_B))
+        assert succeeded == 1
+        others = [ask(f"user-{i}", SERVICE_B) for i in range(1, 3 * self.TABLE)]
+        outcomes = [code_of(functools.partial(client.issue, other)) for other in others]
+        error = rpc_error(lambda: client.issue(ask(self.VICTIM, SERVICE_B)))[0]
+        _, _, quota = details(error)
+        assert quota.violations[0].subject == f"identity:{CHAT_WORKER_ID}/{identity_digest(self.VICTIM)}"
+        assert outcomes.count(grpc.StatusCode.OK) == self.TABLE - 1
+        assert server.buckets == self.TABLE
+        error = rpc_error(lambda: client.issue(ask("user-999", SERVICE_B)))[0]
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info, retry, quota = details(error)
+        assert (info.reason, info.metadata["quotaSubject"]) == ("RATE_LIMITED", TABLE_FULL_SUBJECT)
+        assert retry.retry_delay.ToTimedelta().total_seconds() > 0
+        assert quota.violations[0].subject == TABLE_FULL_SUBJECT
+
+    def test_refused_requests_make_no_buckets(self, harness: ServerHarness, pki: Pki) -> None:
+        """A caller over its own limit sends new identities: each is refused, and none gets a bucket."""
+        limits = "rate = 0.001\nburst = 1\nidentity_rate = 1\nidentity_burst = 5"
+        server = harness.start(config_text(pki, policy=policy(bff=limits)), max_buckets=self.TABLE)
+        client = harness.client(server, "bff")
+        assert client.issue(ask()).token
+        assert server.buckets == 2
+        for i in range(3 * self.TABLE):
+            _, info, _ = rpc_error(functools.partial(client.issue, ask(f"user-{i}")))
+            assert info.metadata["quotaSubject"] == f"caller:{BFF_ID}"
+        assert server.buckets == 2
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    """The status code a call ends with."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
 class TestShadow:
     """Shadow mode: count and log what would be refused, refuse nothing."""
 
@@ -185,3 +237,54 @@ class TestReload:
         replace_file(path, config_text(pki, listen=f"127.0.0.1:{port}").encode())
         process.wait_for_records("config.reloaded", 2)
         assert issue() == grpc.StatusCode.OK
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            # The old rate would refill the 30 in 3 s; the new one keeps what came back before the reload.
+            ("rate = 10\nburst = 30", "rate = 0.001\nburst = 30", 0.0, 3.5),
+            # 3.5 s at the new rate would be a whole burst; before the reload the bucket refilled at the old one.
+            ("rate = 0.001\nburst = 30", "rate = 10\nburst = 30", 3.5, 0.0),
+        ],
+        ids=["rate lowered", "rate raised"],
+    )
+    def test_no_fresh_burst_on_sighup(
+        self,
+        pki: Pki,
+        tmp_path: Path,
+        leak_watch: LeakWatch,
+        processes: list[Process],
+        change: tuple[str, str, float, float],
+    ) -> None:
+        """A drained caller, its rate changed by SIGHUP: it gets back what each rate refilled, never a fresh burst.
+
+        `change`: the old limit, the new one, and how long to wait before the reload and after it. Waiting is
+        how the time for refilling passes; no assertion is on how long anything took.
+        """
+        old, new, before, after = change
+        port = free_port()
+
+        def text(limits: str) -> str:
+            written = config_text(pki, listen=f"127.0.0.1:{port}", policy=policy(bff=limits))
+            return written.replace("[server]\n", '[server]\nwatch_interval = "0s"\n', 1)
+
+        process = serve(text(old), tmp_path, leak_watch, processes)
+        with channel(pki, port) as ch:
+            stub = token_service_pb2_grpc.TokenServiceStub(ch)
+
+            def granted() -> int:
+                """Calls that go through before the first refusal."""
+                for count in range(100):
+                    code = code_of(lambda: leak_watch.tokens.add(stub.IssueToken(ask(), timeout=10).token))
+                    if code != grpc.StatusCode.OK:
+                        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        return count
+                pytest.fail("no refusal in 100 calls")
+
+            assert granted() >= 30
+            time.sleep(before)
+            replace_file(tmp_path / "synctoken.toml", text(new).encode())
+            process.proc.send_signal(signal.SIGHUP)
+            process.wait_for_records("config.reloaded")
+            time.sleep(after)
+            assert granted() < 30

@@ -24,7 +24,7 @@ from synctoken_server.certificates import ServerCertificates
 from synctoken_server.config import Config
 from synctoken_server.issuing import TokenIssuer
 from synctoken_server.keyledger import SignedExpiries
-from synctoken_server.limits import RateLimiter
+from synctoken_server.limits import MAX_BUCKETS, RateLimiter
 from synctoken_server.metrics import Metrics
 from synctoken_server.serveroptions import server_options
 from synctoken_server.servicer import TokenServicer
@@ -43,7 +43,13 @@ class TokenServer:
     """A configured, not yet started, synctoken server."""
 
     def __init__(
-        self, config: Config, audit_log: AuditLog | None = None, *, reuse_port: bool = False, workers: int = 1
+        self,
+        config: Config,
+        audit_log: AuditLog | None = None,
+        *,
+        reuse_port: bool = False,
+        workers: int = 1,
+        max_buckets: int = MAX_BUCKETS,
     ) -> None:
         self._workers = workers
         """How many processes share the port (and so divide the rate limits)."""
@@ -59,11 +65,11 @@ class TokenServer:
         self.signed = SignedExpiries()
         """What each API key has signed: kept across reloads, for the operator's key rotation."""
         self.certificates = ServerCertificates(config.tls, config.tls_expiry_warning)
+        self.limiter = RateLimiter(time.monotonic, max_buckets)
+        """The rate limits' buckets: kept across reloads, and carried over to each new config's limits."""
         servicer = TokenServicer(
             snapshots=self.snapshots,
-            issuer=TokenIssuer(
-                audit_log=audit_log, signed=self.signed, limiter=RateLimiter(time.monotonic), metrics=self.metrics
-            ),
+            issuer=TokenIssuer(audit_log=audit_log, signed=self.signed, limiter=self.limiter, metrics=self.metrics),
             audit_log=audit_log,
             metrics=self.metrics,
         )
@@ -133,7 +139,10 @@ class TokenServer:
         What only a restart can change (the port, the gRPC server options) stays as it is.
         """
         self.certificates.use(config.tls, config.tls_expiry_warning)
-        old = self.snapshots.replace(Snapshot.of(config, self._anchors, self._workers))
+        new = Snapshot.of(config, self._anchors, self._workers)
+        old = self.snapshots.replace(new)
+        # In the same step as the swap: no RPC sees the new limits with buckets not yet carried over.
+        self.limiter.reconfigure(old.limits_for, new.limits_for)
         self.metrics.signing_with(config.credentials.api_key_sid, old.config.credentials.api_key_sid)
         return old
 

@@ -54,6 +54,11 @@ class Snapshot:
             identity_digest=config.audit_identity or identity_digest,
         )
 
+    def limits_for(self, caller_id: str) -> CallerLimits | None:
+        """The limits this snapshot applies to `caller_id`'s requests, if any: its policy entry's."""
+        rule = self.policy.rule_for(caller_id)
+        return None if rule is None else self.limits.get(rule.caller)
+
 
 class Snapshots:
     """Holds the current snapshot; a reload replaces it whole, and nothing ever changes one in place.
