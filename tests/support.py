@@ -275,10 +275,11 @@ def rpc_error(call: Callable[[], object]) -> tuple[grpc.RpcError, ErrorInfo, Bad
 
 START_TIMEOUT = 30
 
-_WITH_SOFT_LIMITS = """
+_WITH_LIMITS = """
 import ast, os, resource, sys
-for which, soft in ast.literal_eval(sys.argv[1]).items():
-    resource.setrlimit(which, (soft, resource.getrlimit(which)[1]))
+for which, limit in ast.literal_eval(sys.argv[1]).items():
+    soft, hard = limit if isinstance(limit, tuple) else (limit, resource.getrlimit(which)[1])
+    resource.setrlimit(which, (soft, hard))
 os.execv(sys.argv[2], sys.argv[2:])
 """
 
@@ -292,15 +293,16 @@ class Process:
         log_dir: Path,
         watch: LeakWatch,
         env: dict[str, str] | None = None,
-        soft_limits: dict[int, int] | None = None,
+        limits: dict[int, int | tuple[int, int]] | None = None,
     ) -> None:
+        """`limits`: rlimits to start with, each a soft limit or (soft, hard) (synctoken raises soft to hard)."""
         self.stdout_path = log_dir / "stdout.jsonl"
         self.stderr_path = log_dir / "stderr.txt"
         watch.log_files += [self.stdout_path, self.stderr_path]
         command = [SYNCTOKEN, *args]
-        if soft_limits:
+        if limits:
             # A launcher lowers the limits, then execs synctoken: preexec_fn is unsafe in this threaded process.
-            command = [sys.executable, "-c", _WITH_SOFT_LIMITS, repr(soft_limits), *command]
+            command = [sys.executable, "-c", _WITH_LIMITS, repr(limits), *command]
         with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
             self.proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=log_dir, env=env)
 
@@ -458,12 +460,13 @@ def serve(
     processes: list[Process],
     workers: int = 1,
     env: dict[str, str] | None = None,
+    limits: dict[int, int | tuple[int, int]] | None = None,
 ) -> Process:
     """Write `text` as directory/synctoken.toml and run `synctoken serve` on it until every worker serves."""
     path = directory / "synctoken.toml"
     path.write_text(text, encoding="utf-8")
     args = ["serve", "--config", str(path)] + (["--workers", str(workers)] if workers > 1 else [])
-    process = Process(args, directory, watch, os.environ | SECRET_ENV | (env or {}))
+    process = Process(args, directory, watch, os.environ | SECRET_ENV | (env or {}), limits)
     processes.append(process)
     process.wait_for_records("server.started", workers)
     return process
