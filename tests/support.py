@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,7 +293,7 @@ class Process:
         log_dir: Path,
         watch: LeakWatch,
         env: dict[str, str] | None = None,
-        limits: dict[int, int | tuple[int, int]] | None = None,
+        limits: Mapping[int, int | tuple[int, int]] | None = None,
     ) -> None:
         """`limits`: rlimits to start with, each a soft limit or (soft, hard) (synctoken raises soft to hard)."""
         self.stdout_path = log_dir / "stdout.jsonl"
@@ -460,13 +460,12 @@ def serve(
     processes: list[Process],
     workers: int = 1,
     env: dict[str, str] | None = None,
-    limits: dict[int, int | tuple[int, int]] | None = None,
 ) -> Process:
     """Write `text` as directory/synctoken.toml and run `synctoken serve` on it until every worker serves."""
     path = directory / "synctoken.toml"
     path.write_text(text, encoding="utf-8")
     args = ["serve", "--config", str(path)] + (["--workers", str(workers)] if workers > 1 else [])
-    process = Process(args, directory, watch, os.environ | SECRET_ENV | (env or {}), limits)
+    process = Process(args, directory, watch, os.environ | SECRET_ENV | (env or {}))
     processes.append(process)
     process.wait_for_records("server.started", workers)
     return process

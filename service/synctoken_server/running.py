@@ -115,6 +115,7 @@ async def _serve(
         listen=config.listen,
         port=server.port,
         metrics_port=server.metrics_port,
+        metrics_connections=server.metrics_connections,
         identity_source=config.identity_source.value,
         callers=len(config.policy),
         open_file_limit=open_files,
