@@ -8,6 +8,7 @@ one: an identity, a token, a caller id from a certificate.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import resource
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from support import (
@@ -44,6 +46,7 @@ from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.config import load_config
 from synctoken_server.configfile import ConfigError
+from synctoken_server.metrics import RENDER_REUSE_SECONDS, Exposition, Metrics
 
 WriteConfig = Callable[[str], Path]
 ALICE = pb.IssueTokenRequest(identity="alice-7c1f", sync=pb.SyncGrant())
@@ -126,10 +129,48 @@ class TestInProcess:
         assert value(after, "synctoken_rate_limited_total", caller=BFF_ID, shadow="true") == 3
         assert value(after, "synctoken_rate_limited_total", caller=BFF_ID, shadow="false") == 0
 
+    def test_openmetrics_gzipped(self, harness: ServerHarness, pki: Pki) -> None:
+        """A scraper asking for OpenMetrics, gzipped (as Prometheus does), gets that, and it parses."""
+        server = harness.start(with_metrics(config_text(pki)))
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server._server.metrics_port}/metrics",
+            headers={
+                "Accept": "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;q=0.3",
+                "Accept-Encoding": "gzip",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - an http URL built above
+            assert response.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+            assert response.headers["Content-Encoding"] == "gzip"
+            text = gzip.decompress(response.read()).decode()
+        # prometheus-client leaves its OpenMetrics parser unannotated.
+        names = {family.name for family in openmetrics_families(text)}  # type: ignore[no-untyped-call]
+        assert "synctoken_tokens_issued" in names
+
     def test_off_by_default(self, harness: ServerHarness, pki: Pki) -> None:
         """Without a [metrics] table there is no listener."""
         server = harness.start(config_text(pki))
         assert server._server.metrics_port is None
+
+
+class TestExposition:
+    """The render a scrape is answered with."""
+
+    def test_render_reused_for_a_while(self) -> None:
+        """Within RENDER_REUSE_SECONDS a scrape gets the same render; after it, a new one with the latest counts."""
+        metrics = Metrics()
+        assert metrics.registry is not None
+        now = [100.0]
+        exposition = Exposition(metrics.registry, clock=lambda: now[0])
+        first, _, _ = exposition.body(None, None)
+        metrics.issued.labels(BFF_ID, SERVICE_A).inc()
+        now[0] += RENDER_REUSE_SECONDS / 2
+        assert exposition.body(None, None)[0] == first
+        assert exposition.body("application/openmetrics-text", None)[0] != first  # another format, its own render
+        now[0] += RENDER_REUSE_SECONDS
+        later, _, _ = exposition.body(None, None)
+        assert b"synctoken_tokens_issued_total" in later
+        assert later != first
 
 
 class TestConfig:

@@ -204,7 +204,7 @@ def split_listen(listen: str) -> tuple[str, int] | None:
     return match["host"].strip("[]"), int(match["port"])
 
 
-class _Exposition:
+class Exposition:
     """The registry rendered for scrapes: one render per format (and compression) reused for RENDER_REUSE_SECONDS."""
 
     def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic) -> None:
@@ -248,7 +248,7 @@ def serve(listen: str, registry: CollectorRegistry) -> Listener:
     host, port = address
     from synctoken_server.boundedhttp import BoundedHTTPServer, BoundedRequestHandler  # noqa: PLC0415 - as prometheus
 
-    exposition = _Exposition(registry)
+    exposition = Exposition(registry)
 
     class ScrapeHandler(BoundedRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
