@@ -6,7 +6,7 @@ metrics listener on: IssueToken alone, then IssueToken while a separate process
 scrapes the metrics listener as fast as it can over many connections. It prints
 each window and then, per build, the medians over rounds and the ratio of
 throughput under the flood to throughput without it. Loopback only; every
-window is bounded in time, and the flood in requests too.
+window is bounded in time, and the flood in rate (a new connection per scrape).
 """
 
 from __future__ import annotations
@@ -41,17 +41,24 @@ def _with_metrics(workspace: Workspace, name: str, executable: Path) -> tuple[Sy
     return system, metrics_port
 
 
-def _flood(port: int, connections: int, seconds: float, most: int) -> dict[str, int]:
-    """Scrape `port` over `connections` connections at a time, a new one per scrape, for `seconds` or `most` scrapes."""
+def _flood(port: int, connections: int, rate: float, seconds: float) -> dict[str, int]:
+    """Scrape `port` `rate` times a second (or as fast as it answers) over `connections` connections, for `seconds`.
+
+    Paced, so that every build is offered the same flood: one flooded as fast
+    as it answers would be offered more, the cheaper it makes each scrape.
+    """
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
-    end = time.monotonic() + seconds
+    start = time.monotonic()
+    end = start + seconds
+    interval = connections / rate  # each connection's share
 
-    def scraper() -> None:
-        while time.monotonic() < end:
-            with lock:
-                if outcomes.total() >= most:
-                    return
+    def scraper(index: int) -> None:
+        due = start + index * interval / connections
+        while (now := time.monotonic()) < end:
+            if due > now:
+                time.sleep(due - now)
+            due += interval
             received = b""
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -64,7 +71,7 @@ def _flood(port: int, connections: int, seconds: float, most: int) -> dict[str, 
             with lock:
                 outcomes[outcome] += 1
 
-    threads = [threading.Thread(target=scraper) for _ in range(connections)]
+    threads = [threading.Thread(target=scraper, args=(i,)) for i in range(connections)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -72,9 +79,9 @@ def _flood(port: int, connections: int, seconds: float, most: int) -> dict[str, 
     return dict(outcomes)
 
 
-def _flood_process(port: int, connections: int, seconds: float, most: int) -> subprocess.Popen[str]:
+def _flood_process(port: int, connections: int, rate: float, seconds: float) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "bench.scrapeflood", "--flood", str(port)]
-    command += ["--connections", str(connections), "--seconds", str(seconds), "--most", str(most)]
+    command += ["--connections", str(connections), "--rate", str(rate), "--seconds", str(seconds)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
@@ -86,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="IssueToken calls in flight")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per window")
     parser.add_argument("--connections", type=int, default=32, help="scrape connections at a time")
-    parser.add_argument("--most", type=int, default=200_000, help="scrapes per flood, at most")
+    parser.add_argument("--rate", type=float, default=1000, help="scrapes a second offered")
     parser.add_argument("--flood", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.flood is not None:
-        print(json.dumps(_flood(args.flood, args.connections, args.seconds, args.most)))
+        print(json.dumps(_flood(args.flood, args.connections, args.rate, args.seconds)))
         return 0
 
     builds = {"after": VENV_BIN / "synctoken"} | ({"before": args.before} if args.before else {})
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                     for flooded in (False, True):
                         flood = None
                         if flooded:
-                            flood = _flood_process(metrics_port, args.connections, flood_seconds, args.most)
+                            flood = _flood_process(metrics_port, args.connections, args.rate, flood_seconds)
                         result = measure(system, shape, workspace.directory, round_index)
                         rps.setdefault((name, flooded), []).append(result.rps)
                         line = f"round {round_index + 1}/{args.rounds} {name:6s} flood={'yes' if flooded else 'no ':3s}"
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(line, flush=True)
                 finally:
                     system.stop()
-    print(f"\nmedians over {args.rounds} rounds, c={args.concurrency}, {args.connections} scrape connections:")
+    print(f"\nmedians over {args.rounds} rounds, c={args.concurrency}, {args.rate:g} scrapes/s offered:")
     for name in sorted(builds, reverse=True):
         alone, under_flood = statistics.median(rps[name, False]), statistics.median(rps[name, True])
         served = statistics.median(s.get("200", 0) for s in scrapes[name]) / flood_seconds

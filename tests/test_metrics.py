@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +43,7 @@ from support import (
 )
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
+from synctoken_server.boundedhttp import CONNECTIONS_PER_SECOND
 from synctoken_server.config import load_config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.metrics import RENDER_REUSE_SECONDS, Exposition, Metrics
@@ -341,6 +341,9 @@ class TestBounded:
         process, _, metrics_port = self.start(pki, tmp_path, leak_watch, processes)
         most = self.FILES // 8  # what the listener may hold, at most, leaving the rest to gRPC
         open_half_sent(metrics_port, most, slow_scrapes)
+        # Well within their read deadline, and long enough for the per-second
+        # allowance to fill again: only the cap on connections can refuse the next.
+        time.sleep(most / CONNECTIONS_PER_SECOND)
         refused = response_to_whole_scrape(metrics_port)
         assert refused == b"" or refused.startswith(b"HTTP/1.0 503 "), refused[:200]
         for s in slow_scrapes:
@@ -355,6 +358,16 @@ class TestBounded:
         assert b"synctoken_tokens_issued_total" in served
         [started] = process.wait_for_records("server.started")
         assert 1 <= started["metrics_connections"] <= most
+
+    def test_scrapes_beyond_the_rate_refused(self, harness: ServerHarness, pki: Pki) -> None:
+        """Of 200 whole scrapes one after another (never two at once), those beyond the allowance are refused."""
+        server = harness.start(with_metrics(config_text(pki)))
+        port = server._server.metrics_port
+        assert port is not None
+        statuses = {response_to_whole_scrape(port)[:12] for _ in range(200)}
+        assert b"HTTP/1.0 200" in statuses
+        assert statuses <= {b"HTTP/1.0 200", b"HTTP/1.0 503", b""}
+        assert statuses & {b"HTTP/1.0 503", b""}, "every scrape was served"
 
     def test_half_sent_request_dropped(self, harness: ServerHarness, pki: Pki) -> None:
         """A scrape whose headers never end is closed by the server."""

@@ -9,8 +9,9 @@ descriptor, and each new gRPC connection then failed until they left. Here:
 - a connection must send its whole request within REQUEST_SECONDS (a deadline,
   not a timeout per read: a client sending one byte at a time is dropped too),
   and its response is written within as long again;
-- at most `connection_limit()` connections are served at once; one more is
-  answered 503 by the accepting thread and closed, without a thread of its own;
+- at most `connection_limit()` connections are served at once, and about
+  CONNECTIONS_PER_SECOND a second; one more is answered 503 by the accepting
+  thread and closed, without a thread of its own;
 - that limit is a small share of the soft RLIMIT_NOFILE, so the rest stays
   for gRPC however many scrapers come.
 
@@ -38,6 +39,14 @@ MAX_CONNECTIONS = 16
 
 FILES_SHARE = 16
 """At most 1/FILES_SHARE of the open-file limit goes to this listener's connections."""
+
+CONNECTIONS_PER_SECOND = 10.0
+"""Connections served per second on average (in bursts of up to the connection limit); more are answered 503.
+
+What a flood costs is what each connection costs the process: a thread, the
+HTTP parsing, the reply, all under the GIL the gRPC handlers need. Scrapers
+come every few seconds; a refusal costs the accept, a write and the close.
+"""
 
 ACCEPT_BACKOFF_SECONDS = 0.1
 """The pause after accept() found no descriptor free."""
@@ -97,7 +106,10 @@ class BoundedRequestHandler(BaseHTTPRequestHandler):
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer serving at most `connections` connections at once, each within REQUEST_SECONDS."""
+    """A ThreadingHTTPServer serving at most `connections` connections at once, each within REQUEST_SECONDS.
+
+    And about CONNECTIONS_PER_SECOND a second, in bursts of up to `connections`.
+    """
 
     daemon_threads = True  # each one ends within its deadlines; closing need not wait for them
 
@@ -109,6 +121,9 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         self.address_family = family
         self.connections = connection_limit() if connections is None else connections
         self._slots = threading.BoundedSemaphore(self.connections)
+        # A token bucket, touched only by the accepting thread.
+        self._allowance = float(self.connections)
+        self._allowance_at = time.monotonic()
         super().__init__((str(address[0]), int(address[1])), handler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -125,10 +140,14 @@ class BoundedHTTPServer(ThreadingHTTPServer):
             raise
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Serve `request` on a thread of its own if a slot is free; otherwise answer 503 and close it, here."""
-        if not self._slots.acquire(blocking=False):
+        """Serve `request` on a thread of its own if the bounds allow; otherwise answer 503 and close it, here."""
+        now = time.monotonic()
+        refill = (now - self._allowance_at) * CONNECTIONS_PER_SECOND
+        self._allowance, self._allowance_at = min(float(self.connections), self._allowance + refill), now
+        if self._allowance < 1 or not self._slots.acquire(blocking=False):
             self._refuse(request)
             return
+        self._allowance -= 1
         try:
             super().process_request(request, client_address)
         except BaseException:  # no thread started (none left): nothing else will free the slot
