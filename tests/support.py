@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,10 +285,11 @@ def rpc_error(call: Callable[[], object]) -> tuple[grpc.RpcError, ErrorInfo, Bad
 
 START_TIMEOUT = 30
 
-_WITH_SOFT_LIMITS = """
+_WITH_LIMITS = """
 import ast, os, resource, sys
-for which, soft in ast.literal_eval(sys.argv[1]).items():
-    resource.setrlimit(which, (soft, resource.getrlimit(which)[1]))
+for which, limit in ast.literal_eval(sys.argv[1]).items():
+    soft, hard = limit if isinstance(limit, tuple) else (limit, resource.getrlimit(which)[1])
+    resource.setrlimit(which, (soft, hard))
 os.execv(sys.argv[2], sys.argv[2:])
 """
 
@@ -302,15 +303,16 @@ class Process:
         log_dir: Path,
         watch: LeakWatch,
         env: dict[str, str] | None = None,
-        soft_limits: dict[int, int] | None = None,
+        limits: Mapping[int, int | tuple[int, int]] | None = None,
     ) -> None:
+        """`limits`: rlimits to start with, each a soft limit or (soft, hard) (synctoken raises soft to hard)."""
         self.stdout_path = log_dir / "stdout.jsonl"
         self.stderr_path = log_dir / "stderr.txt"
         watch.log_files += [self.stdout_path, self.stderr_path]
         command = [SYNCTOKEN, *args]
-        if soft_limits:
+        if limits:
             # A launcher lowers the limits, then execs synctoken: preexec_fn is unsafe in this threaded process.
-            command = [sys.executable, "-c", _WITH_SOFT_LIMITS, repr(soft_limits), *command]
+            command = [sys.executable, "-c", _WITH_LIMITS, repr(limits), *command]
         with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
             self.proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=log_dir, env=env)
 

@@ -7,21 +7,28 @@ one: an identity, a token, a caller id from a certificate.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import os
+import resource
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from support import (
     API_KEY_SID,
     BFF_ID,
     POLICY_TOML,
+    SECRET_ENV,
     SERVICE_A,
     STRANGER_ID,
     LeakWatch,
@@ -36,8 +43,10 @@ from support import (
 )
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
+from synctoken_server.boundedhttp import CONNECTIONS_PER_SECOND
 from synctoken_server.config import load_config
 from synctoken_server.configfile import ConfigError
+from synctoken_server.metrics import RENDER_REUSE_SECONDS, Exposition, Metrics
 
 WriteConfig = Callable[[str], Path]
 ALICE = pb.IssueTokenRequest(identity="alice-7c1f", sync=pb.SyncGrant())
@@ -56,6 +65,15 @@ def scrape(port: int, watch: LeakWatch) -> Samples:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def scrape_until(port: int, watch: LeakWatch, ready: Callable[[Samples], bool]) -> Samples:
+    """Scrape until `ready` holds: the listener serves a render up to RENDER_REUSE_SECONDS old."""
+    deadline = time.monotonic() + 30
+    while not ready(samples := scrape(port, watch)):
+        assert time.monotonic() < deadline, "the scrape never showed the calls made"
+        time.sleep(0.1)
+    return samples
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -84,7 +102,8 @@ class TestInProcess:
             stranger.issue(ALICE)
         with pytest.raises(grpc.RpcError):
             bff.issue(pb.IssueTokenRequest(identity="", sync=pb.SyncGrant()))
-        after = scrape(port, leak_watch)
+        count = "synctoken_issue_latency_seconds_count"
+        after = scrape_until(port, leak_watch, lambda s: value(s, count) - value(before, count) >= 5)
         issued = "synctoken_tokens_issued_total"
         assert (
             value(after, issued, caller=BFF_ID, service_sid=SERVICE_A)
@@ -94,7 +113,6 @@ class TestInProcess:
         refused = "synctoken_requests_refused_total"
         assert value(after, refused, caller="", reason="CALLER_NOT_ALLOWED") == 1
         assert value(after, refused, caller=BFF_ID, reason="INVALID_REQUEST") == 1
-        count = "synctoken_issue_latency_seconds_count"
         assert value(after, count) - value(before, count) == 5
         assert value(after, "synctoken_signing_key_info", key_sid=API_KEY_SID) == 1
         assert value(after, "synctoken_server_certificate_expiry_timestamp_seconds") > time.time()
@@ -111,10 +129,48 @@ class TestInProcess:
         assert value(after, "synctoken_rate_limited_total", caller=BFF_ID, shadow="true") == 3
         assert value(after, "synctoken_rate_limited_total", caller=BFF_ID, shadow="false") == 0
 
+    def test_openmetrics_gzipped(self, harness: ServerHarness, pki: Pki) -> None:
+        """A scraper asking for OpenMetrics, gzipped (as Prometheus does), gets that, and it parses."""
+        server = harness.start(with_metrics(config_text(pki)))
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server._server.metrics_port}/metrics",
+            headers={
+                "Accept": "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;q=0.3",
+                "Accept-Encoding": "gzip",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - an http URL built above
+            assert response.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+            assert response.headers["Content-Encoding"] == "gzip"
+            text = gzip.decompress(response.read()).decode()
+        # prometheus-client leaves its OpenMetrics parser unannotated.
+        names = {family.name for family in openmetrics_families(text)}  # type: ignore[no-untyped-call]
+        assert "synctoken_tokens_issued" in names
+
     def test_off_by_default(self, harness: ServerHarness, pki: Pki) -> None:
         """Without a [metrics] table there is no listener."""
         server = harness.start(config_text(pki))
         assert server._server.metrics_port is None
+
+
+class TestExposition:
+    """The render a scrape is answered with."""
+
+    def test_render_reused_for_a_while(self) -> None:
+        """Within RENDER_REUSE_SECONDS a scrape gets the same render; after it, a new one with the latest counts."""
+        metrics = Metrics()
+        assert metrics.registry is not None
+        now = [100.0]
+        exposition = Exposition(metrics.registry, clock=lambda: now[0])
+        first, _, _ = exposition.body(None, None)
+        metrics.issued.labels(BFF_ID, SERVICE_A).inc()
+        now[0] += RENDER_REUSE_SECONDS / 2
+        assert exposition.body(None, None)[0] == first
+        assert exposition.body("application/openmetrics-text", None)[0] != first  # another format, its own render
+        now[0] += RENDER_REUSE_SECONDS
+        later, _, _ = exposition.body(None, None)
+        assert b"synctoken_tokens_issued_total" in later
+        assert later != first
 
 
 class TestConfig:
@@ -190,3 +246,154 @@ class TestOff:
         )
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
         assert result.stdout.split() == ["None", "False"]
+
+
+HALF_SENT_SCRAPE = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+"""A scrape whose headers never end: the server waits for the blank line."""
+WHOLE_SCRAPE = b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.fixture
+def slow_scrapes() -> Iterator[list[socket.socket]]:
+    """Scrape connections a test holds open; closed at teardown."""
+    sockets: list[socket.socket] = []
+    yield sockets
+    for s in sockets:
+        s.close()
+
+
+def open_half_sent(port: int, count: int, into: list[socket.socket]) -> None:
+    """Open up to `count` scrape connections that send HALF_SENT_SCRAPE; stop at the first the server does not take."""
+    for _ in range(count):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        except OSError:  # its accept queue is full: the server has stopped accepting
+            return
+        into.append(s)
+        with contextlib.suppress(OSError):  # closed by the server already: refused, which is the point
+            s.sendall(HALF_SENT_SCRAPE)
+
+
+def response_to_whole_scrape(port: int) -> bytes:
+    """What the server sends back to one complete scrape on a new connection (b"" if it closed or reset it)."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            s.sendall(WHOLE_SCRAPE)
+            while chunk := s.recv(65536):
+                received += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    return received
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    """Whether the server has closed `s` (it waits up to 30 s to see it)."""
+    s.settimeout(30)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:  # closed with a reset: closed all the same
+        return True
+    except TimeoutError:
+        return False
+
+
+class TestBounded:
+    """The scrape listener cannot starve the gRPC listener: a read deadline, and a cap on connections from the fd limit."""
+
+    FILES = 128
+    """The open-file limit (soft and hard) the server is started with."""
+
+    def start(self, pki: Pki, tmp_path: Path, watch: LeakWatch, processes: list[Process]) -> tuple[Process, int, int]:
+        """`synctoken serve` with metrics and at most FILES file descriptors; its gRPC and metrics ports."""
+        port, metrics_port = free_port(), free_port()
+        text = with_metrics(config_text(pki, listen=f"127.0.0.1:{port}"), f"127.0.0.1:{metrics_port}")
+        path = tmp_path / "synctoken.toml"
+        path.write_text(text, encoding="utf-8")
+        limits = {resource.RLIMIT_NOFILE: (self.FILES, self.FILES)}
+        process = Process(["serve", "--config", str(path)], tmp_path, watch, os.environ | SECRET_ENV, limits)
+        processes.append(process)
+        process.wait_for_records("server.started")
+        return process, port, metrics_port
+
+    def test_slow_scrapes_leave_files_for_grpc(
+        self,
+        pki: Pki,
+        tmp_path: Path,
+        leak_watch: LeakWatch,
+        processes: list[Process],
+        slow_scrapes: list[socket.socket],
+    ) -> None:
+        """With 128 files, 300 half-sent scrapes held open still leave room for a new mTLS IssueToken connection."""
+        _, port, metrics_port = self.start(pki, tmp_path, leak_watch, processes)
+        open_half_sent(metrics_port, 300, slow_scrapes)
+        issue_fresh(pki, port, leak_watch)
+
+    def test_connections_over_the_cap_refused(
+        self,
+        pki: Pki,
+        tmp_path: Path,
+        leak_watch: LeakWatch,
+        processes: list[Process],
+        slow_scrapes: list[socket.socket],
+    ) -> None:
+        """With 128 files, a scrape beyond 16 held ones is refused; once they leave, one works; the cap is logged."""
+        process, _, metrics_port = self.start(pki, tmp_path, leak_watch, processes)
+        most = self.FILES // 8  # what the listener may hold, at most, leaving the rest to gRPC
+        open_half_sent(metrics_port, most, slow_scrapes)
+        # Well within their read deadline, and long enough for the per-second
+        # allowance to fill again: only the cap on connections can refuse the next.
+        time.sleep(most / CONNECTIONS_PER_SECOND)
+        refused = response_to_whole_scrape(metrics_port)
+        assert refused == b"" or refused.startswith(b"HTTP/1.0 503 "), refused[:200]
+        for s in slow_scrapes:
+            s.close()
+        deadline = time.monotonic() + 30
+        while True:  # each held connection's slot frees once its handler sees the close
+            served = response_to_whole_scrape(metrics_port)
+            if served.startswith(b"HTTP/1.0 200 "):
+                break
+            assert time.monotonic() < deadline, "no scrape served after the held connections left"
+            time.sleep(0.1)
+        assert b"synctoken_tokens_issued_total" in served
+        [started] = process.wait_for_records("server.started")
+        assert 1 <= started["metrics_connections"] <= most
+
+    def test_scrapes_beyond_the_rate_refused(self, harness: ServerHarness, pki: Pki) -> None:
+        """Of 200 whole scrapes one after another (never two at once), those beyond the allowance are refused."""
+        server = harness.start(with_metrics(config_text(pki)))
+        port = server._server.metrics_port
+        assert port is not None
+        statuses = {response_to_whole_scrape(port)[:12] for _ in range(200)}
+        assert b"HTTP/1.0 200" in statuses
+        assert statuses <= {b"HTTP/1.0 200", b"HTTP/1.0 503", b""}
+        assert statuses & {b"HTTP/1.0 503", b""}, "every scrape was served"
+
+    def test_half_sent_request_dropped(self, harness: ServerHarness, pki: Pki) -> None:
+        """A scrape whose headers never end is closed by the server."""
+        server = harness.start(with_metrics(config_text(pki)))
+        port = server._server.metrics_port
+        assert port is not None
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(HALF_SENT_SCRAPE)
+            assert closed_by_server(s)
+
+    def test_dribbled_request_dropped(self, harness: ServerHarness, pki: Pki) -> None:
+        """A scrape sending a byte of its headers at a time, never pausing long, is closed all the same."""
+        server = harness.start(with_metrics(config_text(pki)))
+        port = server._server.metrics_port
+        assert port is not None
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(HALF_SENT_SCRAPE)
+            s.settimeout(0.5)
+            for _ in range(120):  # a minute of it, far past any read deadline
+                try:
+                    s.sendall(b"X")
+                    if s.recv(1) == b"":
+                        break
+                except TimeoutError:
+                    continue
+                except (ConnectionResetError, BrokenPipeError):
+                    break
+            else:
+                pytest.fail("the server kept a dribbling scrape open for a minute")

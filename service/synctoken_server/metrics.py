@@ -11,6 +11,11 @@ in PROMETHEUS_MULTIPROC_DIR (see `multiprocess_registry`); each worker only
 counts. That variable must be set before prometheus-client is first imported
 in a worker, which is why the parent sets it before spawning them.
 
+The listener is bounded (boundedhttp.py: a read deadline, a cap on
+connections taken from the open-file limit), and a scrape is answered from a
+render at most RENDER_REUSE_SECONDS old, so a flood of scrapes renders once a
+second, not once per request under the GIL the gRPC handlers need.
+
 Without a `[metrics]` listener nothing is counted at all: the server's
 metrics are stand-ins that do nothing, and prometheus-client is not even
 imported. Nobody could read the counts, and every IssueToken would pay for
@@ -19,11 +24,13 @@ them (a counter, a histogram observation) all the same.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +39,9 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 from synctoken_server.configfile import TomlReader
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
     from prometheus_client import CollectorRegistry
+
+    from synctoken_server.boundedhttp import BoundedHTTPServer
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 NO_POLICY = ""
@@ -46,6 +53,13 @@ RELOAD_FAILURE = "failure"
 # Issuing takes well under a millisecond (see the benchmark); the upper
 # buckets are for a stalled audit log or an overloaded event loop.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+RENDER_REUSE_SECONDS = 1.0
+"""How old a render a scrape may be answered with.
+
+Rendering walks every series under the GIL that IssueToken needs: a flood of
+scrapes rendering once each slowed gRPC to about a third. Prometheus scrapes
+every 15 s or so; a second-old render costs it nothing.
+"""
 _LISTEN = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
 
 
@@ -162,13 +176,18 @@ class Metrics:
 class Listener:
     """A running metrics HTTP listener."""
 
-    server: WSGIServer
+    server: BoundedHTTPServer
     thread: threading.Thread
 
     @property
     def port(self) -> int:
         """The port it listens on (useful when configured as 0)."""
         return int(self.server.server_port)
+
+    @property
+    def connections(self) -> int:
+        """How many scrape connections it serves at once (see boundedhttp.py)."""
+        return self.server.connections
 
     def close(self) -> None:
         """Stop serving and close the socket."""
@@ -185,15 +204,66 @@ def split_listen(listen: str) -> tuple[str, int] | None:
     return match["host"].strip("[]"), int(match["port"])
 
 
+class Exposition:
+    """The registry rendered for scrapes: one render per format (and compression) reused for RENDER_REUSE_SECONDS."""
+
+    def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic) -> None:
+        # Imported only where metrics are served: see the module's docstring.
+        from prometheus_client import exposition, openmetrics  # noqa: PLC0415
+
+        self._registry = registry
+        self._clock = clock
+        self._choose = exposition.choose_encoder
+        self._gzip_accepted = exposition.gzip_accepted
+        self._text = (exposition.generate_latest, exposition.CONTENT_TYPE_PLAIN_0_0_4)
+        self._openmetrics = (openmetrics.exposition.generate_latest, openmetrics.exposition.CONTENT_TYPE_LATEST)
+        # Held while rendering: scrapes arriving meanwhile wait for that render instead of making their own.
+        self._lock = threading.Lock()
+        self._renders: dict[tuple[str, bool], tuple[float, bytes]] = {}
+
+    def body(self, accept: str | None, accept_encoding: str | None) -> tuple[bytes, str, bool]:
+        """The body for a scrape with these headers: its bytes, content type, and whether it is gzipped."""
+        # Two formats only, whatever version or escaping the Accept header
+        # names: every name here is a plain one, so escaping changes nothing,
+        # and a scraper varying the header cannot make each scrape a new render.
+        _, negotiated = self._choose(accept or "")
+        encoder, content_type = self._openmetrics if negotiated.startswith("application/openmetrics") else self._text
+        gzipped = self._gzip_accepted(accept_encoding or "")
+        key = (content_type, gzipped)
+        with self._lock:
+            now = self._clock()
+            render = self._renders.get(key)
+            if render is None or now - render[0] >= RENDER_REUSE_SECONDS:
+                output = encoder(self._registry)
+                render = (now, gzip.compress(output) if gzipped else output)
+                self._renders[key] = render
+        return render[1], content_type, gzipped
+
+
 def serve(listen: str, registry: CollectorRegistry) -> Listener:
     """Serve `registry` over HTTP at `listen` (any path) on a thread of its own; OSError if it cannot bind."""
     address = split_listen(listen)
     if address is None:  # the loader checked it; this is for callers that did not
         raise OSError(f"cannot listen on {listen}: not host:port")
     host, port = address
-    from prometheus_client import start_http_server  # noqa: PLC0415 - see the module's docstring
+    from synctoken_server.boundedhttp import BoundedHTTPServer, BoundedRequestHandler  # noqa: PLC0415 - as prometheus
 
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    exposition = Exposition(registry)
+
+    class ScrapeHandler(BoundedRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body, content_type, gzipped = exposition.body(self.headers["Accept"], self.headers["Accept-Encoding"])
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            if gzipped:
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = BoundedHTTPServer(host, port, ScrapeHandler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-listener", daemon=True)
+    thread.start()
     return Listener(server, thread)
 
 

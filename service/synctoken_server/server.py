@@ -95,6 +95,11 @@ class TokenServer:
         """The port the metrics listener is on, if this server runs one."""
         return self._metrics_listener.port if self._metrics_listener else None
 
+    @property
+    def metrics_connections(self) -> int | None:
+        """How many scrape connections the metrics listener serves at once, if this server runs one."""
+        return self._metrics_listener.connections if self._metrics_listener else None
+
     async def start(self) -> None:
         """Accept RPCs; health reports SERVING once config and credentials are loaded, i.e. now."""
         self.certificates.announce()
