@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
 
@@ -19,7 +20,7 @@ from synctoken.client._base import ClientBase
 from synctoken.client._cache import AsyncTokenCache, CacheKey, Clock
 from synctoken.client._channel import Generation, Generations
 from synctoken.client._credentials import TlsMaterial
-from synctoken.client._errors import from_rpc_error
+from synctoken.client._errors import deadline_passed, failure_to_wait_out, from_rpc_error
 from synctoken.client._types import CallerIdentity, IssuedToken, issue_request
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1.token_service_pb2_grpc import TokenServiceStub
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     # A typing-only name: the generated stub's overload for an aio channel.
     from synctoken.v1.token_service_pb2_grpc import TokenServiceAsyncStub
 
-R = TypeVar("R")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 
 class _Connection(NamedTuple):
@@ -65,7 +67,7 @@ class AsyncTokenClient(ClientBase):
             region=region,
             validate_only=validate_only,
         )
-        response = await self._call(lambda stub: stub.IssueToken(request, timeout=self._timeout))
+        response = await self._call(lambda stub: stub.IssueToken, request)
         return IssuedToken.from_response(response)
 
     async def get_token(
@@ -88,9 +90,7 @@ class AsyncTokenClient(ClientBase):
 
     async def whoami(self) -> CallerIdentity:
         """Who the server believes this client is, and the policy that applies to it."""
-        response = await self._call(
-            lambda stub: stub.GetCallerIdentity(pb.GetCallerIdentityRequest(), timeout=self._timeout)
-        )
+        response = await self._call(lambda stub: stub.GetCallerIdentity, pb.GetCallerIdentityRequest())
         return CallerIdentity.from_response(response)
 
     async def close(self) -> None:
@@ -108,12 +108,25 @@ class AsyncTokenClient(ClientBase):
     ) -> None:
         await self.close()
 
-    async def _call(self, rpc: Callable[[TokenServiceAsyncStub], Awaitable[R]]) -> R:
+    async def _call(
+        self, method: Callable[[TokenServiceAsyncStub], grpc.aio.UnaryUnaryMultiCallable[Req, Resp]], request: Req
+    ) -> Resp:
+        # As TokenClient._call: fail-fast first, then wait for a connection unless TLS refused it.
+        deadline = time.monotonic() + self._timeout
         generation = await self._acquire()
         try:
-            return await rpc(generation.connection.stub)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            rpc = method(generation.connection.stub)
+            try:
+                return await rpc(request, timeout=self._timeout, wait_for_ready=False)
+            except grpc.RpcError as exc:
+                unreached = failure_to_wait_out(exc, self._checked_name)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise deadline_passed(unreached)
+            try:
+                return await rpc(request, timeout=remaining, wait_for_ready=True)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc, unreached) from exc
         finally:
             await self._release(generation)
 
