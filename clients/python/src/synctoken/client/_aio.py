@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
 
 import grpc
 
+from synctoken.client._attempts import Attempts
 from synctoken.client._base import ClientBase
 from synctoken.client._cache import AsyncTokenCache, CacheKey, Clock
 from synctoken.client._channel import Generation, Generations
 from synctoken.client._credentials import TlsMaterial
-from synctoken.client._errors import deadline_passed, failure_to_wait_out, from_rpc_error
 from synctoken.client._types import CallerIdentity, IssuedToken, issue_request
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1.token_service_pb2_grpc import TokenServiceStub
@@ -111,22 +110,17 @@ class AsyncTokenClient(ClientBase):
     async def _call(
         self, method: Callable[[TokenServiceAsyncStub], grpc.aio.UnaryUnaryMultiCallable[Req, Resp]], request: Req
     ) -> Resp:
-        # As TokenClient._call: fail-fast first, then wait for a connection unless TLS refused it.
-        deadline = time.monotonic() + self._timeout
+        # Not wait-for-ready: see _attempts.
         generation = await self._acquire()
+        attempts = Attempts(self._timeout, self._checked_name)
         try:
             rpc = method(generation.connection.stub)
-            try:
-                return await rpc(request, timeout=self._timeout, wait_for_ready=False)
-            except grpc.RpcError as exc:
-                unreached = failure_to_wait_out(exc, self._checked_name)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise deadline_passed(unreached)
-            try:
-                return await rpc(request, timeout=remaining, wait_for_ready=True)
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc, unreached) from exc
+            while True:
+                try:
+                    return await rpc(request, timeout=attempts.remaining(), wait_for_ready=False)
+                except grpc.RpcError as exc:
+                    pause = attempts.failed(exc)
+                await asyncio.sleep(pause)
         finally:
             await self._release(generation)
 

@@ -9,7 +9,7 @@ once with UNAVAILABLE instead, and its details carry the last connection error:
     Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL
     routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate
 
-So the clients make each call's first attempt without waiting, and read that
+So the clients make every attempt of a call without waiting, and read that
 text here. It is gRPC core's prose, not an API: the tests, against real servers
 with real certificates, pin every form read below.
 """
@@ -27,7 +27,7 @@ class Cause(enum.StrEnum):
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
     """A connection was made, but TLS refused it, on this side or the server's: retrying will not help."""
     CONNECTION_FAILED = "connection_failed"
-    """The first attempt could not connect (refused, unreachable, closed mid-handshake), and the deadline passed."""
+    """No attempt could connect (refused, unreachable, closed mid-handshake) before the deadline passed."""
 
 
 _LAST_ERROR = re.compile(

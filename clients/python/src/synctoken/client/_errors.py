@@ -112,7 +112,7 @@ class _FailedCall(Protocol):
 def from_rpc_error(error: grpc.RpcError, unreached: ConnectFailure | None = None) -> SynctokenError:
     """The typed exception for a failed call: the one place a grpc.RpcError is translated.
 
-    `unreached` is what the call's first, fail-fast attempt found when it could
+    `unreached` is what the call's last fail-fast attempt found when it could
     not connect: a deadline that passed after it says so.
     """
     call: _FailedCall = error  # type: ignore[assignment]
@@ -136,12 +136,14 @@ def from_rpc_error(error: grpc.RpcError, unreached: ConnectFailure | None = None
     )
 
 
-def failure_to_wait_out(error: grpc.RpcError, checked_name: str) -> ConnectFailure:
-    """What stopped a call's fail-fast first attempt, if waiting for a connection may cure it; else raise.
+def failure_to_wait_out(
+    error: grpc.RpcError, checked_name: str, earlier: ConnectFailure | None = None
+) -> ConnectFailure:
+    """What kept a fail-fast attempt from a server, if another attempt may get there; else raise the typed error.
 
-    Raises the typed error when the attempt reached a server (its answer is
-    final: gRPC has retried it already), and when TLS refused the connection
-    (waiting will not change a certificate).
+    Raises when the attempt reached a server (its answer is final: gRPC has
+    retried it already), and when TLS refused the connection (no wait changes
+    a certificate). `earlier` is what the call's previous attempts found.
     """
     call: _FailedCall = error  # type: ignore[assignment]
     # A status synctoken sent (AUDIT_UNAVAILABLE) carries its ErrorInfo: that call was made.
@@ -149,17 +151,17 @@ def failure_to_wait_out(error: grpc.RpcError, checked_name: str) -> ConnectFailu
     if call.code() == grpc.StatusCode.UNAVAILABLE and _rich_status(call.trailing_metadata() or ()) is None:
         failure = read_failure(call.details() or "", checked_name)
     if failure is None:
-        raise from_rpc_error(error) from error
+        raise from_rpc_error(error, earlier) from error
     if failure.cause is Cause.TLS_HANDSHAKE_FAILED:
         raise Unavailable(call.code(), failure.message, cause=failure.cause) from error
     return failure
 
 
 def deadline_passed(unreached: ConnectFailure, details: str = "Deadline Exceeded") -> Unavailable:
-    """The error for a call whose deadline passed after its first attempt could not connect."""
+    """The error for a call whose deadline passed while its attempts could not connect."""
     return Unavailable(
         grpc.StatusCode.DEADLINE_EXCEEDED,
-        f"{details} (its first attempt found: {unreached.message})",
+        f"{details} (its last attempt found: {unreached.message})",
         cause=unreached.cause,
     )
 

@@ -11,11 +11,11 @@ from typing import NamedTuple, Self, TypeVar
 
 import grpc
 
+from synctoken.client._attempts import Attempts
 from synctoken.client._base import ClientBase
 from synctoken.client._cache import CacheKey, Clock, TokenCache
 from synctoken.client._channel import Generation, Generations
 from synctoken.client._credentials import TlsMaterial
-from synctoken.client._errors import deadline_passed, failure_to_wait_out, from_rpc_error
 from synctoken.client._types import CallerIdentity, IssuedToken, issue_request
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1.token_service_pb2_grpc import TokenServiceStub
@@ -109,23 +109,17 @@ class TokenClient(ClientBase):
     def _call(
         self, method: Callable[[TokenServiceStub], grpc.UnaryUnaryMultiCallable[Req, Resp]], request: Req
     ) -> Resp:
-        # First without waiting for a connection, so that a failed one is named
-        # (see _connectfailure); then, unless TLS refused it, waiting for the rest of the deadline.
-        deadline = time.monotonic() + self._timeout
+        # Not wait-for-ready: see _attempts.
         generation = self._acquire()
+        attempts = Attempts(self._timeout, self._checked_name)
         try:
             rpc = method(generation.connection.stub)
-            try:
-                return rpc(request, timeout=self._timeout, wait_for_ready=False)
-            except grpc.RpcError as exc:
-                unreached = failure_to_wait_out(exc, self._checked_name)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise deadline_passed(unreached)
-            try:
-                return rpc(request, timeout=remaining, wait_for_ready=True)
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc, unreached) from exc
+            while True:
+                try:
+                    return rpc(request, timeout=attempts.remaining(), wait_for_ready=False)
+                except grpc.RpcError as exc:
+                    pause = attempts.failed(exc)
+                time.sleep(pause)
         finally:
             self._release(generation)
 

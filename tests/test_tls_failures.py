@@ -1,0 +1,135 @@
+"""A refused TLS handshake says so, on every side: the client's exception, synctoken-client's JSON, the BFF's log.
+
+Each test gives the call a deadline far longer than a handshake takes: the
+error must say TLS because the client found out, not because a deadline passed
+(that would end as DEADLINE_EXCEEDED, which the tests refuse).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+
+import grpc
+import httpx
+import pytest
+from test_client_cli import bare_env, flags, run
+
+from bff_support import Bff, BffFactory
+from client_support import Driver
+from support import LeakWatch, Pki, RunningServer, free_port
+from synctoken.client import Cause, SynctokenError, Unavailable
+
+MakeClient = Callable[..., Driver]
+LONG = 20.0
+"""A deadline no test may wait out: a TLS failure must be raised long before it."""
+
+# What each failure's message says about the likely reason, beyond "TLS handshake with ... failed".
+UNTRUSTED_SERVER = "this client does not trust the server's certificate (unable to get local issuer certificate)"
+REFUSED_CLIENT = "it most likely refused this client's certificate"
+WRONG_NAME = "the server's certificate does not carry the name 'elsewhere.example' (server_name)"
+
+
+def failure(call: Callable[[], object]) -> SynctokenError:
+    """Run a call that must fail; return its exception."""
+    with pytest.raises(SynctokenError) as caught:
+        call()
+    return caught.value
+
+
+def assert_tls(error: SynctokenError, port: int, why: str) -> None:
+    """A TLS failure: UNAVAILABLE, not a deadline; cause, address and reason in the message."""
+    assert type(error) is Unavailable
+    assert (error.code, error.reason, error.cause) == (grpc.StatusCode.UNAVAILABLE, None, Cause.TLS_HANDSHAKE_FAILED)
+    assert error.message.startswith(f"TLS handshake with ipv4:127.0.0.1:{port} failed: "), error.message
+    assert why in error.message
+    assert str(error).startswith("UNAVAILABLE tls_handshake_failed: TLS handshake with")
+
+
+class TestClient:
+    """TokenClient and AsyncTokenClient raise Unavailable with cause TLS_HANDSHAKE_FAILED, at once."""
+
+    def test_wrong_ca(self, make_client: MakeClient, shared_server: RunningServer, pki: Pki) -> None:
+        """A CA file that did not issue the server's certificate: the client refuses the server."""
+        client = make_client(shared_server.port, ca_file=pki.directory / "open-ca.pem", timeout=LONG)
+        assert_tls(failure(client.whoami), shared_server.port, UNTRUSTED_SERVER)
+
+    @pytest.mark.parametrize("cert", ["foreign_ca", "expired"])
+    def test_client_certificate_refused(self, make_client: MakeClient, shared_server: RunningServer, cert: str) -> None:
+        """A client certificate from a CA the server does not trust, or expired: the server hangs up."""
+        client = make_client(shared_server.port, cert=cert, timeout=LONG)
+        assert_tls(failure(lambda: client.issue_token("alice")), shared_server.port, REFUSED_CLIENT)
+
+    def test_name_mismatch(self, make_client: MakeClient, shared_server: RunningServer) -> None:
+        """A server certificate that does not carry the name checked: the message names it."""
+        client = make_client(shared_server.port, server_name="elsewhere.example", timeout=LONG)
+        assert_tls(failure(client.whoami), shared_server.port, WRONG_NAME)
+
+    def test_nothing_listening_is_waited_for(self, make_client: MakeClient) -> None:
+        """No server: not TLS; the call waits out its deadline, then says what its first attempt found."""
+        port = free_port()
+        error = failure(make_client(port, timeout=0.5).whoami)
+        assert type(error) is Unavailable
+        assert (error.code, error.cause) == (grpc.StatusCode.DEADLINE_EXCEEDED, Cause.CONNECTION_FAILED)
+        assert f"could not connect to ipv4:127.0.0.1:{port}: " in error.message
+        assert "Connection refused" in error.message
+
+
+class TestCommand:
+    """synctoken-client prints the cause and the message in its error JSON."""
+
+    @pytest.mark.parametrize(
+        ("cert", "extra", "why"),
+        [
+            ("bff", ["--server-name", "elsewhere.example"], WRONG_NAME),
+            ("expired", [], REFUSED_CLIENT),
+        ],
+    )
+    def test_error_json(self, pki: Pki, shared_server: RunningServer, cert: str, extra: list[str], why: str) -> None:
+        """Exit 1, and {"code": "UNAVAILABLE", "cause": "tls_handshake_failed", "message": "TLS handshake ..."}."""
+        args = [*flags(pki, cert, shared_server.port), *extra, "--timeout", str(LONG), "whoami"]
+        code, out, err = run(*args, env=bare_env())
+        assert (code, out) == (1, None)
+        error = json.loads(err.splitlines()[-1])
+        assert (error["code"], error["reason"], error["cause"]) == ("UNAVAILABLE", None, "tls_handshake_failed")
+        assert error["message"].startswith(f"TLS handshake with ipv4:127.0.0.1:{shared_server.port} failed: ")
+        assert why in error["message"]
+
+    def test_wrong_ca(self, pki: Pki, shared_server: RunningServer) -> None:
+        """--ca naming a CA that did not issue the server's certificate."""
+        args = flags(pki, "bff", shared_server.port)
+        args[args.index("--ca") + 1] = str(pki.directory / "open-ca.pem")
+        code, _, err = run(*args, "--timeout", str(LONG), "whoami", env=bare_env())
+        error = json.loads(err.splitlines()[-1])
+        assert (code, error["cause"]) == (1, "tls_handshake_failed")
+        assert UNTRUSTED_SERVER in error["message"]
+
+
+@pytest.fixture
+def make_bff(pki: Pki, leak_watch: LeakWatch) -> Iterator[BffFactory]:
+    """Start BFFs; stopped at teardown."""
+    factory = BffFactory(pki, leak_watch)
+    yield factory
+    factory.close()
+
+
+class TestBff:
+    """The BFF logs a refused handshake as an operator error; the browser gets a fixed 502."""
+
+    def test_refused_certificate(
+        self, make_bff: BffFactory, shared_server: RunningServer, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The BFF's own certificate is expired: an ERROR naming TLS and what to check; no TLS detail to the browser."""
+        bff: Bff = make_bff(shared_server.port, cert="expired", timeout=LONG)
+        with caplog.at_level(logging.WARNING, logger="synctoken_bff"):
+            response = bff.token()
+        assert response.status_code == httpx.codes.BAD_GATEWAY
+        assert response.json()["error"]["message"] == "this server cannot connect to the token service"
+        assert "TLS" not in response.text
+        [record] = [r for r in caplog.records if r.name == "synctoken_bff" and r.getMessage().startswith("token.")]
+        assert record.levelno == logging.ERROR
+        line = record.getMessage()
+        assert line.startswith("token.refused status=502 error=UNAVAILABLE tls_handshake_failed: TLS handshake with")
+        assert REFUSED_CLIENT in line
+        assert "check SYNCTOKEN_CA_FILE, SYNCTOKEN_CERT_FILE" in line
