@@ -7,10 +7,16 @@ error must say TLS because the client found out, not because a deadline passed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
+import signal
+import socket
+import ssl
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -19,7 +25,7 @@ from test_client_cli import bare_env, flags, run
 
 from bff_support import Bff, BffFactory
 from client_support import Driver
-from support import SECRET_ENV, LeakWatch, Pki, RunningServer, config_text, free_port
+from support import SECRET_ENV, LeakWatch, Pki, Process, RunningServer, config_text, free_port
 from synctoken.client import Cause, SynctokenError, Unavailable
 from synctoken_server.config import load_config
 
@@ -30,6 +36,9 @@ LONG = 20.0
 # What each failure's message says about the likely reason, beyond "TLS handshake with ... failed".
 UNTRUSTED_SERVER = "this client does not trust the server's certificate (unable to get local issuer certificate)"
 REFUSED_CLIENT = "it most likely refused this client's certificate"
+# What the README tells an operator to set, to see refused handshakes in the server's stderr.
+GRPC_INFO = {"GRPC_VERBOSITY": "INFO"}
+GRPC_HANDSHAKER_TRACE = {"GRPC_TRACE": "handshaker"}
 WRONG_NAME = "the server's certificate does not carry the name 'elsewhere.example' (server_name)"
 
 
@@ -152,3 +161,57 @@ class TestBff:
         assert line.startswith("token.refused status=502 error=UNAVAILABLE tls_handshake_failed: TLS handshake with")
         assert REFUSED_CLIENT in line
         assert "check SYNCTOKEN_CA_FILE, SYNCTOKEN_CERT_FILE" in line
+
+
+def refused_handshake(pki: Pki, port: int, cert: str) -> int:
+    """Handshake with the server at `port` presenting `cert`, as a client whose port we know; return that port."""
+    context = ssl.create_default_context(cafile=pki.directory / "ca.pem")
+    context.load_cert_chain(*pki.files(cert))
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        local_port: int = tls.getsockname()[1]
+        # TLS 1.3: our side of the handshake is done; the server's refusal comes on the first read,
+        # as a bare close (what gRPC clients report as "Socket closed"), or as an alert.
+        with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+            assert tls.recv(100) == b""
+    return local_port
+
+
+class TestServerLog:
+    """gRPC Python gives the server no hook on a refused handshake: gRPC core's own stderr lines are all there is."""
+
+    @pytest.mark.parametrize(
+        ("env", "shows"),
+        [({}, set()), (GRPC_INFO, {"reason"}), (GRPC_INFO | GRPC_HANDSHAKER_TRACE, {"reason", "peer"})],
+    )
+    def test_what_an_operator_sees(
+        self,
+        pki: Pki,
+        tmp_path: Path,
+        leak_watch: LeakWatch,
+        processes: list[Process],
+        env: dict[str, str],
+        shows: set[str],
+    ) -> None:
+        """Nothing by default; the reason with GRPC_VERBOSITY=INFO; the peer too with GRPC_TRACE=handshaker.
+
+        Never in the JSON log, which the server writes from Python.
+        """
+        port = free_port()
+        path = tmp_path / "synctoken.toml"
+        path.write_text(config_text(pki, listen=f"127.0.0.1:{port}"), encoding="utf-8")
+        base = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")} | SECRET_ENV
+        process = Process(["serve", "--config", str(path)], tmp_path, leak_watch, base | env)
+        processes.append(process)
+        process.wait_for_records("server.started")
+        client_port = refused_handshake(pki, port, "expired")
+        process.proc.send_signal(signal.SIGINT)
+        assert process.proc.wait(timeout=30) == 0
+        stderr = process.stderr_path.read_text()
+        reason = "Handshake failed with error SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:"
+        assert (f"{reason}CERTIFICATE_VERIFY_FAILED: certificate has expired" in stderr) is ("reason" in shows)
+        assert (f"endpoint_peer_address=ipv4:127.0.0.1:{client_port}," in stderr) is ("peer" in shows)
+        assert "expired" not in process.stdout_path.read_text()
