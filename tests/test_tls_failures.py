@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -90,6 +91,17 @@ class TestClient:
         """A server certificate that does not carry the name checked: the message names it."""
         client = make_client(shared_server.port, server_name="elsewhere.example", timeout=LONG)
         assert_tls(failure(client.whoami), shared_server.port, WRONG_NAME)
+
+    def test_plaintext_port(self, make_client: MakeClient) -> None:
+        """A gRPC server without TLS on the port: the handshake fails, and the message says so."""
+        plain = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        port = plain.add_insecure_port("localhost:0")
+        plain.start()
+        try:
+            client = make_client(port, timeout=LONG)
+            assert_tls(failure(client.whoami), port, "the server did not answer in TLS")
+        finally:
+            plain.stop(grace=None).wait(timeout=10)
 
     def test_nothing_listening_is_waited_for(self, make_client: MakeClient) -> None:
         """No server: not TLS; the call waits out its deadline, then says what its last attempt found.
