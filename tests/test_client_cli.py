@@ -163,6 +163,7 @@ class TestFailures:
                 {
                     "code": "PERMISSION_DENIED",
                     "reason": "SERVICE_NOT_ALLOWED",
+                    "cause": None,
                     "message": f"caller {BFF_ID} may not mint tokens for Sync service {SERVICE_C}",
                     "field_violations": [],
                 },
@@ -172,6 +173,7 @@ class TestFailures:
                 {
                     "code": "INVALID_ARGUMENT",
                     "reason": "INVALID_REQUEST",
+                    "cause": None,
                     "message": "invalid request: ttl: 25h is above the 24h limit; region: must be a Twilio region such as us1, ie1 or au1",
                     "field_violations": [
                         {"field": "ttl", "description": "25h is above the 24h limit"},
@@ -200,6 +202,7 @@ class TestFailures:
         assert json.loads(err) == {
             "code": "DEADLINE_EXCEEDED",
             "reason": None,
+            "cause": None,
             "message": "Deadline Exceeded",
             "field_violations": [],
         }

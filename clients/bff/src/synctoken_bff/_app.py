@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from synctoken.client import IssuedToken, SynctokenError
+from synctoken.client import Cause, IssuedToken, SynctokenError
 from synctoken_bff._cors import Cors
 from synctoken_bff._errors import Refusal, error_body, error_response, mapping_for
 from synctoken_bff._identityhash import IdentityHasher
@@ -120,7 +120,16 @@ class _TokenRoute:
         except SynctokenError as exc:
             mapping = mapping_for(exc)
             # The error's str() is synctoken's code, reason and message: no token, no secret, no identity.
-            if mapping.operator_fault:
+            if exc.cause is Cause.TLS_HANDSHAKE_FAILED:
+                # The message says which side refused and why; nothing to do with this browser.
+                _log.error(
+                    "token.refused%s status=%d error=%s (check SYNCTOKEN_CA_FILE, SYNCTOKEN_CERT_FILE, "
+                    "SYNCTOKEN_KEY_FILE and SYNCTOKEN_SERVER_NAME against synctoken's certificate and client CA)",
+                    self._who(identity),
+                    mapping.status,
+                    exc,
+                )
+            elif mapping.operator_fault:
                 _log.error(
                     "token.refused%s status=%d error=%s (synctoken refuses this BFF's settings: check %s and %s "
                     "against the caller's policy)",

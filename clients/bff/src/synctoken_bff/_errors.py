@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from starlette.responses import JSONResponse
 
 from synctoken.client import (
+    Cause,
     InvalidRequest,
     PermissionDenied,
     RateLimited,
@@ -38,6 +39,8 @@ _RATE_LIMITED = Mapping(429, "too many requests; try again later")
 # A RESOURCE_EXHAUSTED without RATE_LIMITED is gRPC refusing the request's size: waiting will not help.
 _TOO_LARGE = Mapping(502, "the token service could not take this request")
 _BAD_SETTINGS = Mapping(502, "the token service refused this server's settings", operator_fault=True)
+# No retry cures a refused handshake: the BFF's or synctoken's certificates must change, the operator's to do.
+_TLS_FAILED = Mapping(502, "this server cannot connect to the token service", operator_fault=True)
 # Most specific first: isinstance decides.
 _MAPPINGS: tuple[tuple[type[SynctokenError], Mapping], ...] = (
     (InvalidRequest, Mapping(400, None)),
@@ -75,6 +78,8 @@ class Refusal(Exception):
 
 def mapping_for(error: SynctokenError) -> Mapping:
     """How `error` is answered."""
+    if error.cause is Cause.TLS_HANDSHAKE_FAILED:
+        return _TLS_FAILED
     if isinstance(error, RateLimited):
         return _RATE_LIMITED if error.reason == RATE_LIMITED else _TOO_LARGE
     if isinstance(error, InvalidRequest) and any(f in OPERATOR_FIELDS for f, _ in error.field_violations):

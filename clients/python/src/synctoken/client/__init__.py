@@ -9,6 +9,7 @@ with TokenClient.from_env() as client:
 """
 
 from synctoken.client._aio import AsyncTokenClient
+from synctoken.client._connectfailure import Cause
 from synctoken.client._credentials import CertificateFilesError
 from synctoken.client._errors import (
     InvalidRequest,
@@ -25,6 +26,7 @@ __all__ = [
     "AsyncTokenClient",
     "CallerIdentity",
     "CallerPolicy",
+    "Cause",
     "CertificateFilesError",
     "InvalidRequest",
     "IssuedToken",

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
 
 import grpc
 
+from synctoken.client._attempts import Attempts
 from synctoken.client._base import ClientBase
 from synctoken.client._cache import AsyncTokenCache, CacheKey, Clock
 from synctoken.client._channel import Generation, Generations
 from synctoken.client._credentials import TlsMaterial
-from synctoken.client._errors import from_rpc_error
 from synctoken.client._types import CallerIdentity, IssuedToken, issue_request
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1.token_service_pb2_grpc import TokenServiceStub
@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     # A typing-only name: the generated stub's overload for an aio channel.
     from synctoken.v1.token_service_pb2_grpc import TokenServiceAsyncStub
 
-R = TypeVar("R")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 
 class _Connection(NamedTuple):
@@ -65,7 +66,7 @@ class AsyncTokenClient(ClientBase):
             region=region,
             validate_only=validate_only,
         )
-        response = await self._call(lambda stub: stub.IssueToken(request, timeout=self._timeout))
+        response = await self._call(lambda stub: stub.IssueToken, request)
         return IssuedToken.from_response(response)
 
     async def get_token(
@@ -88,9 +89,7 @@ class AsyncTokenClient(ClientBase):
 
     async def whoami(self) -> CallerIdentity:
         """Who the server believes this client is, and the policy that applies to it."""
-        response = await self._call(
-            lambda stub: stub.GetCallerIdentity(pb.GetCallerIdentityRequest(), timeout=self._timeout)
-        )
+        response = await self._call(lambda stub: stub.GetCallerIdentity, pb.GetCallerIdentityRequest())
         return CallerIdentity.from_response(response)
 
     async def close(self) -> None:
@@ -108,12 +107,20 @@ class AsyncTokenClient(ClientBase):
     ) -> None:
         await self.close()
 
-    async def _call(self, rpc: Callable[[TokenServiceAsyncStub], Awaitable[R]]) -> R:
+    async def _call(
+        self, method: Callable[[TokenServiceAsyncStub], grpc.aio.UnaryUnaryMultiCallable[Req, Resp]], request: Req
+    ) -> Resp:
+        # Not wait-for-ready: see _attempts.
         generation = await self._acquire()
+        attempts = Attempts(self._timeout, self._checked_name)
         try:
-            return await rpc(generation.connection.stub)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            rpc = method(generation.connection.stub)
+            while True:
+                try:
+                    return await rpc(request, timeout=attempts.remaining(), wait_for_ready=False)
+                except grpc.RpcError as exc:
+                    pause = attempts.failed(exc)
+                await asyncio.sleep(pause)
         finally:
             await self._release(generation)
 

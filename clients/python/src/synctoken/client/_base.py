@@ -33,6 +33,12 @@ class ClientBase:
             raise ValueError(f"timeout must be above 0 seconds, not {timeout}")
         self._target = target
         self._options = channel_options(server_name)
+        # The name the server certificate is checked against, as a TLS failure's message names it.
+        self._checked_name = (
+            f"{server_name!r} (server_name)"
+            if server_name
+            else f"in the target {target!r} (server_name, SYNCTOKEN_SERVER_NAME, checks another)"
+        )
         self._timeout = timeout
         self._files = CertificateFiles(TlsFiles(Path(ca_file), Path(cert_file), Path(key_file)), cert_check_interval)
         self._closed = False

@@ -1,9 +1,10 @@
 """How the clients' channels are set up (retries as data, keepalive), and how rotation swaps them.
 
 Retries are gRPC's own, from the service config below: UNAVAILABLE is retried
-with backoff, within the call's one deadline, and calls wait for a connection
-(wait-for-ready) instead of failing the moment the channel has none, so that a
-server that is restarting or starting late is waited for, up to the deadline.
+with backoff, within the call's one deadline. Waiting for a connection, so that
+a server that is restarting or starting late is waited for up to the deadline,
+is the clients' own loop (see _attempts), not gRPC's wait-for-ready, which
+would hide why no connection could be made.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ RETRY_POLICY = {
 }
 
 SERVICE_CONFIG = {
-    "methodConfig": [{"name": [{"service": SERVICE}], "waitForReady": True, "retryPolicy": RETRY_POLICY}],
+    "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}],
     # When most attempts fail, stop retrying (each failure costs a token, each
     # success earns a tenth back): a fleet of clients must not triple its
     # traffic at a server that is already failing.

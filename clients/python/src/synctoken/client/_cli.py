@@ -1,7 +1,7 @@
 """The `synctoken-client` command: issue a token or ask who we are, from a shell, with no proto at hand.
 
 Success prints the response as one JSON object on stdout; a failed call prints
-{"code", "reason", "message", "field_violations"} on stderr and exits 1; bad
+{"code", "reason", "cause", "message", "field_violations"} on stderr and exits 1; bad
 usage (flags, missing settings, unusable certificate files) exits 2. A token
 only ever goes to stdout.
 """
@@ -175,6 +175,8 @@ def _error_json(error: SynctokenError) -> dict[str, object]:
     return {
         "code": error.code.name,
         "reason": error.reason,
+        # Why the call never reached synctoken (e.g. "tls_handshake_failed"), or None.
+        "cause": error.cause,
         "message": error.message,
         "field_violations": [{"field": f, "description": d} for f, d in error.field_violations],
     }

@@ -16,6 +16,8 @@ from google.protobuf.message import DecodeError
 from google.rpc.error_details_pb2 import BadRequest, ErrorInfo, RetryInfo
 from google.rpc.status_pb2 import Status
 
+from synctoken.client._connectfailure import Cause, ConnectFailure, read_failure
+
 DOMAIN = "synctoken.v1"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -24,13 +26,15 @@ class SynctokenError(Exception):
     """A call that did not succeed: its gRPC code, the server's reason, and the details it sent.
 
     `reason` is the ErrorInfo reason (e.g. "SERVICE_NOT_ALLOWED"), or None
-    when the status came from gRPC itself rather than from synctoken.
+    when the status came from gRPC itself rather than from synctoken. `cause`
+    says why a call never reached a server (the TLS handshake failed, or no
+    connection could be made), and is None when it did.
     """
 
     codes: ClassVar[tuple[grpc.StatusCode, ...]] = ()
     """The gRPC codes that raise this class (empty for the base, which takes any other code)."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the status's parts, each a documented attribute
         self,
         code: grpc.StatusCode,
         message: str,
@@ -39,6 +43,7 @@ class SynctokenError(Exception):
         metadata: Mapping[str, str] | None = None,
         field_violations: Sequence[tuple[str, str]] = (),
         retry_after: dt.timedelta | None = None,
+        cause: Cause | None = None,
     ) -> None:
         super().__init__(code, message)
         self.code = code
@@ -47,9 +52,12 @@ class SynctokenError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         self.field_violations: list[tuple[str, str]] = list(field_violations)
         self.retry_after = retry_after
+        self.cause = cause
 
     def __str__(self) -> str:
-        return f"{self.code.name} {self.reason}: {self.message}" if self.reason else f"{self.code.name}: {self.message}"
+        # A call has a reason (the server answered) or a cause (it never got there), never both.
+        why = self.reason or self.cause
+        return f"{self.code.name} {why}: {self.message}" if why else f"{self.code.name}: {self.message}"
 
 
 class InvalidRequest(SynctokenError):
@@ -77,7 +85,11 @@ class RateLimited(SynctokenError):
 
 
 class Unavailable(SynctokenError):
-    """UNAVAILABLE or DEADLINE_EXCEEDED: no answer in time, even after gRPC's retries; safe to try later."""
+    """UNAVAILABLE or DEADLINE_EXCEEDED: no answer in time, even after gRPC's retries; safe to try later.
+
+    Unless `cause` is TLS_HANDSHAKE_FAILED: then this client's or the server's
+    certificates must change first.
+    """
 
     codes = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -97,10 +109,16 @@ class _FailedCall(Protocol):
     def trailing_metadata(self) -> Iterable[tuple[str, str | bytes]] | None: ...
 
 
-def from_rpc_error(error: grpc.RpcError) -> SynctokenError:
-    """The typed exception for a failed call: the one place a grpc.RpcError is translated."""
+def from_rpc_error(error: grpc.RpcError, unreached: ConnectFailure | None = None) -> SynctokenError:
+    """The typed exception for a failed call: the one place a grpc.RpcError is translated.
+
+    `unreached` is what the call's last fail-fast attempt found when it could
+    not connect: a deadline that passed after it says so.
+    """
     call: _FailedCall = error  # type: ignore[assignment]
     code = call.code()
+    if unreached is not None and code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return deadline_passed(unreached, call.details() or "Deadline Exceeded")
     # The transport's code and message are the truth; the Status only adds details.
     # They differ when something between us and the server rewrote the status.
     status = _rich_status(call.trailing_metadata() or ())
@@ -115,6 +133,36 @@ def from_rpc_error(error: grpc.RpcError) -> SynctokenError:
         metadata=dict(sorted(info.metadata.items())) if info else None,
         field_violations=[(v.field, v.description) for v in bad_request.field_violations] if bad_request else (),
         retry_after=retry_info.retry_delay.ToTimedelta() if retry_info else None,
+    )
+
+
+def failure_to_wait_out(
+    error: grpc.RpcError, checked_name: str, earlier: ConnectFailure | None = None
+) -> ConnectFailure:
+    """What kept a fail-fast attempt from a server, if another attempt may get there; else raise the typed error.
+
+    Raises when the attempt reached a server (its answer is final: gRPC has
+    retried it already), and when TLS refused the connection (no wait changes
+    a certificate). `earlier` is what the call's previous attempts found.
+    """
+    call: _FailedCall = error  # type: ignore[assignment]
+    # A status synctoken sent (AUDIT_UNAVAILABLE) carries its ErrorInfo: that call was made.
+    failure = None
+    if call.code() == grpc.StatusCode.UNAVAILABLE and _rich_status(call.trailing_metadata() or ()) is None:
+        failure = read_failure(call.details() or "", checked_name)
+    if failure is None:
+        raise from_rpc_error(error, earlier) from error
+    if failure.cause is Cause.TLS_HANDSHAKE_FAILED:
+        raise Unavailable(call.code(), failure.message, cause=failure.cause) from error
+    return failure
+
+
+def deadline_passed(unreached: ConnectFailure, details: str = "Deadline Exceeded") -> Unavailable:
+    """The error for a call whose deadline passed while its attempts could not connect."""
+    return Unavailable(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"{details} (its last attempt found: {unreached.message})",
+        cause=unreached.cause,
     )
 
 

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import NamedTuple, Self, TypeVar
 
 import grpc
 
+from synctoken.client._attempts import Attempts
 from synctoken.client._base import ClientBase
 from synctoken.client._cache import CacheKey, Clock, TokenCache
 from synctoken.client._channel import Generation, Generations
 from synctoken.client._credentials import TlsMaterial
-from synctoken.client._errors import from_rpc_error
 from synctoken.client._types import CallerIdentity, IssuedToken, issue_request
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1.token_service_pb2_grpc import TokenServiceStub
 
-R = TypeVar("R")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 
 class _Connection(NamedTuple):
@@ -62,7 +64,7 @@ class TokenClient(ClientBase):
             region=region,
             validate_only=validate_only,
         )
-        response = self._call(lambda stub: stub.IssueToken(request, timeout=self._timeout))
+        response = self._call(lambda stub: stub.IssueToken, request)
         return IssuedToken.from_response(response)
 
     def get_token(
@@ -85,7 +87,7 @@ class TokenClient(ClientBase):
 
     def whoami(self) -> CallerIdentity:
         """Who the server believes this client is, and the policy that applies to it."""
-        response = self._call(lambda stub: stub.GetCallerIdentity(pb.GetCallerIdentityRequest(), timeout=self._timeout))
+        response = self._call(lambda stub: stub.GetCallerIdentity, pb.GetCallerIdentityRequest())
         return CallerIdentity.from_response(response)
 
     def close(self) -> None:
@@ -104,12 +106,20 @@ class TokenClient(ClientBase):
     ) -> None:
         self.close()
 
-    def _call(self, rpc: Callable[[TokenServiceStub], R]) -> R:
+    def _call(
+        self, method: Callable[[TokenServiceStub], grpc.UnaryUnaryMultiCallable[Req, Resp]], request: Req
+    ) -> Resp:
+        # Not wait-for-ready: see _attempts.
         generation = self._acquire()
+        attempts = Attempts(self._timeout, self._checked_name)
         try:
-            return rpc(generation.connection.stub)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            rpc = method(generation.connection.stub)
+            while True:
+                try:
+                    return rpc(request, timeout=attempts.remaining(), wait_for_ready=False)
+                except grpc.RpcError as exc:
+                    pause = attempts.failed(exc)
+                time.sleep(pause)
         finally:
             self._release(generation)
 
