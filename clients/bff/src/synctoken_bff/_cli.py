@@ -10,11 +10,14 @@ import sys
 from types import FrameType
 
 import uvicorn
-from uvicorn.config import STARTUP_FAILURE
 
 from synctoken.client import AsyncTokenClient
 from synctoken_bff._app import create_app
 from synctoken_bff._settings import Settings
+
+# uvicorn's exit status for a server that could not start (uvicorn.run's); its module for it
+# moved between the versions the range allows, the value never did.
+STARTUP_FAILURE = 3
 
 
 def run(argv: list[str] | None = None) -> None:
