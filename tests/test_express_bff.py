@@ -6,34 +6,68 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
 import pytest
 
 from client_support import env_for
-from support import API_SECRET, SERVICE_A, START_TIMEOUT, LeakWatch, Pki, RunningServer, free_port
+from support import (
+    API_SECRET,
+    BFF_ID,
+    POLICY_TOML,
+    SERVICE_A,
+    SERVICE_C,
+    START_TIMEOUT,
+    LeakWatch,
+    Pki,
+    RunningServer,
+    ServerHarness,
+    config_text,
+    free_port,
+)
 
 APP = Path(__file__).parent.parent / "clients/node/examples/express-bff/app.js"
+COOKIE_NAME = "synctoken_bff_identity"
+
+# An app whose login is a header an auth proxy sets: the `authenticate` seam, filled in as a real app would.
+HEADER_LOGIN_APP = f"""
+import {{ createApp }} from "{APP.as_uri()}";
+import {{ clientFromEnv }} from "{APP.parent.parent.parent.joinpath("src/client.js").as_uri()}";
+const authenticate = (req) => req.get("x-authenticated-user") ?? null;
+const server = createApp(clientFromEnv(), authenticate).listen(Number(process.env.PORT), "127.0.0.1", () => {{
+  process.stdout.write(`listening on ${{server.address().port}}\\n`);
+}});
+"""
 
 
 class ExpressApp:
-    """node app.js on a free loopback port; its stdout and stderr go to files the leak check reads."""
+    """node running `script` on a free loopback port; its stdout and stderr go to files the leak check reads."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, watch: LeakWatch) -> None:
+    def __init__(self, script: Path, env: dict[str, str], log_dir: Path, watch: LeakWatch) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
-        self.stdout_path = log_dir / "express-stdout.txt"
-        self.stderr_path = log_dir / "express-stderr.txt"
+        self.stdout_path = log_dir / f"express-stdout-{id(self)}.txt"
+        self.stderr_path = log_dir / f"express-stderr-{id(self)}.txt"
         watch.log_files += [self.stdout_path, self.stderr_path]
+        self.watch = watch
         env = env | {"PORT": self.url.rsplit(":", 1)[1]}
         with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
-            self.proc = subprocess.Popen(["node", str(APP)], stdout=out, stderr=err, env=env)  # noqa: S607 - node from PATH, as users run it
+            self.proc = subprocess.Popen(["node", str(script)], stdout=out, stderr=err, env=env)  # noqa: S607 - node from PATH, as users run it
         deadline = time.monotonic() + START_TIMEOUT
         while "listening on" not in self.stdout_path.read_text():
             if self.proc.poll() is not None:
                 pytest.fail(f"node exited {self.proc.returncode}: {self.stderr_path.read_text()}")
             assert time.monotonic() < deadline, f"the Express app did not listen within {START_TIMEOUT}s"
             time.sleep(0.05)
+
+    def get(self, client: httpx.Client | None = None, **params: str) -> httpx.Response:
+        """GET /token (with `client`'s cookies, if given); any token in the answer joins the leak check."""
+        url = f"{self.url}/token"
+        response = client.get(url, params=params) if client else httpx.get(url, params=params, timeout=10)
+        if response.status_code == 200:
+            self.watch.tokens.add(response.json()["token"])
+        return response
 
     def stop(self) -> None:
         """Kill the app if it is still running."""
@@ -42,13 +76,16 @@ class ExpressApp:
             self.proc.wait()
 
 
+StartApp = Callable[..., ExpressApp]
+
+
 @pytest.fixture
-def express(pki: Pki, tmp_path: Path, leak_watch: LeakWatch) -> Iterator[Callable[[int, str], ExpressApp]]:
-    """Start the Express app with `cert`'s certificate against a synctoken port; stopped at teardown."""
+def express(pki: Pki, tmp_path: Path, leak_watch: LeakWatch) -> Iterator[StartApp]:
+    """`express(port, cert="bff", script=APP, **env)`: the app against a synctoken port; stopped at teardown."""
     started: list[ExpressApp] = []
 
-    def start(port: int, cert: str = "bff") -> ExpressApp:
-        app = ExpressApp(env_for(pki, cert, f"localhost:{port}"), tmp_path, leak_watch)
+    def start(port: int, cert: str = "bff", script: Path = APP, **env: str) -> ExpressApp:
+        app = ExpressApp(script, env_for(pki, cert, f"localhost:{port}") | env, tmp_path, leak_watch)
         started.append(app)
         return app
 
@@ -57,48 +94,175 @@ def express(pki: Pki, tmp_path: Path, leak_watch: LeakWatch) -> Iterator[Callabl
         app.stop()
 
 
-class TestExpressBff:
-    """GET /token as in the guide, the token now from synctoken."""
+def claims(token: str) -> dict[str, Any]:
+    """The token's payload, its signature verified with the secret only synctoken holds."""
+    return jwt.decode(token, API_SECRET, algorithms=["HS256"])
 
-    def test_token_verifies(
-        self, express: Callable[..., ExpressApp], shared_server: RunningServer, leak_watch: LeakWatch
-    ) -> None:
-        """The guide's response shape; the token verifies with the secret only synctoken holds, device included."""
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    """The error object of an error response, after checking its shape (the Python BFF's) and that nothing is cached."""
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "reason", "message"}
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+class TestIdentity:
+    """The server decides the identity; the browser cannot name one."""
+
+    def test_token_without_a_query(self, express: StartApp, shared_server: RunningServer) -> None:
+        """GET /token alone: the guide's response shape, not cached, for the cookie's anonymous identity."""
         app = express(shared_server.port)
-        response = httpx.get(f"{app.url}/token", params={"identity": "alice", "device": "tab-1"}, timeout=10)
+        response = app.get()
         assert response.status_code == 200
+        assert response.headers["cache-control"] == "no-store"
         body = response.json()
-        leak_watch.tokens.add(body["token"])
         assert set(body) == {"identity", "token"}
-        assert body["identity"] == "alice"
-        claims = jwt.decode(body["token"], API_SECRET, algorithms=["HS256"])
-        assert claims["grants"] == {
-            "identity": "alice",
-            "data_sync": {"service_sid": SERVICE_A, "endpoint_id": "tab-1"},
+        assert body["identity"].startswith("anon-")
+        assert claims(body["token"])["grants"] == {
+            "identity": body["identity"],
+            "data_sync": {"service_sid": SERVICE_A},
         }
+        cookie = response.headers["set-cookie"]
+        assert cookie.startswith(f"{COOKIE_NAME}={body['identity']}.")
+        assert "HttpOnly" in cookie
+        assert "SameSite=Lax" in cookie
+
+    def test_identity_in_the_query_is_refused(self, express: StartApp, shared_server: RunningServer) -> None:
+        """?identity=alice gets no token, for alice or anyone, with or without a session."""
+        app = express(shared_server.port)
+        with httpx.Client(timeout=10) as browser:
+            assert app.get(browser).status_code == 200
+            for params in ({"identity": "alice"}, {"identity": ""}, {"identity": "alice", "device": "tab-1"}):
+                response = app.get(browser, **params)
+                assert response.status_code == 400
+                error = error_of(response)
+                assert (error["code"], error["reason"]) == ("INVALID_ARGUMENT", "IDENTITY_NOT_ACCEPTED")
+                assert "token" not in response.json()
+
+    def test_each_browser_gets_its_own_identity(self, express: StartApp, shared_server: RunningServer) -> None:
+        """Two requests without a cookie are two users."""
+        app = express(shared_server.port)
+        first, second = app.get().json()["identity"], app.get().json()["identity"]
+        assert first != second
+
+    def test_cookie_keeps_the_identity(self, express: StartApp, shared_server: RunningServer) -> None:
+        """A browser that keeps its cookie keeps its identity, and a device becomes the endpoint id."""
+        app = express(shared_server.port)
+        with httpx.Client(timeout=10) as browser:
+            identity = app.get(browser).json()["identity"]
+            response = app.get(browser, device="tab-1")
+        assert response.json()["identity"] == identity
+        assert "set-cookie" not in response.headers
+        assert claims(response.json()["token"])["grants"]["data_sync"]["endpoint_id"] == "tab-1"
+
+    def test_forged_cookie_gets_a_new_identity(self, express: StartApp, shared_server: RunningServer) -> None:
+        """A cookie naming alice without the server's signature is ignored: the browser becomes someone new."""
+        app = express(shared_server.port)
+        with httpx.Client(timeout=10) as browser:
+            signed = app.get(browser).json()["identity"]
+            value = browser.cookies[COOKIE_NAME]
+            forged = "alice." + value.rsplit(".", 1)[1]
+            response = httpx.get(f"{app.url}/token", cookies={COOKIE_NAME: forged}, timeout=10)
+        app.watch.tokens.add(response.json()["token"])
+        assert response.json()["identity"] not in {"alice", signed}
+
+    def test_the_app_fills_in_authenticate(
+        self, express: StartApp, shared_server: RunningServer, tmp_path: Path
+    ) -> None:
+        """createApp with the app's own login: its user gets the token, and no user is 401."""
+        script = tmp_path / "header-login.mjs"
+        script.write_text(HEADER_LOGIN_APP, encoding="utf-8")
+        app = express(shared_server.port, script=script)
+        response = httpx.get(f"{app.url}/token", headers={"x-authenticated-user": "user-7"}, timeout=10)
+        app.watch.tokens.add(response.json()["token"])
+        assert claims(response.json()["token"])["grants"]["identity"] == "user-7"
+        assert "set-cookie" not in response.headers
+        anonymous = app.get()
+        assert anonymous.status_code == 401
+        assert error_of(anonymous) == {"code": "UNAUTHENTICATED", "reason": "NO_USER", "message": "sign in first"}
+
+
+# The Python BFF's fixed messages (clients/bff/src/synctoken_bff/_errors.py), word for word.
+DENIED = "the token service does not allow this token"
+BAD_SETTINGS = "the token service refused this server's settings"
+REFUSED_CREDENTIALS = "the token service refused this server's credentials"
+UNAVAILABLE = "the token service is unavailable; try again later"
+RATE_LIMITED = "too many requests; try again later"
+
+
+class TestRefusals:
+    """synctoken's refusals become the Python BFF's statuses and fixed messages; only INVALID_ARGUMENT explains."""
 
     @pytest.mark.parametrize(
-        ("cert", "identity", "status", "code"),
+        ("cert", "env", "expected"),
         [
-            ("bff", "", 400, "InvalidArgument"),
-            ("stranger", "alice", 403, "PermissionDenied"),
-            ("foreign_trust_domain", "alice", 502, "Unauthenticated"),
+            ("stranger", {}, (403, "PERMISSION_DENIED", "CALLER_NOT_ALLOWED", DENIED)),
+            ("bff", {"TWILIO_SYNC_SERVICE_SID": SERVICE_C}, (403, "PERMISSION_DENIED", "SERVICE_NOT_ALLOWED", DENIED)),
+            ("bff", {"TWILIO_SYNC_SERVICE_SID": "IS123"}, (502, "INVALID_ARGUMENT", "INVALID_REQUEST", BAD_SETTINGS)),
+            ("foreign_trust_domain", {}, (502, "UNAUTHENTICATED", "CALLER_UNAUTHENTICATED", REFUSED_CREDENTIALS)),
         ],
+        ids=["caller not allowed", "service not allowed", "malformed service setting", "certificate refused"],
     )
-    def test_refusals(
+    def test_fixed_messages(
         self,
-        express: Callable[..., ExpressApp],
+        express: StartApp,
         shared_server: RunningServer,
         cert: str,
-        identity: str,
-        status: int,
-        code: str,
+        env: dict[str, str],
+        expected: tuple[int, str, str, str],
     ) -> None:
-        """synctoken's refusals become HTTP statuses, as in the Python BFF."""
-        app = express(shared_server.port, cert)
-        response = httpx.get(f"{app.url}/token", params={"identity": identity}, timeout=10)
+        """The status, code and reason are synctoken's; the message is the BFF's own, never synctoken's text."""
+        status, code, reason, message = expected
+        response = express(shared_server.port, cert, **env).get()
         assert response.status_code == status
-        assert response.json()["error"]["code"] == code
+        assert error_of(response) == {"code": code, "reason": reason, "message": message}
+
+    def test_bad_settings_are_an_operator_error(self, express: StartApp, shared_server: RunningServer) -> None:
+        """A setting synctoken refuses is logged as the operator's error, with synctoken's words."""
+        app = express(shared_server.port, TWILIO_SYNC_SERVICE_SID="IS123")
+        assert app.get().status_code == 502
+        log = app.stderr_path.read_text()
+        assert "ERROR token.refused status=502 code=INVALID_ARGUMENT" in log
+        assert "service_sid" in log
+
+    def test_browser_input_explains_itself(self, express: StartApp, shared_server: RunningServer) -> None:
+        """A device synctoken refuses is the browser's own mistake: 400 with synctoken's message."""
+        app = express(shared_server.port)
+        response = app.get(device="tab\u00a01")
+        assert response.status_code == 400
+        error = error_of(response)
+        assert (error["code"], error["reason"]) == ("INVALID_ARGUMENT", "INVALID_REQUEST")
+        assert "U+00A0 NO-BREAK SPACE" in error["message"]
+
+    def test_device_twice_is_refused(self, express: StartApp, shared_server: RunningServer) -> None:
+        """?device= given twice is refused before synctoken is asked."""
+        app = express(shared_server.port)
+        response = httpx.get(f"{app.url}/token?device=a&device=b", timeout=10)
+        assert response.status_code == 400
+        assert error_of(response)["message"] == "device is given more than once"
+
+    def test_no_server_is_503(self, express: StartApp) -> None:
+        """With nothing listening, the browser gets 503 and the fixed message."""
+        app = express(free_port(), SYNCTOKEN_TIMEOUT="1")
+        response = app.get()
+        assert response.status_code == 503
+        error = error_of(response)
+        assert error["code"] in {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+        assert error["message"] == UNAVAILABLE
+
+    def test_rate_limit_is_429_with_retry_after(self, express: StartApp, harness: ServerHarness, pki: Pki) -> None:
+        """synctoken's rate limit is 429 with the fixed message and Retry-After from its RetryInfo."""
+        policy = POLICY_TOML.replace(f'id = "{BFF_ID}"', f'id = "{BFF_ID}"\nrate = 0.01\nburst = 1', 1)
+        server = harness.start(config_text(pki, policy=policy))
+        app = express(server.port)
+        assert app.get().status_code == 200
+        response = app.get()
+        assert response.status_code == 429
+        assert error_of(response) == {"code": "RESOURCE_EXHAUSTED", "reason": "RATE_LIMITED", "message": RATE_LIMITED}
+        assert int(response.headers["retry-after"]) >= 1
 
 
 class TestReadme:
@@ -112,3 +276,12 @@ class TestReadme:
         kept = [line[1:].strip() for line in diff.splitlines() if line[:1] in {"+", " "}]
         assert kept
         assert [line for line in kept if line not in app_lines] == []
+
+    def test_readme_does_not_take_the_identity_from_the_query(self) -> None:
+        """Neither README says the identity comes from the query string, and the example's command sends none."""
+        root = APP.parents[4]
+        for readme in (APP.parent / "README.md", root / "README.md"):
+            assert "identity comes from the query string" not in readme.read_text(encoding="utf-8")
+        example = (APP.parent / "README.md").read_text(encoding="utf-8")
+        command = example.split("```sh\n", 1)[1].split("```", 1)[0]
+        assert "identity=" not in command
