@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import fcntl
 import os
@@ -142,6 +143,15 @@ class TestLoopbackByResolution:
         assert "mesh.listen: '[::]:50052' resolves to ::, which is not loopback" in result.stderr
 
 
+def build_server(config: Config) -> None:
+    """Make a TokenServer as running does: inside an event loop (older grpcio will not make one for it)."""
+
+    async def build() -> None:
+        TokenServer(config)
+
+    asyncio.run(build())
+
+
 class TestBoundAddresses:
     """After binding, the sockets the kernel holds are checked, whatever the loader resolved."""
 
@@ -150,7 +160,7 @@ class TestBoundAddresses:
         config = load(write_config, pki, mesh_table("127.0.0.1:0"))
         changed = dataclasses.replace(config, mesh=MeshListener("localhost:0", ("0.0.0.0:0",)))
         with pytest.raises(OSError, match=r"cannot listen on localhost:0: bound \[::\]:\d+, which is not loopback"):
-            TokenServer(changed)
+            build_server(changed)
 
     def test_tls_port_refused(self, pki: Pki, write_config: WriteConfig) -> None:
         """A mesh socket that shares the mTLS listener's port on the other family is refused at start."""
@@ -158,7 +168,7 @@ class TestBoundAddresses:
         config = load(write_config, pki, mesh_table("127.0.0.1:0"), listen=f"127.0.0.1:{port}")
         changed = dataclasses.replace(config, mesh=MeshListener(f"[::1]:{port}", (f"[::1]:{port}",)))
         with pytest.raises(OSError, match=rf"bound \[::1\]:{port}, which is the mTLS listener's port"):
-            TokenServer(changed)
+            build_server(changed)
 
 
 class TestOverlap:
