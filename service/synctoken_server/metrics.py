@@ -215,7 +215,9 @@ class Exposition:
         self._clock = clock
         self._choose = exposition.choose_encoder
         self._gzip_accepted = exposition.gzip_accepted
-        self._text = (exposition.generate_latest, exposition.CONTENT_TYPE_PLAIN_0_0_4)
+        # What prometheus-client answers a scraper that asks for nothing: the 0.0.4 text format in
+        # every version the range allows (its constant for it is newer than the range's floor).
+        self._text = exposition.choose_encoder("")
         self._openmetrics = (openmetrics.exposition.generate_latest, openmetrics.exposition.CONTENT_TYPE_LATEST)
         # Held while rendering: scrapes arriving meanwhile wait for that render instead of making their own.
         self._lock = threading.Lock()
