@@ -7,6 +7,8 @@ import { SyncClient } from "twilio-sync";
 
 // How long to wait for Twilio before saying plainly that it cannot be reached (the SDK keeps retrying).
 const CONNECT_DEADLINE_MS = 15000;
+// The least time between two refreshes by the page's own timer.
+const MIN_REFRESH_MS = 5000;
 // `synctoken dev`'s made-up credentials (service/synctoken_server/devenv.py) when no TWILIO_* variables are set:
 // a token they sign is a valid JWT, and Twilio refuses it.
 const DEV_ACCOUNT_SID = `AC${"0".repeat(32)}`;
@@ -90,6 +92,10 @@ async function fetchToken() {
   if (!response.ok) {
     throw new Error(`${response.status} ${body.error.code}: ${body.error.message}`);
   }
+  // refresh_after is the BFF's time. A browser clock running ahead of it would make every new token look
+  // due at once and refresh in a loop, so the timer runs on the BFF's clock (its Date header) instead.
+  const bffNow = Date.parse(response.headers.get("Date") ?? "");
+  body.clockSkew = Number.isNaN(bffNow) ? 0 : Date.now() - bffNow;
   return body;
 }
 
@@ -138,7 +144,8 @@ function rememberToken(why) {
 // set to the BFF's refresh_after, which works offline too.
 function scheduleRefresh(grant) {
   clearTimeout(demo.refreshTimer);
-  const delay = Math.max(0, Date.parse(grant.refresh_after) - Date.now());
+  // Never sooner than MIN_REFRESH_MS: whatever the clocks say, the page must not hammer the BFF.
+  const delay = Math.max(MIN_REFRESH_MS, Date.parse(grant.refresh_after) + grant.clockSkew - Date.now());
   demo.refreshTimer = setTimeout(() => refresh("timer"), delay);
 }
 
