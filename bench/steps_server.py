@@ -52,7 +52,7 @@ STAGES = (
     Stage("synctoken_server.servicer", "_parse", "request parsing"),
     Stage("synctoken_server.issuing", "TokenIssuer.issue", "everything after parsing"),
     Stage("synctoken_server.issuing", "decide", "policy"),
-    Stage("synctoken_server.limits", "RateLimiter.check", "rate limits"),
+    Stage("synctoken_server.policy.limits", "RateLimiter.check", "rate limits"),
     Stage("synctoken_server.issuing", "plan_times", "issue, expiry and refresh times"),
     Stage("synctoken_server.minting", "Minter.mint", "the JWT"),
     Stage("synctoken_server.issuing", "token_id", "the token's fingerprint"),

@@ -23,12 +23,12 @@ from synctoken_server.configfile import ConfigError, TomlReader
 from synctoken_server.durations import format_duration
 from synctoken_server.filestamps import Stamps, stamp
 from synctoken_server.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
-from synctoken_server.limits import CALLER_KEYS, read_caller_limits, read_global_shadow
 from synctoken_server.mesh import MeshListener, read_mesh
 from synctoken_server.metrics import read_listen as read_metrics_listen
 from synctoken_server.minting import TwilioCredentials
-from synctoken_server.patterns import IdentityPattern, PatternError
-from synctoken_server.policy import RESERVED_IDENTITY_CHARACTERS, CallerRule, Policy, is_service_sid
+from synctoken_server.policy.limits import CALLER_KEYS, read_caller_limits, read_global_shadow
+from synctoken_server.policy.patterns import IdentityPattern, PatternError
+from synctoken_server.policy.rules import RESERVED_IDENTITY_CHARACTERS, CallerRule, Policy, is_service_sid
 from synctoken_server.privacy import IdentityHasher, read_audit
 from synctoken_server.serveroptions import ServerTimeouts
 from synctoken_server.tlsfiles import TlsFileError, TlsFiles, TlsMaterial

@@ -12,10 +12,10 @@ from synctoken.v1 import token_service_pb2
 from synctoken_server import audit
 from synctoken_server.errors import RateLimited
 from synctoken_server.keyledger import SignedExpiries
-from synctoken_server.limits import RateLimiter
 from synctoken_server.metrics import Metrics
 from synctoken_server.minting import plan_times, token_id
-from synctoken_server.policy import decide
+from synctoken_server.policy.limits import RateLimiter
+from synctoken_server.policy.rules import decide
 from synctoken_server.snapshot import Snapshot
 
 _log = structlog.get_logger("synctoken.limits")

@@ -22,7 +22,7 @@ from synctoken_server import audit, mesh, xfcc
 from synctoken_server.errors import InternalError, MalformedRequest, SynctokenError, to_status
 from synctoken_server.issuing import TokenIssuer
 from synctoken_server.metrics import NO_POLICY, Metrics
-from synctoken_server.policy import CallerRule
+from synctoken_server.policy.rules import CallerRule
 from synctoken_server.snapshot import Snapshot, Snapshots
 
 T = TypeVar("T")

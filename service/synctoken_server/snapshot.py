@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from synctoken_server.config import Config
 from synctoken_server.identity import CallerIdentityRules
-from synctoken_server.limits import CallerLimits, identity_digest
 from synctoken_server.minting import Minter, TokenMinter
-from synctoken_server.policy import Policy
+from synctoken_server.policy.limits import CallerLimits, identity_digest
+from synctoken_server.policy.rules import Policy
 from synctoken_server.privacy import plain
 from synctoken_server.svid import TrustAnchors
 
