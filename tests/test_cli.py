@@ -39,7 +39,7 @@ from support import (
 )
 from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
 from synctoken_server import devenv
-from synctoken_server.identity import SPIFFE_ID_FORM
+from synctoken_server.authn.identity import SPIFFE_ID_FORM
 from synctoken_server.pki import CertificateAuthority, KeyPair, LeafSpec
 
 

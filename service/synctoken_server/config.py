@@ -19,11 +19,11 @@ from typing import Any
 
 from synctoken_server import tlsfiles
 from synctoken_server.apikeys import read_twilio
+from synctoken_server.authn.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
+from synctoken_server.authn.mesh import MeshListener, read_mesh
 from synctoken_server.configfile import ConfigError, TomlReader
 from synctoken_server.durations import format_duration
 from synctoken_server.filestamps import Stamps, stamp
-from synctoken_server.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
-from synctoken_server.mesh import MeshListener, read_mesh
 from synctoken_server.metrics import read_listen as read_metrics_listen
 from synctoken_server.minting import TwilioCredentials
 from synctoken_server.policy.limits import CALLER_KEYS, read_caller_limits, read_global_shadow

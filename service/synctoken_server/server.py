@@ -18,8 +18,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from synctoken.v1 import token_service_pb2
-from synctoken_server import meshbind, metrics
+from synctoken_server import metrics
 from synctoken_server.audit import AuditLog
+from synctoken_server.authn import meshbind
+from synctoken_server.authn.svid import TrustAnchors
 from synctoken_server.certificates import ServerCertificates
 from synctoken_server.config import Config
 from synctoken_server.issuing import TokenIssuer
@@ -29,7 +31,6 @@ from synctoken_server.policy.limits import MAX_BUCKETS, RateLimiter
 from synctoken_server.serveroptions import server_options
 from synctoken_server.servicer import TokenServicer
 from synctoken_server.snapshot import Snapshot, Snapshots
-from synctoken_server.svid import TrustAnchors
 
 _TOKEN_SERVICE_DESCRIPTOR = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"]
 TOKEN_SERVICE = _TOKEN_SERVICE_DESCRIPTOR.full_name

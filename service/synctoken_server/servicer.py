@@ -18,7 +18,8 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError, Message
 
 from synctoken.v1 import token_service_pb2
-from synctoken_server import audit, mesh, xfcc
+from synctoken_server import audit
+from synctoken_server.authn import mesh, xfcc
 from synctoken_server.errors import InternalError, MalformedRequest, SynctokenError, to_status
 from synctoken_server.issuing import TokenIssuer
 from synctoken_server.metrics import NO_POLICY, Metrics
