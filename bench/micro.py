@@ -34,12 +34,12 @@ from synctoken_server.audit import AuditLog
 from synctoken_server.config import Config, load_config
 from synctoken_server.devenv import DEV_CLIENT_ID
 from synctoken_server.issuing import TokenIssuer
-from synctoken_server.keyledger import SignedExpiries
 from synctoken_server.metrics import Metrics
-from synctoken_server.minting import Minter, TokenTimes, TwilioLibraryMinter, plan_times
 from synctoken_server.policy.limits import RateLimiter
 from synctoken_server.policy.rules import decide
 from synctoken_server.snapshot import Snapshot
+from synctoken_server.tokens.keyledger import SignedExpiries
+from synctoken_server.tokens.minting import Minter, TokenTimes, TwilioLibraryMinter, plan_times
 
 RATIOS = {
     "issue_path_over_bare": ("synctoken_issue_path", "bare_access_token"),

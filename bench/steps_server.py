@@ -54,7 +54,7 @@ STAGES = (
     Stage("synctoken_server.issuing", "decide", "policy"),
     Stage("synctoken_server.policy.limits", "RateLimiter.check", "rate limits"),
     Stage("synctoken_server.issuing", "plan_times", "issue, expiry and refresh times"),
-    Stage("synctoken_server.minting", "Minter.mint", "the JWT"),
+    Stage("synctoken_server.tokens.minting", "Minter.mint", "the JWT"),
     Stage("synctoken_server.issuing", "token_id", "the token's fingerprint"),
     Stage("synctoken_server.audit", "AuditLog.record", "the audit line, fail-closed write"),
 )

@@ -28,11 +28,11 @@ from synctoken_server import logs
 from synctoken_server.audit import AuditLog
 from synctoken_server.config import Config, load_config
 from synctoken_server.linesink import LineSink
-from synctoken_server.minting import Minter, TokenTimes
 from synctoken_server.pki import CertificateAuthority, KeyPair
 from synctoken_server.policy.limits import MAX_BUCKETS
 from synctoken_server.policy.rules import Grant
 from synctoken_server.server import TokenServer
+from synctoken_server.tokens.minting import Minter, TokenTimes
 
 TRUST_DOMAIN = "example.org"
 ACCOUNT_SID = "AC" + "1" * 32

@@ -24,7 +24,7 @@ from support import (
 )
 from synctoken_server.config import load_config
 from synctoken_server.configfile import ConfigError
-from synctoken_server.keyledger import SignedExpiries
+from synctoken_server.tokens.keyledger import SignedExpiries
 
 KEY_A = "SK" + "a" * 32
 KEY_B = "SK" + "b" * 32

@@ -11,12 +11,12 @@ import structlog
 from synctoken.v1 import token_service_pb2
 from synctoken_server import audit
 from synctoken_server.errors import RateLimited
-from synctoken_server.keyledger import SignedExpiries
 from synctoken_server.metrics import Metrics
-from synctoken_server.minting import plan_times, token_id
 from synctoken_server.policy.limits import RateLimiter
 from synctoken_server.policy.rules import decide
 from synctoken_server.snapshot import Snapshot
+from synctoken_server.tokens.keyledger import SignedExpiries
+from synctoken_server.tokens.minting import plan_times, token_id
 
 _log = structlog.get_logger("synctoken.limits")
 
