@@ -35,7 +35,8 @@ import grpc
 from bench.micro import issuer_for
 from bench.systems import ROOT, System, Workspace, empty_rpc, issue_payload, synctoken
 from synctoken.v1 import token_service_pb2 as pb
-from synctoken_server import devenv, logs
+from synctoken_server import devenv
+from synctoken_server.audit import logs
 from synctoken_server.authn import mesh
 from synctoken_server.config import load_config
 from synctoken_server.snapshot import Snapshot

@@ -29,8 +29,8 @@ from twilio.jwt.access_token import AccessToken
 from twilio.jwt.access_token.grants import SyncGrant
 
 from synctoken.v1 import token_service_pb2 as pb
-from synctoken_server import logs
-from synctoken_server.audit import AuditLog
+from synctoken_server.audit import logs
+from synctoken_server.audit.record import AuditLog
 from synctoken_server.config import Config, load_config
 from synctoken_server.devenv import DEV_CLIENT_ID
 from synctoken_server.issuing import TokenIssuer

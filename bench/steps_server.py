@@ -56,7 +56,7 @@ STAGES = (
     Stage("synctoken_server.issuing", "plan_times", "issue, expiry and refresh times"),
     Stage("synctoken_server.tokens.minting", "Minter.mint", "the JWT"),
     Stage("synctoken_server.issuing", "token_id", "the token's fingerprint"),
-    Stage("synctoken_server.audit", "AuditLog.record", "the audit line, fail-closed write"),
+    Stage("synctoken_server.audit.record", "AuditLog.record", "the audit line, fail-closed write"),
 )
 
 

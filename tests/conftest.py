@@ -36,7 +36,7 @@ from support import (
     config_text,
 )
 from synctoken.client import AsyncTokenClient, TokenClient
-from synctoken_server import logs
+from synctoken_server.audit import logs
 from synctoken_server.config import load_config
 from synctoken_server.pki import CertificateAuthority, LeafSpec
 

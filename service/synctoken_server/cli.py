@@ -9,8 +9,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from synctoken_server import __version__, devenv, devissue, logs, privacy, running
+from synctoken_server import __version__, devenv, devissue, running
 from synctoken_server import workers as workers_module
+from synctoken_server.audit import logs, privacy
 from synctoken_server.config import Config
 from synctoken_server.configfile import ConfigError, nest
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from synctoken.v1 import token_service_pb2
 from synctoken_server import metrics
-from synctoken_server.audit import AuditLog
+from synctoken_server.audit.record import AuditLog
 from synctoken_server.authn import meshbind
 from synctoken_server.authn.svid import TrustAnchors
 from synctoken_server.certificates import ServerCertificates
