@@ -31,7 +31,7 @@ from twilio.jwt.access_token.grants import SyncGrant
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.audit import logs
 from synctoken_server.audit.record import AuditLog
-from synctoken_server.config import Config, load_config
+from synctoken_server.config.schema import Config, load_config
 from synctoken_server.devenv import DEV_CLIENT_ID
 from synctoken_server.issuing import TokenIssuer
 from synctoken_server.metrics import Metrics

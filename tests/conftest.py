@@ -37,7 +37,7 @@ from support import (
 )
 from synctoken.client import AsyncTokenClient, TokenClient
 from synctoken_server.audit import logs
-from synctoken_server.config import load_config
+from synctoken_server.config.schema import load_config
 from synctoken_server.pki import CertificateAuthority, LeafSpec
 
 

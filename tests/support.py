@@ -27,7 +27,7 @@ from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
 from synctoken_server.audit import logs
 from synctoken_server.audit.linesink import LineSink
 from synctoken_server.audit.record import AuditLog
-from synctoken_server.config import Config, load_config
+from synctoken_server.config.schema import Config, load_config
 from synctoken_server.pki import CertificateAuthority, KeyPair
 from synctoken_server.policy.limits import MAX_BUCKETS
 from synctoken_server.policy.rules import Grant

@@ -22,7 +22,7 @@ from support import (
     replace_file,
     serve,
 )
-from synctoken_server.config import load_config
+from synctoken_server.config.schema import load_config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.tokens.keyledger import SignedExpiries
 

@@ -55,7 +55,7 @@ from synctoken.client import (
 )
 from synctoken.client._channel import RETRY_POLICY
 from synctoken_server.audit.record import AuditLog
-from synctoken_server.config import load_config
+from synctoken_server.config.schema import load_config
 
 MakeClient = Callable[..., Driver]
 

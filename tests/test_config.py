@@ -26,7 +26,7 @@ from support import (
     config_text,
 )
 from synctoken_server.authn.identity import IdentitySource
-from synctoken_server.config import load_config
+from synctoken_server.config.schema import load_config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.tokens.minting import check_secret
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from synctoken_server.config import Config, load_config
+from synctoken_server.config.schema import Config, load_config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.reloading import ConfigReloader
 from synctoken_server.server import TokenServer

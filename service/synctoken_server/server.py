@@ -23,7 +23,7 @@ from synctoken_server.audit.record import AuditLog
 from synctoken_server.authn import meshbind
 from synctoken_server.authn.svid import TrustAnchors
 from synctoken_server.certificates import ServerCertificates
-from synctoken_server.config import Config
+from synctoken_server.config.schema import Config
 from synctoken_server.issuing import TokenIssuer
 from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limits import MAX_BUCKETS, RateLimiter

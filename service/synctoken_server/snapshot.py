@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from synctoken_server.audit.privacy import plain
 from synctoken_server.authn.identity import CallerIdentityRules
 from synctoken_server.authn.svid import TrustAnchors
-from synctoken_server.config import Config
+from synctoken_server.config.schema import Config
 from synctoken_server.policy.limits import CallerLimits, identity_digest
 from synctoken_server.policy.rules import Policy
 from synctoken_server.tokens.minting import Minter, TokenMinter

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synctoken_server import tlsfiles
 from synctoken_server.audit.privacy import IdentityHasher, read_audit
 from synctoken_server.authn.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
 from synctoken_server.authn.mesh import MeshListener, read_mesh
+from synctoken_server.config import tlsfiles
+from synctoken_server.config.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
 from synctoken_server.configfile import ConfigError, TomlReader
 from synctoken_server.durations import format_duration
 from synctoken_server.filestamps import Stamps, stamp
@@ -29,7 +30,6 @@ from synctoken_server.policy.limits import CALLER_KEYS, read_caller_limits, read
 from synctoken_server.policy.patterns import IdentityPattern, PatternError
 from synctoken_server.policy.rules import RESERVED_IDENTITY_CHARACTERS, CallerRule, Policy, is_service_sid
 from synctoken_server.serveroptions import ServerTimeouts
-from synctoken_server.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
 from synctoken_server.tokens.apikeys import read_twilio
 from synctoken_server.tokens.minting import TwilioCredentials
 
