@@ -39,7 +39,7 @@ from synctoken_server import devenv
 from synctoken_server.audit import logs
 from synctoken_server.authn import mesh
 from synctoken_server.config.schema import load_config
-from synctoken_server.snapshot import Snapshot
+from synctoken_server.rpc.snapshot import Snapshot
 
 START_TIMEOUT_S = 300.0  # everything runs tens of times slower under valgrind
 WARMUP_CALLS = 50

@@ -33,11 +33,11 @@ from synctoken_server.audit import logs
 from synctoken_server.audit.record import AuditLog
 from synctoken_server.config.schema import Config, load_config
 from synctoken_server.devenv import DEV_CLIENT_ID
-from synctoken_server.issuing import TokenIssuer
 from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limits import RateLimiter
 from synctoken_server.policy.rules import decide
-from synctoken_server.snapshot import Snapshot
+from synctoken_server.rpc.issuing import TokenIssuer
+from synctoken_server.rpc.snapshot import Snapshot
 from synctoken_server.tokens.keyledger import SignedExpiries
 from synctoken_server.tokens.minting import Minter, TokenTimes, TwilioLibraryMinter, plan_times
 

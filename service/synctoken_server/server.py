@@ -24,12 +24,12 @@ from synctoken_server.authn import meshbind
 from synctoken_server.authn.svid import TrustAnchors
 from synctoken_server.certificates import ServerCertificates
 from synctoken_server.config.schema import Config
-from synctoken_server.issuing import TokenIssuer
 from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limits import MAX_BUCKETS, RateLimiter
+from synctoken_server.rpc.issuing import TokenIssuer
+from synctoken_server.rpc.servicer import TokenServicer
+from synctoken_server.rpc.snapshot import Snapshot, Snapshots
 from synctoken_server.serveroptions import server_options
-from synctoken_server.servicer import TokenServicer
-from synctoken_server.snapshot import Snapshot, Snapshots
 from synctoken_server.tokens.keyledger import SignedExpiries
 
 _TOKEN_SERVICE_DESCRIPTOR = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"]

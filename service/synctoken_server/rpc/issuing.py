@@ -14,7 +14,7 @@ from synctoken_server.errors import RateLimited
 from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limits import RateLimiter
 from synctoken_server.policy.rules import decide
-from synctoken_server.snapshot import Snapshot
+from synctoken_server.rpc.snapshot import Snapshot
 from synctoken_server.tokens.keyledger import SignedExpiries
 from synctoken_server.tokens.minting import plan_times, token_id
 

@@ -21,10 +21,10 @@ from synctoken.v1 import token_service_pb2
 from synctoken_server.audit import record
 from synctoken_server.authn import mesh, xfcc
 from synctoken_server.errors import InternalError, MalformedRequest, SynctokenError, to_status
-from synctoken_server.issuing import TokenIssuer
 from synctoken_server.metrics import NO_POLICY, Metrics
 from synctoken_server.policy.rules import CallerRule
-from synctoken_server.snapshot import Snapshot, Snapshots
+from synctoken_server.rpc.issuing import TokenIssuer
+from synctoken_server.rpc.snapshot import Snapshot, Snapshots
 
 T = TypeVar("T")
 # The server is grpc.aio; request and response types vary by method.
