@@ -31,7 +31,7 @@ from synctoken_server.config.schema import Config, load_config
 from synctoken_server.pki import CertificateAuthority, KeyPair
 from synctoken_server.policy.limits import MAX_BUCKETS
 from synctoken_server.policy.rules import Grant
-from synctoken_server.server import TokenServer
+from synctoken_server.process.server import TokenServer
 from synctoken_server.tokens.minting import Minter, TokenTimes
 
 TRUST_DOMAIN = "example.org"

@@ -41,7 +41,7 @@ from synctoken_server.configfile import ConfigError
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
 from synctoken_server.filestamps import changed
 from synctoken_server.metrics import RELOAD_FAILURE, RELOAD_SUCCESS
-from synctoken_server.server import TokenServer
+from synctoken_server.process.server import TokenServer
 
 CERTIFICATE_CHECK_SECONDS = 60.0
 """With file watching off, how often the certificate's files and expiry are still looked at."""

@@ -22,10 +22,10 @@ from synctoken_server import metrics
 from synctoken_server.audit.record import AuditLog
 from synctoken_server.authn import meshbind
 from synctoken_server.authn.svid import TrustAnchors
-from synctoken_server.certificates import ServerCertificates
 from synctoken_server.config.schema import Config
 from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limits import MAX_BUCKETS, RateLimiter
+from synctoken_server.process.certificates import ServerCertificates
 from synctoken_server.rpc.issuing import TokenIssuer
 from synctoken_server.rpc.servicer import TokenServicer
 from synctoken_server.rpc.snapshot import Snapshot, Snapshots
