@@ -32,7 +32,7 @@ from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.audit import logs
 from synctoken_server.audit.record import AuditLog
 from synctoken_server.config.schema import Config, load_config
-from synctoken_server.devenv import DEV_CLIENT_ID
+from synctoken_server.dev.devenv import DEV_CLIENT_ID
 from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limits import RateLimiter
 from synctoken_server.policy.rules import decide

@@ -38,7 +38,7 @@ from support import (
 from synctoken.client import AsyncTokenClient, TokenClient
 from synctoken_server.audit import logs
 from synctoken_server.config.schema import load_config
-from synctoken_server.pki import CertificateAuthority, LeafSpec
+from synctoken_server.dev.pki import CertificateAuthority, LeafSpec
 
 
 def _uri_san_der(uri: bytes) -> bytes:

@@ -28,7 +28,7 @@ from synctoken_server.audit import logs
 from synctoken_server.audit.linesink import LineSink
 from synctoken_server.audit.record import AuditLog
 from synctoken_server.config.schema import Config, load_config
-from synctoken_server.pki import CertificateAuthority, KeyPair
+from synctoken_server.dev.pki import CertificateAuthority, KeyPair
 from synctoken_server.policy.limits import MAX_BUCKETS
 from synctoken_server.policy.rules import Grant
 from synctoken_server.process.server import TokenServer

@@ -22,8 +22,8 @@ from synctoken_server.authn.identity import (
     parse_trust_domain,
     read_caller,
 )
+from synctoken_server.dev.pki import CertificateAuthority, LeafSpec
 from synctoken_server.errors import CallerUnauthenticated
-from synctoken_server.pki import CertificateAuthority, LeafSpec
 
 SPIFFE = IdentitySource.SPIFFE
 DNS_SAN = IdentitySource.DNS_SAN

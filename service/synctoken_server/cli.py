@@ -9,10 +9,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from synctoken_server import __version__, devenv, devissue
+from synctoken_server import __version__
 from synctoken_server.audit import logs, privacy
 from synctoken_server.config.schema import Config
 from synctoken_server.configfile import ConfigError, nest
+from synctoken_server.dev import devenv, devissue
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
 from synctoken_server.process import running
 from synctoken_server.process import workers as workers_module
