@@ -2,7 +2,7 @@
 
 Every error names the file and the key path (`callers[2].max_ttl`) and says
 what would be right. `synctoken check-config`, start-up and reload all run
-this same loader; the [twilio] table is read by apikeys.py and the TLS files
+this same loader; the [twilio] table is read by tokens/apikeys.py and the TLS files
 are checked by tlsfiles.py.
 """
 

@@ -87,7 +87,7 @@ class TokenServer:
         if config.mesh is not None:
             # Plaintext on purpose: the sidecar terminated TLS, and only it can reach this address.
             self.mesh_addresses = meshbind.bind(self._server, config.mesh, self.port)
-        # With several workers the parent serves the scrape for all of them (see running.py).
+        # With several workers the parent serves the scrape for all of them (see workers.py).
         if config.metrics_listen is not None and self.metrics.registry is not None and workers == 1:
             self._metrics_listener = metrics.serve(config.metrics_listen, self.metrics.registry)
 
