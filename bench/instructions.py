@@ -35,9 +35,11 @@ import grpc
 from bench.micro import issuer_for
 from bench.systems import ROOT, System, Workspace, empty_rpc, issue_payload, synctoken
 from synctoken.v1 import token_service_pb2 as pb
-from synctoken_server import devenv, logs, mesh
-from synctoken_server.config import load_config
-from synctoken_server.snapshot import Snapshot
+from synctoken_server.audit import logs
+from synctoken_server.authn import mesh
+from synctoken_server.config.schema import load_config
+from synctoken_server.dev import devenv
+from synctoken_server.rpc.snapshot import Snapshot
 
 START_TIMEOUT_S = 300.0  # everything runs tens of times slower under valgrind
 WARMUP_CALLS = 50

@@ -29,17 +29,17 @@ from twilio.jwt.access_token import AccessToken
 from twilio.jwt.access_token.grants import SyncGrant
 
 from synctoken.v1 import token_service_pb2 as pb
-from synctoken_server import logs
-from synctoken_server.audit import AuditLog
-from synctoken_server.config import Config, load_config
-from synctoken_server.devenv import DEV_CLIENT_ID
-from synctoken_server.issuing import TokenIssuer
-from synctoken_server.keyledger import SignedExpiries
-from synctoken_server.limits import RateLimiter
+from synctoken_server.audit import logs
+from synctoken_server.audit.record import AuditLog
+from synctoken_server.config.schema import Config, load_config
+from synctoken_server.dev.devenv import DEV_CLIENT_ID
 from synctoken_server.metrics import Metrics
-from synctoken_server.minting import Minter, TokenTimes, TwilioLibraryMinter, plan_times
-from synctoken_server.policy import decide
-from synctoken_server.snapshot import Snapshot
+from synctoken_server.policy.limits import RateLimiter
+from synctoken_server.policy.rules import decide
+from synctoken_server.rpc.issuing import TokenIssuer
+from synctoken_server.rpc.snapshot import Snapshot
+from synctoken_server.tokens.keyledger import SignedExpiries
+from synctoken_server.tokens.minting import Minter, TokenTimes, TwilioLibraryMinter, plan_times
 
 RATIOS = {
     "issue_path_over_bare": ("synctoken_issue_path", "bare_access_token"),

@@ -47,16 +47,16 @@ class Stage:
 
 
 STAGES = (
-    Stage("synctoken_server.servicer", "TokenServicer.IssueToken", "the whole handler"),
-    Stage("synctoken_server.servicer", "TokenServicer._caller_id", "who is calling"),
-    Stage("synctoken_server.servicer", "_parse", "request parsing"),
-    Stage("synctoken_server.issuing", "TokenIssuer.issue", "everything after parsing"),
-    Stage("synctoken_server.issuing", "decide", "policy"),
-    Stage("synctoken_server.limits", "RateLimiter.check", "rate limits"),
-    Stage("synctoken_server.issuing", "plan_times", "issue, expiry and refresh times"),
-    Stage("synctoken_server.minting", "Minter.mint", "the JWT"),
-    Stage("synctoken_server.issuing", "token_id", "the token's fingerprint"),
-    Stage("synctoken_server.audit", "AuditLog.record", "the audit line, fail-closed write"),
+    Stage("synctoken_server.rpc.servicer", "TokenServicer.IssueToken", "the whole handler"),
+    Stage("synctoken_server.rpc.servicer", "TokenServicer._caller_id", "who is calling"),
+    Stage("synctoken_server.rpc.servicer", "_parse", "request parsing"),
+    Stage("synctoken_server.rpc.issuing", "TokenIssuer.issue", "everything after parsing"),
+    Stage("synctoken_server.rpc.issuing", "decide", "policy"),
+    Stage("synctoken_server.policy.limits", "RateLimiter.check", "rate limits"),
+    Stage("synctoken_server.rpc.issuing", "plan_times", "issue, expiry and refresh times"),
+    Stage("synctoken_server.tokens.minting", "Minter.mint", "the JWT"),
+    Stage("synctoken_server.rpc.issuing", "token_id", "the token's fingerprint"),
+    Stage("synctoken_server.audit.record", "AuditLog.record", "the audit line, fail-closed write"),
 )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 from synctoken.v1 import token_service_pb2 as pb
-from synctoken_server import devenv
+from synctoken_server.dev import devenv
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

@@ -17,7 +17,7 @@ import grpc
 from support import LeakWatch, Pki
 from synctoken.client import AsyncTokenClient, CallerIdentity, IssuedToken, TokenClient
 from synctoken.v1 import token_service_pb2 as pb
-from synctoken_server.pki import KeyPair
+from synctoken_server.dev.pki import KeyPair
 
 T = TypeVar("T")
 
@@ -146,7 +146,7 @@ class RotatingFiles:
 
 def fresh_pair(pki: Pki, spiffe_id: str = ROTATED_ID) -> KeyPair:
     """A new client certificate and key from the suite's CA."""
-    from synctoken_server.pki import LeafSpec  # noqa: PLC0415 - test PKI, used here only
+    from synctoken_server.dev.pki import LeafSpec  # noqa: PLC0415 - test PKI, used here only
 
     return pki.ca.issue(LeafSpec("rotated", uris=(spiffe_id,)))
 

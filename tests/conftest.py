@@ -36,9 +36,9 @@ from support import (
     config_text,
 )
 from synctoken.client import AsyncTokenClient, TokenClient
-from synctoken_server import logs
-from synctoken_server.config import load_config
-from synctoken_server.pki import CertificateAuthority, LeafSpec
+from synctoken_server.audit import logs
+from synctoken_server.config.schema import load_config
+from synctoken_server.dev.pki import CertificateAuthority, LeafSpec
 
 
 def _uri_san_der(uri: bytes) -> bytes:

@@ -24,15 +24,15 @@ from google.rpc.error_details_pb2 import BadRequest, ErrorInfo
 from grpc_status import rpc_status
 
 from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
-from synctoken_server import logs
-from synctoken_server.audit import AuditLog
-from synctoken_server.config import Config, load_config
-from synctoken_server.limits import MAX_BUCKETS
-from synctoken_server.linesink import LineSink
-from synctoken_server.minting import Minter, TokenTimes
-from synctoken_server.pki import CertificateAuthority, KeyPair
-from synctoken_server.policy import Grant
-from synctoken_server.server import TokenServer
+from synctoken_server.audit import logs
+from synctoken_server.audit.linesink import LineSink
+from synctoken_server.audit.record import AuditLog
+from synctoken_server.config.schema import Config, load_config
+from synctoken_server.dev.pki import CertificateAuthority, KeyPair
+from synctoken_server.policy.limits import MAX_BUCKETS
+from synctoken_server.policy.rules import Grant
+from synctoken_server.process.server import TokenServer
+from synctoken_server.tokens.minting import Minter, TokenTimes
 
 TRUST_DOMAIN = "example.org"
 ACCOUNT_SID = "AC" + "1" * 32

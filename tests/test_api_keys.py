@@ -22,9 +22,9 @@ from support import (
     replace_file,
     serve,
 )
-from synctoken_server.config import load_config
+from synctoken_server.config.schema import load_config
 from synctoken_server.configfile import ConfigError
-from synctoken_server.keyledger import SignedExpiries
+from synctoken_server.tokens.keyledger import SignedExpiries
 
 KEY_A = "SK" + "a" * 32
 KEY_B = "SK" + "b" * 32

@@ -23,9 +23,9 @@ from support import (
     rpc_error,
 )
 from synctoken.v1 import token_service_pb2 as pb
-from synctoken_server.audit import AuditLog
-from synctoken_server.config import load_config
-from synctoken_server.linesink import LineSink
+from synctoken_server.audit.linesink import LineSink
+from synctoken_server.audit.record import AuditLog
+from synctoken_server.config.schema import load_config
 
 REQUEST = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
 

@@ -29,7 +29,7 @@ from support import (
 )
 from synctoken.client import AsyncTokenClient
 from synctoken_bff import Settings, create_app
-from synctoken_server import devenv
+from synctoken_server.dev import devenv
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking switches Chromium's own connections are refused en masse here.

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from support import LogSink, Pki, replace_file
-from synctoken_server import tlsfiles
-from synctoken_server.certificates import ServerCertificates
+from synctoken_server.config import tlsfiles
+from synctoken_server.config.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
+from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
 from synctoken_server.filestamps import restamp
-from synctoken_server.pki import CertificateAuthority, KeyPair, LeafSpec
-from synctoken_server.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
+from synctoken_server.process.certificates import ServerCertificates
 
 NOW = dt.datetime.now(dt.UTC)
 

@@ -54,8 +54,8 @@ from synctoken.client import (
     Unavailable,
 )
 from synctoken.client._channel import RETRY_POLICY
-from synctoken_server.audit import AuditLog
-from synctoken_server.config import load_config
+from synctoken_server.audit.record import AuditLog
+from synctoken_server.config.schema import load_config
 
 MakeClient = Callable[..., Driver]
 

@@ -18,8 +18,8 @@ from client_support import Driver, SteppedClock, client_kwargs, keep
 from support import SERVICE_B, SERVICE_C, LeakWatch, LogSink, Pki, RunningServer, ServerHarness
 from synctoken.client import AsyncTokenClient, IssuedToken, PermissionDenied, TokenClient
 from synctoken.client._cache import CacheKey, TokenCache
-from synctoken_server.audit import AuditLog
-from synctoken_server.logs import AUDIT_LOGGER
+from synctoken_server.audit.logs import AUDIT_LOGGER
+from synctoken_server.audit.record import AuditLog
 
 MakeClient = Callable[..., Driver]
 THREADS = 16

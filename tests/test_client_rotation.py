@@ -36,7 +36,7 @@ from support import BFF_ID, SERVICE_B, LeakWatch, LogSink, Pki, RunningServer
 from synctoken.client import AsyncTokenClient, CertificateFilesError, SynctokenError, TokenClient
 from synctoken.client._channel import Generations
 from synctoken.client._credentials import CertificateFiles, TlsFiles
-from synctoken_server.pki import KeyPair
+from synctoken_server.dev.pki import KeyPair
 
 MakeClient = Callable[..., Driver]
 CHECK = 0.05

@@ -25,10 +25,10 @@ from support import (
     Pki,
     config_text,
 )
-from synctoken_server.config import load_config
+from synctoken_server.authn.identity import IdentitySource
+from synctoken_server.config.schema import load_config
 from synctoken_server.configfile import ConfigError
-from synctoken_server.identity import IdentitySource
-from synctoken_server.minting import check_secret
+from synctoken_server.tokens.minting import check_secret
 
 WriteConfig = Callable[[str], Path]
 

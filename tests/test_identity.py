@@ -9,9 +9,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from support import BFF_ID, CHAT_ADMIN_ID, DNS_CALLER, Pki
-from synctoken_server import svid
-from synctoken_server.errors import CallerUnauthenticated
-from synctoken_server.identity import (
+from synctoken_server.authn import svid
+from synctoken_server.authn.identity import (
     SPIFFE_ID_FORM,
     TRUST_DOMAIN_FORM,
     CallerIdentityRules,
@@ -23,7 +22,8 @@ from synctoken_server.identity import (
     parse_trust_domain,
     read_caller,
 )
-from synctoken_server.pki import CertificateAuthority, LeafSpec
+from synctoken_server.dev.pki import CertificateAuthority, LeafSpec
+from synctoken_server.errors import CallerUnauthenticated
 
 SPIFFE = IdentitySource.SPIFFE
 DNS_SAN = IdentitySource.DNS_SAN

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from support import POLICY_TOML, SECRET_ENV, Pki, config_text
-from synctoken_server.config import load_config
+from synctoken_server.config.schema import load_config
 from synctoken_server.configfile import ConfigError
-from synctoken_server.limits import TABLE_FULL_SUBJECT, CallerLimits, Limit, RateLimiter, identity_digest
+from synctoken_server.policy.limits import TABLE_FULL_SUBJECT, CallerLimits, Limit, RateLimiter, identity_digest
 
 WriteConfig = Callable[[str], Path]
 CALLER = "spiffe://t/svc"

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import SECRET_ENV, START_TIMEOUT, SYNCTOKEN, LeakWatch, Pki, channel, config_text, free_port, rpc_error
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
-from synctoken_server import running
+from synctoken_server.process import running
 
 REQUEST = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

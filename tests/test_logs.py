@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from support import chain_logger
-from synctoken_server import linesink, logs
-from synctoken_server.audit import AuditLog
+from synctoken_server.audit import linesink, logs
+from synctoken_server.audit.linesink import LineSink, OutputStalled
+from synctoken_server.audit.record import AuditLog
 from synctoken_server.errors import AuditUnavailable
-from synctoken_server.linesink import LineSink, OutputStalled
 
 
 class FillingFile:
@@ -203,7 +203,7 @@ class TestAuditLineParity:
     def test_on_a_terminal_records_go_through_structlog(self) -> None:
         """With stdout on a TTY the console renderer is in force, and audit records use it too."""
         script = (
-            "from synctoken_server import logs; from synctoken_server.audit import AuditLog; logs.configure(); "
+            "from synctoken_server.audit import logs; from synctoken_server.audit.record import AuditLog; logs.configure(); "
             "AuditLog().record('token.decision', {'identity': 'a\\x1bb'}, outcome='issued')"
         )
         leader, follower = pty.openpty()
@@ -341,6 +341,6 @@ class TestSharedOutput:
 
     def test_stderr_pipe_made_nonblocking(self) -> None:
         """Configured for real, the logs make a piped stderr non-blocking: gRPC's lines are dropped, not stalled on."""
-        script = "import os; from synctoken_server import logs; logs.configure(); print(os.get_blocking(2))"
+        script = "import os; from synctoken_server.audit import logs; logs.configure(); print(os.get_blocking(2))"
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
         assert result.stdout.strip() == "False"

@@ -32,10 +32,10 @@ from support import (
 )
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
-from synctoken_server.config import Config, load_config
+from synctoken_server.authn.mesh import MeshListener
+from synctoken_server.config.schema import Config, load_config
 from synctoken_server.configfile import ConfigError
-from synctoken_server.mesh import MeshListener
-from synctoken_server.server import TokenServer
+from synctoken_server.process.server import TokenServer
 
 WriteConfig = Callable[[str], Path]
 ALICE = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())

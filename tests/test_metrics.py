@@ -44,7 +44,7 @@ from support import (
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.boundedhttp import CONNECTIONS_PER_SECOND
-from synctoken_server.config import load_config
+from synctoken_server.config.schema import load_config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.metrics import RENDER_REUSE_SECONDS, Exposition, Metrics
 
@@ -239,7 +239,7 @@ class TestOff:
     def test_nothing_counted_nothing_imported(self) -> None:
         """The server's modules and a disabled Metrics load no prometheus-client; its metrics take calls and keep nothing."""
         script = (
-            "import sys; import synctoken_server.cli, synctoken_server.server, synctoken_server.workers; "
+            "import sys; import synctoken_server.cli, synctoken_server.process.server, synctoken_server.process.workers; "
             "from synctoken_server.metrics import Metrics; m = Metrics(enabled=False); "
             "m.issued.labels('bff', 'IS1').inc(); m.latency.observe(0.1); m.certificate_expiry.set(1.0); "
             "print(m.registry, 'prometheus_client' in sys.modules)"

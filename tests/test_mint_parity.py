@@ -10,8 +10,8 @@ import pytest
 
 from support import ACCOUNT_SID, API_KEY_SID, API_SECRET
 from synctoken_server.durations import MAX_TTL_SECONDS, MIN_TTL_SECONDS
-from synctoken_server.minting import Minter, TokenTimes, TwilioCredentials, TwilioLibraryMinter
-from synctoken_server.policy import RESERVED_IDENTITY_CHARACTERS, Grant
+from synctoken_server.policy.rules import RESERVED_IDENTITY_CHARACTERS, Grant
+from synctoken_server.tokens.minting import Minter, TokenTimes, TwilioCredentials, TwilioLibraryMinter
 
 # Characters that JSON or URLs treat specially, or that ensure_ascii must escape: every
 # URI-reserved character, quotes and backslash, controls, JavaScript's line separators,

@@ -7,7 +7,7 @@ import string
 
 import pytest
 
-from synctoken_server.patterns import IdentityPattern, PatternError, _fold_ascii
+from synctoken_server.policy.patterns import IdentityPattern, PatternError, _fold_ascii
 
 ASCII_LETTERS = frozenset(string.ascii_letters)
 # Every code point a str can hold as UTF-8, so every one an identity can hold.

@@ -9,10 +9,10 @@ import regex
 from google.protobuf import duration_pb2
 
 from synctoken.v1 import token_service_pb2 as pb
-from synctoken_server.characters import _first_refused, text_violations
 from synctoken_server.errors import CallerNotAllowed, IdentityNotAllowed, InvalidRequest, ServiceNotAllowed
-from synctoken_server.patterns import IdentityPattern
-from synctoken_server.policy import CallerRule, Grant, Policy, decide
+from synctoken_server.policy.characters import _first_refused, text_violations
+from synctoken_server.policy.patterns import IdentityPattern
+from synctoken_server.policy.rules import CallerRule, Grant, Policy, decide
 
 SVC_1 = "IS" + "1" * 32
 SVC_2 = "IS" + "2" * 32

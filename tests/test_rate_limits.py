@@ -36,7 +36,7 @@ from support import (
 )
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
-from synctoken_server.limits import TABLE_FULL_SUBJECT, identity_digest
+from synctoken_server.policy.limits import TABLE_FULL_SUBJECT, identity_digest
 
 BFF_LIMIT = f'id = "{BFF_ID}"'
 CHAT_LIMIT = 'default_ttl = "10m"'  # only the chat/* entry sets this

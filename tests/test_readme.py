@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 
 from support import BFF_ID, SYNCTOKEN, LeakWatch, Pki, Process, RunningServer, free_port
-from synctoken_server import devenv
+from synctoken_server.dev import devenv
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -37,8 +37,8 @@ from support import (
 )
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
-from synctoken_server.config import load_config
-from synctoken_server.snapshot import Snapshot
+from synctoken_server.config.schema import load_config
+from synctoken_server.rpc.snapshot import Snapshot
 
 ASK_FOR_C = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant(service_sid=SERVICE_C))
 ASK_FOR_A = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant(service_sid=SERVICE_A))

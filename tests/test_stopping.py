@@ -37,7 +37,7 @@ from support import (
 )
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
-from synctoken_server import running
+from synctoken_server.process import running
 
 REQUEST = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

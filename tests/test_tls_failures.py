@@ -28,7 +28,7 @@ from bff_support import Bff, BffFactory
 from client_support import Driver
 from support import SECRET_ENV, LeakWatch, Pki, Process, RunningServer, config_text, free_port
 from synctoken.client import Cause, SynctokenError, Unavailable
-from synctoken_server.config import load_config
+from synctoken_server.config.schema import load_config
 
 MakeClient = Callable[..., Driver]
 LONG = 20.0

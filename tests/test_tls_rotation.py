@@ -34,7 +34,7 @@ from support import (
     serve,
 )
 from synctoken.v1 import token_service_pb2_grpc
-from synctoken_server.pki import CertificateAuthority, KeyPair, LeafSpec
+from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
 
 Write = Callable[[Path, bytes], None]
 

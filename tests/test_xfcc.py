@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from synctoken_server.xfcc import XfccError, nearest_uri, parse
+from synctoken_server.authn.xfcc import XfccError, nearest_uri, parse
 
 BFF = "spiffe://example.org/ns/web/sa/bff"
 MESH = "spiffe://example.org/ns/mesh/sa/proxy"

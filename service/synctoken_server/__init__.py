@@ -1,4 +1,20 @@
-"""synctoken: a gRPC service that mints Twilio Access Tokens for mTLS-authenticated backends."""
+"""synctoken: a gRPC service that mints Twilio Access Tokens for mTLS-authenticated backends.
+
+Its folders, and the modules at this top level, are layers: each line below
+imports only from the lines under it, and the names on one line import none
+of each other (tests/test_layers.py keeps it so):
+
+    command
+    cli
+    process, dev
+    rpc
+    config
+    tokens, authn, audit
+    policy
+    metrics
+    configfile, boundedhttp
+    durations, filestamps, errors, serveroptions
+"""
 
 import os
 

@@ -9,12 +9,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from synctoken_server import __version__, devenv, devissue, logs, privacy, running
-from synctoken_server import workers as workers_module
-from synctoken_server.config import Config
+from synctoken_server import __version__
+from synctoken_server.audit import logs, privacy
+from synctoken_server.config.schema import Config
 from synctoken_server.configfile import ConfigError, nest
+from synctoken_server.dev import devenv, devissue
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
-from synctoken_server.running import EXIT_CONFIG, EXIT_START
+from synctoken_server.process import running
+from synctoken_server.process import workers as workers_module
+from synctoken_server.process.running import EXIT_CONFIG, EXIT_START
 
 DEV_PORT = 50051
 

@@ -1,7 +1,10 @@
 """Reading a parsed TOML config: typed values, files and durations, each failure naming the file and key path.
 
-The schema (which keys exist and what they mean) lives in config.py; this is
-the walking and checking every key shares.
+Which keys exist and what they mean is read in `config/schema.py` and, for
+their own tables, in `tokens/apikeys.py` ([twilio]), `policy/limits.py`
+([limits] and a caller's rate keys), `metrics.py` ([metrics]),
+`audit/privacy.py` ([audit]) and `authn/mesh.py` ([mesh]); this is the
+walking and checking every key shares.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import { SyncClient } from "twilio-sync";
 const CONNECT_DEADLINE_MS = 15000;
 // The least time between two refreshes by the page's own timer.
 const MIN_REFRESH_MS = 5000;
-// `synctoken dev`'s made-up credentials (service/synctoken_server/devenv.py) when no TWILIO_* variables are set:
+// `synctoken dev`'s made-up credentials (service/synctoken_server/dev/devenv.py) when no TWILIO_* variables are set:
 // a token they sign is a valid JWT, and Twilio refuses it.
 const DEV_ACCOUNT_SID = `AC${"0".repeat(32)}`;
 const DEV_API_KEY_SID = `SK${"0".repeat(32)}`;

@@ -1,7 +1,7 @@
 """End-user identities in the BFF's log as a keyed hash: the formula of synctoken's private audit.
 
 `h:` and the first 32 hex digits of HMAC-SHA-256(key, identity as UTF-8),
-as synctoken_server.privacy writes them (the BFF depends on the client
+as synctoken_server.audit.privacy writes them (the BFF depends on the client
 library only, so the formula is repeated here; a test holds the two equal).
 With the same key file as the server's `[audit] identity_hash_key_file`,
 one user's BFF lines and audit records carry the same value, and

@@ -25,15 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synctoken_server import xfcc
-from synctoken_server.configfile import TomlReader
-from synctoken_server.errors import CallerUnauthenticated, ForwardedCertNotTrusted
-from synctoken_server.identity import (
+from synctoken_server.authn import xfcc
+from synctoken_server.authn.identity import (
     NO_CERTIFICATE,
     CallerIdentityRules,
     IdentitySource,
     parse_spiffe_id,
 )
+from synctoken_server.configfile import TomlReader
+from synctoken_server.errors import CallerUnauthenticated, ForwardedCertNotTrusted
 from synctoken_server.metrics import split_listen
 
 NOT_ONE_HEADER = "the mesh listener needs exactly one x-forwarded-client-cert header"

@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from synctoken_server.config import Config
-from synctoken_server.identity import CallerIdentityRules
-from synctoken_server.limits import CallerLimits, identity_digest
-from synctoken_server.minting import Minter, TokenMinter
-from synctoken_server.policy import Policy
-from synctoken_server.privacy import plain
-from synctoken_server.svid import TrustAnchors
+from synctoken_server.audit.privacy import plain
+from synctoken_server.authn.identity import CallerIdentityRules
+from synctoken_server.authn.svid import TrustAnchors
+from synctoken_server.config.schema import Config
+from synctoken_server.policy.limits import CallerLimits, identity_digest
+from synctoken_server.policy.rules import Policy
+from synctoken_server.tokens.minting import Minter, TokenMinter
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ from collections.abc import Callable
 import structlog
 
 from synctoken.v1 import token_service_pb2
-from synctoken_server import audit
+from synctoken_server.audit import record
 from synctoken_server.errors import RateLimited
-from synctoken_server.keyledger import SignedExpiries
-from synctoken_server.limits import RateLimiter
 from synctoken_server.metrics import Metrics
-from synctoken_server.minting import plan_times, token_id
-from synctoken_server.policy import decide
-from synctoken_server.snapshot import Snapshot
+from synctoken_server.policy.limits import RateLimiter
+from synctoken_server.policy.rules import decide
+from synctoken_server.rpc.snapshot import Snapshot
+from synctoken_server.tokens.keyledger import SignedExpiries
+from synctoken_server.tokens.minting import plan_times, token_id
 
 _log = structlog.get_logger("synctoken.limits")
 
@@ -30,7 +30,7 @@ class TokenIssuer:
     def __init__(
         self,
         *,
-        audit_log: audit.AuditLog,
+        audit_log: record.AuditLog,
         signed: SignedExpiries,
         limiter: RateLimiter,
         metrics: Metrics,
@@ -88,11 +88,11 @@ class TokenIssuer:
         response.refresh_after.seconds = times.refresh_after
         if request.validate_only:
             self._audit.record(
-                audit.EVENT_TOKEN_DECISION,
+                record.EVENT_TOKEN_DECISION,
                 context,
-                outcome=audit.OUTCOME_VALIDATED,
+                outcome=record.OUTCOME_VALIDATED,
                 **granted,
-                duration_ms=audit.ms_since(started),
+                duration_ms=record.ms_since(started),
             )
             return response
         response.token = snapshot.minter.mint(grant, times)
@@ -102,13 +102,13 @@ class TokenIssuer:
         self._signed.record(snapshot.minter.key_sid, times.expires_at)
         # Fail closed: if this raises, the token never leaves the process.
         self._audit.record(
-            audit.EVENT_TOKEN_DECISION,
+            record.EVENT_TOKEN_DECISION,
             context,
-            outcome=audit.OUTCOME_ISSUED,
+            outcome=record.OUTCOME_ISSUED,
             **granted,
             token_id=response.token_id,
             expires_at=times.expires_at,
-            duration_ms=audit.ms_since(started),
+            duration_ms=record.ms_since(started),
         )
         # After the record: a token whose record failed is never sent, and is counted as refused.
         self._metrics.issued.labels(grant.rule, grant.service_sid).inc()

@@ -18,9 +18,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
-from synctoken_server.devenv import CA_FILE, CA_KEY, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY
-from synctoken_server.identity import is_dns_name, parse_spiffe_id
-from synctoken_server.pki import CertificateAuthority, KeyPair, LeafSpec
+from synctoken_server.authn.identity import is_dns_name, parse_spiffe_id
+from synctoken_server.dev.devenv import CA_FILE, CA_KEY, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY
+from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
 
 LIFETIME = dt.timedelta(days=30)
 """As long as the dev certificates, but never past the signing CA's own expiry."""

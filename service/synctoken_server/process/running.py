@@ -17,10 +17,10 @@ from pathlib import Path
 
 import structlog
 
-from synctoken_server.config import Config, load_config
+from synctoken_server.config.schema import Config, load_config
 from synctoken_server.configfile import ConfigError
-from synctoken_server.reloading import ConfigReloader
-from synctoken_server.server import TokenServer
+from synctoken_server.process.reloading import ConfigReloader
+from synctoken_server.process.server import TokenServer
 
 EXIT_CONFIG = 2
 EXIT_START = 3

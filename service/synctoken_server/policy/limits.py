@@ -2,8 +2,9 @@
 
 The limits are config (a `[[callers]]` entry's `rate`, `burst`,
 `identity_rate`, `identity_burst`, `shadow`; `[limits] shadow` for all) and
-are compiled into `Limits` once per snapshot, already divided among the
-worker processes. The bucket state lives in one `RateLimiter` per server,
+are compiled into one `CallerLimits` per caller once per snapshot (read by
+`read_caller_limits` at load, kept in `rpc/snapshot.py`), already divided
+among the worker processes. The bucket state lives in one `RateLimiter` per server,
 kept across reloads and carried over to the new limits (`reconfigure`), so
 a reload changes the rates without handing any caller a fresh burst.
 

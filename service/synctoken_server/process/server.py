@@ -18,18 +18,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from synctoken.v1 import token_service_pb2
-from synctoken_server import meshbind, metrics
-from synctoken_server.audit import AuditLog
-from synctoken_server.certificates import ServerCertificates
-from synctoken_server.config import Config
-from synctoken_server.issuing import TokenIssuer
-from synctoken_server.keyledger import SignedExpiries
-from synctoken_server.limits import MAX_BUCKETS, RateLimiter
+from synctoken_server import metrics
+from synctoken_server.audit.record import AuditLog
+from synctoken_server.authn import meshbind
+from synctoken_server.authn.svid import TrustAnchors
+from synctoken_server.config.schema import Config
 from synctoken_server.metrics import Metrics
+from synctoken_server.policy.limits import MAX_BUCKETS, RateLimiter
+from synctoken_server.process.certificates import ServerCertificates
+from synctoken_server.rpc.issuing import TokenIssuer
+from synctoken_server.rpc.servicer import TokenServicer
+from synctoken_server.rpc.snapshot import Snapshot, Snapshots
 from synctoken_server.serveroptions import server_options
-from synctoken_server.servicer import TokenServicer
-from synctoken_server.snapshot import Snapshot, Snapshots
-from synctoken_server.svid import TrustAnchors
+from synctoken_server.tokens.keyledger import SignedExpiries
 
 _TOKEN_SERVICE_DESCRIPTOR = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"]
 TOKEN_SERVICE = _TOKEN_SERVICE_DESCRIPTOR.full_name
@@ -86,7 +87,7 @@ class TokenServer:
         if config.mesh is not None:
             # Plaintext on purpose: the sidecar terminated TLS, and only it can reach this address.
             self.mesh_addresses = meshbind.bind(self._server, config.mesh, self.port)
-        # With several workers the parent serves the scrape for all of them (see running.py).
+        # With several workers the parent serves the scrape for all of them (see workers.py).
         if config.metrics_listen is not None and self.metrics.registry is not None and workers == 1:
             self._metrics_listener = metrics.serve(config.metrics_listen, self.metrics.registry)
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 import grpc
 import structlog
 
-from synctoken_server import tlsfiles
+from synctoken_server.config import tlsfiles
+from synctoken_server.config.tlsfiles import TlsFileError, TlsMaterial
 from synctoken_server.filestamps import restamp
-from synctoken_server.tlsfiles import TlsFileError, TlsMaterial
 
 _log = structlog.get_logger("synctoken.tls")
 

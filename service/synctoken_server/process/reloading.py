@@ -4,7 +4,7 @@ A reload runs the start-up loader on the file (in a thread, so that reading
 files and compiling patterns does not hold up RPCs). A bad file changes
 nothing: the running snapshot stays and `config.reload_failed` names the
 file, the key and the problem. A good one replaces the whole snapshot at
-once (see snapshot.py).
+once (see rpc/snapshot.py).
 
 Files are polled, one stat each every `server.watch_interval` (1 s by
 default; 0 turns it off, for deployments that change several files and then
@@ -15,12 +15,11 @@ only to retry one that failed, perhaps because it read a certificate and key
 caught mid-rotation.
 
 Only a restart can change two things:
-- `server.listen`, `server.handshake_timeout`, `server.idle_timeout`,
-  `server.max_connection_age`, `metrics.listen`, `mesh.listen`: they
-  belong to the listening socket and gRPC's server. A reload that changes
-  them applies everything else and logs `config.restart_required` per key:
-  the rest does not depend on them, and holding back a policy fix because
-  the port also changed would help no one.
+- the keys `_restart_only` (below) lists: they belong to the listening
+  sockets and gRPC's server. A reload that changes them applies everything
+  else and logs `config.restart_required` per key: the rest does not depend
+  on them, and holding back a policy fix because the port also changed would
+  help no one.
 - `identity.source`: callers' ids are written in that source's grammar, so
   a policy for the new source means nothing under the old one (it would deny
   every caller). Such a reload is refused as a whole.
@@ -36,12 +35,12 @@ from pathlib import Path
 
 import structlog
 
-from synctoken_server.config import Config, load_config
+from synctoken_server.config.schema import Config, load_config
 from synctoken_server.configfile import ConfigError
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
 from synctoken_server.filestamps import changed
 from synctoken_server.metrics import RELOAD_FAILURE, RELOAD_SUCCESS
-from synctoken_server.server import TokenServer
+from synctoken_server.process.server import TokenServer
 
 CERTIFICATE_CHECK_SECONDS = 60.0
 """With file watching off, how often the certificate's files and expiry are still looked at."""
@@ -163,6 +162,7 @@ class ConfigReloader:
 
 
 def _restart_only(config: Config) -> dict[str, str]:
+    """The keys only a restart changes, as `config` sets them: the one list of them in the code."""
     group = config.mesh.socket_group if config.mesh else None
     return {
         "server.listen": config.listen,

@@ -17,7 +17,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict
 
-from synctoken_server.linesink import Flag, LineSink, Lock, nonblocking_unless_terminal
+from synctoken_server.audit.linesink import Flag, LineSink, Lock, nonblocking_unless_terminal
 
 AUDIT_LOGGER = "synctoken.audit"
 """The one logger whose failed writes are errors (see AuditLog); every other line is best effort."""

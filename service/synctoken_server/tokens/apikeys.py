@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from synctoken_server.configfile import TomlReader
-from synctoken_server.minting import TwilioCredentials, check_secret
+from synctoken_server.tokens.minting import TwilioCredentials, check_secret
 
 ENV_ACCOUNT_SID = "TWILIO_ACCOUNT_SID"
 ENV_API_KEY = "TWILIO_API_KEY"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from synctoken_server.mesh import MeshListener, is_loopback
+from synctoken_server.authn.mesh import MeshListener, is_loopback
 
 _BIND_UMASK = 0o177
 """Sockets are made 0777 minus the umask: under this one, 0600 from the start."""

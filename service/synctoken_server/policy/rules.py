@@ -10,7 +10,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from synctoken.v1 import token_service_pb2
-from synctoken_server.characters import text_violations
 from synctoken_server.durations import MAX_TTL_SECONDS, MIN_TTL_SECONDS, format_duration
 from synctoken_server.errors import (
     CallerNotAllowed,
@@ -19,8 +18,9 @@ from synctoken_server.errors import (
     InvalidRequest,
     ServiceNotAllowed,
 )
-from synctoken_server.limits import CallerLimits
-from synctoken_server.patterns import IdentityPattern
+from synctoken_server.policy.characters import text_violations
+from synctoken_server.policy.limits import CallerLimits
+from synctoken_server.policy.patterns import IdentityPattern
 
 RESERVED_IDENTITY_CHARACTERS = "!*'();:@&=+$,/?%#[]"
 """Twilio advises identities avoid these URI-reserved characters."""

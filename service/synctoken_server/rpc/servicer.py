@@ -18,12 +18,13 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError, Message
 
 from synctoken.v1 import token_service_pb2
-from synctoken_server import audit, mesh, xfcc
+from synctoken_server.audit import record
+from synctoken_server.authn import mesh, xfcc
 from synctoken_server.errors import InternalError, MalformedRequest, SynctokenError, to_status
-from synctoken_server.issuing import TokenIssuer
 from synctoken_server.metrics import NO_POLICY, Metrics
-from synctoken_server.policy import CallerRule
-from synctoken_server.snapshot import Snapshot, Snapshots
+from synctoken_server.policy.rules import CallerRule
+from synctoken_server.rpc.issuing import TokenIssuer
+from synctoken_server.rpc.snapshot import Snapshot, Snapshots
 
 T = TypeVar("T")
 # The server is grpc.aio; request and response types vary by method.
@@ -41,7 +42,7 @@ class TokenServicer:
     """
 
     def __init__(
-        self, *, snapshots: Snapshots, issuer: TokenIssuer, audit_log: audit.AuditLog, metrics: Metrics
+        self, *, snapshots: Snapshots, issuer: TokenIssuer, audit_log: record.AuditLog, metrics: Metrics
     ) -> None:
         self._snapshots = snapshots
         self._issuer = issuer
@@ -55,7 +56,7 @@ class TokenServicer:
         started = time.perf_counter()
         try:
             return await self._serve(
-                context, "IssueToken", audit.EVENT_TOKEN_DECISION, lambda rpc: self._issue(request, context, rpc)
+                context, "IssueToken", record.EVENT_TOKEN_DECISION, lambda rpc: self._issue(request, context, rpc)
             )
         finally:
             self._metrics.latency.observe(time.perf_counter() - started)
@@ -67,7 +68,7 @@ class TokenServicer:
         return await self._serve(
             context,
             "GetCallerIdentity",
-            audit.EVENT_CALLER_LOOKUP,
+            record.EVENT_CALLER_LOOKUP,
             lambda rpc: self._lookup(request, context, rpc),
         )
 
@@ -87,11 +88,11 @@ class TokenServicer:
         if rule is not None:
             response.policy.CopyFrom(_describe(rule))
         self._audit.record(
-            audit.EVENT_CALLER_LOOKUP,
+            record.EVENT_CALLER_LOOKUP,
             rpc.context,
-            outcome=audit.OUTCOME_ANSWERED,
+            outcome=record.OUTCOME_ANSWERED,
             policy_rule=rule.caller if rule else None,
-            duration_ms=audit.ms_since(started),
+            duration_ms=record.ms_since(started),
         )
         return response
 
@@ -129,12 +130,12 @@ class TokenServicer:
             self._audit.record(
                 event,
                 rpc.context,
-                outcome=audit.OUTCOME_DENIED,
+                outcome=record.OUTCOME_DENIED,
                 code=error.code.name,
                 reason=error.reason_name,
                 message=error.message,
                 **error.audit,
-                duration_ms=audit.ms_since(rpc.started),
+                duration_ms=record.ms_since(rpc.started),
             )
         await context.abort_with_status(to_status(error))
 

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import PublicKeyAlgorithmOID
 
+from synctoken_server.authn.svid import TrustAnchors
 from synctoken_server.filestamps import Stamps
-from synctoken_server.svid import TrustAnchors
 
 CERT_KEY = "tls.cert_file"
 KEY_KEY = "tls.key_file"

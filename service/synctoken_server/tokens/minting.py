@@ -17,7 +17,7 @@ from twilio.jwt.access_token import AccessToken
 from twilio.jwt.access_token.grants import SyncGrant
 
 from synctoken_server.durations import MIN_TTL_SECONDS
-from synctoken_server.policy import Grant
+from synctoken_server.policy.rules import Grant
 
 REFRESH_LEAD_SECONDS = MIN_TTL_SECONDS
 """The Sync SDK fires tokenAboutToExpire this long before `exp`."""

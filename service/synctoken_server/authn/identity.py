@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from spiffe import SpiffeId, TrustDomain
 from spiffe.errors import PySpiffeError
 
-from synctoken_server import svid
+from synctoken_server.authn import svid
 from synctoken_server.errors import CallerUnauthenticated
 
 SPIFFE_ID_FORM = (

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from synctoken_server import logs
+from synctoken_server.audit import logs
 from synctoken_server.errors import AuditUnavailable
 
 EVENT_TOKEN_DECISION = "token.decision"  # noqa: S105 - an event name, not a password

@@ -1,0 +1,1 @@
+"""`synctoken dev`: a throwaway CA, certificates, credentials and config for trying synctoken; never production."""

@@ -1,0 +1,1 @@
+"""One server process and its lifecycle: the gRPC server, its TLS credentials, start, reload, drain, workers."""

@@ -1,0 +1,1 @@
+"""One RPC: the config snapshot it sees, the servicer that authenticates and parses, the issuer that mints."""
