@@ -250,17 +250,17 @@ def processes() -> Iterator[list[Process]]:
 def make_client(request: pytest.FixtureRequest, pki: Pki) -> Iterator[Callable[..., Driver]]:
     """Open TokenClients, or AsyncTokenClients behind a blocking face, to a port; closed at teardown.
 
-    `make_client(port, cert="bff", **kwargs)`: kwargs go to the client's constructor.
+    `make_client(port, cert="bff", host="localhost", **kwargs)`: kwargs go to the client's constructor.
     """
     made: list[Driver] = []
 
-    def make(port: int, cert: str = "bff", **kwargs: object) -> Driver:
+    def make(port: int, cert: str = "bff", host: str = "localhost", **kwargs: object) -> Driver:
         arguments: dict[str, object] = {**client_kwargs(pki, cert), **kwargs}
         client: Driver
         if request.param == "sync":
-            client = TokenClient(f"localhost:{port}", **arguments)  # type: ignore[arg-type]
+            client = TokenClient(f"{host}:{port}", **arguments)  # type: ignore[arg-type]
         else:
-            client = AsyncDriver(AsyncTokenClient(f"localhost:{port}", **arguments))  # type: ignore[arg-type]
+            client = AsyncDriver(AsyncTokenClient(f"{host}:{port}", **arguments))  # type: ignore[arg-type]
         made.append(client)
         return client
 

@@ -95,10 +95,12 @@ class TestClient:
     def test_plaintext_port(self, make_client: MakeClient) -> None:
         """A gRPC server without TLS on the port: the handshake fails, and the message says so."""
         plain = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-        port = plain.add_insecure_port("localhost:0")
+        # One address, dialled as such: with localhost, the other family's port P may belong to anything
+        # (a listener that never answers stalls the handshake), and gRPC reports one address's error only.
+        port = plain.add_insecure_port("127.0.0.1:0")
         plain.start()
         try:
-            client = make_client(port, timeout=LONG)
+            client = make_client(port, host="127.0.0.1", timeout=LONG)
             assert_tls(failure(client.whoami), port, "the server did not answer in TLS")
         finally:
             plain.stop(grace=None).wait(timeout=10)
