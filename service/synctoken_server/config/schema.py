@@ -30,7 +30,7 @@ from synctoken_server.policy.limits import CALLER_KEYS, read_caller_limits, read
 from synctoken_server.policy.patterns import IdentityPattern, PatternError
 from synctoken_server.policy.rules import RESERVED_IDENTITY_CHARACTERS, CallerRule, Policy, is_service_sid
 from synctoken_server.serveroptions import ServerTimeouts
-from synctoken_server.tokens.apikeys import read_twilio
+from synctoken_server.config.twilio import read_twilio
 from synctoken_server.tokens.minting import TwilioCredentials
 
 # [0-9], not \d: \d also matches other scripts' digits, such as U+FF15 (a full-width 5).
