@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from synctoken_server import __version__
-from synctoken_server.audit import logs, privacy
+from synctoken_server.audit import logs
+from synctoken_server.config.audit import hasher_from_config, hasher_from_key_file
 from synctoken_server.config.schema import Config
 from synctoken_server.configfile import ConfigError, nest
 from synctoken_server.dev import devenv, devissue
@@ -182,9 +183,9 @@ def _check_config(path: Path) -> int:
 
 def _audit_hash(config: Path | None, key_file: Path | None, identity: str) -> int:
     try:
-        hasher = privacy.hasher_from_config(config) if config is not None else None
+        hasher = hasher_from_config(config) if config is not None else None
         if key_file is not None:
-            hasher = privacy.hasher_from_key_file(key_file)
+            hasher = hasher_from_key_file(key_file)
     except ConfigError as exc:
         print(f"synctoken: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

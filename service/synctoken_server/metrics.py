@@ -30,13 +30,11 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Self
-
-from synctoken_server.configfile import TomlReader
+from typing import TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -295,17 +293,6 @@ def multiprocess_directory() -> Iterator[Path]:
                 del os.environ[MULTIPROC_ENV]
             else:
                 os.environ[MULTIPROC_ENV] = previous
-
-
-def read_listen(r: TomlReader, data: Mapping[str, Any]) -> str | None:
-    """`[metrics] listen`, checked; None when there is no [metrics] table (metrics are off)."""
-    table = r.table(data, "metrics", {"listen"}, required=False)
-    if "metrics" not in data:
-        return None
-    listen = r.get(table, "metrics", "listen", str)
-    if split_listen(listen) is None:
-        raise r.fail("metrics.listen", f"{listen!r} is not host:port (e.g. 127.0.0.1:9464)")
-    return listen
 
 
 def worker_exited(directory: Path, pid: int) -> None:

@@ -2,7 +2,7 @@
 
 Every error names the file and the key path (`callers[2].max_ttl`) and says
 what would be right. `synctoken check-config`, start-up and reload all run
-this same loader; the [twilio] table is read by tokens/apikeys.py and the TLS files
+this same loader; the [twilio] table is read by config/twilio.py and the TLS files
 are checked by tlsfiles.py.
 """
 
@@ -17,20 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synctoken_server.audit.privacy import IdentityHasher, read_audit
+from synctoken_server.audit.privacy import IdentityHasher
 from synctoken_server.authn.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
-from synctoken_server.authn.mesh import MeshListener, read_mesh
+from synctoken_server.authn.mesh import MeshListener
 from synctoken_server.config import tlsfiles
+from synctoken_server.config.audit import read_audit
+from synctoken_server.config.limits import CALLER_KEYS, read_caller_limits, read_global_shadow
+from synctoken_server.config.mesh import read_mesh
+from synctoken_server.config.metrics import read_listen as read_metrics_listen
 from synctoken_server.config.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
+from synctoken_server.config.twilio import read_twilio
 from synctoken_server.configfile import ConfigError, TomlReader
 from synctoken_server.durations import format_duration
 from synctoken_server.filestamps import Stamps, stamp
-from synctoken_server.metrics import read_listen as read_metrics_listen
-from synctoken_server.policy.limits import CALLER_KEYS, read_caller_limits, read_global_shadow
 from synctoken_server.policy.patterns import IdentityPattern, PatternError
 from synctoken_server.policy.rules import RESERVED_IDENTITY_CHARACTERS, CallerRule, Policy, is_service_sid
 from synctoken_server.serveroptions import ServerTimeouts
-from synctoken_server.config.twilio import read_twilio
 from synctoken_server.tokens.minting import TwilioCredentials
 
 # [0-9], not \d: \d also matches other scripts' digits, such as U+FF15 (a full-width 5).
