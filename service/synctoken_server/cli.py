@@ -12,8 +12,8 @@ from pathlib import Path
 from synctoken_server import __version__
 from synctoken_server.audit import logs
 from synctoken_server.config.audit import hasher_from_config, hasher_from_key_file
+from synctoken_server.config.reader import ConfigError, nest
 from synctoken_server.config.schema import Config
-from synctoken_server.configfile import ConfigError, nest
 from synctoken_server.dev import devenv, devissue
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
 from synctoken_server.process import running

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from synctoken_server.audit.privacy import MIN_KEY_BYTES, IdentityHasher
-from synctoken_server.configfile import ConfigError, TomlReader
+from synctoken_server.config.reader import ConfigError, TomlReader
 
 
 def read_audit(r: TomlReader, data: Mapping[str, Any]) -> IdentityHasher | None:

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from synctoken_server.configfile import TomlReader
+from synctoken_server.config.reader import TomlReader
 from synctoken_server.policy.limits import MAX_BURST, MAX_RATE, CallerLimits, Limit
 
 CALLER_KEYS = frozenset({"rate", "burst", "identity_rate", "identity_burst", "shadow"})

@@ -12,7 +12,7 @@ from typing import Any
 
 from synctoken_server.authn.identity import IdentitySource
 from synctoken_server.authn.mesh import MeshListener, is_loopback
-from synctoken_server.configfile import TomlReader
+from synctoken_server.config.reader import TomlReader
 from synctoken_server.metrics import split_listen
 
 _KEYS = {"listen", "trust_forwarded_client_cert", "socket_group"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from synctoken_server.configfile import TomlReader
+from synctoken_server.config.reader import TomlReader
 from synctoken_server.metrics import split_listen
 
 

@@ -25,9 +25,9 @@ from synctoken_server.config.audit import read_audit
 from synctoken_server.config.limits import CALLER_KEYS, read_caller_limits, read_global_shadow
 from synctoken_server.config.mesh import read_mesh
 from synctoken_server.config.metrics import read_listen as read_metrics_listen
+from synctoken_server.config.reader import ConfigError, TomlReader
 from synctoken_server.config.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
 from synctoken_server.config.twilio import read_twilio
-from synctoken_server.configfile import ConfigError, TomlReader
 from synctoken_server.durations import format_duration
 from synctoken_server.filestamps import Stamps, stamp
 from synctoken_server.policy.patterns import IdentityPattern, PatternError

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from synctoken_server.configfile import TomlReader
+from synctoken_server.config.reader import TomlReader
 from synctoken_server.tokens.minting import TwilioCredentials, check_secret
 
 ENV_ACCOUNT_SID = "TWILIO_ACCOUNT_SID"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import structlog
 
+from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import Config, load_config
-from synctoken_server.configfile import ConfigError
 from synctoken_server.process.reloading import ConfigReloader
 from synctoken_server.process.server import TokenServer
 

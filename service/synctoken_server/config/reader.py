@@ -1,10 +1,11 @@
 """Reading a parsed TOML config: typed values, files and durations, each failure naming the file and key path.
 
-Which keys exist and what they mean is read in `config/schema.py` and, for
-their own tables, in `tokens/apikeys.py` ([twilio]), `policy/limits.py`
-([limits] and a caller's rate keys), `metrics.py` ([metrics]),
-`audit/privacy.py` ([audit]) and `authn/mesh.py` ([mesh]); this is the
-walking and checking every key shares.
+Which keys exist and what they mean is read in `schema.py` and, for the
+tables a feature folder consumes, beside it in `twilio.py` ([twilio]),
+`limits.py` ([limits] and a caller's rate keys), `metrics.py` ([metrics]),
+`audit.py` ([audit]) and `mesh.py` ([mesh]); this is the walking and
+checking every key shares. Only config/ imports this (and tomllib):
+tests/test_layers.py keeps it so.
 """
 
 from __future__ import annotations
