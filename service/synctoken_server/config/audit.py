@@ -11,10 +11,13 @@ from typing import Any
 from synctoken_server.audit.privacy import MIN_KEY_BYTES, IdentityHasher
 from synctoken_server.config.reader import ConfigError, TomlReader
 
+KEYS = frozenset({"identity_hash_key_file"})
+"""What [audit] may hold."""
+
 
 def read_audit(r: TomlReader, data: Mapping[str, Any]) -> IdentityHasher | None:
     """`[audit] identity_hash_key_file`: the hasher for the audit log, or None (identities in plain text)."""
-    table = r.table(data, "audit", {"identity_hash_key_file"}, required=False)
+    table = r.table(data, "audit", KEYS, required=False)
     if "identity_hash_key_file" not in table:
         return None
     key = "audit.identity_hash_key_file"

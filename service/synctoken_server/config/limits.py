@@ -11,6 +11,8 @@ from synctoken_server.policy.limits import MAX_BURST, MAX_RATE, CallerLimits, Li
 
 CALLER_KEYS = frozenset({"rate", "burst", "identity_rate", "identity_burst", "shadow"})
 """The keys a `[[callers]]` entry may use for limits."""
+TABLE_KEYS = frozenset({"shadow"})
+"""What [limits] may hold."""
 
 
 def read_caller_limits(r: TomlReader, data: Mapping[str, Any], key: str, *, shadow: bool) -> CallerLimits | None:
@@ -27,7 +29,7 @@ def read_caller_limits(r: TomlReader, data: Mapping[str, Any], key: str, *, shad
 
 def read_global_shadow(r: TomlReader, data: Mapping[str, Any]) -> bool:
     """`[limits] shadow`: the default for every caller entry."""
-    table = r.table(data, "limits", {"shadow"}, required=False)
+    table = r.table(data, "limits", TABLE_KEYS, required=False)
     return r.get(table, "limits", "shadow", bool, default=False)
 
 

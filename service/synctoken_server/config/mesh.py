@@ -15,7 +15,8 @@ from synctoken_server.authn.mesh import MeshListener, is_loopback
 from synctoken_server.config.reader import TomlReader
 from synctoken_server.metrics import split_listen
 
-_KEYS = {"listen", "trust_forwarded_client_cert", "socket_group"}
+KEYS = frozenset({"listen", "trust_forwarded_client_cert", "socket_group"})
+"""What [mesh] may hold."""
 
 
 def read_mesh(
@@ -24,7 +25,7 @@ def read_mesh(
     """`[mesh]`: the listener on which x-forwarded-client-cert is trusted, or None (mesh mode off)."""
     if "mesh" not in data:
         return None
-    table = r.table(data, "mesh", _KEYS)
+    table = r.table(data, "mesh", KEYS)
     listen = r.get(table, "mesh", "listen", str)
     # Saying so is the point: a listener that trusts a header anyone can write is never made by accident.
     if not r.get(table, "mesh", "trust_forwarded_client_cert", bool, default=False):

@@ -8,10 +8,13 @@ from typing import Any
 from synctoken_server.config.reader import TomlReader
 from synctoken_server.metrics import split_listen
 
+KEYS = frozenset({"listen"})
+"""What [metrics] may hold."""
+
 
 def read_listen(r: TomlReader, data: Mapping[str, Any]) -> str | None:
     """`[metrics] listen`, checked; None when there is no [metrics] table (metrics are off)."""
-    table = r.table(data, "metrics", {"listen"}, required=False)
+    table = r.table(data, "metrics", KEYS, required=False)
     if "metrics" not in data:
         return None
     listen = r.get(table, "metrics", "listen", str)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,7 +60,9 @@ class TomlReader:
         """The error to raise for `key` (a full key path)."""
         return ConfigError(self.source, key, problem)
 
-    def table(self, data: Mapping[str, Any], key: str, allowed: set[str], *, required: bool = True) -> dict[str, Any]:
+    def table(
+        self, data: Mapping[str, Any], key: str, allowed: AbstractSet[str], *, required: bool = True
+    ) -> dict[str, Any]:
         """The table `key` of `data`, with only `allowed` keys; {} if absent and not required."""
         value = data.get(key)
         if value is None:
@@ -72,7 +75,7 @@ class TomlReader:
         self.reject_unknown(value, key, allowed)
         return value
 
-    def reject_unknown(self, value: Mapping[str, Any], key: str, allowed: set[str]) -> None:
+    def reject_unknown(self, value: Mapping[str, Any], key: str, allowed: AbstractSet[str]) -> None:
         """Fail on the first key of `value` (the table at `key`) that is not in `allowed`."""
         for name in value:
             if name not in allowed:

@@ -15,7 +15,7 @@ only to retry one that failed, perhaps because it read a certificate and key
 caught mid-rotation.
 
 Only a restart can change two things:
-- the keys `_restart_only` (below) lists: they belong to the listening
+- the keys `restart_only` (below) lists: they belong to the listening
   sockets and gRPC's server. A reload that changes them applies everything
   else and logs `config.restart_required` per key: the rest does not depend
   on them, and holding back a policy fix because the port also changed would
@@ -60,7 +60,7 @@ class ConfigReloader:
         self._path = path
         self._server = server
         self._environ = environ
-        self._in_force = _restart_only(config)
+        self._in_force = restart_only(config)
         """What only a restart changes, as the server runs it."""
         self._files = config.files
         self._failed = False
@@ -122,7 +122,7 @@ class ConfigReloader:
             self._server.metrics.reloads.labels(RELOAD_SUCCESS).inc()
         for warning in config.warnings:
             _log.warning("config.warning", problem=warning)
-        for key, value in _restart_only(config).items():
+        for key, value in restart_only(config).items():
             if value != self._in_force[key]:
                 _log.warning("config.restart_required", key=key, running=self._in_force[key], configured=value)
         _log.info(
@@ -161,8 +161,11 @@ class ConfigReloader:
         )
 
 
-def _restart_only(config: Config) -> dict[str, str]:
-    """The keys only a restart changes, as `config` sets them: the one list of them in the code."""
+def restart_only(config: Config) -> dict[str, str]:
+    """The keys only a restart changes, as `config` sets them: the one list of them in the code.
+
+    tests/test_readme.py holds these keys to the schema (config.schema.SCHEMA) and to the README's lists.
+    """
     group = config.mesh.socket_group if config.mesh else None
     return {
         "server.listen": config.listen,
