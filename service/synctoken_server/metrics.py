@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import re
 import tempfile
 import threading
 import time
@@ -35,6 +34,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Self
+
+from synctoken_server.serveroptions import split_listen
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -58,7 +59,6 @@ Rendering walks every series under the GIL that IssueToken needs: a flood of
 scrapes rendering once each slowed gRPC to about a third. Prometheus scrapes
 every 15 s or so; a second-old render costs it nothing.
 """
-_LISTEN = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
 
 
 class CounterLike(Protocol):
@@ -192,14 +192,6 @@ class Listener:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
-
-
-def split_listen(listen: str) -> tuple[str, int] | None:
-    """`host:port` as (host, port), brackets off an IPv6 host; None if it is not that."""
-    match = _LISTEN.fullmatch(listen)
-    if match is None or int(match["port"]) > 65535:  # noqa: PLR2004 - the largest port
-        return None
-    return match["host"].strip("[]"), int(match["port"])
 
 
 class Exposition:

@@ -13,7 +13,7 @@ from typing import Any
 from synctoken_server.authn.identity import IdentitySource
 from synctoken_server.authn.mesh import MeshListener, is_loopback
 from synctoken_server.config.reader import TomlReader
-from synctoken_server.metrics import split_listen
+from synctoken_server.serveroptions import split_listen
 
 KEYS = frozenset({"listen", "trust_forwarded_client_cert", "socket_group"})
 """What [mesh] may hold."""

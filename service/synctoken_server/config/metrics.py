@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from synctoken_server.config.reader import TomlReader
-from synctoken_server.metrics import split_listen
 
 KEYS = frozenset({"listen"})
 """What [metrics] may hold."""
@@ -17,7 +16,4 @@ def read_listen(r: TomlReader, data: Mapping[str, Any]) -> str | None:
     table = r.table(data, "metrics", KEYS, required=False)
     if "metrics" not in data:
         return None
-    listen = r.get(table, "metrics", "listen", str)
-    if split_listen(listen) is None:
-        raise r.fail("metrics.listen", f"{listen!r} is not host:port (e.g. 127.0.0.1:9464)")
-    return listen
+    return r.listen(table, "metrics", "listen", "127.0.0.1:9464")

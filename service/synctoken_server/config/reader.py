@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from synctoken_server.durations import MAX_TTL_SECONDS, MIN_TTL_SECONDS, format_duration, parse_duration
 from synctoken_server.filestamps import FileStamp, Stamps, stamp
+from synctoken_server.serveroptions import split_listen
 
 T = TypeVar("T")
 
@@ -99,6 +100,13 @@ class TomlReader:
         if not all(isinstance(v, str) for v in values):
             raise self.fail(f"{key}.{name}", "must be a list of strings")
         return tuple(values)
+
+    def listen(self, data: Mapping[str, Any], key: str, name: str, example: str) -> str:
+        """`data[name]`, a `host:port` address to listen on (`example` shows one in the message)."""
+        listen = self.get(data, key, name, str)
+        if split_listen(listen) is None:
+            raise self.fail(f"{key}.{name}", f"{listen!r} is not host:port (e.g. {example})")
+        return listen
 
     def path(self, value: str) -> Path:
         """A path from the config: relative ones are relative to the config file."""
