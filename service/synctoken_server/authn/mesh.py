@@ -24,7 +24,7 @@ from synctoken_server.authn import xfcc
 from synctoken_server.authn.identity import (
     NO_CERTIFICATE,
     CallerIdentityRules,
-    parse_spiffe_id,
+    workload_id,
 )
 from synctoken_server.errors import CallerUnauthenticated, ForwardedCertNotTrusted
 
@@ -89,14 +89,8 @@ def caller_id(
     except xfcc.XfccError as exc:
         raise CallerUnauthenticated(f"the header is malformed: {exc}", forwarded=True) from None
     try:
-        spiffe_id = parse_spiffe_id(uri)
-    except ValueError:
-        raise CallerUnauthenticated(NOT_A_SPIFFE_ID, (uri,), forwarded=True) from None
-    if not spiffe_id.path:
-        raise CallerUnauthenticated(NO_WORKLOAD_PATH, (uri,), forwarded=True)
-    if spiffe_id.trust_domain.name not in rules.trust_domains:
-        # Safe to name: it passed the trust domain grammar.
-        raise CallerUnauthenticated(
-            f"trust domain {spiffe_id.trust_domain.name} is not trusted", (uri,), forwarded=True
-        )
+        spiffe_id = workload_id(uri, NOT_A_SPIFFE_ID, NO_WORKLOAD_PATH)
+    except ValueError as exc:
+        raise CallerUnauthenticated(str(exc), (uri,), forwarded=True) from None
+    rules.check_trust_domain(spiffe_id.trust_domain.name, uri, forwarded=True)
     return uri
