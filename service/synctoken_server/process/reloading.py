@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import structlog
 
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import Config, load_config
-from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
+from synctoken_server.durations import MAX_TTL_SECONDS, format_duration, format_utc
 from synctoken_server.filestamps import changed
 from synctoken_server.metrics import RELOAD_FAILURE, RELOAD_SUCCESS
 from synctoken_server.process.server import TokenServer
@@ -155,9 +154,9 @@ class ConfigReloader:
             "twilio.key_rotated",
             previous_key=previous,
             active_key=new.credentials.api_key_sid,
-            previous_key_last_expiry=_iso(latest) if latest is not None else None,
-            previous_key_tokens_live_until=_iso(live_until),
-            unknown_before=_iso(signed.started_at),
+            previous_key_last_expiry=format_utc(latest) if latest is not None else None,
+            previous_key_tokens_live_until=format_utc(live_until),
+            unknown_before=format_utc(signed.started_at),
         )
 
 
@@ -176,7 +175,3 @@ def restart_only(config: Config) -> dict[str, str]:
         "mesh.listen": config.mesh.address if config.mesh else "(off)",
         "mesh.socket_group": "(none)" if group is None else str(group),  # set when the socket is made
     }
-
-
-def _iso(unix: int) -> str:
-    return dt.datetime.fromtimestamp(unix, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
