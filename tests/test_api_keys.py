@@ -22,8 +22,8 @@ from support import (
     replace_file,
     serve,
 )
+from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
-from synctoken_server.configfile import ConfigError
 from synctoken_server.tokens.keyledger import SignedExpiries
 
 KEY_A = "SK" + "a" * 32

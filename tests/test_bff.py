@@ -319,6 +319,11 @@ class TestSettings:
         with pytest.raises(ValueError, match="BFF_TOKEN_TTL"):
             parse_duration(text, "BFF_TOKEN_TTL")
 
+    def test_durations_take_ascii_digits_only(self) -> None:
+        """A full-width digit is refused, as the server's config and synctoken-client --ttl refuse it."""
+        with pytest.raises(ValueError, match="BFF_TOKEN_TTL must be a duration like"):
+            parse_duration("\uff15m", "BFF_TOKEN_TTL")
+
     def test_from_env(self, tmp_path: Path) -> None:
         """Every variable read, the secret from its file without the final newline."""
         secret = tmp_path / "session.key"

@@ -31,7 +31,7 @@ from synctoken_bff._addresslimit import AddressLimiter
 from synctoken_bff._identityhash import IdentityHasher, key_from_file
 from synctoken_bff._session import COOKIE_NAME
 from synctoken_server.audit.privacy import IdentityHasher as ServerIdentityHasher
-from synctoken_server.audit.privacy import hasher_from_key_file
+from synctoken_server.config.audit import hasher_from_key_file
 
 MakeBff = Callable[..., Bff]
 HASH_KEY = b"audit-key-" + b"x" * 30

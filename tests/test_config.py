@@ -26,8 +26,8 @@ from support import (
     config_text,
 )
 from synctoken_server.authn.identity import IdentitySource
+from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
-from synctoken_server.configfile import ConfigError
 from synctoken_server.tokens.minting import check_secret
 
 WriteConfig = Callable[[str], Path]

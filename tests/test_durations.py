@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
-from synctoken_server.durations import format_duration, parse_duration
+from synctoken_server.durations import format_duration, format_utc, parse_duration
 
 
 class TestDurations:
@@ -28,3 +30,16 @@ class TestDurations:
     def test_round_trip(self, seconds: int) -> None:
         """What format_duration writes, parse_duration reads back."""
         assert parse_duration(format_duration(seconds)) == seconds
+
+
+class TestFormatUtc:
+    """format_utc writes a moment as every message and log line does: UTC, to the second, with a Z."""
+
+    def test_datetime_in_another_zone(self) -> None:
+        """An aware datetime in another zone is written in UTC, its microseconds dropped."""
+        moment = dt.datetime(2026, 1, 31, 13, 30, 5, 999_999, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+        assert format_utc(moment) == "2026-01-31T12:30:05Z"
+
+    def test_unix_seconds(self) -> None:
+        """Unix seconds are a moment too (the key ledger keeps them so)."""
+        assert format_utc(1_769_862_605) == "2026-01-31T12:30:05Z"

@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tokens", "authn", "audit"),
     ("policy",),
     ("metrics",),
-    ("configfile", "boundedhttp"),
+    ("boundedhttp",),
     ("durations", "filestamps", "errors", "serveroptions"),
 )
 LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}
@@ -74,6 +74,30 @@ def _unit(module: str) -> str | None:
     """The subpackage or top-level module a module belongs to; None for the package itself."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else None
+
+
+TOML_READER = f"{PACKAGE}.config.reader"
+TOML_READER_NAMES = frozenset({"TomlReader"})
+"""What reads the file format; config.reader's ConfigError and nest are results, free for any layer above config."""
+
+
+def toml_readers(name: str, source: str) -> list[str]:
+    """Where a module outside config/ imports tomllib or the TOML reader, as `line: what`."""
+    if _unit(name) == "config":
+        return []
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+            found += [f"{node.lineno}: {n}" for n in names if n in ("tomllib", TOML_READER)]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            if node.module == "tomllib":
+                found.append(f"{node.lineno}: tomllib")
+            elif node.module == f"{PACKAGE}.config" and any(alias.name == "reader" for alias in node.names):
+                found.append(f"{node.lineno}: {TOML_READER}")
+            elif node.module == TOML_READER:
+                found += [f"{node.lineno}: {alias.name}" for alias in node.names if alias.name in TOML_READER_NAMES]
+    return found
 
 
 GRAPH = {name: sorted(set(_imports(name, path))) for name, path in MODULES.items()}
@@ -134,6 +158,29 @@ class TestLayers:
         docstring = ast.get_docstring(ast.parse((ROOT / "__init__.py").read_text())) or ""
         lines = [line.strip() for line in docstring.splitlines() if line.startswith("    ")]
         assert [tuple(line.split(", ")) for line in lines] == list(LAYERS)
+
+    def test_only_config_reads_toml(self) -> None:
+        """No module outside config/ imports tomllib or the TomlReader: the feature folders get typed settings."""
+        wrong = {
+            str(path.relative_to(ROOT)): found
+            for name, path in MODULES.items()
+            if (found := toml_readers(name, path.read_text()))
+        }
+        assert wrong == {}
+
+    def test_the_toml_check_sees_a_reader_outside_config(self) -> None:
+        """The check itself can fail: tomllib or TomlReader in a feature module is found, ConfigError is not."""
+        source = (
+            "import tomllib\n"
+            "from synctoken_server.config.reader import ConfigError, TomlReader\n"
+            "from synctoken_server.config import reader\n"
+        )
+        assert toml_readers(f"{PACKAGE}.policy.limits", source) == [
+            "1: tomllib",
+            "2: TomlReader",
+            f"3: {TOML_READER}",
+        ]
+        assert toml_readers(f"{PACKAGE}.config.limits", source) == []
 
     @pytest.mark.parametrize("path", sorted(ROOT.glob("*/__init__.py")), ids=lambda path: path.parent.name)
     def test_subpackage_init_is_a_docstring_only(self, path: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from support import POLICY_TOML, SECRET_ENV, Pki, config_text
+from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
-from synctoken_server.configfile import ConfigError
 from synctoken_server.policy.limits import TABLE_FULL_SUBJECT, CallerLimits, Limit, RateLimiter, identity_digest
 
 WriteConfig = Callable[[str], Path]

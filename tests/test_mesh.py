@@ -31,8 +31,8 @@ from support import (
 )
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
+from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
-from synctoken_server.configfile import ConfigError
 from synctoken_server.serveroptions import MAX_METADATA_BYTES
 
 WriteConfig = Callable[[str], Path]

@@ -33,8 +33,8 @@ from support import (
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.authn.mesh import MeshListener
+from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import Config, load_config
-from synctoken_server.configfile import ConfigError
 from synctoken_server.process.server import TokenServer
 
 WriteConfig = Callable[[str], Path]

@@ -44,8 +44,8 @@ from support import (
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.boundedhttp import CONNECTIONS_PER_SECOND
+from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
-from synctoken_server.configfile import ConfigError
 from synctoken_server.metrics import RENDER_REUSE_SECONDS, Exposition, Metrics
 
 WriteConfig = Callable[[str], Path]

@@ -12,8 +12,8 @@ import pytest
 from support import BFF_ID, SECRET_ENV, SYNCTOKEN, LeakWatch, LogSink, Pki, ServerHarness, config_text, rpc_error
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.audit.privacy import IdentityHasher
+from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
-from synctoken_server.configfile import ConfigError
 
 WriteConfig = Callable[[str], Path]
 KEY = "audit-hmac-key-" + "k" * 40  # distinctive, so a leak is easy to grep for

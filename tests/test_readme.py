@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -18,8 +19,11 @@ import jwt
 import pytest
 from cryptography import x509
 
-from support import BFF_ID, SYNCTOKEN, LeakWatch, Pki, Process, RunningServer, free_port
+from support import API_KEY_SID, BFF_ID, SYNCTOKEN, LeakWatch, Pki, Process, RunningServer, free_port
+from synctoken_server.config.reader import nest
+from synctoken_server.config.schema import SCHEMA, Config, key_paths, load_config
 from synctoken_server.dev import devenv
+from synctoken_server.process.reloading import restart_only
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -55,6 +59,92 @@ class TestReferenceConfig:
         assert result.stderr == ""
         assert "readme-secret" not in result.stdout
         assert "readme-audit-key" not in result.stdout
+
+
+@pytest.fixture
+def reference_dir(pki: Pki, tmp_path: Path) -> Path:
+    """A folder holding the files the reference config names."""
+    shutil.copy(pki.directory / "server.pem", tmp_path / "server.pem")
+    shutil.copy(pki.directory / "server-key.pem", tmp_path / "server-key.pem")
+    shutil.copy(pki.directory / "ca.pem", tmp_path / "clients-ca.pem")
+    for name, text in (("twilio_api_secret", "readme-secret\n"), ("audit-hmac-key", "k" * 64 + "\n")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        (tmp_path / name).chmod(0o600)
+    return tmp_path
+
+
+def load_reference(folder: Path, replace: tuple[tuple[str, str], ...] = (), append: str = "") -> Config:
+    """The reference config, edited (each `old` must be there) and loaded as check-config loads it."""
+    text = reference_config()
+    for old, new in replace:
+        assert old in text
+        text = text.replace(old, new)
+    path = folder / "synctoken.toml"
+    path.write_text(text + append, encoding="utf-8")
+    return load_config(path, environ={"OTHER_SECRET": "other-secret", "THE_SECRET": "the-secret"})
+
+
+def dumped_paths(tree: object, prefix: str = "") -> set[str]:
+    """The key paths check-config prints (`callers[].max_ttl`): arrays of tables as `[]`, other values as leaves."""
+    if isinstance(tree, dict):
+        return {path for key, value in tree.items() for path in dumped_paths(value, f"{prefix}{key}.")}
+    if isinstance(tree, list) and tree and all(isinstance(item, dict) for item in tree):
+        return {path for item in tree for path in dumped_paths(item, prefix.removesuffix(".") + "[].")}
+    return {prefix.removesuffix(".")}
+
+
+_SINGLE_KEY = re.compile(r"\[\[twilio\.api_keys\]\].*?(?=\n\[)", re.DOTALL)
+
+
+class TestConfigSchema:
+    """check-config's dump, the README's reference and the restart-only keys agree with the one schema."""
+
+    def test_dump_has_every_key(self, reference_dir: Path) -> None:
+        """Loaded with every key set (both [twilio] spellings), check-config's dump names each key of the schema."""
+        group = f"socket_group = {os.getegid()}"
+        variants = [
+            load_reference(
+                reference_dir,
+                (('# socket_group = "envoy"', group),),
+                f'\n[[twilio.api_keys]]\nsid = "SK{"9" * 32}"\nsecret_env = "OTHER_SECRET"\n',
+            ),
+            *(
+                load_reference(reference_dir, ((block, f'api_key = "{API_KEY_SID}"\n{secret}\n'),))
+                for block in _SINGLE_KEY.findall(reference_config())
+                for secret in ('api_secret_file = "twilio_api_secret"', 'api_secret_env = "THE_SECRET"')
+            ),
+        ]
+        assert len(variants) == 3
+        dumped = set().union(*(dumped_paths(nest(config.effective)) for config in variants))
+        assert set(key_paths()) - dumped == set()
+
+    def test_the_check_sees_a_key_the_dump_lacks(self, reference_dir: Path) -> None:
+        """A key that is read but never recorded (as a reader using data.get would) is missing from the dump."""
+        config = load_reference(reference_dir)
+        effective = tuple((path, value) for path, value in config.effective if path != "server.grace")
+        assert "server.grace" in set(key_paths()) - dumped_paths(nest(effective))
+
+    def test_reference_names_every_key(self) -> None:
+        """The README's config reference shows every table and names every key the schema allows."""
+        block = reference_config()
+        parsed = dumped_paths(tomllib.loads(re.sub(r"^# (\w+ = )", r"\1", block, flags=re.MULTILINE)))
+        text = section("### Config reference")
+        for table in SCHEMA:
+            name = table.removesuffix("[]")
+            assert f"\n[[{name}]]" in block if table.endswith("[]") else f"\n[{name}]" in f"\n{block}", table
+        # The keys a file sets one way or the other ([twilio]'s single key, secret_env) are named in the prose.
+        unnamed = [path for path in key_paths() if path not in parsed and f"{path.rpartition('.')[2]} = " not in text]
+        assert unnamed == []
+
+    def test_restart_only_keys_are_schema_keys(self, reference_dir: Path) -> None:
+        """The keys a reload cannot change are keys of the schema, and the README lists each as needing a restart."""
+        keys = list(restart_only(load_reference(reference_dir)))
+        assert set(keys) <= set(key_paths())
+        needs_restart = section("### What needs a restart")
+        reload_table = section("### What reloads, and how")
+        for key in keys:
+            assert f"`{key}`" in needs_restart, key
+            assert f"`{key}`" in reload_table, key
 
 
 def section(title: str) -> str:

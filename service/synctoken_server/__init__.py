@@ -12,7 +12,7 @@ of each other (tests/test_layers.py keeps it so):
     tokens, authn, audit
     policy
     metrics
-    configfile, boundedhttp
+    boundedhttp
     durations, filestamps, errors, serveroptions
 """
 

@@ -10,11 +10,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from synctoken_server import __version__
-from synctoken_server.audit import logs, privacy
+from synctoken_server.audit import logs
+from synctoken_server.config.audit import hasher_from_config, hasher_from_key_file
+from synctoken_server.config.reader import ConfigError, nest
 from synctoken_server.config.schema import Config
-from synctoken_server.configfile import ConfigError, nest
 from synctoken_server.dev import devenv, devissue
-from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
+from synctoken_server.durations import MAX_TTL_SECONDS, format_duration, format_utc
 from synctoken_server.process import running
 from synctoken_server.process import workers as workers_module
 from synctoken_server.process.running import EXIT_CONFIG, EXIT_START
@@ -173,7 +174,7 @@ def _check_config(path: Path) -> int:
     # What the files hold, beside where they are: nothing secret, and what an operator checks first.
     effective["certificate"] = {
         "serial": config.tls.serial,
-        "not_after": config.tls.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "not_after": format_utc(config.tls.not_after),
         "client_cas": config.tls.client_cas,
     }
     print(json.dumps(effective, indent=2))
@@ -182,11 +183,11 @@ def _check_config(path: Path) -> int:
 
 def _audit_hash(config: Path | None, key_file: Path | None, identity: str) -> int:
     try:
-        hasher = privacy.hasher_from_config(config) if config is not None else None
+        hasher = hasher_from_config(config) if config is not None else None
         if key_file is not None:
-            hasher = privacy.hasher_from_key_file(key_file)
+            hasher = hasher_from_key_file(key_file)
     except ConfigError as exc:
-        print(f"synctoken: config error: {exc}", file=sys.stderr)
+        running.report_config_error(exc)
         return EXIT_CONFIG
     if hasher is None:
         print(
@@ -228,7 +229,7 @@ def _serve(path: Path, on_ready: Callable[[int], None] | None = None, workers: i
         # Each worker would bind the same socket path, and only the last one would be reached.
         error = ConfigError(str(path), "mesh", "not yet supported with --workers: run one worker per sidecar")
     if error is not None:
-        print(f"synctoken: config error: {error}", file=sys.stderr)
+        running.report_config_error(error)
         return EXIT_CONFIG
     return workers_module.run_workers(path, config, workers)
 

@@ -1,7 +1,8 @@
-"""Human durations such as "1h30m", as written in the config and in messages."""
+"""Human durations such as "1h30m", and moments in UTC, as written in the config and in messages."""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 
 _DURATION = re.compile(r"(?:(?P<h>[0-9]+)h)?(?:(?P<m>[0-9]+)m)?(?:(?P<s>[0-9]+)s)?")
@@ -32,3 +33,10 @@ def format_duration(seconds: int) -> str:
     minutes, secs = divmod(rest, 60)
     parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
     return "".join(parts)
+
+
+def format_utc(moment: dt.datetime | float) -> str:
+    """A moment (an aware datetime, or Unix seconds) in UTC to the second: "2026-01-31T12:00:00Z"."""
+    if not isinstance(moment, dt.datetime):
+        moment = dt.datetime.fromtimestamp(moment, dt.UTC)
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

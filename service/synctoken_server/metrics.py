@@ -26,17 +26,16 @@ from __future__ import annotations
 
 import gzip
 import os
-import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
-from synctoken_server.configfile import TomlReader
+from synctoken_server.serveroptions import split_listen
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -60,7 +59,6 @@ Rendering walks every series under the GIL that IssueToken needs: a flood of
 scrapes rendering once each slowed gRPC to about a third. Prometheus scrapes
 every 15 s or so; a second-old render costs it nothing.
 """
-_LISTEN = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
 
 
 class CounterLike(Protocol):
@@ -196,14 +194,6 @@ class Listener:
         self.thread.join(timeout=5)
 
 
-def split_listen(listen: str) -> tuple[str, int] | None:
-    """`host:port` as (host, port), brackets off an IPv6 host; None if it is not that."""
-    match = _LISTEN.fullmatch(listen)
-    if match is None or int(match["port"]) > 65535:  # noqa: PLR2004 - the largest port
-        return None
-    return match["host"].strip("[]"), int(match["port"])
-
-
 class Exposition:
     """The registry rendered for scrapes: one render per format (and compression) reused for RENDER_REUSE_SECONDS."""
 
@@ -295,17 +285,6 @@ def multiprocess_directory() -> Iterator[Path]:
                 del os.environ[MULTIPROC_ENV]
             else:
                 os.environ[MULTIPROC_ENV] = previous
-
-
-def read_listen(r: TomlReader, data: Mapping[str, Any]) -> str | None:
-    """`[metrics] listen`, checked; None when there is no [metrics] table (metrics are off)."""
-    table = r.table(data, "metrics", {"listen"}, required=False)
-    if "metrics" not in data:
-        return None
-    listen = r.get(table, "metrics", "listen", str)
-    if split_listen(listen) is None:
-        raise r.fail("metrics.listen", f"{listen!r} is not host:port (e.g. 127.0.0.1:9464)")
-    return listen
 
 
 def worker_exited(directory: Path, pid: int) -> None:

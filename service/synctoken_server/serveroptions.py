@@ -1,4 +1,4 @@
-"""The gRPC server's settings: its timeouts and the channel arguments made of them.
+"""The server's settings: its timeouts, the channel arguments made of them, and what a listen address is.
 
 Imports nothing else of synctoken's, nor grpc, so that the benchmark's empty
 RPC server runs on exactly these settings without loading synctoken (whose
@@ -7,7 +7,12 @@ imports would put tens of MiB into the ceiling it is meant to show).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# [0-9], not \d: \d also matches other scripts' digits, such as U+FF15 (a full-width 5).
+_LISTEN = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
+_MAX_PORT = 65535
 
 MAX_REQUEST_BYTES = 4 * 1024
 """A valid IssueTokenRequest is well under 1 KiB; anything bigger is refused
@@ -59,3 +64,14 @@ def server_options(timeouts: ServerTimeouts, *, reuse_port: bool) -> list[tuple[
         ("grpc.max_connection_age_ms", timeouts.connection_age * 1000),
         ("grpc.max_connection_age_grace_ms", timeouts.grace * 1000),
     ]
+
+
+def split_listen(listen: str) -> tuple[str, int] | None:
+    """`host:port` as (host, port), brackets off an IPv6 host; None if it is not that.
+
+    The one check of a listen address: server.listen, metrics.listen and a loopback mesh.listen.
+    """
+    match = _LISTEN.fullmatch(listen)
+    if match is None or int(match["port"]) > _MAX_PORT:
+        return None
+    return match["host"].strip("[]"), int(match["port"])

@@ -68,6 +68,21 @@ def parse_spiffe_id(text: str) -> SpiffeId:
     return spiffe_id
 
 
+def workload_id(uri: str, not_spiffe: str, no_path: str) -> SpiffeId:
+    """The SPIFFE ID `uri` is, if it names a workload; else ValueError saying `not_spiffe` or `no_path`.
+
+    The one check of a caller's SPIFFE ID, from a certificate's URI SAN or a
+    forwarded header's URI; each words the two failures for where it read it.
+    """
+    try:
+        spiffe_id = parse_spiffe_id(uri)
+    except ValueError:
+        raise ValueError(not_spiffe) from None
+    if not spiffe_id.path:
+        raise ValueError(no_path)
+    return spiffe_id
+
+
 def parse_trust_domain(text: str) -> TrustDomain:
     """The trust domain named by `text`, if it is a bare lower-case trust domain name; else ValueError."""
     try:
@@ -138,11 +153,9 @@ def _spiffe_caller(uris: tuple[str, ...]) -> NamedCaller | Refusal:
     if len(uris) != 1:
         return Refusal(NOT_ONE_URI_SAN, uris)
     try:
-        spiffe_id = parse_spiffe_id(uris[0])
-    except ValueError:
-        return Refusal(NOT_A_SPIFFE_ID, uris)
-    if not spiffe_id.path:
-        return Refusal(NO_WORKLOAD_PATH, uris)
+        spiffe_id = workload_id(uris[0], NOT_A_SPIFFE_ID, NO_WORKLOAD_PATH)
+    except ValueError as exc:
+        return Refusal(str(exc), uris)
     return NamedCaller(uris[0], spiffe_id.trust_domain.name)
 
 
@@ -184,7 +197,14 @@ class CallerIdentityRules:
             raise CallerUnauthenticated(svid.OUTSIDE_VALIDITY, (reading.caller_id,))
         if self.anchors is not None and self.anchors().too_many_intermediates(reading.issuers):
             raise CallerUnauthenticated(svid.TOO_MANY_INTERMEDIATES, (reading.caller_id,))
-        if self.source is IdentitySource.SPIFFE and reading.trust_domain not in self.trust_domains:
-            # Safe to name: it passed the trust domain grammar.
-            raise CallerUnauthenticated(f"trust domain {reading.trust_domain} is not trusted", (reading.caller_id,))
+        if self.source is IdentitySource.SPIFFE:
+            self.check_trust_domain(reading.trust_domain, reading.caller_id)
         return reading.caller_id
+
+    def check_trust_domain(self, trust_domain: str, caller_id: str, *, forwarded: bool = False) -> None:
+        """Raise CallerUnauthenticated unless `trust_domain` (of `caller_id`) is one of identity.trust_domains."""
+        if trust_domain not in self.trust_domains:
+            # Safe to name: it passed the trust domain grammar.
+            raise CallerUnauthenticated(
+                f"trust domain {trust_domain} is not trusted", (caller_id,), forwarded=forwarded
+            )

@@ -1,1 +1,1 @@
-"""The config file's schema, parsed, validated and frozen; and the server's TLS files it names, checked as one set."""
+"""The only code that reads TOML: the config file parsed, validated and frozen into typed settings."""

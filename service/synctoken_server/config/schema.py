@@ -2,7 +2,7 @@
 
 Every error names the file and the key path (`callers[2].max_ttl`) and says
 what would be right. `synctoken check-config`, start-up and reload all run
-this same loader; the [twilio] table is read by tokens/apikeys.py and the TLS files
+this same loader; the [twilio] table is read by config/twilio.py and the TLS files
 are checked by tlsfiles.py.
 """
 
@@ -10,33 +10,26 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synctoken_server.audit.privacy import IdentityHasher, read_audit
+from synctoken_server.audit.privacy import IdentityHasher
 from synctoken_server.authn.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
-from synctoken_server.authn.mesh import MeshListener, read_mesh
-from synctoken_server.config import tlsfiles
+from synctoken_server.authn.mesh import MeshListener
+from synctoken_server.config import audit, limits, mesh, metrics, tlsfiles, twilio
+from synctoken_server.config.reader import ConfigError, TomlReader
 from synctoken_server.config.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
-from synctoken_server.configfile import ConfigError, TomlReader
 from synctoken_server.durations import format_duration
 from synctoken_server.filestamps import Stamps, stamp
-from synctoken_server.metrics import read_listen as read_metrics_listen
-from synctoken_server.policy.limits import CALLER_KEYS, read_caller_limits, read_global_shadow
 from synctoken_server.policy.patterns import IdentityPattern, PatternError
 from synctoken_server.policy.rules import RESERVED_IDENTITY_CHARACTERS, CallerRule, Policy, is_service_sid
 from synctoken_server.serveroptions import ServerTimeouts
-from synctoken_server.tokens.apikeys import read_twilio
 from synctoken_server.tokens.minting import TwilioCredentials
 
-# [0-9], not \d: \d also matches other scripts' digits, such as U+FF15 (a full-width 5).
-_LISTEN = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
 _DEFAULT_TTL = "1h"
-_MAX_PORT = 65535
 _MIN_EXPIRY_WARNING = 60
 _MAX_EXPIRY_WARNING = 366 * 24 * 3600
 
@@ -93,8 +86,50 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise
 
 
-_TABLES = ("server", "tls", "identity", "twilio", "audit", "limits", "mesh", "metrics", "defaults", "callers")
-"""The top-level tables, in the order the README and check-config show them."""
+_SERVER_KEYS = frozenset(
+    {"listen", "drain_delay", "grace", "handshake_timeout", "idle_timeout", "max_connection_age", "watch_interval"}
+)
+_TLS_KEYS = frozenset({"cert_file", "key_file", "client_ca_file", "expiry_warning"})
+_IDENTITY_KEYS = frozenset({"source", "trust_domains"})
+_DEFAULTS_KEYS = frozenset({"default_ttl", "max_ttl"})
+_CALLER_KEYS = frozenset(
+    {
+        "id",
+        "sync_services",
+        "default_sync_service",
+        "identity_pattern",
+        "allowed_identity_characters",
+        "default_ttl",
+        "max_ttl",
+        *limits.CALLER_KEYS,
+    }
+)
+
+SCHEMA: Mapping[str, frozenset[str]] = {
+    "server": _SERVER_KEYS,
+    "tls": _TLS_KEYS,
+    "identity": _IDENTITY_KEYS,
+    "twilio": twilio.TABLE_KEYS,
+    "twilio.api_keys[]": twilio.API_KEY_KEYS,
+    "audit": audit.KEYS,
+    "limits": limits.TABLE_KEYS,
+    "mesh": mesh.KEYS,
+    "metrics": metrics.KEYS,
+    "defaults": _DEFAULTS_KEYS,
+    "callers[]": _CALLER_KEYS,
+}
+"""Every table (`[]`: an array of tables) and the keys it may hold, top-level tables in the order the README
+and check-config show them. The readers refuse any other key with these same sets, and tests hold check-config's
+dump, the README's reference and the restart-only keys to them (tests/test_config_schema.py)."""
+
+_TABLES = tuple(table.removesuffix("[]") for table in SCHEMA if "." not in table)
+
+
+def key_paths() -> tuple[str, ...]:
+    """Every key the schema allows, as a path (`server.listen`, `callers[].max_ttl`); an array of tables by its keys."""
+    return tuple(
+        f"{table}.{key}" for table, keys in SCHEMA.items() for key in sorted(keys) if f"{table}.{key}[]" not in SCHEMA
+    )
 
 
 def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
@@ -104,8 +139,8 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
     listen, timeouts = _server(r, data)
     tls, expiry_warning = _tls(r, data)
     source, trust_domains = _identity(r, data)
-    keys = read_twilio(r, data)
-    defaults = r.table(data, "defaults", {"default_ttl", "max_ttl"}, required=False)
+    keys = twilio.read_twilio(r, data)
+    defaults = r.table(data, "defaults", _DEFAULTS_KEYS, required=False)
     default_max = r.ttl(defaults, "defaults", "max_ttl", _DEFAULT_TTL)
     default_ttl = r.ttl(defaults, "defaults", "default_ttl", format_duration(default_max))
     if default_ttl > default_max:
@@ -117,7 +152,7 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
     r.note("callers", [])  # [[callers]] entries are filled in below, at callers[i]
     if not isinstance(callers, list) or not all(isinstance(c, dict) for c in callers):
         raise r.fail("callers", "must be an array of tables ([[callers]])")
-    inherited = _CallerDefaults(source, trust_domains, default_ttl, default_max, read_global_shadow(r, data))
+    inherited = _CallerDefaults(source, trust_domains, default_ttl, default_max, limits.read_global_shadow(r, data))
     rules = [_caller(r, c, f"callers[{i}]", inherited) for i, c in enumerate(callers)]
     seen: dict[str, int] = {}
     for i, rule in enumerate(rules):
@@ -134,9 +169,9 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
         inactive_api_keys=keys.inactive,
         tls_expiry_warning=expiry_warning,
         timeouts=timeouts,
-        metrics_listen=read_metrics_listen(r, data),
-        audit_identity=read_audit(r, data),
-        mesh=read_mesh(r, data, source, listen),
+        metrics_listen=metrics.read_listen(r, data),
+        audit_identity=audit.read_audit(r, data),
+        mesh=mesh.read_mesh(r, data, source, listen),
         warnings=tuple(r.warnings),
         files=tuple(r.files.items()),
         effective=tuple(r.effective.items()),
@@ -144,20 +179,8 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
 
 
 def _server(r: TomlReader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts]:
-    allowed = {
-        "listen",
-        "drain_delay",
-        "grace",
-        "handshake_timeout",
-        "idle_timeout",
-        "max_connection_age",
-        "watch_interval",
-    }
-    server = r.table(data, "server", allowed)
-    listen = r.get(server, "server", "listen", str)
-    match = _LISTEN.fullmatch(listen)
-    if match is None or not 0 <= int(match["port"]) <= _MAX_PORT:
-        raise r.fail("server.listen", f"{listen!r} is not host:port (e.g. 127.0.0.1:50051 or [::]:50051)")
+    server = r.table(data, "server", _SERVER_KEYS)
+    listen = r.listen(server, "server", "listen", "127.0.0.1:50051 or [::]:50051")
     default = ServerTimeouts()
     minute, hour = 60, 3600
     timeouts = ServerTimeouts(
@@ -176,7 +199,7 @@ def _server(r: TomlReader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts
 
 
 def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[TlsMaterial, int | None]:
-    tls = r.table(data, "tls", {"cert_file", "key_file", "client_ca_file", "expiry_warning"})
+    tls = r.table(data, "tls", _TLS_KEYS)
     cert, key, ca = (r.get(tls, "tls", name, str) for name in ("cert_file", "key_file", "client_ca_file"))
     cert_pem = r.read_file(tlsfiles.CERT_KEY, cert)
     key_pem = r.read_file(tlsfiles.KEY_KEY, key, private=True)
@@ -198,7 +221,7 @@ def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[TlsMaterial, int | Non
 
 
 def _identity(r: TomlReader, data: Mapping[str, Any]) -> tuple[IdentitySource, frozenset[str]]:
-    identity = r.table(data, "identity", {"source", "trust_domains"})
+    identity = r.table(data, "identity", _IDENTITY_KEYS)
     text = r.get(identity, "identity", "source", str, IdentitySource.SPIFFE.value)
     try:
         source = IdentitySource(text)
@@ -232,17 +255,7 @@ class _CallerDefaults:
 
 
 def _caller(r: TomlReader, data: Mapping[str, Any], key: str, defaults: _CallerDefaults) -> CallerRule:
-    allowed = {
-        "id",
-        "sync_services",
-        "default_sync_service",
-        "identity_pattern",
-        "allowed_identity_characters",
-        "default_ttl",
-        "max_ttl",
-        *CALLER_KEYS,
-    }
-    r.reject_unknown(data, key, allowed)
+    r.reject_unknown(data, key, _CALLER_KEYS)
     caller = r.get(data, key, "id", str)
     _check_caller_id(r, f"{key}.id", caller, defaults.source, defaults.trust_domains)
     services = r.string_list(data, key, "sync_services")
@@ -276,7 +289,7 @@ def _caller(r: TomlReader, data: Mapping[str, Any], key: str, defaults: _CallerD
         allowed_identity_characters=frozenset(chars),
         default_ttl=ttl,
         max_ttl=max_ttl,
-        limits=read_caller_limits(r, data, key, shadow=defaults.shadow),
+        limits=limits.read_caller_limits(r, data, key, shadow=defaults.shadow),
     )
 
 

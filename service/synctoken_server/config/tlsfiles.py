@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import PublicKeyAlgorithmOID
 
 from synctoken_server.authn.svid import TrustAnchors
+from synctoken_server.durations import format_utc
 from synctoken_server.filestamps import Stamps
 
 CERT_KEY = "tls.cert_file"
@@ -120,9 +121,9 @@ def check(
         raise TlsFileError(KEY_KEY, f"does not match the first certificate in {CERT_KEY}")
     leaf = chain[0]
     if now < leaf.not_valid_before_utc:
-        raise TlsFileError(CERT_KEY, f"is not valid until {_iso(leaf.not_valid_before_utc)}")
+        raise TlsFileError(CERT_KEY, f"is not valid until {format_utc(leaf.not_valid_before_utc)}")
     if now >= leaf.not_valid_after_utc:
-        raise TlsFileError(CERT_KEY, f"expired at {_iso(leaf.not_valid_after_utc)}")
+        raise TlsFileError(CERT_KEY, f"expired at {format_utc(leaf.not_valid_after_utc)}")
     cas = _certificates(CA_KEY, ca_pem)
     try:
         anchors = TrustAnchors.of(cas)
@@ -189,7 +190,3 @@ def _unusable_server_key(key: object, certificate: x509.Certificate) -> str:
         return "" if key.curve.name in _SERVER_CURVES else f"an ECDSA key on curve {key.curve.name} cannot be used"
     kind = type(key).__name__.removeprefix("_").removesuffix("PrivateKey")
     return f"an {kind} key cannot be used" if kind[:1] in "AEIOU" else f"a {kind} key cannot be used"
-
-
-def _iso(moment: dt.datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from cryptography import x509
 
+from synctoken_server.config.twilio import ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
-from synctoken_server.tokens.apikeys import ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET
 
 DEV_TRUST_DOMAIN = "synctoken.test"
 DEV_CLIENT_ID = f"spiffe://{DEV_TRUST_DOMAIN}/dev/backend"

@@ -3,7 +3,7 @@
 The limits are config (a `[[callers]]` entry's `rate`, `burst`,
 `identity_rate`, `identity_burst`, `shadow`; `[limits] shadow` for all) and
 are compiled into one `CallerLimits` per caller once per snapshot (read by
-`read_caller_limits` at load, kept in `rpc/snapshot.py`), already divided
+`config/limits.py` at load, kept in `rpc/snapshot.py`), already divided
 among the worker processes. The bucket state lives in one `RateLimiter` per server,
 kept across reloads and carried over to the new limits (`reconfigure`), so
 a reload changes the rates without handing any caller a fresh burst.
@@ -16,20 +16,13 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from synctoken_server.configfile import TomlReader
 
 MAX_RATE = 1_000_000.0
 MAX_BURST = 1_000_000
 MAX_BUCKETS = 100_000
 """At most this many buckets per process; see RateLimiter for what happens when all are in use."""
-
-CALLER_KEYS = frozenset({"rate", "burst", "identity_rate", "identity_burst", "shadow"})
-"""The keys a `[[callers]]` entry may use for limits."""
 
 
 @dataclass(frozen=True)
@@ -63,43 +56,6 @@ class CallerLimits:
             self.identity.share(workers) if self.identity else None,
             self.shadow,
         )
-
-
-def read_caller_limits(r: TomlReader, data: Mapping[str, Any], key: str, *, shadow: bool) -> CallerLimits | None:
-    """The limits of the `[[callers]]` entry `data` (at `key`); `shadow` is the global default."""
-    caller = _limit(r, data, key, "rate", "burst")
-    identity = _limit(r, data, key, "identity_rate", "identity_burst")
-    shadow = r.get(data, key, "shadow", bool, shadow)
-    if caller is None and identity is None:
-        if "shadow" in data:
-            raise r.fail(f"{key}.shadow", "applies only with rate or identity_rate")
-        return None
-    return CallerLimits(caller, identity, shadow)
-
-
-def read_global_shadow(r: TomlReader, data: Mapping[str, Any]) -> bool:
-    """`[limits] shadow`: the default for every caller entry."""
-    table = r.table(data, "limits", {"shadow"}, required=False)
-    return r.get(table, "limits", "shadow", bool, default=False)
-
-
-def _limit(r: TomlReader, data: Mapping[str, Any], key: str, rate_key: str, burst_key: str) -> Limit | None:
-    if rate_key not in data:
-        if burst_key in data:
-            raise r.fail(f"{key}.{burst_key}", f"needs {key}.{rate_key}")
-        return None
-    rate = data[rate_key]
-    # TOML has both; a rate of 2 (int) and 0.5 (float) are both natural to write.
-    if isinstance(rate, bool) or not isinstance(rate, int | float):
-        raise r.fail(f"{key}.{rate_key}", "must be a number (tokens per second, e.g. 5 or 0.5)")
-    if not 0 < rate <= MAX_RATE:
-        raise r.fail(f"{key}.{rate_key}", f"{rate} is not above 0 and at most {MAX_RATE:g} per second")
-    r.note(f"{key}.{rate_key}", rate)
-    # By default a caller may use one second's worth at once (and always at least one token).
-    burst = r.get(data, key, burst_key, int, max(1, math.ceil(rate)))
-    if not 1 <= burst <= MAX_BURST:
-        raise r.fail(f"{key}.{burst_key}", f"{burst} is not between 1 and {MAX_BURST}")
-    return Limit(float(rate), float(burst))
 
 
 def identity_digest(identity: str) -> str:

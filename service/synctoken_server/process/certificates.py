@@ -21,6 +21,7 @@ import structlog
 
 from synctoken_server.config import tlsfiles
 from synctoken_server.config.tlsfiles import TlsFileError, TlsMaterial
+from synctoken_server.durations import format_utc
 from synctoken_server.filestamps import restamp
 
 _log = structlog.get_logger("synctoken.tls")
@@ -139,7 +140,7 @@ def _describe(material: TlsMaterial, now: dt.datetime) -> dict[str, object]:
     return {
         "cert_file": str(material.files.cert),
         "serial": material.serial,
-        "not_after": material.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "not_after": format_utc(material.not_after),
         "expires_in_s": int((material.not_after - now).total_seconds()),
         "client_cas": material.client_cas,
     }

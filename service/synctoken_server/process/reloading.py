@@ -15,7 +15,7 @@ only to retry one that failed, perhaps because it read a certificate and key
 caught mid-rotation.
 
 Only a restart can change two things:
-- the keys `_restart_only` (below) lists: they belong to the listening
+- the keys `restart_only` (below) lists: they belong to the listening
   sockets and gRPC's server. A reload that changes them applies everything
   else and logs `config.restart_required` per key: the rest does not depend
   on them, and holding back a policy fix because the port also changed would
@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 from collections.abc import Mapping
 from pathlib import Path
 
 import structlog
 
+from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import Config, load_config
-from synctoken_server.configfile import ConfigError
-from synctoken_server.durations import MAX_TTL_SECONDS, format_duration
+from synctoken_server.durations import MAX_TTL_SECONDS, format_duration, format_utc
 from synctoken_server.filestamps import changed
 from synctoken_server.metrics import RELOAD_FAILURE, RELOAD_SUCCESS
 from synctoken_server.process.server import TokenServer
@@ -60,7 +59,7 @@ class ConfigReloader:
         self._path = path
         self._server = server
         self._environ = environ
-        self._in_force = _restart_only(config)
+        self._in_force = restart_only(config)
         """What only a restart changes, as the server runs it."""
         self._files = config.files
         self._failed = False
@@ -122,7 +121,7 @@ class ConfigReloader:
             self._server.metrics.reloads.labels(RELOAD_SUCCESS).inc()
         for warning in config.warnings:
             _log.warning("config.warning", problem=warning)
-        for key, value in _restart_only(config).items():
+        for key, value in restart_only(config).items():
             if value != self._in_force[key]:
                 _log.warning("config.restart_required", key=key, running=self._in_force[key], configured=value)
         _log.info(
@@ -155,14 +154,17 @@ class ConfigReloader:
             "twilio.key_rotated",
             previous_key=previous,
             active_key=new.credentials.api_key_sid,
-            previous_key_last_expiry=_iso(latest) if latest is not None else None,
-            previous_key_tokens_live_until=_iso(live_until),
-            unknown_before=_iso(signed.started_at),
+            previous_key_last_expiry=format_utc(latest) if latest is not None else None,
+            previous_key_tokens_live_until=format_utc(live_until),
+            unknown_before=format_utc(signed.started_at),
         )
 
 
-def _restart_only(config: Config) -> dict[str, str]:
-    """The keys only a restart changes, as `config` sets them: the one list of them in the code."""
+def restart_only(config: Config) -> dict[str, str]:
+    """The keys only a restart changes, as `config` sets them: the one list of them in the code.
+
+    tests/test_readme.py holds these keys to the schema (config.schema.SCHEMA) and to the README's lists.
+    """
     group = config.mesh.socket_group if config.mesh else None
     return {
         "server.listen": config.listen,
@@ -173,7 +175,3 @@ def _restart_only(config: Config) -> dict[str, str]:
         "mesh.listen": config.mesh.address if config.mesh else "(off)",
         "mesh.socket_group": "(none)" if group is None else str(group),  # set when the socket is made
     }
-
-
-def _iso(unix: int) -> str:
-    return dt.datetime.fromtimestamp(unix, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

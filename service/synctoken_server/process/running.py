@@ -17,8 +17,8 @@ from pathlib import Path
 
 import structlog
 
+from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import Config, load_config
-from synctoken_server.configfile import ConfigError
 from synctoken_server.process.reloading import ConfigReloader
 from synctoken_server.process.server import TokenServer
 
@@ -39,8 +39,13 @@ def load_or_report(path: Path) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"synctoken: config error: {exc}", file=sys.stderr)  # noqa: T201 - for the operator
+        report_config_error(exc)
         return None
+
+
+def report_config_error(error: ConfigError) -> None:
+    """Say on stderr what is wrong with the config, as every command says it: the file, the key, the problem."""
+    print(f"synctoken: config error: {error}", file=sys.stderr)  # noqa: T201 - for the operator
 
 
 def raise_open_file_limit() -> int:

@@ -24,8 +24,8 @@ import structlog
 from synctoken_server import metrics
 from synctoken_server.audit import logs
 from synctoken_server.audit.linesink import Flag, Lock
+from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import Config, load_config
-from synctoken_server.configfile import ConfigError
 from synctoken_server.process.running import EXIT_CONFIG, EXIT_START, EXIT_WORKER_DIED, load_or_report, run_one
 
 _STOP_MARGIN_SECONDS = 5.0

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 
-_PART = re.compile(r"(\d+)(h|m|s)")
-_UNIT_SECONDS = {"h": 3600, "m": 60, "s": 1}
+from synctoken.client import parse_duration as parse_config_duration
 
 
 def parse_duration(text: str, what: str) -> dt.timedelta:
-    """A positive whole-unit duration such as "90s" or "1h30m"; raise ValueError naming `what` otherwise."""
-    parts = _PART.findall(text)
-    # Whole units only, each once, largest first: the server's config accepts no more than that.
-    if (
-        not parts
-        or "".join(n + u for n, u in parts) != text
-        or [u for _, u in parts] != sorted({u for _, u in parts}, key="hms".index)
-    ):
-        raise ValueError(f'{what} must be a duration like "200s", "30m" or "1h30m", not {text!r}')
-    seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in parts)
-    if seconds <= 0:
+    """A positive duration such as "90s" or "1h30m"; raise ValueError naming `what` otherwise.
+
+    The grammar is the client library's, which is the server config's: whole units, each once, largest first.
+    """
+    try:
+        duration = parse_config_duration(text)
+    except ValueError:
+        raise ValueError(f'{what} must be a duration like "200s", "30m" or "1h30m", not {text!r}') from None
+    if duration <= dt.timedelta(0):
         raise ValueError(f"{what} must be above 0, not {text!r}")
-    return dt.timedelta(seconds=seconds)
+    return duration

@@ -19,6 +19,7 @@ from synctoken.client._errors import (
     Unauthenticated,
     Unavailable,
 )
+from synctoken.client._settings import parse_duration
 from synctoken.client._sync import TokenClient
 from synctoken.client._types import CallerIdentity, CallerPolicy, IssuedToken
 
@@ -36,4 +37,5 @@ __all__ = [
     "TokenClient",
     "Unauthenticated",
     "Unavailable",
+    "parse_duration",
 ]

@@ -12,20 +12,18 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 
 from synctoken.client._credentials import CertificateFilesError
 from synctoken.client._errors import SynctokenError
-from synctoken.client._settings import Connection, MissingSettingError, parse_timeout
+from synctoken.client._settings import Connection, MissingSettingError, parse_duration, parse_timeout
 from synctoken.client._sync import TokenClient
 from synctoken.client._types import CallerIdentity, IssuedToken
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-_DURATION = re.compile(r"(?:(?P<h>[0-9]+)h)?(?:(?P<m>[0-9]+)m)?(?:(?P<s>[0-9]+)s)?")
 # The flag that stands for each SYNCTOKEN_* variable, for "give --x or set Y".
 _FLAGS = {
     "SYNCTOKEN_TARGET": "--target",
@@ -121,12 +119,10 @@ def _seconds(text: str) -> float:
 
 
 def _duration(text: str) -> dt.timedelta:
-    # The server's config grammar: 90s, 15m, 1h, 1h30m.
-    match = _DURATION.fullmatch(text)
-    if not text or match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 1h or 1h30m")
-    hours, minutes, seconds = (int(match.group(g) or 0) for g in ("h", "m", "s"))
-    return dt.timedelta(hours=hours, minutes=minutes, seconds=seconds)
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _timestamp(moment: dt.datetime) -> str:

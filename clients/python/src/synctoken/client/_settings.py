@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
+
+_DURATION = re.compile(r"(?:(?P<h>[0-9]+)h)?(?:(?P<m>[0-9]+)m)?(?:(?P<s>[0-9]+)s)?")
 
 DEFAULT_TIMEOUT = 5.0
 """Seconds for a whole call, gRPC's retries and the wait for a connection included."""
@@ -88,6 +92,18 @@ class Connection:
             server_name=server_name or environ.get(ENV_SERVER_NAME) or None,
             timeout=timeout,
         )
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """A duration in the server's config grammar ("90s", "15m", "1h", "1h30m"); raise ValueError otherwise.
+
+    The one parser of it on the client side: `synctoken-client issue --ttl` and the BFF's BFF_TOKEN_TTL.
+    """
+    match = _DURATION.fullmatch(text)
+    if not text or match is None:
+        raise ValueError(f"{text!r} is not a duration like 90s, 15m, 1h or 1h30m")
+    hours, minutes, seconds = (int(match.group(g) or 0) for g in ("h", "m", "s"))
+    return dt.timedelta(hours=hours, minutes=minutes, seconds=seconds)
 
 
 def parse_timeout(text: str, what: str) -> float:

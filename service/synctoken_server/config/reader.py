@@ -1,21 +1,24 @@
 """Reading a parsed TOML config: typed values, files and durations, each failure naming the file and key path.
 
-Which keys exist and what they mean is read in `config/schema.py` and, for
-their own tables, in `tokens/apikeys.py` ([twilio]), `policy/limits.py`
-([limits] and a caller's rate keys), `metrics.py` ([metrics]),
-`audit/privacy.py` ([audit]) and `authn/mesh.py` ([mesh]); this is the
-walking and checking every key shares.
+Which keys exist and what they mean is read in `schema.py` and, for the
+tables a feature folder consumes, beside it in `twilio.py` ([twilio]),
+`limits.py` ([limits] and a caller's rate keys), `metrics.py` ([metrics]),
+`audit.py` ([audit]) and `mesh.py` ([mesh]); this is the walking and
+checking every key shares. Only config/ imports this (and tomllib):
+tests/test_layers.py keeps it so.
 """
 
 from __future__ import annotations
 
 import stat
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, TypeVar
 
 from synctoken_server.durations import MAX_TTL_SECONDS, MIN_TTL_SECONDS, format_duration, parse_duration
 from synctoken_server.filestamps import FileStamp, Stamps, stamp
+from synctoken_server.serveroptions import split_listen
 
 T = TypeVar("T")
 
@@ -58,7 +61,9 @@ class TomlReader:
         """The error to raise for `key` (a full key path)."""
         return ConfigError(self.source, key, problem)
 
-    def table(self, data: Mapping[str, Any], key: str, allowed: set[str], *, required: bool = True) -> dict[str, Any]:
+    def table(
+        self, data: Mapping[str, Any], key: str, allowed: AbstractSet[str], *, required: bool = True
+    ) -> dict[str, Any]:
         """The table `key` of `data`, with only `allowed` keys; {} if absent and not required."""
         value = data.get(key)
         if value is None:
@@ -71,7 +76,7 @@ class TomlReader:
         self.reject_unknown(value, key, allowed)
         return value
 
-    def reject_unknown(self, value: Mapping[str, Any], key: str, allowed: set[str]) -> None:
+    def reject_unknown(self, value: Mapping[str, Any], key: str, allowed: AbstractSet[str]) -> None:
         """Fail on the first key of `value` (the table at `key`) that is not in `allowed`."""
         for name in value:
             if name not in allowed:
@@ -95,6 +100,13 @@ class TomlReader:
         if not all(isinstance(v, str) for v in values):
             raise self.fail(f"{key}.{name}", "must be a list of strings")
         return tuple(values)
+
+    def listen(self, data: Mapping[str, Any], key: str, name: str, example: str) -> str:
+        """`data[name]`, a `host:port` address to listen on (`example` shows one in the message)."""
+        listen = self.get(data, key, name, str)
+        if split_listen(listen) is None:
+            raise self.fail(f"{key}.{name}", f"{listen!r} is not host:port (e.g. {example})")
+        return listen
 
     def path(self, value: str) -> Path:
         """A path from the config: relative ones are relative to the config file."""

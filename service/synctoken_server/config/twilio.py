@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from synctoken_server.configfile import TomlReader
+from synctoken_server.config.reader import TomlReader
 from synctoken_server.tokens.minting import TwilioCredentials, check_secret
 
 ENV_ACCOUNT_SID = "TWILIO_ACCOUNT_SID"
@@ -33,6 +33,10 @@ ENV_API_SECRET = "TWILIO_API_SECRET"  # noqa: S105 - the variable's name, not it
 _ACCOUNT_SID = re.compile(r"AC[0-9a-f]{32}")
 _API_KEY_SID = re.compile(r"SK[0-9a-f]{32}")
 _SINGLE_KEY = ("api_key", "api_secret_file", "api_secret_env")
+TABLE_KEYS = frozenset({"account_sid", "api_keys", *_SINGLE_KEY})
+"""What [twilio] may hold, in either spelling."""
+API_KEY_KEYS = frozenset({"sid", "secret_file", "secret_env", "active"})
+"""What one [[twilio.api_keys]] entry may hold."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class TwilioKeys:
 
 def read_twilio(r: TomlReader, data: Mapping[str, Any]) -> TwilioKeys:
     """The [twilio] table, in either spelling."""
-    twilio = r.table(data, "twilio", {"account_sid", "api_keys", *_SINGLE_KEY}, required=False)
+    twilio = r.table(data, "twilio", TABLE_KEYS, required=False)
     account_sid = _from_file_or_env(r, twilio, "account_sid", ENV_ACCOUNT_SID)
     if not _ACCOUNT_SID.fullmatch(account_sid):
         raise r.fail("twilio.account_sid", "must be AC followed by 32 lower-case hex digits")
@@ -70,7 +74,7 @@ def _key_list(r: TomlReader, twilio: Mapping[str, Any], account_sid: str) -> Twi
     sids: dict[str, int] = {}
     for i, entry in enumerate(entries):
         key = f"twilio.api_keys[{i}]"
-        r.reject_unknown(entry, key, {"sid", "secret_file", "secret_env", "active"})
+        r.reject_unknown(entry, key, API_KEY_KEYS)
         sid = r.get(entry, key, "sid", str)
         _check_sid(r, f"{key}.sid", sid)
         if sid in sids:
