@@ -17,7 +17,8 @@ from synctoken_server.tokens.keyledger import SignedExpiries
 from synctoken_server.tokens.minting import plan_times, token_id
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs a call per field, on every token.
+@dataclass(slots=True)
 class Issued:
     """The issuer's yes: the response to send, and what the RPC's one audit record and metrics say of it.
 

@@ -112,7 +112,10 @@ class TokenServicer:
             answer = body(rpc)
             if isinstance(answer, Issued) and answer.shadow is not None:
                 self._shadow_limited(rpc, answer.rule, answer.shadow)
-            self._audit.record(event, rpc.context(), **answer.record, duration_ms=record.ms_since(rpc.started))
+            written = rpc.context()
+            written |= answer.record
+            written["duration_ms"] = record.ms_since(rpc.started)
+            self._audit.record(event, written)
         except SynctokenError as exc:
             error = exc
         except Exception:  # noqa: BLE001 - the one place anything unexpected becomes INTERNAL
