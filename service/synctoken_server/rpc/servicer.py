@@ -1,7 +1,8 @@
 """TokenService RPCs: thin methods that take the current config snapshot, authenticate, parse, and hand over.
 
-Errors are turned into statuses in `_serve`, the one seam every RPC passes
-through; methods raise, they never abort.
+`_serve` is the one seam every RPC passes through: it turns errors into
+statuses (methods raise, they never abort), and it is the one writer of each
+RPC's audit record and counter of its metrics, whatever the outcome.
 """
 
 from __future__ import annotations
