@@ -26,16 +26,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 
-from bench.micro import issuer_for
+from bench.micro import issue_and_record, new_issuer
 from bench.systems import ROOT, System, Workspace, empty_rpc, issue_payload, synctoken
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.audit import logs
+from synctoken_server.audit.record import AuditLog
 from synctoken_server.authn import mesh
 from synctoken_server.config.schema import load_config
 from synctoken_server.dev import devenv
@@ -148,7 +148,8 @@ def _in_process_loop(config_path: Path, loops: int, audit_to: Path) -> None:
         logs.configure(sink)
         config = load_config(config_path, environ={})
         snapshot = Snapshot.of(config)
-        issuer = issuer_for(config)
+        issuer = new_issuer()
+        audit_log = AuditLog()
         leaf = (config_path.parent / devenv.CLIENT_CERT).read_bytes()
         raw = issue_payload()
         for _ in range(loops):
@@ -157,7 +158,7 @@ def _in_process_loop(config_path: Path, loops: int, audit_to: Path) -> None:
             caller_id = mesh.caller_id(snapshot.identity_rules, auth_context, [], mesh=False)
             request = pb.IssueTokenRequest.FromString(raw)
             context: dict[str, object] = {"rpc": "IssueToken", "peer": "ipv4:127.0.0.1:1", "caller_id": caller_id}
-            issuer.issue(snapshot, caller_id, request, time.perf_counter(), context)
+            issue_and_record(issuer, audit_log, snapshot, caller_id, request, context)
 
 
 def count(calls: int) -> Counts:

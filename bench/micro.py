@@ -29,11 +29,10 @@ from twilio.jwt.access_token import AccessToken
 from twilio.jwt.access_token.grants import SyncGrant
 
 from synctoken.v1 import token_service_pb2 as pb
-from synctoken_server.audit import logs
+from synctoken_server.audit import logs, record
 from synctoken_server.audit.record import AuditLog
-from synctoken_server.config.schema import Config, load_config
+from synctoken_server.config.schema import load_config
 from synctoken_server.dev.devenv import DEV_CLIENT_ID
-from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limits import RateLimiter
 from synctoken_server.policy.rules import decide
 from synctoken_server.rpc.issuing import TokenIssuer
@@ -67,14 +66,29 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
-def issuer_for(config: Config) -> TokenIssuer:
-    """A TokenIssuer as the server builds one for `config`, audit records going to the configured log output."""
-    return TokenIssuer(
-        audit_log=AuditLog(),
-        signed=SignedExpiries(),
-        limiter=RateLimiter(time.monotonic),
-        metrics=Metrics(enabled=config.metrics_listen is not None),
-    )
+def new_issuer() -> TokenIssuer:
+    """A TokenIssuer as the server builds one: the config comes with each call, in the snapshot."""
+    return TokenIssuer(signed=SignedExpiries(), limiter=RateLimiter(time.monotonic))
+
+
+def issue_and_record(
+    issuer: TokenIssuer,
+    audit_log: AuditLog,
+    snapshot: Snapshot,
+    caller_id: str,
+    request: pb.IssueTokenRequest,
+    context: dict[str, object],
+) -> pb.IssueTokenResponse:
+    """What the servicer does with a parsed request: issue, then write the audit record as it does."""
+    started = time.perf_counter()
+    issued = issuer.issue(snapshot, caller_id, request)
+    context |= {
+        "identity": snapshot.audit_identity(request.identity),
+        "service_sid": request.sync.service_sid,
+        "region": request.region,
+    }
+    audit_log.record(record.EVENT_TOKEN_DECISION, context, **issued.record, duration_ms=record.ms_since(started))
+    return issued.response
 
 
 def run(config_path: Path, *, number: int, repeats: int, sink: BinaryIO) -> dict[str, float]:
@@ -85,7 +99,8 @@ def run(config_path: Path, *, number: int, repeats: int, sink: BinaryIO) -> dict
     snapshot = Snapshot.of(config)
     # The issuing path as it was before the direct minter: the same snapshot, twilio's AccessToken.
     twilio_snapshot = dataclasses.replace(snapshot, minter=TwilioLibraryMinter(creds))
-    issuer = issuer_for(config)
+    issuer = new_issuer()
+    audit_log = AuditLog()
     request = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
     service_sid = next(iter(config.policy)).sync_services[0]
     grant = decide(config.policy, DEV_CLIENT_ID, request)
@@ -96,7 +111,7 @@ def run(config_path: Path, *, number: int, repeats: int, sink: BinaryIO) -> dict
         def path() -> object:
             # What one IssueToken does between parsing and serialising, per-RPC log context included.
             context: dict[str, object] = {"rpc": "IssueToken", "peer": "ipv4:127.0.0.1:1", "caller_id": DEV_CLIENT_ID}
-            return issuer.issue(which, DEV_CLIENT_ID, request, time.perf_counter(), context)
+            return issue_and_record(issuer, audit_log, which, DEV_CLIENT_ID, request, context)
 
         return path
 

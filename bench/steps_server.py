@@ -50,7 +50,7 @@ STAGES = (
     Stage("synctoken_server.rpc.servicer", "TokenServicer.IssueToken", "the whole handler"),
     Stage("synctoken_server.rpc.servicer", "TokenServicer._caller_id", "who is calling"),
     Stage("synctoken_server.rpc.servicer", "_parse", "request parsing"),
-    Stage("synctoken_server.rpc.issuing", "TokenIssuer.issue", "everything after parsing"),
+    Stage("synctoken_server.rpc.issuing", "TokenIssuer.issue", "policy, limits and the token"),
     Stage("synctoken_server.rpc.issuing", "decide", "policy"),
     Stage("synctoken_server.policy.limits", "RateLimiter.check", "rate limits"),
     Stage("synctoken_server.rpc.issuing", "plan_times", "issue, expiry and refresh times"),

@@ -70,7 +70,7 @@ class TokenServer:
         """The rate limits' buckets: kept across reloads, and carried over to each new config's limits."""
         servicer = TokenServicer(
             snapshots=self.snapshots,
-            issuer=TokenIssuer(audit_log=audit_log, signed=self.signed, limiter=self.limiter, metrics=self.metrics),
+            issuer=TokenIssuer(signed=self.signed, limiter=self.limiter),
             audit_log=audit_log,
             metrics=self.metrics,
         )

@@ -1,7 +1,8 @@
 """TokenService RPCs: thin methods that take the current config snapshot, authenticate, parse, and hand over.
 
-Errors are turned into statuses in `_serve`, the one seam every RPC passes
-through; methods raise, they never abort.
+`_serve` is the one seam every RPC passes through: it turns errors into
+statuses (methods raise, they never abort), and it is the one writer of each
+RPC's audit record and counter of its metrics, whatever the outcome.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import grpc
 import structlog
@@ -20,10 +21,10 @@ from google.protobuf.message import DecodeError, Message
 from synctoken.v1 import token_service_pb2
 from synctoken_server.audit import record
 from synctoken_server.authn import mesh, xfcc
-from synctoken_server.errors import InternalError, MalformedRequest, SynctokenError, to_status
+from synctoken_server.errors import InternalError, MalformedRequest, RateLimited, SynctokenError, to_status
 from synctoken_server.metrics import NO_POLICY, Metrics
 from synctoken_server.policy.rules import CallerRule
-from synctoken_server.rpc.issuing import TokenIssuer
+from synctoken_server.rpc.issuing import Issued, TokenIssuer
 from synctoken_server.rpc.snapshot import Snapshot, Snapshots
 
 T = TypeVar("T")
@@ -31,6 +32,7 @@ T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 _log = structlog.get_logger("synctoken.rpc")
+_limits_log = structlog.get_logger("synctoken.limits")
 
 
 class TokenServicer:
@@ -72,64 +74,70 @@ class TokenServicer:
             lambda rpc: self._lookup(request, context, rpc),
         )
 
-    def _issue(self, raw_request: bytes, context: Context, rpc: _Rpc) -> token_service_pb2.IssueTokenResponse:
+    def _issue(self, raw_request: bytes, context: Context, rpc: _Rpc) -> Issued:
         # Who is asking comes first: an unauthenticated peer learns nothing else.
-        caller_id = self._caller_id(rpc, context)
-        request = _parse(token_service_pb2.IssueTokenRequest, raw_request)
-        return self._issuer.issue(rpc.snapshot, caller_id, request, rpc.started, rpc.context)
+        rpc.caller_id = self._caller_id(rpc.snapshot, context)
+        rpc.request = _parse(token_service_pb2.IssueTokenRequest, raw_request)
+        return self._issuer.issue(rpc.snapshot, rpc.caller_id, rpc.request)
 
-    def _lookup(self, raw_request: bytes, context: Context, rpc: _Rpc) -> token_service_pb2.GetCallerIdentityResponse:
-        snapshot, started = rpc.snapshot, rpc.started
-        caller_id = self._caller_id(rpc, context)
+    def _lookup(
+        self, raw_request: bytes, context: Context, rpc: _Rpc
+    ) -> _Answered[token_service_pb2.GetCallerIdentityResponse]:
+        rpc.caller_id = caller_id = self._caller_id(rpc.snapshot, context)
         # No fields, but a malformed body is refused all the same.
         _parse(token_service_pb2.GetCallerIdentityRequest, raw_request)
-        rule = snapshot.policy.rule_for(caller_id)
+        rule = rpc.snapshot.policy.rule_for(caller_id)
         response = token_service_pb2.GetCallerIdentityResponse(caller_id=caller_id)
         if rule is not None:
             response.policy.CopyFrom(_describe(rule))
-        self._audit.record(
-            record.EVENT_CALLER_LOOKUP,
-            rpc.context,
-            outcome=record.OUTCOME_ANSWERED,
-            policy_rule=rule.caller if rule else None,
-            duration_ms=record.ms_since(started),
-        )
-        return response
+        return _Answered(response, {"outcome": record.OUTCOME_ANSWERED, "policy_rule": rule.caller if rule else None})
 
-    def _caller_id(self, rpc: _Rpc, context: Context) -> str:
-        snapshot = rpc.snapshot
+    def _caller_id(self, snapshot: Snapshot, context: Context) -> str:
         # types-grpcio says bytes, but grpc maps each property to a list of values.
         auth_context = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
         # Values are bytes only for keys ending in -bin, which this one does not.
         metadata = context.invocation_metadata() or ()
         forwarded = [value for key, value in metadata if key == xfcc.HEADER and isinstance(value, str)]
-        caller_id = mesh.caller_id(
-            snapshot.identity_rules, auth_context, forwarded, mesh=snapshot.config.mesh is not None
-        )
-        rpc.caller_id = rpc.context["caller_id"] = caller_id
-        return caller_id
+        return mesh.caller_id(snapshot.identity_rules, auth_context, forwarded, mesh=snapshot.config.mesh is not None)
 
-    async def _serve(self, context: Context, method: str, event: str, body: Callable[[_Rpc], T]) -> T:
+    async def _serve(self, context: Context, method: str, event: str, body: Callable[[_Rpc], _Answer[T]]) -> T:
+        """Run `body`, then write the RPC's one audit record and count its metrics, whatever the outcome.
+
+        The one writer of every RPC's record: the answer's, before the response
+        leaves (fail closed: if it cannot be written, the answer becomes a
+        refusal), or the refusal's.
+        """
         # One snapshot for the whole RPC: a reload meanwhile does not mix configs.
-        rpc = _Rpc(self._snapshots.current, time.perf_counter(), {"rpc": method, "peer": context.peer()})
+        rpc = _Rpc(self._snapshots.current, time.perf_counter(), method, context.peer())
         try:
-            return body(rpc)
+            answer = body(rpc)
+            if isinstance(answer, Issued) and answer.shadow is not None:
+                self._shadow_limited(rpc, answer.rule, answer.shadow)
+            written = rpc.context()
+            written |= answer.record
+            written["duration_ms"] = record.ms_since(rpc.started)
+            self._audit.record(event, written)
         except SynctokenError as exc:
             error = exc
         except Exception:  # noqa: BLE001 - the one place anything unexpected becomes INTERNAL
-            _log.exception("rpc.failed", **rpc.context)
+            _log.exception("rpc.failed", **rpc.context())
             error = InternalError()
+        else:
+            # After the record: a token whose record failed is never sent, and is counted as refused.
+            if isinstance(answer, Issued) and answer.minted:
+                self._metrics.issued.labels(answer.rule, answer.service_sid).inc()
+            return answer.response
         # The label is the policy entry's id, never the caller id: see metrics.py.
         rule = rpc.snapshot.policy.rule_for(rpc.caller_id) if rpc.caller_id else None
-        self._metrics.refused.labels(rule.caller if rule else NO_POLICY, error.reason_name).inc()
-        return await self._deny(context, event, error, rpc)
-
-    async def _deny(self, context: Context, event: str, error: SynctokenError, rpc: _Rpc) -> NoReturn:
+        rule_label = rule.caller if rule else NO_POLICY
+        if isinstance(error, RateLimited):
+            self._metrics.rate_limited.labels(rule_label, "false").inc()
+        self._metrics.refused.labels(rule_label, error.reason_name).inc()
         # Already refusing: an unwritable audit log cannot make that worse.
         with contextlib.suppress(SynctokenError):
             self._audit.record(
                 event,
-                rpc.context,
+                rpc.context(),
                 outcome=record.OUTCOME_DENIED,
                 code=error.code.name,
                 reason=error.reason_name,
@@ -137,19 +145,61 @@ class TokenServicer:
                 **error.audit,
                 duration_ms=record.ms_since(rpc.started),
             )
-        await context.abort_with_status(to_status(error))
+        return await context.abort_with_status(to_status(error))
+
+    def _shadow_limited(self, rpc: _Rpc, rule: str, refusal: RateLimited) -> None:
+        # Counted and logged, not refused: what a limit in shadow mode is for.
+        self._metrics.rate_limited.labels(rule, "true").inc()
+        _limits_log.warning(
+            "rate_limit.shadow", **rpc.context(), policy_rule=rule, limit=refusal.subject, message=refusal.message
+        )
 
 
-@dataclass
+T_co = TypeVar("T_co", covariant=True)
+
+
+class _Answer(Protocol[T_co]):
+    """A method's yes: the response, and the outcome fields of its audit record."""
+
+    @property
+    def response(self) -> T_co: ...
+
+    @property
+    def record(self) -> Mapping[str, object]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Answered(Generic[T]):
+    """An answer with nothing to count beyond its record."""
+
+    response: T
+    record: Mapping[str, object]
+
+
+@dataclass(slots=True)
 class _Rpc:
-    """What one RPC has established so far: its snapshot, its start, and who is asking once known."""
+    """What one RPC has established so far: its snapshot, its start, who is asking and what for once known."""
 
     snapshot: Snapshot
     started: float
     """perf_counter at the start, for the audit record's duration."""
-    context: dict[str, object]
-    """What the RPC's log lines say about it: rpc and peer, then caller_id, then what the request asked for."""
+    method: str
+    peer: str
     caller_id: str = ""
+    request: token_service_pb2.IssueTokenRequest | None = None
+    """IssueToken's request once parsed: what the record says was asked for, granted or not."""
+
+    def context(self) -> dict[str, object]:
+        """What the RPC's log lines say about it: rpc and peer, then caller_id, then what the request asked for."""
+        context: dict[str, object] = {"rpc": self.method, "peer": self.peer}
+        if self.caller_id:
+            context["caller_id"] = self.caller_id
+        request = self.request
+        if request is not None:
+            context["identity"] = self.snapshot.audit_identity(request.identity)
+            context["service_sid"] = request.sync.service_sid
+            context["region"] = request.region
+        return context
 
 
 M = TypeVar("M", bound=Message)
