@@ -25,7 +25,7 @@ from support import (
     Pki,
     config_text,
 )
-from synctoken_server.authn.identity import IdentitySource
+from synctoken_server.authn.callercert import IdentitySource
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
 from synctoken_server.tokens.minting import check_secret

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from support import BFF_ID, CHAT_ADMIN_ID, DNS_CALLER, Pki
 from synctoken_server.authn import svid
-from synctoken_server.authn.identity import (
+from synctoken_server.authn.callercert import (
     SPIFFE_ID_FORM,
     TRUST_DOMAIN_FORM,
     CallerIdentityRules,

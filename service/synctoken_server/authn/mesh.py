@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from synctoken_server.authn import xfcc
-from synctoken_server.authn.identity import (
+from synctoken_server.authn.callercert import (
     NO_CERTIFICATE,
     CallerIdentityRules,
     workload_id,

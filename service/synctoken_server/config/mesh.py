@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from synctoken_server.authn.identity import IdentitySource
+from synctoken_server.authn.callercert import IdentitySource
 from synctoken_server.authn.mesh import MeshListener, is_loopback
 from synctoken_server.config.reader import TomlReader
 from synctoken_server.serveroptions import split_listen

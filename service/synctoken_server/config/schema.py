@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from synctoken_server.audit.privacy import IdentityHasher
-from synctoken_server.authn.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
+from synctoken_server.authn.callercert import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
 from synctoken_server.authn.mesh import MeshListener
 from synctoken_server.config import audit, limits, mesh, metrics, tlsfiles, twilio
 from synctoken_server.config.reader import ConfigError, TomlReader

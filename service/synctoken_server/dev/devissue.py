@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
-from synctoken_server.authn.identity import is_dns_name, parse_spiffe_id
+from synctoken_server.authn.callercert import is_dns_name, parse_spiffe_id
 from synctoken_server.dev.devenv import CA_FILE, CA_KEY, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from synctoken_server.audit.privacy import plain
-from synctoken_server.authn.identity import CallerIdentityRules
+from synctoken_server.authn.callercert import CallerIdentityRules
 from synctoken_server.authn.svid import TrustAnchors
 from synctoken_server.config.schema import Config
 from synctoken_server.policy.limits import CallerLimits, identity_digest
