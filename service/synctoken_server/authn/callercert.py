@@ -43,7 +43,7 @@ _DNS_NAME = re.compile(r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a
 CERTIFICATE_CACHE_SIZE = 1024
 
 
-class IdentitySource(enum.Enum):
+class CallerIdSource(enum.Enum):
     """Which part of the client certificate names the caller."""
 
     SPIFFE = "spiffe"
@@ -125,7 +125,7 @@ class Refusal:
 
 
 @functools.lru_cache(maxsize=CERTIFICATE_CACHE_SIZE)
-def read_caller(source: IdentitySource, leaf_pem: bytes, chain_pem: bytes) -> NamedCaller | Refusal:
+def read_caller(source: CallerIdSource, leaf_pem: bytes, chain_pem: bytes) -> NamedCaller | Refusal:
     """Who a verified client certificate names, by the X509-SVID rules and `source`'s grammar.
 
     `chain_pem` is the rest of the chain the client presented (may be empty).
@@ -136,10 +136,10 @@ def read_caller(source: IdentitySource, leaf_pem: bytes, chain_pem: bytes) -> Na
         presented = svid.read_presented(leaf_pem, chain_pem)
     except ValueError:
         return Refusal(svid.NOT_DECODABLE, ())
-    sans = presented.uris if source is IdentitySource.SPIFFE else presented.dns_names
+    sans = presented.uris if source is CallerIdSource.SPIFFE else presented.dns_names
     if presented.defect is not None:
         return Refusal(presented.defect, sans)
-    reading = _spiffe_caller(sans) if source is IdentitySource.SPIFFE else _dns_caller(sans)
+    reading = _spiffe_caller(sans) if source is CallerIdSource.SPIFFE else _dns_caller(sans)
     if isinstance(reading, Refusal):
         return reading
     return dataclasses.replace(
@@ -169,10 +169,10 @@ def _dns_caller(dns_names: tuple[str, ...]) -> NamedCaller | Refusal:
 
 
 @dataclass(frozen=True)
-class CallerIdentityRules:
+class CallerCertRules:
     """How to turn a verified client certificate into a caller id."""
 
-    source: IdentitySource
+    source: CallerIdSource
     trust_domains: frozenset[str]
     anchors: Callable[[], svid.TrustAnchors] | None = None
     """The CAs of client_ca_file in force, whose path length is enforced; None: no limit."""
@@ -197,7 +197,7 @@ class CallerIdentityRules:
             raise CallerUnauthenticated(svid.OUTSIDE_VALIDITY, (reading.caller_id,))
         if self.anchors is not None and self.anchors().too_many_intermediates(reading.issuers):
             raise CallerUnauthenticated(svid.TOO_MANY_INTERMEDIATES, (reading.caller_id,))
-        if self.source is IdentitySource.SPIFFE:
+        if self.source is CallerIdSource.SPIFFE:
             self.check_trust_domain(reading.trust_domain, reading.caller_id)
         return reading.caller_id
 
