@@ -16,7 +16,7 @@ from synctoken_server.authn.callercert import (
     CallerCertRules,
     CallerIdSource,
     NamedCaller,
-    Refusal,
+    UnnamedCaller,
     is_dns_name,
     parse_spiffe_id,
     parse_trust_domain,
@@ -209,21 +209,29 @@ class TestReadCaller:
         [
             ("bff", SPIFFE, NamedCaller(BFF_ID, "example.org")),
             ("dns_only", DNS_SAN, NamedCaller(DNS_CALLER, "")),
-            ("nul_in_uri_san", SPIFFE, Refusal("its URI SAN is not a SPIFFE ID", (f"{CHAT_ADMIN_ID}\x00.anything",))),
+            (
+                "nul_in_uri_san",
+                SPIFFE,
+                UnnamedCaller("its URI SAN is not a SPIFFE ID", (f"{CHAT_ADMIN_ID}\x00.anything",)),
+            ),
             (
                 "nul_in_dns_san",
                 DNS_SAN,
-                Refusal("its DNS SAN is not a lower-case host name", (f"{DNS_CALLER}\x00.evil.com",)),
+                UnnamedCaller("its DNS SAN is not a lower-case host name", (f"{DNS_CALLER}\x00.evil.com",)),
             ),
-            ("ca_true_leaf", SPIFFE, Refusal(svid.CA_LEAF, (BFF_ID,))),
-            ("ca_true_leaf", DNS_SAN, Refusal(svid.CA_LEAF, ())),
-            ("undecodable_uri_san", SPIFFE, Refusal(svid.NOT_DECODABLE, ())),
-            ("two_uri_sans", SPIFFE, Refusal("it must have exactly one URI SAN, a SPIFFE ID", (BFF_ID, CHAT_ADMIN_ID))),
-            ("bff", DNS_SAN, Refusal("it must have exactly one DNS SAN", ())),
-            ("dns_only", SPIFFE, Refusal("it must have exactly one URI SAN, a SPIFFE ID", ())),
+            ("ca_true_leaf", SPIFFE, UnnamedCaller(svid.CA_LEAF, (BFF_ID,))),
+            ("ca_true_leaf", DNS_SAN, UnnamedCaller(svid.CA_LEAF, ())),
+            ("undecodable_uri_san", SPIFFE, UnnamedCaller(svid.NOT_DECODABLE, ())),
+            (
+                "two_uri_sans",
+                SPIFFE,
+                UnnamedCaller("it must have exactly one URI SAN, a SPIFFE ID", (BFF_ID, CHAT_ADMIN_ID)),
+            ),
+            ("bff", DNS_SAN, UnnamedCaller("it must have exactly one DNS SAN", ())),
+            ("dns_only", SPIFFE, UnnamedCaller("it must have exactly one URI SAN, a SPIFFE ID", ())),
         ],
     )
-    def test_outcomes(self, pki: Pki, cert: str, source: CallerIdSource, outcome: NamedCaller | Refusal) -> None:
+    def test_outcomes(self, pki: Pki, cert: str, source: CallerIdSource, outcome: NamedCaller | UnnamedCaller) -> None:
         """Each certificate names a caller in a mode, or is refused with a fixed reason and its SANs as written."""
         assert read_caller(source, *leaf_and_chain(pki.clients[cert].cert_pem)) == outcome
 

@@ -21,7 +21,7 @@ from synctoken_server.authn.callercert import CallerIdSource, is_dns_name, parse
 from synctoken_server.authn.mesh import MeshListener
 from synctoken_server.config import audit, limits, mesh, metrics, tlsfiles, twilio
 from synctoken_server.config.reader import ConfigError, TomlReader
-from synctoken_server.config.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
+from synctoken_server.config.tlsfiles import ServerTlsFiles, ServerTlsMaterial, TlsFileError
 from synctoken_server.durations import format_duration
 from synctoken_server.filestamps import Stamps, stamp
 from synctoken_server.policy.patterns import IdentityPattern, PatternError
@@ -39,7 +39,7 @@ class Config:
     """Everything the server needs, validated."""
 
     listen: str
-    tls: TlsMaterial
+    tls: ServerTlsMaterial
     caller_id_source: CallerIdSource
     trust_domains: frozenset[str]
     credentials: TwilioCredentials
@@ -201,13 +201,13 @@ def _server(r: TomlReader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts
     return listen, timeouts
 
 
-def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[TlsMaterial, int | None]:
+def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[ServerTlsMaterial, int | None]:
     tls = r.table(data, "tls", _TLS_KEYS)
     cert, key, ca = (r.get(tls, "tls", name, str) for name in ("cert_file", "key_file", "client_ca_file"))
     cert_pem = r.read_file(tlsfiles.CERT_KEY, cert)
     key_pem = r.read_file(tlsfiles.KEY_KEY, key, private=True)
     ca_pem = r.read_file(tlsfiles.CA_KEY, ca)
-    files = TlsFiles(r.path(cert), r.path(key), r.path(ca))
+    files = ServerTlsFiles(r.path(cert), r.path(key), r.path(ca))
     # Stamped by read_file just before it read each: a change since is seen by the certificate watcher.
     stamps = tuple((path, r.files[path]) for path in files.paths())
     try:
