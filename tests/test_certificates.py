@@ -10,7 +10,7 @@ import pytest
 
 from support import LogSink, Pki, replace_file
 from synctoken_server.config import tlsfiles
-from synctoken_server.config.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
+from synctoken_server.config.tlsfiles import ServerTlsFiles, ServerTlsMaterial, TlsFileError
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
 from synctoken_server.filestamps import restamp
 from synctoken_server.process.certificates import ServerCertificates
@@ -30,10 +30,10 @@ def serial(pair: KeyPair) -> str:
     return tlsfiles.check(FILES, (), pair.cert_pem, pair.key_pem, pair.cert_pem, now=NOW).serial
 
 
-FILES = TlsFiles(Path("cert.pem"), Path("key.pem"), Path("ca.pem"))
+FILES = ServerTlsFiles(Path("cert.pem"), Path("key.pem"), Path("ca.pem"))
 
 
-def check(cert: bytes, key: bytes, ca: bytes) -> TlsMaterial:
+def check(cert: bytes, key: bytes, ca: bytes) -> ServerTlsMaterial:
     """tlsfiles.check on contents alone."""
     return tlsfiles.check(FILES, (), cert, key, ca, now=NOW)
 
@@ -119,15 +119,15 @@ class TestServerCertificates:
     """The watcher: re-reads only files that changed, hands gRPC only checked sets, logs what it did."""
 
     @pytest.fixture
-    def files(self, pki: Pki, tmp_path: Path) -> TlsFiles:
+    def files(self, pki: Pki, tmp_path: Path) -> ServerTlsFiles:
         """The suite's server pair and CA, copied where a test may replace them."""
-        files = TlsFiles(tmp_path / "server.pem", tmp_path / "server-key.pem", tmp_path / "ca.pem")
+        files = ServerTlsFiles(tmp_path / "server.pem", tmp_path / "server-key.pem", tmp_path / "ca.pem")
         pki.server.write(files.cert, files.key)
         files.client_ca.write_bytes(pki.ca.cert_pem)
         return files
 
     @pytest.fixture
-    def install(self, files: TlsFiles) -> Install:
+    def install(self, files: ServerTlsFiles) -> Install:
         """Replace the key, then the certificate, each whole."""
 
         def install(pair: KeyPair) -> None:
@@ -136,17 +136,19 @@ class TestServerCertificates:
 
         return install
 
-    def watcher(self, files: TlsFiles, expiry_warning: int | None = None) -> ServerCertificates:
+    def watcher(self, files: ServerTlsFiles, expiry_warning: int | None = None) -> ServerCertificates:
         """A watcher started on the files as they are."""
         stamps = restamp(files.paths())
         return ServerCertificates(tlsfiles.read(files, stamps, NOW), expiry_warning)
 
-    def test_unchanged_files_keep_the_configuration(self, files: TlsFiles) -> None:
+    def test_unchanged_files_keep_the_configuration(self, files: ServerTlsFiles) -> None:
         """With nothing changed, gRPC is told to keep what it has."""
         certificates = self.watcher(files)
         assert [certificates._fetch() for _ in range(3)] == [None, None, None]
 
-    def test_new_pair_is_handed_over_once(self, pki: Pki, files: TlsFiles, install: Install, log_sink: LogSink) -> None:
+    def test_new_pair_is_handed_over_once(
+        self, pki: Pki, files: ServerTlsFiles, install: Install, log_sink: LogSink
+    ) -> None:
         """After a swap, the next fetch returns the new set, later ones None; the reload is logged."""
         certificates = self.watcher(files)
         pair = server_pair(pki.ca)
@@ -159,7 +161,9 @@ class TestServerCertificates:
         assert reloaded["serial"] == serial(pair)
         assert reloaded["client_cas"] == 1
 
-    def test_bad_set_is_kept_out_until_the_files_change(self, pki: Pki, files: TlsFiles, log_sink: LogSink) -> None:
+    def test_bad_set_is_kept_out_until_the_files_change(
+        self, pki: Pki, files: ServerTlsFiles, log_sink: LogSink
+    ) -> None:
         """A mismatched pair is logged once, never handed over, and retried only when a file changes again."""
         certificates = self.watcher(files)
         before = certificates.current.serial
@@ -176,7 +180,7 @@ class TestServerCertificates:
         assert certificates._fetch() is not None
         assert certificates.current.serial == serial(pair)
 
-    def test_same_contents_are_not_a_reload(self, files: TlsFiles, log_sink: LogSink) -> None:
+    def test_same_contents_are_not_a_reload(self, files: ServerTlsFiles, log_sink: LogSink) -> None:
         """Files rewritten with the same bytes (a touch, a re-sync) are no new set."""
         certificates = self.watcher(files)
         start = len(log_sink.lines)
@@ -196,7 +200,7 @@ class TestServerCertificates:
     def test_expiry_warning(
         self,
         ca: CertificateAuthority,
-        files: TlsFiles,
+        files: ServerTlsFiles,
         log_sink: LogSink,
         days_left: float,
         expiry_warning: int | None,
@@ -213,12 +217,14 @@ class TestServerCertificates:
         certificates.check_expiry()
         assert len(log_sink.records(start)) == len(records), "warned once, not on every check"
 
-    def test_config_naming_other_files(self, pki: Pki, files: TlsFiles, tmp_path: Path, log_sink: LogSink) -> None:
+    def test_config_naming_other_files(
+        self, pki: Pki, files: ServerTlsFiles, tmp_path: Path, log_sink: LogSink
+    ) -> None:
         """A reloaded config that names other TLS files switches to the set it loaded, and watches those files."""
         certificates = self.watcher(files)
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
-        moved = TlsFiles(elsewhere / "server.pem", elsewhere / "server-key.pem", elsewhere / "ca.pem")
+        moved = ServerTlsFiles(elsewhere / "server.pem", elsewhere / "server-key.pem", elsewhere / "ca.pem")
         pair = server_pair(pki.ca)
         pair.write(moved.cert, moved.key)
         moved.client_ca.write_bytes(pki.ca.cert_pem)

@@ -38,7 +38,7 @@ from support import (
     free_port,
 )
 from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
-from synctoken_server.authn.identity import SPIFFE_ID_FORM
+from synctoken_server.authn.callercert import SPIFFE_ID_FORM
 from synctoken_server.dev import devenv
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
 

@@ -25,7 +25,7 @@ from support import (
     Pki,
     config_text,
 )
-from synctoken_server.authn.identity import IdentitySource
+from synctoken_server.authn.callercert import CallerIdSource
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
 from synctoken_server.tokens.minting import check_secret
@@ -47,7 +47,7 @@ class TestValid:
         """The suite's config loads with every default applied."""
         config = load_config(write_config(config_text(pki)), environ=SECRET_ENV)
         assert config.listen == "127.0.0.1:0"
-        assert config.identity_source is IdentitySource.SPIFFE
+        assert config.caller_id_source is CallerIdSource.SPIFFE
         assert config.trust_domains == frozenset({"example.org"})
         assert (config.credentials.account_sid, config.credentials.api_key_sid) == (ACCOUNT_SID, API_KEY_SID)
         assert config.credentials.api_secret == API_SECRET

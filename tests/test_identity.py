@@ -10,13 +10,13 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from support import BFF_ID, CHAT_ADMIN_ID, DNS_CALLER, Pki
 from synctoken_server.authn import svid
-from synctoken_server.authn.identity import (
+from synctoken_server.authn.callercert import (
     SPIFFE_ID_FORM,
     TRUST_DOMAIN_FORM,
-    CallerIdentityRules,
-    IdentitySource,
+    CallerCertRules,
+    CallerIdSource,
     NamedCaller,
-    Refusal,
+    UnnamedCaller,
     is_dns_name,
     parse_spiffe_id,
     parse_trust_domain,
@@ -25,8 +25,8 @@ from synctoken_server.authn.identity import (
 from synctoken_server.dev.pki import CertificateAuthority, LeafSpec
 from synctoken_server.errors import CallerUnauthenticated
 
-SPIFFE = IdentitySource.SPIFFE
-DNS_SAN = IdentitySource.DNS_SAN
+SPIFFE = CallerIdSource.SPIFFE
+DNS_SAN = CallerIdSource.DNS_SAN
 
 
 def leaf_and_chain(cert_pem: bytes) -> tuple[bytes, bytes]:
@@ -209,21 +209,29 @@ class TestReadCaller:
         [
             ("bff", SPIFFE, NamedCaller(BFF_ID, "example.org")),
             ("dns_only", DNS_SAN, NamedCaller(DNS_CALLER, "")),
-            ("nul_in_uri_san", SPIFFE, Refusal("its URI SAN is not a SPIFFE ID", (f"{CHAT_ADMIN_ID}\x00.anything",))),
+            (
+                "nul_in_uri_san",
+                SPIFFE,
+                UnnamedCaller("its URI SAN is not a SPIFFE ID", (f"{CHAT_ADMIN_ID}\x00.anything",)),
+            ),
             (
                 "nul_in_dns_san",
                 DNS_SAN,
-                Refusal("its DNS SAN is not a lower-case host name", (f"{DNS_CALLER}\x00.evil.com",)),
+                UnnamedCaller("its DNS SAN is not a lower-case host name", (f"{DNS_CALLER}\x00.evil.com",)),
             ),
-            ("ca_true_leaf", SPIFFE, Refusal(svid.CA_LEAF, (BFF_ID,))),
-            ("ca_true_leaf", DNS_SAN, Refusal(svid.CA_LEAF, ())),
-            ("undecodable_uri_san", SPIFFE, Refusal(svid.NOT_DECODABLE, ())),
-            ("two_uri_sans", SPIFFE, Refusal("it must have exactly one URI SAN, a SPIFFE ID", (BFF_ID, CHAT_ADMIN_ID))),
-            ("bff", DNS_SAN, Refusal("it must have exactly one DNS SAN", ())),
-            ("dns_only", SPIFFE, Refusal("it must have exactly one URI SAN, a SPIFFE ID", ())),
+            ("ca_true_leaf", SPIFFE, UnnamedCaller(svid.CA_LEAF, (BFF_ID,))),
+            ("ca_true_leaf", DNS_SAN, UnnamedCaller(svid.CA_LEAF, ())),
+            ("undecodable_uri_san", SPIFFE, UnnamedCaller(svid.NOT_DECODABLE, ())),
+            (
+                "two_uri_sans",
+                SPIFFE,
+                UnnamedCaller("it must have exactly one URI SAN, a SPIFFE ID", (BFF_ID, CHAT_ADMIN_ID)),
+            ),
+            ("bff", DNS_SAN, UnnamedCaller("it must have exactly one DNS SAN", ())),
+            ("dns_only", SPIFFE, UnnamedCaller("it must have exactly one URI SAN, a SPIFFE ID", ())),
         ],
     )
-    def test_outcomes(self, pki: Pki, cert: str, source: IdentitySource, outcome: NamedCaller | Refusal) -> None:
+    def test_outcomes(self, pki: Pki, cert: str, source: CallerIdSource, outcome: NamedCaller | UnnamedCaller) -> None:
         """Each certificate names a caller in a mode, or is refused with a fixed reason and its SANs as written."""
         assert read_caller(source, *leaf_and_chain(pki.clients[cert].cert_pem)) == outcome
 
@@ -234,7 +242,7 @@ class TestReadCaller:
             (LeafSpec("billing", uris=(BFF_ID, CHAT_ADMIN_ID), dns_names=(DNS_CALLER,)), DNS_SAN, DNS_CALLER),
         ],
     )
-    def test_other_san_kind_ignored(self, pki: Pki, spec: LeafSpec, source: IdentitySource, caller_id: str) -> None:
+    def test_other_san_kind_ignored(self, pki: Pki, spec: LeafSpec, source: CallerIdSource, caller_id: str) -> None:
         """DNS SANs beside the one URI SAN are fine in spiffe mode; URI SANs are ignored in dns_san mode."""
         outcome = read_caller(source, *leaf_and_chain(pki.ca.issue(spec).cert_pem))
         assert outcome == NamedCaller(caller_id, "example.org" if source is SPIFFE else "")
@@ -251,10 +259,10 @@ class TestReadCaller:
         assert after.maxsize == 1024
 
 
-class TestCallerIdentityRules:
+class TestCallerCertRules:
     """Turning gRPC's auth context into a caller id."""
 
-    SPIFFE_RULES = CallerIdentityRules(SPIFFE, frozenset({"example.org"}))
+    SPIFFE_RULES = CallerCertRules(SPIFFE, frozenset({"example.org"}))
 
     def test_spiffe(self, pki: Pki) -> None:
         """The leaf's one SPIFFE ID, in a trusted domain, is the caller id."""
@@ -304,7 +312,7 @@ class TestCallerIdentityRules:
 
     def test_dns(self, pki: Pki) -> None:
         """In dns_san mode the one DNS SAN is the caller id."""
-        rules = CallerIdentityRules(DNS_SAN, frozenset())
+        rules = CallerCertRules(DNS_SAN, frozenset())
         assert rules.caller_id(auth_context(pki.clients["dns_only"].cert_pem)) == DNS_CALLER
 
 
@@ -334,5 +342,5 @@ class TestValidityOnEveryCall:
     def test_expired_certificate_refused(self, pki: Pki) -> None:
         """An expired certificate in the auth context (as after a session resumption) names no caller."""
         with pytest.raises(CallerUnauthenticated) as caught:
-            TestCallerIdentityRules.SPIFFE_RULES.caller_id(auth_context(pki.clients["expired"].cert_pem))
+            TestCallerCertRules.SPIFFE_RULES.caller_id(auth_context(pki.clients["expired"].cert_pem))
         assert caught.value.message == f"client certificate has no acceptable caller id: {svid.OUTSIDE_VALIDITY}"

@@ -1,4 +1,4 @@
-"""The service's folders import each other in one direction only: read from the source with `ast`, nothing imported."""
+"""The service's shape, read from the source with `ast`, nothing imported: folders import one way; class names are unique."""
 
 from __future__ import annotations
 
@@ -137,6 +137,30 @@ def cycles(graph: dict[str, list[tuple[int, str]]]) -> list[list[str]]:
         if state[module] == 0:
             visit(module, [module])
     return found
+
+
+def shared_class_names(sources: dict[str, str]) -> dict[str, list[str]]:
+    """Class names defined more than once across `sources` (path: text), each with its `path:line`s."""
+    where: dict[str, list[str]] = {}
+    for path, source in sources.items():
+        for node in ast.walk(ast.parse(source, path)):
+            if isinstance(node, ast.ClassDef):
+                where.setdefault(node.name, []).append(f"{path}:{node.lineno}")
+    return {name: places for name, places in where.items() if len(places) > 1}
+
+
+SOURCES = {str(path.relative_to(ROOT)): path.read_text() for path in MODULES.values()}
+
+
+class TestClassNames:
+    def test_no_two_classes_share_a_name(self) -> None:
+        """A class name says one thing across the package: no `Refusal` in two modules meaning two things."""
+        assert shared_class_names(SOURCES) == {}
+
+    def test_the_check_sees_a_shared_name(self) -> None:
+        """The check itself can fail: a second class named like one in another module is found, at both places."""
+        sources = {"a.py": "class Refusal:\n    pass\n", "b.py": "x = 1\n\n\nclass Refusal:\n    pass\n"}
+        assert shared_class_names(sources) == {"Refusal": ["a.py:1", "b.py:4"]}
 
 
 class TestLayers:

@@ -268,9 +268,9 @@ class TestSnapshot:
         class SwapWhileIdentifying:
             def caller_id(self, auth_context: object) -> str:
                 server.snapshots.replace(Snapshot.of(new))
-                return first.identity_rules.caller_id(auth_context)  # type: ignore[arg-type]
+                return first.caller_rules.caller_id(auth_context)  # type: ignore[arg-type]
 
-        server.snapshots.replace(dataclasses.replace(first, identity_rules=SwapWhileIdentifying()))  # type: ignore[arg-type]
+        server.snapshots.replace(dataclasses.replace(first, caller_rules=SwapWhileIdentifying()))  # type: ignore[arg-type]
         client = harness.client(running, "bff")
         response = client.issue(ASK_FOR_A)
         assert jwt.decode(response.token, API_SECRET, algorithms=["HS256"])["grants"]["data_sync"] == {

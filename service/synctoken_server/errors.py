@@ -101,7 +101,7 @@ class CallerUnauthenticated(SynctokenError):
     On the mTLS listener that is the TLS peer's certificate; on the mesh
     listener (`forwarded`) it is the one the sidecar forwarded in
     x-forwarded-client-cert, and the message says so: there the caller sent
-    no certificate of its own. `why` is one of the identity or mesh module's
+    no certificate of its own. `why` is one of the callercert or mesh module's
     fixed phrases, never certificate bytes. The SANs offered go to the audit
     record only, as received but escaped, so that a NUL or a newline shows
     as \x00 or \n instead of cutting or splitting the record.

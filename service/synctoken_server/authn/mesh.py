@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from synctoken_server.authn import xfcc
-from synctoken_server.authn.identity import (
+from synctoken_server.authn.callercert import (
     NO_CERTIFICATE,
-    CallerIdentityRules,
+    CallerCertRules,
     workload_id,
 )
 from synctoken_server.errors import CallerUnauthenticated, ForwardedCertNotTrusted
@@ -66,7 +66,7 @@ def is_loopback(address: str) -> bool:
 
 
 def caller_id(
-    rules: CallerIdentityRules,
+    rules: CallerCertRules,
     auth_context: Mapping[str, Sequence[bytes]],
     forwarded: Sequence[str],
     *,

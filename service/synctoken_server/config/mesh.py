@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from synctoken_server.authn.identity import IdentitySource
+from synctoken_server.authn.callercert import CallerIdSource
 from synctoken_server.authn.mesh import MeshListener, is_loopback
 from synctoken_server.config.reader import TomlReader
 from synctoken_server.serveroptions import split_listen
@@ -20,7 +20,7 @@ KEYS = frozenset({"listen", "trust_forwarded_client_cert", "socket_group"})
 
 
 def read_mesh(
-    r: TomlReader, data: Mapping[str, Any], source: IdentitySource, server_listen: str
+    r: TomlReader, data: Mapping[str, Any], source: CallerIdSource, server_listen: str
 ) -> MeshListener | None:
     """`[mesh]`: the listener on which x-forwarded-client-cert is trusted, or None (mesh mode off)."""
     if "mesh" not in data:
@@ -30,7 +30,7 @@ def read_mesh(
     # Saying so is the point: a listener that trusts a header anyone can write is never made by accident.
     if not r.get(table, "mesh", "trust_forwarded_client_cert", bool, default=False):
         raise r.fail("mesh.trust_forwarded_client_cert", "must be true: the mesh listener exists to trust it")
-    if source is not IdentitySource.SPIFFE:
+    if source is not CallerIdSource.SPIFFE:
         raise r.fail("mesh", "needs identity.source = spiffe: the caller is taken from the header's URI")
     if listen.startswith("unix:"):
         return _unix_listener(r, listen.removeprefix("unix:"), _socket_group(r, table))

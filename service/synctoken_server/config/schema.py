@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from synctoken_server.audit.privacy import IdentityHasher
-from synctoken_server.authn.identity import IdentitySource, is_dns_name, parse_spiffe_id, parse_trust_domain
+from synctoken_server.authn.callercert import CallerIdSource, is_dns_name, parse_spiffe_id, parse_trust_domain
 from synctoken_server.authn.mesh import MeshListener
 from synctoken_server.config import audit, limits, mesh, metrics, tlsfiles, twilio
 from synctoken_server.config.reader import ConfigError, TomlReader
-from synctoken_server.config.tlsfiles import TlsFileError, TlsFiles, TlsMaterial
+from synctoken_server.config.tlsfiles import ServerTlsFiles, ServerTlsMaterial, TlsFileError
 from synctoken_server.durations import format_duration
 from synctoken_server.filestamps import Stamps, stamp
 from synctoken_server.policy.patterns import IdentityPattern, PatternError
@@ -39,8 +39,8 @@ class Config:
     """Everything the server needs, validated."""
 
     listen: str
-    tls: TlsMaterial
-    identity_source: IdentitySource
+    tls: ServerTlsMaterial
+    caller_id_source: CallerIdSource
     trust_domains: frozenset[str]
     credentials: TwilioCredentials
     """The active API key: the one that signs."""
@@ -90,7 +90,10 @@ _SERVER_KEYS = frozenset(
     {"listen", "drain_delay", "grace", "handshake_timeout", "idle_timeout", "max_connection_age", "watch_interval"}
 )
 _TLS_KEYS = frozenset({"cert_file", "key_file", "client_ca_file", "expiry_warning"})
-_IDENTITY_KEYS = frozenset({"source", "trust_domains"})
+# The [identity] table names the caller's identity source (how a client certificate names the
+# calling service), not the end user's identity: its name is the config file's contract, kept
+# for history. In the code it is the caller id source.
+_IDENTITY_TABLE_KEYS = frozenset({"source", "trust_domains"})
 _DEFAULTS_KEYS = frozenset({"default_ttl", "max_ttl"})
 _CALLER_KEYS = frozenset(
     {
@@ -108,7 +111,7 @@ _CALLER_KEYS = frozenset(
 SCHEMA: Mapping[str, frozenset[str]] = {
     "server": _SERVER_KEYS,
     "tls": _TLS_KEYS,
-    "identity": _IDENTITY_KEYS,
+    "identity": _IDENTITY_TABLE_KEYS,
     "twilio": twilio.TABLE_KEYS,
     "twilio.api_keys[]": twilio.API_KEY_KEYS,
     "audit": audit.KEYS,
@@ -138,7 +141,7 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
         r.note(table, None)
     listen, timeouts = _server(r, data)
     tls, expiry_warning = _tls(r, data)
-    source, trust_domains = _identity(r, data)
+    source, trust_domains = _caller_id_source(r, data)
     keys = twilio.read_twilio(r, data)
     defaults = r.table(data, "defaults", _DEFAULTS_KEYS, required=False)
     default_max = r.ttl(defaults, "defaults", "max_ttl", _DEFAULT_TTL)
@@ -162,7 +165,7 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
     return Config(
         listen=listen,
         tls=tls,
-        identity_source=source,
+        caller_id_source=source,
         trust_domains=trust_domains,
         credentials=keys.credentials,
         policy=Policy(rules),
@@ -198,13 +201,13 @@ def _server(r: TomlReader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts
     return listen, timeouts
 
 
-def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[TlsMaterial, int | None]:
+def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[ServerTlsMaterial, int | None]:
     tls = r.table(data, "tls", _TLS_KEYS)
     cert, key, ca = (r.get(tls, "tls", name, str) for name in ("cert_file", "key_file", "client_ca_file"))
     cert_pem = r.read_file(tlsfiles.CERT_KEY, cert)
     key_pem = r.read_file(tlsfiles.KEY_KEY, key, private=True)
     ca_pem = r.read_file(tlsfiles.CA_KEY, ca)
-    files = TlsFiles(r.path(cert), r.path(key), r.path(ca))
+    files = ServerTlsFiles(r.path(cert), r.path(key), r.path(ca))
     # Stamped by read_file just before it read each: a change since is seen by the certificate watcher.
     stamps = tuple((path, r.files[path]) for path in files.paths())
     try:
@@ -220,19 +223,20 @@ def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[TlsMaterial, int | Non
     return material, expiry_warning
 
 
-def _identity(r: TomlReader, data: Mapping[str, Any]) -> tuple[IdentitySource, frozenset[str]]:
-    identity = r.table(data, "identity", _IDENTITY_KEYS)
-    text = r.get(identity, "identity", "source", str, IdentitySource.SPIFFE.value)
+def _caller_id_source(r: TomlReader, data: Mapping[str, Any]) -> tuple[CallerIdSource, frozenset[str]]:
+    """The `[identity]` table: which SAN names the caller, and (spiffe) the trusted trust domains."""
+    table = r.table(data, "identity", _IDENTITY_TABLE_KEYS)
+    text = r.get(table, "identity", "source", str, CallerIdSource.SPIFFE.value)
     try:
-        source = IdentitySource(text)
+        source = CallerIdSource(text)
     except ValueError:
-        choices = ", ".join(s.value for s in IdentitySource)
+        choices = ", ".join(s.value for s in CallerIdSource)
         raise r.fail("identity.source", f"{text!r} is not one of {choices}") from None
-    if source is not IdentitySource.SPIFFE:
-        if "trust_domains" in identity:
+    if source is not CallerIdSource.SPIFFE:
+        if "trust_domains" in table:
             raise r.fail("identity.trust_domains", "only applies when identity.source is spiffe")
         return source, frozenset()
-    domains = r.string_list(identity, "identity", "trust_domains")
+    domains = r.string_list(table, "identity", "trust_domains")
     if not domains:
         raise r.fail("identity.trust_domains", "must list at least one trust domain")
     for i, domain in enumerate(domains):
@@ -247,7 +251,7 @@ def _identity(r: TomlReader, data: Mapping[str, Any]) -> tuple[IdentitySource, f
 class _CallerDefaults:
     """What every caller entry is checked against, or inherits."""
 
-    source: IdentitySource
+    source: CallerIdSource
     trust_domains: frozenset[str]
     default_ttl: int
     max_ttl: int
@@ -294,9 +298,9 @@ def _caller(r: TomlReader, data: Mapping[str, Any], key: str, defaults: _CallerD
 
 
 def _check_caller_id(
-    r: TomlReader, key: str, caller: str, source: IdentitySource, trust_domains: frozenset[str]
+    r: TomlReader, key: str, caller: str, source: CallerIdSource, trust_domains: frozenset[str]
 ) -> None:
-    if source is IdentitySource.DNS_SAN:
+    if source is CallerIdSource.DNS_SAN:
         if not is_dns_name(caller):
             raise r.fail(key, f"{caller!r} is not a lower-case DNS name (identity.source is dns_san)")
         return

@@ -49,7 +49,7 @@ class TlsFileError(Exception):
 
 
 @dataclass(frozen=True)
-class TlsFiles:
+class ServerTlsFiles:
     """Where the server's certificate chain, its key and the client CA bundle are."""
 
     cert: Path
@@ -62,10 +62,10 @@ class TlsFiles:
 
 
 @dataclass(frozen=True)
-class TlsMaterial:
+class ServerTlsMaterial:
     """A checked set: the server's chain and key, the CAs client certificates must chain to, and their origin."""
 
-    files: TlsFiles
+    files: ServerTlsFiles
     stamps: Stamps
     """The files' stamps, taken before they were read."""
     cert_chain_pem: bytes = field(repr=False)
@@ -79,7 +79,7 @@ class TlsMaterial:
     anchors: TrustAnchors
     """The client CAs as the caller-id check needs them (their path length is enforced there)."""
 
-    def same_contents(self, other: TlsMaterial) -> bool:
+    def same_contents(self, other: ServerTlsMaterial) -> bool:
         """True if `other` holds the same bytes (wherever they came from)."""
         return (self.cert_chain_pem, self.private_key_pem, self.client_ca_pem) == (
             other.cert_chain_pem,
@@ -88,7 +88,7 @@ class TlsMaterial:
         )
 
 
-def read(files: TlsFiles, stamps: Stamps, now: dt.datetime) -> TlsMaterial:
+def read(files: ServerTlsFiles, stamps: Stamps, now: dt.datetime) -> ServerTlsMaterial:
     """Read and check the three files, stamped just before; raise TlsFileError naming the first that is unusable."""
     contents = []
     for key, path in zip((CERT_KEY, KEY_KEY, CA_KEY), files.paths(), strict=True):
@@ -100,8 +100,8 @@ def read(files: TlsFiles, stamps: Stamps, now: dt.datetime) -> TlsMaterial:
 
 
 def check(
-    files: TlsFiles, stamps: Stamps, cert_pem: bytes, key_pem: bytes, ca_pem: bytes, *, now: dt.datetime
-) -> TlsMaterial:
+    files: ServerTlsFiles, stamps: Stamps, cert_pem: bytes, key_pem: bytes, ca_pem: bytes, *, now: dt.datetime
+) -> ServerTlsMaterial:
     """Check one set of TLS file contents as a whole; raise TlsFileError naming the file at fault."""
     chain = _certificates(CERT_KEY, cert_pem)
     try:
@@ -129,7 +129,7 @@ def check(
         anchors = TrustAnchors.of(cas)
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
         raise TlsFileError(CA_KEY, "holds a certificate whose extensions cannot be decoded") from None
-    return TlsMaterial(
+    return ServerTlsMaterial(
         files=files,
         stamps=stamps,
         cert_chain_pem=cert_pem,
@@ -143,7 +143,7 @@ def check(
     )
 
 
-def grpc_can_serve(material: TlsMaterial) -> bool:
+def grpc_can_serve(material: ServerTlsMaterial) -> bool:
     """Whether gRPC itself accepts the set: bind a throwaway server on a loopback port with it.
 
     The checks above know what BoringSSL refuses today (Ed448, DSA, an RSA-PSS

@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
-from synctoken_server.authn.identity import is_dns_name, parse_spiffe_id
+from synctoken_server.authn.callercert import is_dns_name, parse_spiffe_id
 from synctoken_server.dev.devenv import CA_FILE, CA_KEY, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
 
@@ -49,7 +49,7 @@ class Wanted:
 
 
 @dataclass(frozen=True)
-class Issued:
+class IssuedCertificate:
     """What `issue` wrote: the certificate, its key (mode 0600), and which of them replaced a file."""
 
     cert: Path
@@ -59,7 +59,7 @@ class Issued:
     replaced: tuple[Path, ...]
 
 
-def issue(wanted: Wanted, ca_dir: Path, out: Path, *, force: bool = False) -> Issued:
+def issue(wanted: Wanted, ca_dir: Path, out: Path, *, force: bool = False) -> IssuedCertificate:
     """Make what `wanted` describes, signed by the CA in `ca_dir` (a new self-signed CA for Kind.CA), into `out`."""
     spec = leaf_spec(wanted)  # names first: a typo is reported before anything is read or made
     cert_path, key_path = (out / name for name in wanted.kind.value)
@@ -86,7 +86,9 @@ def issue(wanted: Wanted, ca_dir: Path, out: Path, *, force: bool = False) -> Is
         msg = f"cannot write {exc.filename or out}: {exc.strerror}"
         raise IssueError(msg) from None
     certificate = x509.load_pem_x509_certificate(pair.cert_pem)
-    return Issued(cert_path, key_path, f"{certificate.serial_number:X}", certificate.not_valid_after_utc, existing)
+    return IssuedCertificate(
+        cert_path, key_path, f"{certificate.serial_number:X}", certificate.not_valid_after_utc, existing
+    )
 
 
 def leaf_spec(wanted: Wanted) -> LeafSpec | None:

@@ -64,7 +64,7 @@ def identity_digest(identity: str) -> str:
 
 
 @dataclass(frozen=True)
-class Refusal:
+class OverLimit:
     """Why a request is over its limit: which one, and how long until a token is available."""
 
     subject: str
@@ -133,7 +133,7 @@ class RateLimiter:
 
     def check(
         self, limits: CallerLimits, caller_id: str, identity: str, digest: Callable[[str], str] = identity_digest
-    ) -> Refusal | None:
+    ) -> OverLimit | None:
         """Take a token from each bucket that applies, or say which one is empty.
 
         Both buckets are looked at before either is touched: a refused
@@ -153,19 +153,19 @@ class RateLimiter:
             caller_level = _level(caller_bucket, caller, now)
             if caller_level < 1:
                 retry_after = (1 - caller_level) / caller.rate
-                return Refusal(f"caller:{caller_id}", "the caller's rate limit", retry_after, limits.shadow)
+                return OverLimit(f"caller:{caller_id}", "the caller's rate limit", retry_after, limits.shadow)
         if per_identity is not None:
             identity_bucket = self._buckets.get(identity_key)
             identity_level = _level(identity_bucket, per_identity, now)
             if identity_level < 1:
                 retry_after = (1 - identity_level) / per_identity.rate
                 subject = f"identity:{caller_id}/{digest(identity)}"
-                return Refusal(subject, "the caller's rate limit for one identity", retry_after, limits.shadow)
+                return OverLimit(subject, "the caller's rate limit for one identity", retry_after, limits.shadow)
         new = (caller is not None and caller_bucket is None) + (per_identity is not None and identity_bucket is None)
         if new and not self._room_for(new, now):
             # Every bucket is still refilling, so none can go: see the class docstring.
             retry_after = max(0.0, self._refills[0][0] - now)
-            return Refusal(TABLE_FULL_SUBJECT, "the server's table of rate limits", retry_after, limits.shadow)
+            return OverLimit(TABLE_FULL_SUBJECT, "the server's table of rate limits", retry_after, limits.shadow)
         if caller is not None:
             self._take(caller_bucket, caller_key, caller, caller_level, now)
         if per_identity is not None:

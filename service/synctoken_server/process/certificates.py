@@ -20,7 +20,7 @@ import grpc
 import structlog
 
 from synctoken_server.config import tlsfiles
-from synctoken_server.config.tlsfiles import TlsFileError, TlsMaterial
+from synctoken_server.config.tlsfiles import ServerTlsMaterial, TlsFileError
 from synctoken_server.durations import format_utc
 from synctoken_server.filestamps import restamp
 
@@ -36,7 +36,7 @@ def _utc_now() -> dt.datetime:
 class ServerCertificates:
     """The checked TLS material gRPC serves; the files are watched for a newer set."""
 
-    def __init__(self, material: TlsMaterial, expiry_warning: int | None, clock: Clock = _utc_now) -> None:
+    def __init__(self, material: ServerTlsMaterial, expiry_warning: int | None, clock: Clock = _utc_now) -> None:
         # gRPC calls fetch on its own threads, the event loop calls refresh:
         # one lock keeps a check of the files and the swap that follows together.
         self._lock = threading.Lock()
@@ -47,10 +47,10 @@ class ServerCertificates:
         self._handed = material
         """What gRPC has: `fetch` hands over `_current` when it is something else."""
         self._expiry_warning = expiry_warning
-        self._warned: TlsMaterial | None = None
+        self._warned: ServerTlsMaterial | None = None
 
     @property
-    def current(self) -> TlsMaterial:
+    def current(self) -> ServerTlsMaterial:
         """The material new connections get."""
         return self._current
 
@@ -90,7 +90,7 @@ class ServerCertificates:
         _log.info("tls.reloaded", **_describe(material, self._clock()))
         self.check_expiry(force=True)
 
-    def use(self, material: TlsMaterial, expiry_warning: int | None) -> None:
+    def use(self, material: ServerTlsMaterial, expiry_warning: int | None) -> None:
         """After a config reload: take its material if the files are other files, and its expiry margin."""
         with self._lock:
             self._expiry_warning = expiry_warning
@@ -130,13 +130,13 @@ class ServerCertificates:
             return None
 
 
-def _configuration(material: TlsMaterial) -> grpc.ServerCertificateConfiguration:
+def _configuration(material: ServerTlsMaterial) -> grpc.ServerCertificateConfiguration:
     return grpc.ssl_server_certificate_configuration(
         [(material.private_key_pem, material.cert_chain_pem)], root_certificates=material.client_ca_pem
     )
 
 
-def _describe(material: TlsMaterial, now: dt.datetime) -> dict[str, object]:
+def _describe(material: ServerTlsMaterial, now: dt.datetime) -> dict[str, object]:
     return {
         "cert_file": str(material.files.cert),
         "serial": material.serial,

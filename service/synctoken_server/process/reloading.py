@@ -104,7 +104,7 @@ class ConfigReloader:
                 return False
             self._files = config.files
             current = self._server.snapshots.current.config
-            if config.identity_source is not current.identity_source:
+            if config.caller_id_source is not current.caller_id_source:
                 self._server.metrics.reloads.labels(RELOAD_FAILURE).inc()
                 self._failed = True
                 _log.error(
@@ -112,7 +112,7 @@ class ConfigReloader:
                     trigger=trigger,
                     file=str(self._path),
                     key="identity.source",
-                    problem=f"changed from {current.identity_source.value} to {config.identity_source.value}, "
+                    problem=f"changed from {current.caller_id_source.value} to {config.caller_id_source.value}, "
                     "which needs a restart: the callers' ids are written for one source; nothing was reloaded",
                 )
                 return False

@@ -98,7 +98,7 @@ class TokenServicer:
         # Values are bytes only for keys ending in -bin, which this one does not.
         metadata = context.invocation_metadata() or ()
         forwarded = [value for key, value in metadata if key == xfcc.HEADER and isinstance(value, str)]
-        return mesh.caller_id(snapshot.identity_rules, auth_context, forwarded, mesh=snapshot.config.mesh is not None)
+        return mesh.caller_id(snapshot.caller_rules, auth_context, forwarded, mesh=snapshot.config.mesh is not None)
 
     async def _serve(self, context: Context, method: str, event: str, body: Callable[[_Rpc], _Answer[T]]) -> T:
         """Run `body`, then write the RPC's one audit record and count its metrics, whatever the outcome.

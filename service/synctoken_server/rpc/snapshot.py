@@ -1,10 +1,10 @@
 """The config one RPC sees: a frozen snapshot built from one config file, swapped whole on reload.
 
 The servicer asks `Snapshots.current` once at the start of each RPC and
-hands that one snapshot to everything the RPC does (identity, policy,
+hands that one snapshot to everything the RPC does (who is calling, policy,
 signing), so an RPC sees all of the old config or all of the new, never
 half of each. Building a snapshot does the work a config allows to be done
-once (the identity rules, the policy index, the minter with its key), so
+once (the caller certificate rules, the policy index, the minter with its key), so
 the hot path does none of it.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from synctoken_server.audit.privacy import plain
-from synctoken_server.authn.identity import CallerIdentityRules
+from synctoken_server.authn.callercert import CallerCertRules
 from synctoken_server.authn.svid import TrustAnchors
 from synctoken_server.config.schema import Config
 from synctoken_server.policy.limits import CallerLimits, identity_digest
@@ -27,7 +27,7 @@ class Snapshot:
     """Everything an RPC reads, from one config."""
 
     config: Config
-    identity_rules: CallerIdentityRules
+    caller_rules: CallerCertRules
     policy: Policy
     minter: TokenMinter
     limits: Mapping[str, CallerLimits]
@@ -46,7 +46,7 @@ class Snapshot:
         """
         return cls(
             config=config,
-            identity_rules=CallerIdentityRules(config.identity_source, config.trust_domains, anchors),
+            caller_rules=CallerCertRules(config.caller_id_source, config.trust_domains, anchors),
             policy=config.policy,
             minter=Minter(config.credentials),
             limits={rule.caller: rule.limits.share(workers) for rule in config.policy if rule.limits is not None},

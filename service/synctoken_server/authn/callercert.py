@@ -43,7 +43,7 @@ _DNS_NAME = re.compile(r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a
 CERTIFICATE_CACHE_SIZE = 1024
 
 
-class IdentitySource(enum.Enum):
+class CallerIdSource(enum.Enum):
     """Which part of the client certificate names the caller."""
 
     SPIFFE = "spiffe"
@@ -117,7 +117,7 @@ class NamedCaller:
 
 
 @dataclass(frozen=True)
-class Refusal:
+class UnnamedCaller:
     """A client certificate that names no caller: why not, and the SANs it offered, as received."""
 
     why: str
@@ -125,7 +125,7 @@ class Refusal:
 
 
 @functools.lru_cache(maxsize=CERTIFICATE_CACHE_SIZE)
-def read_caller(source: IdentitySource, leaf_pem: bytes, chain_pem: bytes) -> NamedCaller | Refusal:
+def read_caller(source: CallerIdSource, leaf_pem: bytes, chain_pem: bytes) -> NamedCaller | UnnamedCaller:
     """Who a verified client certificate names, by the X509-SVID rules and `source`'s grammar.
 
     `chain_pem` is the rest of the chain the client presented (may be empty).
@@ -135,44 +135,44 @@ def read_caller(source: IdentitySource, leaf_pem: bytes, chain_pem: bytes) -> Na
     try:
         presented = svid.read_presented(leaf_pem, chain_pem)
     except ValueError:
-        return Refusal(svid.NOT_DECODABLE, ())
-    sans = presented.uris if source is IdentitySource.SPIFFE else presented.dns_names
+        return UnnamedCaller(svid.NOT_DECODABLE, ())
+    sans = presented.uris if source is CallerIdSource.SPIFFE else presented.dns_names
     if presented.defect is not None:
-        return Refusal(presented.defect, sans)
-    reading = _spiffe_caller(sans) if source is IdentitySource.SPIFFE else _dns_caller(sans)
-    if isinstance(reading, Refusal):
+        return UnnamedCaller(presented.defect, sans)
+    reading = _spiffe_caller(sans) if source is CallerIdSource.SPIFFE else _dns_caller(sans)
+    if isinstance(reading, UnnamedCaller):
         return reading
     return dataclasses.replace(
         reading, issuers=presented.issuers, valid_from=presented.valid_from, valid_until=presented.valid_until
     )
 
 
-def _spiffe_caller(uris: tuple[str, ...]) -> NamedCaller | Refusal:
+def _spiffe_caller(uris: tuple[str, ...]) -> NamedCaller | UnnamedCaller:
     # A certificate naming two workloads is refused rather than guessed at;
     # DNS SANs beside the one URI SAN are fine (sidecars often add them).
     if len(uris) != 1:
-        return Refusal(NOT_ONE_URI_SAN, uris)
+        return UnnamedCaller(NOT_ONE_URI_SAN, uris)
     try:
         spiffe_id = workload_id(uris[0], NOT_A_SPIFFE_ID, NO_WORKLOAD_PATH)
     except ValueError as exc:
-        return Refusal(str(exc), uris)
+        return UnnamedCaller(str(exc), uris)
     return NamedCaller(uris[0], spiffe_id.trust_domain.name)
 
 
-def _dns_caller(dns_names: tuple[str, ...]) -> NamedCaller | Refusal:
+def _dns_caller(dns_names: tuple[str, ...]) -> NamedCaller | UnnamedCaller:
     # URI SANs are not looked at: many ordinary certificates carry them.
     if len(dns_names) != 1:
-        return Refusal(NOT_ONE_DNS_SAN, dns_names)
+        return UnnamedCaller(NOT_ONE_DNS_SAN, dns_names)
     if not is_dns_name(dns_names[0]):
-        return Refusal(NOT_A_DNS_NAME, dns_names)
+        return UnnamedCaller(NOT_A_DNS_NAME, dns_names)
     return NamedCaller(dns_names[0], "")
 
 
 @dataclass(frozen=True)
-class CallerIdentityRules:
+class CallerCertRules:
     """How to turn a verified client certificate into a caller id."""
 
-    source: IdentitySource
+    source: CallerIdSource
     trust_domains: frozenset[str]
     anchors: Callable[[], svid.TrustAnchors] | None = None
     """The CAs of client_ca_file in force, whose path length is enforced; None: no limit."""
@@ -189,7 +189,7 @@ class CallerIdentityRules:
             raise CallerUnauthenticated(NO_CERTIFICATE)
         chain = b"".join(auth_context.get("x509_pem_cert_chain", ()))
         reading = read_caller(self.source, leaf[0], chain)
-        if isinstance(reading, Refusal):
+        if isinstance(reading, UnnamedCaller):
             raise CallerUnauthenticated(reading.why, reading.presented_sans)
         # The handshake checked the dates, but a resumed TLS session (a ticket
         # lives for days) brings back a certificate without checking them again.
@@ -197,7 +197,7 @@ class CallerIdentityRules:
             raise CallerUnauthenticated(svid.OUTSIDE_VALIDITY, (reading.caller_id,))
         if self.anchors is not None and self.anchors().too_many_intermediates(reading.issuers):
             raise CallerUnauthenticated(svid.TOO_MANY_INTERMEDIATES, (reading.caller_id,))
-        if self.source is IdentitySource.SPIFFE:
+        if self.source is CallerIdSource.SPIFFE:
             self.check_trust_domain(reading.trust_domain, reading.caller_id)
         return reading.caller_id
 
