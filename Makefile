@@ -8,7 +8,7 @@ PROTOS := $(shell find proto -name '*.proto' | sort)
 # The venv is synced from uv.lock whenever the lock or a dependency list changes.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: dev bff test lint pytest bench generate check-generated check-lock lock test-lowest clean
+.PHONY: dev bff test test-fast lint pytest bench generate check-generated check-lock lock test-lowest clean
 
 # uv, pinned with hashes (tools/uv.txt, compiled from tools/uv.in), in a venv of its own: the
 # project's venv holds exactly what uv.lock says, and nothing on the host is touched.
@@ -83,6 +83,10 @@ test: check-lock lint check-generated pytest
 PYTEST_NEEDS := node_modules/.installed /usr/bin/wrk /usr/bin/openssl /usr/bin/valgrind /usr/bin/chromium $(BUNDLE)
 pytest: $(INSTALLED) $(PYTEST_NEEDS)
 	$(BIN)/pytest
+
+# The inner loop: no lint, and no test marked slow (see the marker in pyproject.toml).
+test-fast: $(INSTALLED) $(PYTEST_NEEDS)
+	$(BIN)/pytest -m "not slow"
 
 # The tested lower bounds: the lowest versions every direct dependency's range allows, in a
 # venv of their own (.venv-lowest), and the whole pytest suite. Run by hand when a lower bound changes; the README says what it last gave.

@@ -28,6 +28,7 @@ PAIRED = {
 }
 
 
+@pytest.mark.slow
 def test_quick_run(tmp_path: Path) -> None:
     """`python -m bench --quick` measures every system at every concurrency, error-free, and writes its report."""
     result = subprocess.run(
@@ -135,6 +136,7 @@ class TestPaired:
         )
 
 
+@pytest.mark.slow
 def test_profile_steps(tmp_path: Path) -> None:
     """`python -m bench.profile --steps` times every stage of IssueToken that exists, inside a loaded server."""
     # The guarded system has a rate limit, so that RateLimiter.check is called too.
@@ -157,6 +159,7 @@ def test_profile_steps(tmp_path: Path) -> None:
     assert figures["handler_cpu_us_per_request"] > 0
 
 
+@pytest.mark.slow
 def test_instruction_counts(tmp_path: Path) -> None:
     """`python -m bench.instructions` counts, under callgrind, every server's and the handler's instructions."""
     out = tmp_path / "counts.json"

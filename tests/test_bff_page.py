@@ -57,6 +57,10 @@ def rfc3339(seconds: int) -> str:
 TIME_ZONE = "Asia/Kolkata"
 
 
+# Every test here drives a real browser or a draining server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
+
 class Browser:
     """A page in a fresh Chromium profile, recording every request and response; every token goes to the leak check."""
 

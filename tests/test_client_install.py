@@ -9,6 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from support import BFF_ID, Pki, RunningServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +37,7 @@ def locked_versions(path: Path) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 class TestFreshVenv:
     """A microservice's view: only the client's dependencies, and it works."""
 

@@ -96,6 +96,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 class TestStalledPipe:
     """stdout is a pipe whose reader stopped reading: nothing may freeze."""
 

@@ -316,6 +316,7 @@ class TestBounded:
         process.wait_for_records("server.started")
         return process, port, metrics_port
 
+    @pytest.mark.slow
     def test_slow_scrapes_leave_files_for_grpc(
         self,
         pki: Pki,

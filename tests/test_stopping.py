@@ -74,6 +74,10 @@ def health_status(pki: Pki, port: int) -> int:
         return int(health_pb2_grpc.HealthStub(ch).Check(request, timeout=5).status)
 
 
+# Every test here drives a real browser or a draining server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
+
 class TestDrain:
     """SIGTERM: NOT_SERVING at once, serving through drain_delay, then no accepted call fails."""
 
