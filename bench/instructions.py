@@ -157,8 +157,7 @@ def _in_process_loop(config_path: Path, loops: int, audit_to: Path) -> None:
             auth_context = {"x509_pem_cert": [bytes(leaf)], "transport_security_type": [b"ssl"]}
             caller_id = mesh.caller_id(snapshot.caller_rules, auth_context, [], mesh=False)
             request = pb.IssueTokenRequest.FromString(raw)
-            context: dict[str, object] = {"rpc": "IssueToken", "peer": "ipv4:127.0.0.1:1", "caller_id": caller_id}
-            issue_and_record(issuer, audit_log, snapshot, caller_id, request, context)
+            issue_and_record(issuer, audit_log, snapshot, caller_id, request)
 
 
 def count(calls: int) -> Counts:

@@ -36,6 +36,7 @@ from synctoken_server.dev.devenv import DEV_CLIENT_ID
 from synctoken_server.policy.limits import RateLimiter
 from synctoken_server.policy.rules import decide
 from synctoken_server.rpc.issuing import TokenIssuer
+from synctoken_server.rpc.servicer import _Rpc  # the servicer's own record context, not a copy of it
 from synctoken_server.rpc.snapshot import Snapshot
 from synctoken_server.tokens.keyledger import SignedExpiries
 from synctoken_server.tokens.minting import Minter, TokenTimes, TwilioLibraryMinter, plan_times
@@ -71,23 +72,26 @@ def new_issuer() -> TokenIssuer:
     return TokenIssuer(signed=SignedExpiries(), limiter=RateLimiter(time.monotonic))
 
 
+BENCH_PEER = "ipv4:127.0.0.1:1"
+"""The peer the in-process paths' audit records name."""
+
+
 def issue_and_record(
     issuer: TokenIssuer,
     audit_log: AuditLog,
     snapshot: Snapshot,
     caller_id: str,
     request: pb.IssueTokenRequest,
-    context: dict[str, object],
 ) -> pb.IssueTokenResponse:
-    """What the servicer does with a parsed request: issue, then write the audit record as it does."""
-    started = time.perf_counter()
+    """What the servicer does with a parsed request: issue, then write the audit record as it does.
+
+    The record's context comes from the servicer's own _Rpc, so the two cannot drift apart.
+    """
+    rpc = _Rpc(snapshot, time.perf_counter(), "IssueToken", BENCH_PEER, caller_id=caller_id, request=request)
     issued = issuer.issue(snapshot, caller_id, request)
-    context |= {
-        "identity": snapshot.audit_identity(request.identity),
-        "service_sid": request.sync.service_sid,
-        "region": request.region,
-    }
-    audit_log.record(record.EVENT_TOKEN_DECISION, context, **issued.record, duration_ms=record.ms_since(started))
+    audit_log.record(
+        record.EVENT_TOKEN_DECISION, rpc.context(), **issued.record, duration_ms=record.ms_since(rpc.started)
+    )
     return issued.response
 
 
@@ -110,8 +114,7 @@ def run(config_path: Path, *, number: int, repeats: int, sink: BinaryIO) -> dict
     def issue_path(which: Snapshot) -> Callable[[], object]:
         def path() -> object:
             # What one IssueToken does between parsing and serialising, per-RPC log context included.
-            context: dict[str, object] = {"rpc": "IssueToken", "peer": "ipv4:127.0.0.1:1", "caller_id": DEV_CLIENT_ID}
-            return issue_and_record(issuer, audit_log, which, DEV_CLIENT_ID, request, context)
+            return issue_and_record(issuer, audit_log, which, DEV_CLIENT_ID, request)
 
         return path
 

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import threading
 import time
+from typing import Any
 
 import httpx
 import uvicorn
@@ -97,3 +98,13 @@ class BffFactory:
         """Stop every BFF started."""
         for bff in self._started:
             bff.close()
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    """The error object of an error response, after checking its shape (the Python BFF's, which the Express example shares) and that nothing is cached."""
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "reason", "message"}
+    error: dict[str, Any] = body["error"]
+    return error

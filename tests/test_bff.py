@@ -9,12 +9,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 from starlette.requests import Request
 
-from bff_support import SESSION_SECRET, Bff, BffFactory, RunningBff
+from bff_support import SESSION_SECRET, Bff, BffFactory, RunningBff, error_of
 from support import (
     API_SECRET,
     SERVICE_A,
@@ -154,16 +153,6 @@ class TestToken:
         assert body["identity"] == "carol@example.com"
         assert "set-cookie" not in response.headers
         claims(body["token"])
-
-
-def error_of(response: httpx.Response) -> dict[str, Any]:
-    """The error object of an error response, after checking its shape and that nothing is cached."""
-    assert response.headers["cache-control"] == "no-store"
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "reason", "message"}
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 class TestErrors:

@@ -12,6 +12,7 @@ import httpx
 import jwt
 import pytest
 
+from bff_support import error_of
 from client_support import env_for
 from support import (
     API_SECRET,
@@ -97,16 +98,6 @@ def express(pki: Pki, tmp_path: Path, leak_watch: LeakWatch) -> Iterator[StartAp
 def claims(token: str) -> dict[str, Any]:
     """The token's payload, its signature verified with the secret only synctoken holds."""
     return jwt.decode(token, API_SECRET, algorithms=["HS256"])
-
-
-def error_of(response: httpx.Response) -> dict[str, Any]:
-    """The error object of an error response, after checking its shape (the Python BFF's) and that nothing is cached."""
-    assert response.headers["cache-control"] == "no-store"
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "reason", "message"}
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 class TestIdentity:
