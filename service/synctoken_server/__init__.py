@@ -2,7 +2,7 @@
 
 Its folders, and the modules at this top level, are layers: each line below
 imports only from the lines under it, and the names on one line import none
-of each other (tests/test_layers.py keeps it so):
+of each other (tests/service/unit/test_layers.py keeps it so):
 
     command
     cli

@@ -16,8 +16,8 @@ import pytest
 from bench import paired, report
 from bench.measure import Result
 from bench.steps_server import STAGES
+from support.constants import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = {"synctoken", "synctoken-guarded", "empty-rpc", "express-guide", "express-keyobject"}
 PAIRED = {
     "synctoken_extra_cpu_us_over_empty",

@@ -19,13 +19,18 @@ import jwt
 import pytest
 from cryptography import x509
 
-from support import API_KEY_SID, BFF_ID, SYNCTOKEN, LeakWatch, Pki, Process, RunningServer, free_port
+from support.configs import WriteConfig
+from support.constants import API_KEY_SID, BFF_ID, ROOT, SYNCTOKEN
+from support.inprocess import RunningServer
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import Process, free_port
 from synctoken_server.config.reader import nest
 from synctoken_server.config.schema import SCHEMA, Config, key_paths, load_config
 from synctoken_server.dev import devenv
 from synctoken_server.process.reloading import restart_only
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = ROOT / "README.md"
 
 
 def reference_config() -> str:
@@ -39,7 +44,7 @@ def reference_config() -> str:
 class TestReferenceConfig:
     """The reference config is a real one."""
 
-    def test_check_config_accepts_it(self, pki: Pki, tmp_path: Path) -> None:
+    def test_check_config_accepts_it(self, pki: Pki, tmp_path: Path, write_config: WriteConfig) -> None:
         """With the files it names in place, check-config accepts the reference config as printed."""
         shutil.copy(pki.directory / "server.pem", tmp_path / "server.pem")
         shutil.copy(pki.directory / "server-key.pem", tmp_path / "server-key.pem")
@@ -50,8 +55,7 @@ class TestReferenceConfig:
         audit_key = tmp_path / "audit-hmac-key"
         audit_key.write_text("readme-audit-key-" + "a" * 32 + "\n", encoding="utf-8")
         audit_key.chmod(0o600)
-        path = tmp_path / "synctoken.toml"
-        path.write_text(reference_config(), encoding="utf-8")
+        path = write_config(reference_config())
         result = subprocess.run(
             [SYNCTOKEN, "check-config", str(path)], capture_output=True, text=True, timeout=30, check=False, env={}
         )

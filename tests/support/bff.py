@@ -12,8 +12,9 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
-from client_support import client_kwargs
-from support import LeakWatch, Pki
+from support.clients import client_kwargs
+from support.logcapture import LeakWatch
+from support.pki import Pki
 from synctoken.client import AsyncTokenClient
 from synctoken_bff import Authenticate, Settings, create_app
 

@@ -1,10 +1,13 @@
-"""Support for the client library's tests: certificate files to rotate, a clock to step, a scripted server."""
+"""Support for the client library's tests: certificate files to rotate, a clock to step, a scripted server, the CLI."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent import futures
@@ -14,7 +17,8 @@ from typing import Any, TypedDict, TypeVar
 
 import grpc
 
-from support import LeakWatch, Pki
+from support.logcapture import LeakWatch
+from support.pki import Pki
 from synctoken.client import AsyncTokenClient, CallerIdentity, IssuedToken, TokenClient
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.dev.pki import KeyPair
@@ -202,3 +206,40 @@ def env_for(pki: Pki, cert: str, target: str) -> dict[str, str]:
         "SYNCTOKEN_CERT_FILE": str(paths["cert_file"]),
         "SYNCTOKEN_KEY_FILE": str(paths["key_file"]),
     }
+
+
+CLIENT = str(Path(sys.executable).parent / "synctoken-client")
+
+
+def run_client(
+    *args: str, env: dict[str, str], watch: LeakWatch | None = None
+) -> tuple[int, dict[str, object] | None, str]:
+    """Run synctoken-client; return its exit code, stdout as JSON (None if empty), and stderr.
+
+    A token printed on stdout is added to the session's leak check at once.
+    """
+    result = subprocess.run([CLIENT, *args], capture_output=True, text=True, timeout=60, check=False, env=env)
+    out = json.loads(result.stdout) if result.stdout else None
+    if watch is not None and out and out.get("token"):
+        watch.tokens.add(str(out["token"]))
+    return result.returncode, out, result.stderr
+
+
+def client_flags(pki: Pki, cert: str, port: int) -> list[str]:
+    """Connection flags for `cert` against localhost:`port`."""
+    cert_file, key_file = pki.files(cert)
+    return [
+        "--target",
+        f"localhost:{port}",
+        "--ca",
+        str(pki.directory / "ca.pem"),
+        "--cert",
+        str(cert_file),
+        "--key",
+        str(key_file),
+    ]
+
+
+def bare_env() -> dict[str, str]:
+    """This process's environment without any SYNCTOKEN_* variable."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SYNCTOKEN_")}

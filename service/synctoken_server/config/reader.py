@@ -5,7 +5,7 @@ tables a feature folder consumes, beside it in `twilio.py` ([twilio]),
 `limits.py` ([limits] and a caller's rate keys), `metrics.py` ([metrics]),
 `audit.py` ([audit]) and `mesh.py` ([mesh]); this is the walking and
 checking every key shares. Only config/ imports this (and tomllib):
-tests/test_layers.py keeps it so.
+tests/service/unit/test_layers.py keeps it so.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ SCHEMA: Mapping[str, frozenset[str]] = {
 }
 """Every table (`[]`: an array of tables) and the keys it may hold, top-level tables in the order the README
 and check-config show them. The readers refuse any other key with these same sets, and tests hold check-config's
-dump, the README's reference and the restart-only keys to them (tests/test_config_schema.py)."""
+dump, the README's reference and the restart-only keys to them (tests/docs/test_readme.py)."""
 
 _TABLES = tuple(table.removesuffix("[]") for table in SCHEMA if "." not in table)
 

@@ -163,7 +163,7 @@ class ConfigReloader:
 def restart_only(config: Config) -> dict[str, str]:
     """The keys only a restart changes, as `config` sets them: the one list of them in the code.
 
-    tests/test_readme.py holds these keys to the schema (config.schema.SCHEMA) and to the README's lists.
+    tests/docs/test_readme.py holds these keys to the schema (config.schema.SCHEMA) and to the README's lists.
     """
     group = config.mesh.socket_group if config.mesh else None
     return {

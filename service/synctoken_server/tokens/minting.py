@@ -73,7 +73,7 @@ class Minter:
     """Signs Access Tokens with one Twilio API key, building the JWT itself.
 
     The bytes are those of the `twilio` library (through PyJWT), which stays the
-    reference: tests/test_mint_parity.py compares the two on hundreds of inputs.
+    reference: tests/service/unit/test_mint_parity.py compares the two on hundreds of inputs.
     Building it here skips what PyJWT redoes on every call, above all its checks
     that the secret is not a PEM, SSH, DER or JWK key; `check_secret` runs those
     once, when the config loads.

@@ -13,18 +13,12 @@ import jwt
 import pytest
 from starlette.requests import Request
 
-from bff_support import SESSION_SECRET, Bff, BffFactory, RunningBff, error_of
-from support import (
-    API_SECRET,
-    SERVICE_A,
-    SERVICE_B,
-    SERVICE_C,
-    LeakWatch,
-    LogSink,
-    Pki,
-    RunningServer,
-    free_port,
-)
+from support.bff import SESSION_SECRET, Bff, BffFactory, RunningBff, error_of
+from support.constants import API_SECRET, SERVICE_A, SERVICE_B, SERVICE_C
+from support.inprocess import RunningServer
+from support.logcapture import LeakWatch, LogSink
+from support.pki import Pki
+from support.processes import free_port
 from synctoken.client import IssuedToken, RateLimited, SynctokenError, Unavailable
 from synctoken_bff import Settings, create_app
 from synctoken_bff._durations import parse_duration

@@ -13,8 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client_support import env_for
-from support import START_TIMEOUT, LeakWatch, Pki, RunningServer, free_port
+from support.clients import env_for
+from support.inprocess import RunningServer
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import START_TIMEOUT, free_port
 from synctoken_bff._identityhash import IdentityHasher
 
 SYNCTOKEN_BFF = str(Path(sys.executable).parent / "synctoken-bff")

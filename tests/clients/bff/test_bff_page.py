@@ -14,19 +14,13 @@ import jwt
 import pytest
 from playwright.sync_api import Page, Response, sync_playwright
 
-from bff_support import RunningBff
-from client_support import SteppedClock, client_kwargs
-from support import (
-    ACCOUNT_SID,
-    API_KEY_SID,
-    API_SECRET,
-    SERVICE_A,
-    LeakWatch,
-    Pki,
-    RunningServer,
-    ServerHarness,
-    config_text,
-)
+from support.bff import RunningBff
+from support.clients import SteppedClock, client_kwargs
+from support.configs import config_text
+from support.constants import ACCOUNT_SID, API_KEY_SID, API_SECRET, SERVICE_A
+from support.inprocess import RunningServer, ServerHarness
+from support.logcapture import LeakWatch
+from support.pki import Pki
 from synctoken.client import AsyncTokenClient
 from synctoken_bff import Settings, create_app
 from synctoken_server.dev import devenv

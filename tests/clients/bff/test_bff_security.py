@@ -14,18 +14,12 @@ from typing import Any
 import httpx
 import pytest
 
-from bff_support import SESSION_SECRET, Bff, BffFactory
-from support import (
-    BFF_ID,
-    POLICY_TOML,
-    SERVICE_C,
-    LeakWatch,
-    LogSink,
-    Pki,
-    RunningServer,
-    ServerHarness,
-    config_text,
-)
+from support.bff import SESSION_SECRET, Bff, BffFactory
+from support.configs import POLICY_TOML, config_text
+from support.constants import BFF_ID, SERVICE_C
+from support.inprocess import RunningServer, ServerHarness
+from support.logcapture import LeakWatch, LogSink
+from support.pki import Pki
 from synctoken_bff import NewIdentityLimit, Settings
 from synctoken_bff._addresslimit import AddressLimiter
 from synctoken_bff._identityhash import IdentityHasher, key_from_file

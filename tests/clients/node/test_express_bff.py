@@ -12,24 +12,16 @@ import httpx
 import jwt
 import pytest
 
-from bff_support import error_of
-from client_support import env_for
-from support import (
-    API_SECRET,
-    BFF_ID,
-    POLICY_TOML,
-    SERVICE_A,
-    SERVICE_C,
-    START_TIMEOUT,
-    LeakWatch,
-    Pki,
-    RunningServer,
-    ServerHarness,
-    config_text,
-    free_port,
-)
+from support.bff import error_of
+from support.clients import env_for
+from support.configs import POLICY_TOML, config_text
+from support.constants import API_SECRET, BFF_ID, ROOT, SERVICE_A, SERVICE_C
+from support.inprocess import RunningServer, ServerHarness
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import START_TIMEOUT, free_port
 
-APP = Path(__file__).parent.parent / "clients/node/examples/express-bff/app.js"
+APP = ROOT / "clients/node/examples/express-bff/app.js"
 COOKIE_NAME = "synctoken_bff_identity"
 
 # An app whose login is a header an auth proxy sets: the `authenticate` seam, filled in as a real app would.

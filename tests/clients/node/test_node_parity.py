@@ -12,11 +12,12 @@ import jwt
 import pytest
 from google.protobuf import duration_pb2
 
-from support import ACCOUNT_SID, API_KEY_SID, API_SECRET, SERVICE_B, Client
+from support.constants import ACCOUNT_SID, API_KEY_SID, API_SECRET, ROOT, SERVICE_B
+from support.inprocess import Client
 from synctoken.v1 import token_service_pb2 as pb
 
-MINT_SCRIPT = Path(__file__).parent / "node" / "mint_access_token.js"
-NODE_MODULES = Path(__file__).parent.parent / "node_modules"
+MINT_SCRIPT = Path(__file__).parent / "mint_access_token.js"
+NODE_MODULES = ROOT / "node_modules"
 
 
 def node_token(inputs: dict[str, object]) -> str:

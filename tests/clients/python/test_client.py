@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,24 +22,13 @@ from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
 from google.rpc.status_pb2 import Status
 from grpc_status import rpc_status
 
-from client_support import Driver, ScriptedServer, client_kwargs, keep
-from support import (
-    API_SECRET,
-    BFF_ID,
-    CHAT_WORKER_ID,
-    SECRET_ENV,
-    SERVICE_A,
-    SERVICE_B,
-    SERVICE_C,
-    STRANGER_ID,
-    LeakWatch,
-    Pki,
-    RunningServer,
-    ServerHarness,
-    break_signing,
-    config_text,
-    free_port,
-)
+from support.clients import Driver, ScriptedServer, client_kwargs, keep
+from support.configs import SECRET_ENV, WriteConfig, config_text
+from support.constants import API_SECRET, BFF_ID, CHAT_WORKER_ID, SERVICE_A, SERVICE_B, SERVICE_C, STRANGER_ID
+from support.inprocess import RunningServer, ServerHarness, break_signing
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import free_port
 from synctoken.client import (
     AsyncTokenClient,
     CallerIdentity,
@@ -282,11 +270,14 @@ class TestErrors:
         assert error.retry_after == dt.timedelta(seconds=2.5)
 
     def test_internal_is_the_base_class(
-        self, make_client: MakeClient, harness: ServerHarness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        self,
+        make_client: MakeClient,
+        harness: ServerHarness,
+        write_config: WriteConfig,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """A code with no class of its own (INTERNAL) is a plain SynctokenError."""
-        path = tmp_path / "synctoken.toml"
-        path.write_text(config_text(harness.pki), encoding="utf-8")
+        path = write_config(config_text(harness.pki))
         break_signing(monkeypatch)
         server = harness.start_config(load_config(path, environ=SECRET_ENV))
         error = failure(lambda: make_client(server.port).issue_token("alice"))

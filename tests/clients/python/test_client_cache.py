@@ -14,8 +14,11 @@ from typing import Any
 import pytest
 import structlog
 
-from client_support import Driver, SteppedClock, client_kwargs, keep
-from support import SERVICE_B, SERVICE_C, LeakWatch, LogSink, Pki, RunningServer, ServerHarness
+from support.clients import Driver, SteppedClock, client_kwargs, keep
+from support.constants import SERVICE_B, SERVICE_C
+from support.inprocess import RunningServer, ServerHarness
+from support.logcapture import LeakWatch, LogSink
+from support.pki import Pki
 from synctoken.client import AsyncTokenClient, IssuedToken, PermissionDenied, TokenClient
 from synctoken.client._cache import CacheKey, TokenCache
 from synctoken_server.audit.logs import AUDIT_LOGGER

@@ -4,60 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jwt
 import pytest
 
-from client_support import env_for
-from support import (
-    API_SECRET,
-    BFF_ID,
-    SERVICE_A,
-    SERVICE_B,
-    SERVICE_C,
-    LeakWatch,
-    Pki,
-    RunningServer,
-    free_port,
-)
-
-CLIENT = str(Path(sys.executable).parent / "synctoken-client")
-
-
-def run(*args: str, env: dict[str, str], watch: LeakWatch | None = None) -> tuple[int, dict[str, object] | None, str]:
-    """Run synctoken-client; return its exit code, stdout as JSON (None if empty), and stderr.
-
-    A token printed on stdout is added to the session's leak check at once.
-    """
-    result = subprocess.run([CLIENT, *args], capture_output=True, text=True, timeout=60, check=False, env=env)
-    out = json.loads(result.stdout) if result.stdout else None
-    if watch is not None and out and out.get("token"):
-        watch.tokens.add(str(out["token"]))
-    return result.returncode, out, result.stderr
-
-
-def flags(pki: Pki, cert: str, port: int) -> list[str]:
-    """Connection flags for `cert` against localhost:`port`."""
-    cert_file, key_file = pki.files(cert)
-    return [
-        "--target",
-        f"localhost:{port}",
-        "--ca",
-        str(pki.directory / "ca.pem"),
-        "--cert",
-        str(cert_file),
-        "--key",
-        str(key_file),
-    ]
-
-
-def bare_env() -> dict[str, str]:
-    """This process's environment without any SYNCTOKEN_* variable."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SYNCTOKEN_")}
+from support.clients import bare_env, client_flags, env_for, run_client
+from support.constants import API_SECRET, BFF_ID, SERVICE_A, SERVICE_B, SERVICE_C
+from support.inprocess import RunningServer
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import free_port
 
 
 def rfc3339(seconds: object) -> str:
@@ -71,8 +27,13 @@ class TestIssue:
 
     def test_defaults(self, pki: Pki, shared_server: RunningServer, leak_watch: LeakWatch) -> None:
         """With flags for the connection, the token and its times are printed; stderr stays empty."""
-        code, out, err = run(
-            *flags(pki, "bff", shared_server.port), "issue", "--identity", "alice", env=bare_env(), watch=leak_watch
+        code, out, err = run_client(
+            *client_flags(pki, "bff", shared_server.port),
+            "issue",
+            "--identity",
+            "alice",
+            env=bare_env(),
+            watch=leak_watch,
         )
         assert (code, err) == (0, "")
         assert out is not None
@@ -84,8 +45,8 @@ class TestIssue:
 
     def test_every_option(self, pki: Pki, shared_server: RunningServer, leak_watch: LeakWatch) -> None:
         """--service, --endpoint-id, --ttl and --region reach the token."""
-        code, out, _ = run(
-            *flags(pki, "bff", shared_server.port),
+        code, out, _ = run_client(
+            *client_flags(pki, "bff", shared_server.port),
             "issue",
             "--identity",
             "bob",
@@ -110,8 +71,13 @@ class TestIssue:
 
     def test_validate_only(self, pki: Pki, shared_server: RunningServer) -> None:
         """--validate-only prints the identity and times; no token or token_id key, as grpcurl omits empty fields."""
-        code, out, _ = run(
-            *flags(pki, "bff", shared_server.port), "issue", "--identity", "alice", "--validate-only", env=bare_env()
+        code, out, _ = run_client(
+            *client_flags(pki, "bff", shared_server.port),
+            "issue",
+            "--identity",
+            "alice",
+            "--validate-only",
+            env=bare_env(),
         )
         assert code == 0
         assert out is not None
@@ -121,11 +87,11 @@ class TestIssue:
     def test_settings_from_the_environment(self, pki: Pki, shared_server: RunningServer, leak_watch: LeakWatch) -> None:
         """With no flags, SYNCTOKEN_* variables say where and who; a flag beats its variable."""
         env = env_for(pki, "stranger", f"localhost:{shared_server.port}")
-        code, out, _ = run("whoami", env=env)
+        code, out, _ = run_client("whoami", env=env)
         assert code == 0
         assert out == {"caller_id": "spiffe://example.org/ns/other/sa/stranger", "policy": None}
         cert_file, key_file = pki.files("bff")
-        code, out, _ = run("--cert", str(cert_file), "--key", str(key_file), "whoami", env=env, watch=leak_watch)
+        code, out, _ = run_client("--cert", str(cert_file), "--key", str(key_file), "whoami", env=env, watch=leak_watch)
         assert code == 0
         assert out is not None
         assert out["caller_id"] == BFF_ID
@@ -136,7 +102,7 @@ class TestWhoami:
 
     def test_policy(self, pki: Pki, shared_server: RunningServer) -> None:
         """The policy's durations print as grpcurl prints them ("600s")."""
-        code, out, err = run(*flags(pki, "chat_worker", shared_server.port), "whoami", env=bare_env())
+        code, out, err = run_client(*client_flags(pki, "chat_worker", shared_server.port), "whoami", env=bare_env())
         assert (code, err) == (0, "")
         assert out == {
             "caller_id": "spiffe://example.org/ns/chat/sa/worker",
@@ -187,16 +153,16 @@ class TestFailures:
         self, pki: Pki, shared_server: RunningServer, args: list[str], expected: dict[str, object]
     ) -> None:
         """The server's refusal: code, reason, message and field violations."""
-        code, out, err = run(
-            *flags(pki, "bff", shared_server.port), "issue", "--identity", "alice", *args, env=bare_env()
+        code, out, err = run_client(
+            *client_flags(pki, "bff", shared_server.port), "issue", "--identity", "alice", *args, env=bare_env()
         )
         assert (code, out) == (1, None)
         assert json.loads(err) == expected
 
     def test_no_server(self, pki: Pki) -> None:
         """Nothing listening: the deadline passes, and the error has gRPC's code and no reason."""
-        code, out, err = run(
-            *flags(pki, "bff", free_port()), "--timeout", "0.5", "issue", "--identity", "alice", env=bare_env()
+        code, out, err = run_client(
+            *client_flags(pki, "bff", free_port()), "--timeout", "0.5", "issue", "--identity", "alice", env=bare_env()
         )
         assert (code, out) == (1, None)
         assert json.loads(err) == {
@@ -226,7 +192,7 @@ class TestUsage:
     )
     def test_bad_flags(self, pki: Pki, args: list[str], message: str) -> None:
         """Missing or malformed flags, and a missing setting, are usage errors."""
-        code, out, err = run(*args, env=bare_env() | {"SYNCTOKEN_CA_FILE": str(pki.directory / "ca.pem")})
+        code, out, err = run_client(*args, env=bare_env() | {"SYNCTOKEN_CA_FILE": str(pki.directory / "ca.pem")})
         assert (code, out) == (2, None)
         assert err.startswith("usage: synctoken-client")
         assert message in err
@@ -235,7 +201,7 @@ class TestUsage:
         """Without --key or SYNCTOKEN_KEY_FILE, the message names both."""
         env = env_for(pki, "bff", "localhost:1")
         del env["SYNCTOKEN_KEY_FILE"]
-        code, _, err = run("whoami", env=env)
+        code, _, err = run_client("whoami", env=env)
         assert code == 2
         assert "error: give --key or set SYNCTOKEN_KEY_FILE" in err
 
@@ -243,7 +209,7 @@ class TestUsage:
         """A key that does not match the certificate is refused before any call."""
         env = env_for(pki, "bff", "localhost:1")
         env["SYNCTOKEN_KEY_FILE"] = str(pki.files("stranger")[1])
-        code, _, err = run("whoami", env=env)
+        code, _, err = run_client("whoami", env=env)
         assert code == 2
         assert (
             f"error: the key in {pki.files('stranger')[1]} does not match the certificate in {pki.files('bff')[0]}"

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from support import BFF_ID, Pki, RunningServer
+from support.constants import BFF_ID, ROOT
+from support.inprocess import RunningServer
+from support.pki import Pki
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIENT_PACKAGE = ROOT / "clients" / "python"
 # What `pip install ./clients/python` may bring: its own dependencies and theirs.
 ALLOWED = {"synctoken-api", "grpcio", "protobuf", "googleapis-common-protos", "typing-extensions", "pip", "setuptools"}

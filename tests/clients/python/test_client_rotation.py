@@ -21,7 +21,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from client_support import (
+from support.clients import (
     ROTATED_ID,
     AsyncDriver,
     Driver,
@@ -32,7 +32,10 @@ from client_support import (
     keep,
     peer_spiffe_id,
 )
-from support import BFF_ID, SERVICE_B, LeakWatch, LogSink, Pki, RunningServer
+from support.constants import BFF_ID, SERVICE_B
+from support.inprocess import RunningServer
+from support.logcapture import LeakWatch, LogSink
+from support.pki import Pki
 from synctoken.client import AsyncTokenClient, CertificateFilesError, SynctokenError, TokenClient
 from synctoken.client._channel import Generations
 from synctoken.client._credentials import CertificateFiles, TlsFiles

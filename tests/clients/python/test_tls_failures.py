@@ -17,16 +17,18 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import httpx
 import pytest
-from test_client_cli import bare_env, flags, run
 
-from bff_support import Bff, BffFactory
-from client_support import Driver
-from support import SECRET_ENV, LeakWatch, Pki, Process, RunningServer, config_text, free_port
+from support.bff import Bff, BffFactory
+from support.clients import Driver, bare_env, client_flags, run_client
+from support.configs import SECRET_ENV, WriteConfig, config_text
+from support.inprocess import RunningServer
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import Process, free_port
 from synctoken.client import Cause, SynctokenError, Unavailable
 from synctoken_server.config.schema import load_config
 
@@ -130,8 +132,8 @@ class TestCommand:
     )
     def test_error_json(self, pki: Pki, shared_server: RunningServer, cert: str, extra: list[str], why: str) -> None:
         """Exit 1, and {"code": "UNAVAILABLE", "cause": "tls_handshake_failed", "message": "TLS handshake ..."}."""
-        args = [*flags(pki, cert, shared_server.port), *extra, "--timeout", str(LONG), "whoami"]
-        code, out, err = run(*args, env=bare_env())
+        args = [*client_flags(pki, cert, shared_server.port), *extra, "--timeout", str(LONG), "whoami"]
+        code, out, err = run_client(*args, env=bare_env())
         assert (code, out) == (1, None)
         error = json.loads(err.splitlines()[-1])
         assert (error["code"], error["reason"], error["cause"]) == ("UNAVAILABLE", None, "tls_handshake_failed")
@@ -140,9 +142,9 @@ class TestCommand:
 
     def test_wrong_ca(self, pki: Pki, shared_server: RunningServer) -> None:
         """--ca naming a CA that did not issue the server's certificate."""
-        args = flags(pki, "bff", shared_server.port)
+        args = client_flags(pki, "bff", shared_server.port)
         args[args.index("--ca") + 1] = str(pki.directory / "open-ca.pem")
-        code, _, err = run(*args, "--timeout", str(LONG), "whoami", env=bare_env())
+        code, _, err = run_client(*args, "--timeout", str(LONG), "whoami", env=bare_env())
         error = json.loads(err.splitlines()[-1])
         assert (code, error["cause"]) == (1, "tls_handshake_failed")
         assert UNTRUSTED_SERVER in error["message"]
@@ -204,7 +206,7 @@ class TestServerLog:
     def test_what_an_operator_sees(
         self,
         pki: Pki,
-        tmp_path: Path,
+        write_config: WriteConfig,
         leak_watch: LeakWatch,
         processes: list[Process],
         env: dict[str, str],
@@ -215,10 +217,9 @@ class TestServerLog:
         Never in the JSON log, which the server writes from Python.
         """
         port = free_port()
-        path = tmp_path / "synctoken.toml"
-        path.write_text(config_text(pki, listen=f"127.0.0.1:{port}"), encoding="utf-8")
+        path = write_config(config_text(pki, listen=f"127.0.0.1:{port}"))
         base = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")} | SECRET_ENV
-        process = Process(["serve", "--config", str(path)], tmp_path, leak_watch, base | env)
+        process = Process(["serve", "--config", str(path)], path.parent, leak_watch, base | env)
         processes.append(process)
         process.wait_for_records("server.started")
         client_port = refused_handshake(pki, port, "expired")

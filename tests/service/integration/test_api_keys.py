@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import jwt
 import pytest
 
-from support import (
-    API_KEY_SID,
-    LeakWatch,
-    Pki,
-    Process,
-    SteadyLoad,
-    check_config,
-    config_text,
-    free_port,
-    replace_file,
-    serve,
-)
+from support.calls import SteadyLoad
+from support.configs import WriteConfig, config_text
+from support.constants import API_KEY_SID
+from support.files import replace_file
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import Process, check_config, free_port, serve
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
 from synctoken_server.tokens.keyledger import SignedExpiries
@@ -30,8 +24,6 @@ KEY_A = "SK" + "a" * 32
 KEY_B = "SK" + "b" * 32
 SECRETS = {KEY_A: "s3cr3t-of-key-a-" + "1" * 16, KEY_B: "s3cr3t-of-key-b-" + "2" * 16}
 SINGLE_KEY = f'api_key = "{API_KEY_SID}"\n'
-
-WriteConfig = Callable[[str], Path]
 
 
 def key_list(active: str, *, listed: tuple[str, ...] = (KEY_A, KEY_B)) -> str:
@@ -188,10 +180,9 @@ class TestRotation:
             "previous_key_tokens_live_until": iso(max(last_a, started + 24 * 3600)),
         }
 
-    def test_check_config_warns_about_the_inactive_key(self, pki: Pki, tmp_path: Path) -> None:
+    def test_check_config_warns_about_the_inactive_key(self, pki: Pki, write_config: WriteConfig) -> None:
         """check-config cannot know when the old key last signed, and says so: wait max_ttl, or read the server's line."""
-        path = tmp_path / "synctoken.toml"
-        path.write_text(with_keys(pki, key_list(KEY_B)), encoding="utf-8")
+        path = write_config(with_keys(pki, key_list(KEY_B)))
         result = check_config(path)
         assert result.returncode == 0, result.stderr
         assert result.stderr == (

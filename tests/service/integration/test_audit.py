@@ -10,21 +10,11 @@ from typing import Any
 import grpc
 import pytest
 
-from support import (
-    API_SECRET,
-    BFF_ID,
-    POLICY_TOML,
-    SECRET_ENV,
-    SERVICE_A,
-    STRANGER_ID,
-    Client,
-    LogSink,
-    ServerHarness,
-    break_signing,
-    chain_logger,
-    config_text,
-    rpc_error,
-)
+from support.calls import rpc_error
+from support.configs import POLICY_TOML, SECRET_ENV, WriteConfig, config_text
+from support.constants import API_SECRET, BFF_ID, SERVICE_A, STRANGER_ID
+from support.inprocess import Client, ServerHarness, break_signing
+from support.logcapture import LogSink, chain_logger
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.audit.linesink import LineSink
 from synctoken_server.audit.record import AuditLog
@@ -129,11 +119,14 @@ class TestUnexpectedFault:
     """A fault nobody planned for: INTERNAL to the caller, the traceback to the log."""
 
     def test_internal(
-        self, harness: ServerHarness, log_sink: LogSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        self,
+        harness: ServerHarness,
+        log_sink: LogSink,
+        write_config: WriteConfig,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """A signing failure (here: a ValueError from the minter) gives a generic INTERNAL and a logged traceback."""
-        path = tmp_path / "synctoken.toml"
-        path.write_text(config_text(harness.pki), encoding="utf-8")
+        path = write_config(config_text(harness.pki))
         # The loader and the minter refuse an unusable secret before serving, so the fault is injected.
         break_signing(monkeypatch)
         client = harness.client(harness.start_config(load_config(path, environ=SECRET_ENV)), "bff")
@@ -152,10 +145,9 @@ class TestUnexpectedFault:
 class TestSecretsStayOut:
     """The secret is not in reprs that end up in tracebacks or debug output."""
 
-    def test_credentials_repr(self, harness: ServerHarness, tmp_path: Path) -> None:
+    def test_credentials_repr(self, harness: ServerHarness, write_config: WriteConfig) -> None:
         """Neither the config nor the credentials print the API secret or the TLS key."""
-        path = tmp_path / "synctoken.toml"
-        path.write_text(config_text(harness.pki), encoding="utf-8")
+        path = write_config(config_text(harness.pki))
         config = load_config(path, environ=SECRET_ENV)
         assert API_SECRET not in repr(config)
         assert "PRIVATE KEY" not in repr(config)

@@ -8,17 +8,11 @@ from typing import Any
 import grpc
 import pytest
 
-from support import (
-    BFF_ID,
-    CHAT_ADMIN_ID,
-    DNS_CALLER,
-    SERVICE_A,
-    Client,
-    LogSink,
-    ServerHarness,
-    config_text,
-    rpc_error,
-)
+from support.calls import rpc_error
+from support.configs import config_text
+from support.constants import BFF_ID, CHAT_ADMIN_ID, DNS_CALLER, SERVICE_A
+from support.inprocess import Client, ServerHarness
+from support.logcapture import LogSink
 from synctoken.v1 import token_service_pb2 as pb
 
 Connect = Callable[[str | None], Client]

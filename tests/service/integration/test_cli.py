@@ -20,23 +20,11 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from support import (
-    ACCOUNT_SID,
-    API_KEY_SID,
-    API_SECRET,
-    BFF_ID,
-    GRPCURL,
-    SECRET_ENV,
-    SERVICE_A,
-    START_TIMEOUT,
-    SYNCTOKEN,
-    LeakWatch,
-    Pki,
-    Process,
-    check_config,
-    config_text,
-    free_port,
-)
+from support.configs import SECRET_ENV, WriteConfig, config_text
+from support.constants import ACCOUNT_SID, API_KEY_SID, API_SECRET, BFF_ID, GRPCURL, SERVICE_A, SYNCTOKEN
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import START_TIMEOUT, Process, check_config, free_port
 from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
 from synctoken_server.authn.callercert import SPIFFE_ID_FORM
 from synctoken_server.dev import devenv
@@ -176,15 +164,20 @@ class TestServe:
 
     @pytest.mark.parametrize("workers", ["1", "2"])
     def test_port_in_use(
-        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process], workers: str
+        self,
+        pki: Pki,
+        tmp_path: Path,
+        write_config: WriteConfig,
+        leak_watch: LeakWatch,
+        processes: list[Process],
+        workers: str,
     ) -> None:
         """On a port another program holds, serve exits 3 with a message instead of sharing it (workers too)."""
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
-            path = tmp_path / "synctoken.toml"
-            path.write_text(config_text(pki, listen=f"127.0.0.1:{port}"), encoding="utf-8")
+            path = write_config(config_text(pki, listen=f"127.0.0.1:{port}"))
             process = Process(
                 ["serve", "--workers", workers, "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV
             )
@@ -192,10 +185,11 @@ class TestServe:
             assert process.proc.wait(timeout=START_TIMEOUT) == 3
         assert f"cannot listen on 127.0.0.1:{port}" in process.stderr_path.read_text()
 
-    def test_bad_config_exits_2(self, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> None:
+    def test_bad_config_exits_2(
+        self, tmp_path: Path, write_config: WriteConfig, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
         """A config error is reported on stderr, naming file and key, with exit status 2."""
-        path = tmp_path / "synctoken.toml"
-        path.write_text("[server]\nlisten = 5\n", encoding="utf-8")
+        path = write_config("[server]\nlisten = 5\n")
         process = Process(["serve", "--config", str(path)], tmp_path, leak_watch)
         processes.append(process)
         assert process.proc.wait(timeout=START_TIMEOUT) == 2
@@ -206,12 +200,11 @@ class TestWorkers:
     """`synctoken serve --workers N`: N processes sharing one port."""
 
     def test_two_workers_serve_and_stop(
-        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+        self, pki: Pki, tmp_path: Path, write_config: WriteConfig, leak_watch: LeakWatch, processes: list[Process]
     ) -> None:
         """Both workers start, fresh connections get tokens, and SIGTERM stops everything cleanly."""
         port = free_port()
-        path = tmp_path / "synctoken.toml"
-        path.write_text(config_text(pki, listen=f"127.0.0.1:{port}"), encoding="utf-8")
+        path = write_config(config_text(pki, listen=f"127.0.0.1:{port}"))
         process = Process(
             ["serve", "--workers", "2", "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV
         )
@@ -237,11 +230,10 @@ class TestWorkers:
         assert all("worker" in r for r in records if r["event"] == "token.decision")
 
     def test_workers_need_a_fixed_port(
-        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+        self, pki: Pki, tmp_path: Path, write_config: WriteConfig, leak_watch: LeakWatch, processes: list[Process]
     ) -> None:
         """Port 0 would give each worker its own port: refused with exit 2."""
-        path = tmp_path / "synctoken.toml"
-        path.write_text(config_text(pki), encoding="utf-8")
+        path = write_config(config_text(pki))
         process = Process(
             ["serve", "--workers", "2", "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV
         )
@@ -252,12 +244,11 @@ class TestWorkers:
         )
 
     def test_workers_refuse_mesh_mode(
-        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+        self, pki: Pki, tmp_path: Path, write_config: WriteConfig, leak_watch: LeakWatch, processes: list[Process]
     ) -> None:
         """Workers cannot share one mesh socket yet: refused with exit 2 rather than half-served."""
-        path = tmp_path / "synctoken.toml"
         mesh = '[mesh]\nlisten = "unix:mesh.sock"\ntrust_forwarded_client_cert = true\n'
-        path.write_text(mesh + config_text(pki, listen=f"127.0.0.1:{free_port()}"), encoding="utf-8")
+        path = write_config(mesh + config_text(pki, listen=f"127.0.0.1:{free_port()}"))
         process = Process(
             ["serve", "--workers", "2", "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV
         )
@@ -271,10 +262,9 @@ class TestWorkers:
 class TestCheckConfig:
     """`synctoken check-config FILE` runs the same loader and prints the effective policy."""
 
-    def test_prints_effective_policy_without_secret(self, pki: Pki, tmp_path: Path) -> None:
+    def test_prints_effective_policy_without_secret(self, pki: Pki, write_config: WriteConfig) -> None:
         """The output lists callers with inherited defaults, and never the secret."""
-        path = tmp_path / "synctoken.toml"
-        path.write_text(config_text(pki), encoding="utf-8")
+        path = write_config(config_text(pki))
         result = check_config(path)
         assert result.returncode == 0, result.stderr
         assert API_SECRET not in result.stdout + result.stderr
@@ -290,7 +280,7 @@ class TestCheckConfig:
         assert effective["mesh"] is None
         assert effective["callers"][1]["identity_pattern"] == "user-[0-9]+"
 
-    def test_prints_every_key_the_loader_read(self, pki: Pki, tmp_path: Path) -> None:
+    def test_prints_every_key_the_loader_read(self, pki: Pki, tmp_path: Path, write_config: WriteConfig) -> None:
         """Every key of a file using every table comes back with its value, and defaults for the rest.
 
         The printout is what the loader recorded as it read, so a key added to the schema shows up
@@ -324,8 +314,7 @@ class TestCheckConfig:
             identity_burst = 3
             """
         )
-        path = tmp_path / "synctoken.toml"
-        path.write_text(written, encoding="utf-8")
+        path = write_config(written)
         result = check_config(path, env={})
         assert result.returncode == 0, result.stderr
         effective = json.loads(result.stdout)
@@ -371,13 +360,12 @@ class TestCheckConfig:
                 assert set(entry) <= set(printed), table
         assert "s" * 40 not in result.stdout + result.stderr
 
-    def test_warns_about_readable_key(self, pki: Pki, tmp_path: Path) -> None:
+    def test_warns_about_readable_key(self, pki: Pki, tmp_path: Path, write_config: WriteConfig) -> None:
         """A server key readable by others is accepted, with a warning on stderr naming the key."""
         key = tmp_path / "server-key.pem"
         key.write_bytes((pki.directory / "server-key.pem").read_bytes())
         key.chmod(0o644)
-        path = tmp_path / "synctoken.toml"
-        path.write_text(config_text(pki).replace(str(pki.directory / "server-key.pem"), str(key)), encoding="utf-8")
+        path = write_config(config_text(pki).replace(str(pki.directory / "server-key.pem"), str(key)))
         result = check_config(path)
         assert result.returncode == 0, result.stderr
         assert result.stderr == (
@@ -385,20 +373,18 @@ class TestCheckConfig:
             "make it readable by its owner only (chmod 600)\n"
         )
 
-    def test_bad_pattern_is_one_message(self, pki: Pki, tmp_path: Path) -> None:
+    def test_bad_pattern_is_one_message(self, pki: Pki, write_config: WriteConfig) -> None:
         """A pattern RE2 refuses exits 2 with the loader's one line: RE2 logs nothing of its own on stderr."""
-        path = tmp_path / "synctoken.toml"
-        path.write_text(config_text(pki).replace("user-[0-9]+", "user-[0-9"), encoding="utf-8")
+        path = write_config(config_text(pki).replace("user-[0-9]+", "user-[0-9"))
         result = check_config(path)
         assert result.returncode == 2
         assert result.stderr == (
             f"synctoken: config error: {path}: callers[1].identity_pattern: not a valid RE2 pattern: missing ]: [0-9\n"
         )
 
-    def test_reports_errors(self, tmp_path: Path) -> None:
+    def test_reports_errors(self, write_config: WriteConfig) -> None:
         """A bad file exits 2 with the loader's message."""
-        path = tmp_path / "synctoken.toml"
-        path.write_text("[bogus]\n", encoding="utf-8")
+        path = write_config("[bogus]\n")
         result = subprocess.run(
             [SYNCTOKEN, "check-config", str(path)], capture_output=True, text=True, timeout=30, check=False
         )
@@ -506,6 +492,7 @@ class TestDevIssue:
             f'[[callers]]\nid = "{c}"\nsync_services = ["{devenv.DEV_SYNC_SERVICE_SID}"]\n\n' for c in callers
         )
         port = free_port()
+        # Beside the issued files, which it names by relative path.
         config = tmp_path / "synctoken.toml"
         config.write_text(
             f'[server]\nlisten = "127.0.0.1:{port}"\n\n[tls]\ncert_file = "server.pem"\nkey_file = "server-key.pem"\n'

@@ -7,7 +7,10 @@ import subprocess
 
 import jwt
 
-from support import API_SECRET, BFF_ID, GRPCURL, LeakWatch, Pki, RunningServer
+from support.constants import API_SECRET, BFF_ID, GRPCURL
+from support.inprocess import RunningServer
+from support.logcapture import LeakWatch
+from support.pki import Pki
 
 
 def grpcurl(

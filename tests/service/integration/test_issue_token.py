@@ -12,23 +12,21 @@ from google.protobuf import duration_pb2
 from twilio.jwt.access_token import AccessToken
 from twilio.jwt.access_token.grants import SyncGrant
 
-from support import (
+from support.calls import rpc_error
+from support.configs import POLICY_TOML, config_text
+from support.constants import (
     ACCOUNT_SID,
     API_KEY_SID,
     API_SECRET,
     BFF_ID,
     CHAT_WORKER_ID,
-    POLICY_TOML,
     SERVICE_A,
     SERVICE_B,
     SERVICE_C,
     STRANGER_ID,
-    Client,
-    Pki,
-    ServerHarness,
-    config_text,
-    rpc_error,
 )
+from support.inprocess import Client, ServerHarness
+from support.pki import Pki
 from synctoken.v1 import token_service_pb2 as pb
 
 Connect = Callable[[str | None], Client]

@@ -21,7 +21,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from support import SECRET_ENV, START_TIMEOUT, SYNCTOKEN, LeakWatch, Pki, channel, config_text, free_port, rpc_error
+from support.calls import channel, rpc_error
+from support.configs import SECRET_ENV, WriteConfig, config_text
+from support.constants import SYNCTOKEN
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import START_TIMEOUT, free_port
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.process import running
@@ -54,7 +59,7 @@ def wait_for_health(pki: Pki, port: int, wanted: int, tries: int = 1) -> None:
 
 
 @pytest.fixture
-def start(pki: Pki, tmp_path: Path) -> Iterator[Start]:
+def start(pki: Pki, write_config: WriteConfig) -> Iterator[Start]:
     """Start `synctoken serve` with stdout going where the test says; killed at teardown if still running."""
     started: list[subprocess.Popen[bytes]] = []
 
@@ -63,8 +68,7 @@ def start(pki: Pki, tmp_path: Path) -> Iterator[Start]:
     ) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
         text = config_text(pki, listen=f"127.0.0.1:{port}").replace("[tls]", f"{server_extra}\n\n[tls]")
-        path = tmp_path / "synctoken.toml"
-        path.write_text(text, encoding="utf-8")
+        path = write_config(text)
         proc = subprocess.Popen(
             [SYNCTOKEN, "serve", "--workers", str(workers), "--config", str(path)],
             stdout=stdout,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from support import chain_logger
+from support.logcapture import chain_logger
 from synctoken_server.audit import linesink, logs
 from synctoken_server.audit.linesink import LineSink, OutputStalled
 from synctoken_server.audit.record import AuditLog

@@ -8,34 +8,25 @@ import subprocess
 import tempfile
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from support import (
-    BFF_ID,
-    CHAT_WORKER_ID,
-    GRPCURL,
-    SECRET_ENV,
-    SERVICE_C,
-    STRANGER_ID,
-    LeakWatch,
-    Pki,
-    Process,
-    RunningServer,
-    ServerHarness,
-    config_text,
-    rpc_error,
-)
+from support.calls import rpc_error
+from support.configs import SECRET_ENV, WriteConfig, config_text
+from support.constants import BFF_ID, CHAT_WORKER_ID, GRPCURL, SERVICE_C, STRANGER_ID
+from support.inprocess import RunningServer, ServerHarness
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import Process
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
 from synctoken_server.serveroptions import MAX_METADATA_BYTES
 
-WriteConfig = Callable[[str], Path]
 ALICE = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
 SIDECAR = "spiffe://example.org/ns/web/sa/bff-sidecar"
 
@@ -254,12 +245,17 @@ class TestStartedLine:
     """server.started names every listener, as bound, so that an operator sees what is reachable."""
 
     def test_names_every_listener(
-        self, pki: Pki, tmp_path: Path, socket_path: Path, leak_watch: LeakWatch, processes: list[Process]
+        self,
+        pki: Pki,
+        tmp_path: Path,
+        write_config: WriteConfig,
+        socket_path: Path,
+        leak_watch: LeakWatch,
+        processes: list[Process],
     ) -> None:
         """The mTLS port, the mesh socket and the metrics address (its real port, configured as :0)."""
         text = mesh_config(pki, socket_path) + '\n[metrics]\nlisten = "127.0.0.1:0"\n'
-        path = tmp_path / "synctoken.toml"
-        path.write_text(text, encoding="utf-8")
+        path = write_config(text)
         process = Process(["serve", "--config", str(path)], tmp_path, leak_watch, env=os.environ | SECRET_ENV)
         processes.append(process)
         [started] = process.wait_for_records("server.started")
@@ -273,12 +269,11 @@ class TestStartedLine:
         assert process.terminate() == 0
 
     def test_loopback_mesh_as_bound(
-        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+        self, pki: Pki, tmp_path: Path, write_config: WriteConfig, leak_watch: LeakWatch, processes: list[Process]
     ) -> None:
         """A mesh port configured as localhost:0 is named by the addresses and port bound; no metrics: null."""
         text = '[mesh]\nlisten = "localhost:0"\ntrust_forwarded_client_cert = true\n' + config_text(pki)
-        path = tmp_path / "synctoken.toml"
-        path.write_text(text, encoding="utf-8")
+        path = write_config(text)
         process = Process(["serve", "--config", str(path)], tmp_path, leak_watch, env=os.environ | SECRET_ENV)
         processes.append(process)
         [started] = process.wait_for_records("server.started")

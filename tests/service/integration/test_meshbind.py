@@ -13,23 +13,18 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from support import (
-    BFF_ID,
-    SECRET_ENV,
-    SYNCTOKEN,
-    LeakWatch,
-    Pki,
-    ServerHarness,
-    check_config,
-    config_text,
-    free_port,
-)
+from support.configs import SECRET_ENV, WriteConfig, config_text
+from support.constants import BFF_ID, SYNCTOKEN
+from support.inprocess import ServerHarness
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import check_config, free_port
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.authn.mesh import MeshListener
@@ -37,7 +32,6 @@ from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import Config, load_config
 from synctoken_server.process.server import TokenServer
 
-WriteConfig = Callable[[str], Path]
 ALICE = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
 NOBODY = 65534
 """nobody/nogroup: another user, for the tests that connect as one."""

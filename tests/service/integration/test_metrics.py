@@ -24,23 +24,14 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import (
-    API_KEY_SID,
-    BFF_ID,
-    POLICY_TOML,
-    SECRET_ENV,
-    SERVICE_A,
-    STRANGER_ID,
-    LeakWatch,
-    Pki,
-    Process,
-    ServerHarness,
-    channel,
-    config_text,
-    free_port,
-    replace_file,
-    serve,
-)
+from support.calls import channel
+from support.configs import POLICY_TOML, SECRET_ENV, WriteConfig, config_text
+from support.constants import API_KEY_SID, BFF_ID, SERVICE_A, STRANGER_ID
+from support.files import replace_file
+from support.inprocess import ServerHarness
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import Process, free_port, serve
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.boundedhttp import CONNECTIONS_PER_SECOND
@@ -48,7 +39,6 @@ from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
 from synctoken_server.metrics import RENDER_REUSE_SECONDS, Exposition, Metrics
 
-WriteConfig = Callable[[str], Path]
 ALICE = pb.IssueTokenRequest(identity="alice-7c1f", sync=pb.SyncGrant())
 """A distinctive identity, so that finding it in a scrape means something."""
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -304,14 +294,15 @@ class TestBounded:
     FILES = 128
     """The open-file limit (soft and hard) the server is started with."""
 
-    def start(self, pki: Pki, tmp_path: Path, watch: LeakWatch, processes: list[Process]) -> tuple[Process, int, int]:
+    def start(
+        self, pki: Pki, write_config: WriteConfig, watch: LeakWatch, processes: list[Process]
+    ) -> tuple[Process, int, int]:
         """`synctoken serve` with metrics and at most FILES file descriptors; its gRPC and metrics ports."""
         port, metrics_port = free_port(), free_port()
         text = with_metrics(config_text(pki, listen=f"127.0.0.1:{port}"), f"127.0.0.1:{metrics_port}")
-        path = tmp_path / "synctoken.toml"
-        path.write_text(text, encoding="utf-8")
+        path = write_config(text)
         limits = {resource.RLIMIT_NOFILE: (self.FILES, self.FILES)}
-        process = Process(["serve", "--config", str(path)], tmp_path, watch, os.environ | SECRET_ENV, limits)
+        process = Process(["serve", "--config", str(path)], path.parent, watch, os.environ | SECRET_ENV, limits)
         processes.append(process)
         process.wait_for_records("server.started")
         return process, port, metrics_port
@@ -320,26 +311,26 @@ class TestBounded:
     def test_slow_scrapes_leave_files_for_grpc(
         self,
         pki: Pki,
-        tmp_path: Path,
+        write_config: WriteConfig,
         leak_watch: LeakWatch,
         processes: list[Process],
         slow_scrapes: list[socket.socket],
     ) -> None:
         """With 128 files, 300 half-sent scrapes held open still leave room for a new mTLS IssueToken connection."""
-        _, port, metrics_port = self.start(pki, tmp_path, leak_watch, processes)
+        _, port, metrics_port = self.start(pki, write_config, leak_watch, processes)
         open_half_sent(metrics_port, 300, slow_scrapes)
         issue_fresh(pki, port, leak_watch)
 
     def test_connections_over_the_cap_refused(
         self,
         pki: Pki,
-        tmp_path: Path,
+        write_config: WriteConfig,
         leak_watch: LeakWatch,
         processes: list[Process],
         slow_scrapes: list[socket.socket],
     ) -> None:
         """With 128 files, a scrape beyond 16 held ones is refused; once they leave, one works; the cap is logged."""
-        process, _, metrics_port = self.start(pki, tmp_path, leak_watch, processes)
+        process, _, metrics_port = self.start(pki, write_config, leak_watch, processes)
         most = self.FILES // 8  # what the listener may hold, at most, leaving the rest to gRPC
         open_half_sent(metrics_port, most, slow_scrapes)
         # Well within their read deadline, and long enough for the per-second

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from support import BFF_ID, SECRET_ENV, SYNCTOKEN, LeakWatch, LogSink, Pki, ServerHarness, config_text, rpc_error
+from support.calls import rpc_error
+from support.configs import SECRET_ENV, WriteConfig, config_text
+from support.constants import BFF_ID, SYNCTOKEN
+from support.inprocess import ServerHarness
+from support.logcapture import LeakWatch, LogSink
+from support.pki import Pki
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.audit.privacy import IdentityHasher
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
 
-WriteConfig = Callable[[str], Path]
 KEY = "audit-hmac-key-" + "k" * 40  # distinctive, so a leak is easy to grep for
 IDENTITY = "private-alice-3f9"
 

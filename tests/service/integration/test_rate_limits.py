@@ -16,24 +16,14 @@ import pytest
 from google.rpc.error_details_pb2 import ErrorInfo, QuotaFailure, RetryInfo
 from grpc_status import rpc_status
 
-from support import (
-    BFF_ID,
-    CHAT_WORKER_ID,
-    POLICY_TOML,
-    SERVICE_B,
-    Client,
-    LeakWatch,
-    LogSink,
-    Pki,
-    Process,
-    ServerHarness,
-    channel,
-    config_text,
-    free_port,
-    replace_file,
-    rpc_error,
-    serve,
-)
+from support.calls import channel, rpc_error
+from support.configs import POLICY_TOML, config_text
+from support.constants import BFF_ID, CHAT_WORKER_ID, SERVICE_B
+from support.files import replace_file
+from support.inprocess import Client, ServerHarness
+from support.logcapture import LeakWatch, LogSink
+from support.pki import Pki
+from support.processes import Process, free_port, serve
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.policy.limits import TABLE_FULL_SUBJECT, identity_digest

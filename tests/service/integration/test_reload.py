@@ -17,24 +17,14 @@ import grpc
 import jwt
 import pytest
 
-from support import (
-    API_SECRET,
-    POLICY_TOML,
-    SERVICE_A,
-    SERVICE_B,
-    SERVICE_C,
-    LeakWatch,
-    Pki,
-    Process,
-    ServerHarness,
-    channel,
-    config_text,
-    free_port,
-    replace_file,
-    rewrite_in_place,
-    rpc_error,
-    serve,
-)
+from support.calls import channel, rpc_error
+from support.configs import POLICY_TOML, config_text
+from support.constants import API_SECRET, SERVICE_A, SERVICE_B, SERVICE_C
+from support.files import replace_file, rewrite_in_place
+from support.inprocess import ServerHarness
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import Process, free_port, serve
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.config.schema import load_config

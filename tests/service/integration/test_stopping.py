@@ -22,19 +22,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from support import (
-    SECRET_ENV,
-    START_TIMEOUT,
-    SYNCTOKEN,
-    LeakWatch,
-    Pki,
-    Process,
-    SteadyLoad,
-    channel,
-    config_text,
-    free_port,
-    rpc_error,
-)
+from support.calls import SteadyLoad, channel, rpc_error
+from support.configs import SECRET_ENV, WriteConfig, config_text
+from support.constants import SYNCTOKEN
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import START_TIMEOUT, Process, free_port
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.process import running
@@ -48,7 +41,9 @@ Launch = Callable[..., tuple[Process, int]]
 
 
 @pytest.fixture
-def launch(pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> Launch:
+def launch(
+    pki: Pki, tmp_path: Path, write_config: WriteConfig, leak_watch: LeakWatch, processes: list[Process]
+) -> Launch:
     """Start `synctoken serve` with extra [server] keys (and soft rlimits); return it and its port once it serves."""
 
     def start(server_extra: str, soft_limits: dict[int, int] | None = None) -> tuple[Process, int]:
@@ -56,8 +51,7 @@ def launch(pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Proc
         text = config_text(pki, listen=f"127.0.0.1:{port}").replace(
             f'listen = "127.0.0.1:{port}"', f'listen = "127.0.0.1:{port}"\n{server_extra}'
         )
-        path = tmp_path / "synctoken.toml"
-        path.write_text(text, encoding="utf-8")
+        path = write_config(text)
         env = os.environ | SECRET_ENV
         process = Process(["serve", "--config", str(path)], tmp_path, leak_watch, env, soft_limits)
         processes.append(process)
@@ -165,14 +159,13 @@ class TestUnwritableLog:
         process.proc.send_signal(signal.SIGTERM)
         assert process.proc.wait(timeout=START_TIMEOUT) == 0
 
-    def test_workers_with_a_closed_pipe(self, pki: Pki, tmp_path: Path) -> None:
+    def test_workers_with_a_closed_pipe(self, pki: Pki, write_config: WriteConfig) -> None:
         """With --workers and stdout a pipe nobody reads, SIGTERM still stops the parent and every worker."""
         port = free_port()
-        path = tmp_path / "synctoken.toml"
         text = config_text(pki, listen=f"127.0.0.1:{port}").replace(
             "[tls]", 'drain_delay = "0s"\ngrace = "1s"\n\n[tls]'
         )
-        path.write_text(text, encoding="utf-8")
+        path = write_config(text)
         proc = subprocess.Popen(
             [SYNCTOKEN, "serve", "--workers", "2", "--config", str(path)],
             stdout=subprocess.PIPE,
@@ -302,7 +295,7 @@ class TestGrpcNativeLogging:
     def test_handshake_failure_lines(
         self,
         pki: Pki,
-        tmp_path: Path,
+        write_config: WriteConfig,
         leak_watch: LeakWatch,
         processes: list[Process],
         verbosity: str | None,
@@ -310,12 +303,11 @@ class TestGrpcNativeLogging:
     ) -> None:
         """A peer speaking plain HTTP prints nothing by default; GRPC_VERBOSITY=INFO brings the lines back."""
         port = free_port()
-        path = tmp_path / "synctoken.toml"
-        path.write_text(config_text(pki, listen=f"127.0.0.1:{port}"), encoding="utf-8")
+        path = write_config(config_text(pki, listen=f"127.0.0.1:{port}"))
         env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"} | SECRET_ENV
         if verbosity is not None:
             env["GRPC_VERBOSITY"] = verbosity
-        process = Process(["serve", "--config", str(path)], tmp_path, leak_watch, env)
+        process = Process(["serve", "--config", str(path)], path.parent, leak_watch, env)
         processes.append(process)
         process.wait_for_records("server.started")
         with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:

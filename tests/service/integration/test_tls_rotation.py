@@ -19,20 +19,13 @@ import grpc
 import pytest
 from cryptography import x509
 
-from support import (
-    ALICE,
-    BFF_ID,
-    LeakWatch,
-    Pki,
-    Process,
-    SteadyLoad,
-    channel,
-    config_text,
-    free_port,
-    replace_file,
-    rewrite_in_place,
-    serve,
-)
+from support.calls import ALICE, SteadyLoad, channel
+from support.configs import config_text
+from support.constants import BFF_ID
+from support.files import replace_file, rewrite_in_place
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import Process, free_port, serve
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
 

@@ -8,7 +8,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from support import BFF_ID, CHAT_ADMIN_ID, DNS_CALLER, Pki
+from support.constants import BFF_ID, CHAT_ADMIN_ID, DNS_CALLER
+from support.pki import Pki
 from synctoken_server.authn import svid
 from synctoken_server.authn.callercert import (
     SPIFFE_ID_FORM,

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from support import LogSink, Pki, replace_file
+from support.files import replace_file
+from support.logcapture import LogSink
+from support.pki import Pki
 from synctoken_server.config import tlsfiles
 from synctoken_server.config.tlsfiles import ServerTlsFiles, ServerTlsMaterial, TlsFileError
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec

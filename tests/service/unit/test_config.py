@@ -14,23 +14,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from support import (
-    ACCOUNT_SID,
-    API_KEY_SID,
-    API_SECRET,
-    POLICY_TOML,
-    SECRET_ENV,
-    SERVICE_A,
-    SERVICE_B,
-    Pki,
-    config_text,
-)
+from support.configs import POLICY_TOML, SECRET_ENV, WriteConfig, config_text
+from support.constants import ACCOUNT_SID, API_KEY_SID, API_SECRET, SERVICE_A, SERVICE_B
+from support.pki import Pki
 from synctoken_server.authn.callercert import CallerIdSource
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
 from synctoken_server.tokens.minting import check_secret
-
-WriteConfig = Callable[[str], Path]
 
 
 def expect_error(path: Path, message: str, environ: dict[str, str] | None = None) -> None:

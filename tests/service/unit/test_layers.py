@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from support.constants import ROOT as REPOSITORY
+
 PACKAGE = "synctoken_server"
-ROOT = Path(__file__).resolve().parent.parent / "service" / PACKAGE
+ROOT = REPOSITORY / "service" / PACKAGE
 
 # Top to bottom: a unit (a subpackage, or a module at the top of the package) may import its
 # own modules and any unit on a lower line. Units on one line are siblings and import none of

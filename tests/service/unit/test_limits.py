@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import pytest
 
-from support import POLICY_TOML, SECRET_ENV, Pki, config_text
+from support.configs import POLICY_TOML, SECRET_ENV, WriteConfig, config_text
+from support.pki import Pki
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
 from synctoken_server.policy.limits import TABLE_FULL_SUBJECT, CallerLimits, Limit, RateLimiter, identity_digest
 
-WriteConfig = Callable[[str], Path]
 CALLER = "spiffe://t/svc"
 
 

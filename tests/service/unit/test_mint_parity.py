@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from support import ACCOUNT_SID, API_KEY_SID, API_SECRET
+from support.constants import ACCOUNT_SID, API_KEY_SID, API_SECRET
 from synctoken_server.durations import MAX_TTL_SECONDS, MIN_TTL_SECONDS
 from synctoken_server.policy.rules import RESERVED_IDENTITY_CHARACTERS, Grant
 from synctoken_server.tokens.minting import Minter, TokenTimes, TwilioCredentials, TwilioLibraryMinter
