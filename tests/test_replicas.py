@@ -142,6 +142,22 @@ class TestClientBalancing:
         survivors = [r for r in topology.replicas if r is not killed]
         assert all(r.decisions() for r in survivors)
 
+    def test_sigterm_under_load_fails_at_most_the_close_race(self, topology: Topology, leak_watch: LeakWatch) -> None:
+        """SIGTERM mid-load: the client uses the replica through its drain; only calls racing its close may fail."""
+        topology.start()
+        with topology.client(topology.direct_target()) as client:
+            load = ClientLoad([client], leak_watch, threads=4)
+            load.wait_for(150)
+            victim = topology.replicas[0]
+            victim.process.proc.send_signal(signal.SIGTERM)
+            assert victim.process.proc.wait(timeout=DRAIN_DELAY + 15) == 0
+            load.wait_for(150)
+            outcomes = load.stop()
+        # The client does not watch health, so the replica's final close races its calls: gRPC cancels those.
+        print(f"calls failed by the close race: {failures(outcomes)}")  # noqa: T201 - the figure, with -s
+        assert set(failures(outcomes)) <= {grpc.StatusCode.CANCELLED}
+        assert failures(outcomes).total() <= 3
+
 
 @pytest.mark.slow
 class TestHAProxy:
