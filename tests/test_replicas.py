@@ -7,6 +7,8 @@ import datetime as dt
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -55,8 +57,17 @@ class TestHealthFrames:
 
     def test_haproxy_cfg_holds_what_the_script_writes(self) -> None:
         """haproxy.cfg's tcp-check lines are exactly the script's: edit the script, then paste its output."""
+        written = subprocess.run(
+            [sys.executable, HAPROXY_CONFIG.parent / "health_frames.py"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.splitlines()
+        assert written == health_frames.haproxy_lines()
+        assert len(written) == 3
         config_lines = {line.strip() for line in HAPROXY_CONFIG.read_text().splitlines()}
-        for line in health_frames.haproxy_lines():
+        for line in written:
             assert line in config_lines
 
     def test_a_real_server_answers_serving(self, harness: ServerHarness, pki: Pki) -> None:
