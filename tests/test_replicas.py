@@ -103,6 +103,24 @@ class TestClientTargets:
         with pytest.raises(ValueError, match="lists several addresses: give server_name"):
             TokenClient("ipv4:127.0.0.1:1,127.0.0.1:2", **client_kwargs(pki, "bff"))
 
+    def test_the_command_says_so_as_a_usage_error(self, pki: Pki) -> None:
+        """synctoken-client with such a target and no --server-name exits 2 with the same message, calling nothing."""
+        files = client_kwargs(pki, "bff")
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "synctoken-client"),
+                *("--target", "ipv4:127.0.0.1:1,127.0.0.1:2"),
+                *("--ca", str(files["ca_file"]), "--cert", str(files["cert_file"]), "--key", str(files["key_file"])),
+                "whoami",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert "lists several addresses: give server_name (SYNCTOKEN_SERVER_NAME)" in result.stderr
+
 
 @pytest.mark.slow
 class TestClientBalancing:
