@@ -17,12 +17,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client_support import client_kwargs
 from deploy.haproxy import health_frames
-from support import BFF_ID, LeakWatch, Outcome, Pki, Process, ServerHarness
+from support.calls import Outcome
+from support.clients import CLIENT, client_kwargs
+from support.constants import BFF_ID
+from support.inprocess import ServerHarness
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import Process
+from support.topology import HAPROXY_CONFIG, HAPROXY_SOURCE, SERVER_NAME, ClientLoad, Topology
 from synctoken.client import AsyncTokenClient, TokenClient
 from synctoken_server.serveroptions import ServerTimeouts
-from topology_support import HAPROXY_CONFIG, HAPROXY_SOURCE, SERVER_NAME, ClientLoad, Topology
 
 DRAIN_DELAY = ServerTimeouts().drain_delay
 """The replicas run with the default drain_delay: the timings in haproxy.cfg are meant for it."""
@@ -108,7 +113,7 @@ class TestClientTargets:
         files = client_kwargs(pki, "bff")
         result = subprocess.run(
             [
-                str(Path(sys.executable).parent / "synctoken-client"),
+                CLIENT,
                 *("--target", "ipv4:127.0.0.1:1,127.0.0.1:2"),
                 *("--ca", str(files["ca_file"]), "--cert", str(files["cert_file"]), "--key", str(files["key_file"])),
                 "whoami",

@@ -21,13 +21,18 @@ from typing import Any
 
 import grpc
 
-from support import START_TIMEOUT, TRUST_DOMAIN, LeakWatch, Outcome, Pki, Process, config_text, free_port, serve
+from support.calls import Outcome
+from support.configs import config_text
+from support.constants import TRUST_DOMAIN
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import START_TIMEOUT, Process, free_port, serve
 from synctoken.client import SynctokenError, TokenClient
 from synctoken_server.audit.record import EVENT_TOKEN_DECISION
 from synctoken_server.dev.pki import LeafSpec
 
 HAPROXY = "/usr/sbin/haproxy"
-HAPROXY_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy" / "haproxy.cfg"
+HAPROXY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
 BACKEND = "synctoken_replicas"
 """The backend's name in haproxy.cfg."""
 HAPROXY_SOURCE = "127.0.0.2"
