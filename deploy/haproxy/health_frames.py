@@ -15,7 +15,7 @@ POST`, `:scheme https`), otherwise "literal without indexing" (first byte
 literal value. Such a block means the same on every connection, whatever the
 server's table size, so the bytes can be fixed in a config file.
 
-Run it to print the lines haproxy.cfg holds; tests/test_replicas.py checks
+Run it to print the lines haproxy.cfg holds; tests/deploy/test_replicas.py checks
 that they match. Standard library only, so it runs anywhere Python does.
 """
 
