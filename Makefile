@@ -55,6 +55,11 @@ apt_install = $(SUDO) timeout 600 sh -c 'apt-get update -qq && apt-get install -
 /usr/bin/chromium:
 	$(call apt_install,chromium)
 
+# HAProxy is the load balancer in front of three replicas in the replica tests, running
+# deploy/haproxy/haproxy.cfg itself.
+/usr/sbin/haproxy:
+	$(call apt_install,haproxy)
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -79,8 +84,9 @@ bff: $(INSTALLED) $(BUNDLE)
 test: check-lock lint check-generated pytest
 
 # The tests compare tokens with Twilio's Node helper library, from npm, smoke-test
-# the benchmark (which also needs wrk), and load the demo page in Chromium.
-PYTEST_NEEDS := node_modules/.installed /usr/bin/wrk /usr/bin/openssl /usr/bin/valgrind /usr/bin/chromium $(BUNDLE)
+# the benchmark (which also needs wrk), load the demo page in Chromium, and run HAProxy.
+PYTEST_NEEDS := node_modules/.installed /usr/bin/wrk /usr/bin/openssl /usr/bin/valgrind /usr/bin/chromium /usr/sbin/haproxy \
+	$(BUNDLE)
 pytest: $(INSTALLED) $(PYTEST_NEEDS)
 	$(BIN)/pytest
 
