@@ -85,12 +85,9 @@ def redis_client(settings: RedisSettings) -> aioredis.Redis:
         # redis-py retries failed calls by default (with backoff since 6.0): a 50 ms timeout
         # became seconds per call while Redis was away. The breaker and the fallback are the
         # answer to failures here, so the client tries each call exactly once.
+        # (retry_on_timeout is left out: redis-py 6 deprecates it, and with no retries it changes nothing.)
         "retry": Retry(NoBackoff(), 0),
-        "retry_on_timeout": False,
         "client_name": "synctoken",
-        # No CLIENT SETINFO round trips on every new connection (Redis before 7.2 refuses them anyway).
-        "lib_name": None,
-        "lib_version": None,
     }
     if settings.unix_socket:
         return aioredis.Redis(unix_socket_path=settings.unix_socket, **common)
