@@ -34,13 +34,17 @@ class RedisTls:
 class RedisServer:
     """One redis-server process; restartable on the same port, pausable with SIGSTOP."""
 
-    def __init__(self, directory: Path, password: str | None = None, tls: RedisTls | None = None) -> None:
+    def __init__(
+        self, directory: Path, password: str | None = None, tls: RedisTls | None = None, *, unix: bool = False
+    ) -> None:
+        """`unix`: listen on `directory`/redis.sock only, not on TCP."""
         if not Path(REDIS_SERVER).exists():
             pytest.fail("redis-server is not installed: `make /usr/bin/redis-server` (Debian's redis-server)")
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.password = password
         self.tls = tls
+        self.socket_path = directory / "redis.sock" if unix else None
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -48,6 +52,8 @@ class RedisServer:
     @property
     def url(self) -> str:
         """The URL a config names it by (never with the password)."""
+        if self.socket_path is not None:
+            return f"unix://{self.socket_path}?db=0"
         return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def _command(self) -> list[str]:
@@ -56,6 +62,8 @@ class RedisServer:
         command += ["--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")]
         if self.password is not None:
             command += ["--requirepass", self.password]
+        if self.socket_path is not None:
+            return [*command, "--port", "0", "--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         if self.tls is None:
             return [*command, "--port", str(self.port)]
         tls = self.tls
@@ -85,6 +93,8 @@ class RedisServer:
     def client(self) -> redis.Redis:
         """A plain client for looking at what the server holds."""
         kwargs: dict[str, object] = {"socket_timeout": 2, "socket_connect_timeout": 2, "password": self.password}
+        if self.socket_path is not None:
+            return redis.Redis(unix_socket_path=str(self.socket_path), **kwargs)  # type: ignore[arg-type]
         if self.tls is not None:
             kwargs |= {"ssl": True, "ssl_ca_certs": str(self.tls.ca_file)}
             if self.tls.client_cert and self.tls.client_key:

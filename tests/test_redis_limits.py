@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +35,8 @@ from support import (
 )
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
+from synctoken_server.durations import format_milliseconds, parse_milliseconds
+from synctoken_server.policy.limitbackend import Breaker
 from synctoken_server.policy.limits import identity_digest
 
 SLOW_CALL = 1.0
@@ -385,7 +389,19 @@ class TestRedisAway:
 
 
 class TestCredentialsAndTls:
-    """A password from a file, a wrong one, and Redis over TLS with a client certificate."""
+    """A password from a file, a wrong one, Redis over TLS with a client certificate, and over a unix socket."""
+
+    def test_unix_socket(self, harness: ServerHarness, tmp_path: Path) -> None:
+        """unix:///path?db=0 reaches a Redis that listens on a socket only."""
+        redis = RedisServer(tmp_path / "redis", unix=True)
+        try:
+            text = limited(harness.pki, redis, "rate = 0.01\nburst = 2")
+            server = harness.start(text)
+            assert ok_count(harness.client(server, "bff"), 3) == 2
+            assert errors(server) == 0
+            assert len(redis.keys()) == 1
+        finally:
+            redis.kill()
 
     def test_password_file(self, harness: ServerHarness, tmp_path: Path, leak_watch: LeakWatch) -> None:
         """With the right password the limit is global (its keys are in Redis); the password is in no log."""
@@ -548,3 +564,60 @@ class TestRedisConfig:
         result = check_config(write_config(text))
         assert result.returncode == 0, result.stderr
         assert '"backend": "local"' in result.stdout
+
+
+class TestBreaker:
+    """The circuit breaker: closed, open after N failures in a row, one probe after the cool-down."""
+
+    def test_opens_after_failures_in_a_row(self) -> None:
+        """Failures count only in a row; the Nth opens it, and it says so once."""
+        breaker = Breaker(failures=3, cooldown=1.0)
+        assert [breaker.failed(0.0), breaker.failed(0.0)] == [False, False]
+        breaker.succeeded()
+        assert [breaker.failed(0.0), breaker.failed(0.0), breaker.failed(0.0)] == [False, False, True]
+        assert not breaker.is_closed
+        assert not breaker.allows(0.5)
+        assert breaker.retry_after(0.25) == 0.75
+
+    def test_one_probe_after_the_cooldown(self) -> None:
+        """After the cool-down one caller probes and the others wait; a failed probe opens it again at once."""
+        breaker = Breaker(failures=3, cooldown=1.0)
+        for _ in range(3):
+            breaker.failed(0.0)
+        assert breaker.allows(1.0)
+        assert not breaker.allows(1.0)
+        assert not breaker.failed(1.0)  # already open: not a new opening
+        assert not breaker.allows(1.5)
+        assert breaker.allows(2.0)
+        assert breaker.succeeded()
+        assert breaker.is_closed
+        assert breaker.allows(2.0)
+
+
+class TestMilliseconds:
+    """Short timeouts in the config: 50ms or 2s."""
+
+    @pytest.mark.parametrize(("text", "milliseconds"), [("50ms", 50), ("2s", 2000), ("1500ms", 1500), ("0ms", 0)])
+    def test_parse_and_format(self, text: str, milliseconds: int) -> None:
+        """Each parses, and formats back to a text that parses to the same value."""
+        assert parse_milliseconds(text) == milliseconds
+        assert parse_milliseconds(format_milliseconds(milliseconds)) == milliseconds
+
+    @pytest.mark.parametrize("text", ["", "50", "1m", "1s500ms", "ms", "-5ms", " 5ms"])
+    def test_refused(self, text: str) -> None:
+        """Anything else is refused with an example."""
+        with pytest.raises(ValueError, match="is not a duration like 50ms or 2s"):
+            parse_milliseconds(text)
+
+
+class TestOff:
+    """Without a Redis backend, redis-py is never loaded."""
+
+    def test_redis_not_imported(self) -> None:
+        """The server's modules load no redis-py."""
+        script = (
+            "import sys; import synctoken_server.cli, synctoken_server.process.server, synctoken_server.process.workers; "
+            "print('redis' in sys.modules)"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+        assert result.stdout.split() == ["False"]
