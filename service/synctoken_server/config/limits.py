@@ -97,6 +97,7 @@ def _redis(r: TomlReader, table: Mapping[str, Any], on_failure: OnBackendFailure
     settings = _url(r, table)
     paths = _tls_files(r, table, tls=settings.tls)
     password = _password(r, table)
+    password_file = r.path(table["password_file"]) if password is not None else None
     timeout = _milliseconds(r, table, "timeout", _DEFAULT_TIMEOUT, _TIMEOUT_MS)
     cooldown = _milliseconds(r, table, "breaker_cooldown", _DEFAULT_COOLDOWN, _COOLDOWN_MS)
     failures = r.get(table, key, "breaker_failures", int, 3)
@@ -113,6 +114,7 @@ def _redis(r: TomlReader, table: Mapping[str, Any], on_failure: OnBackendFailure
         db=settings.db,
         username=settings.username,
         password=password,
+        password_file=password_file,
         tls=settings.tls,
         ca_file=paths.get("ca_file"),
         cert_file=paths.get("cert_file"),

@@ -41,6 +41,8 @@ class RedisSettings:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    password_file: Path | None = None
+    """Where the password was read from: what a reload compares."""
     tls: bool = False
     ca_file: Path | None = None
     cert_file: Path | None = None

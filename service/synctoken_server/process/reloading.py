@@ -187,12 +187,16 @@ def _redis_restart_only(redis: RedisSettings | None) -> dict[str, str]:
     if redis is None:  # local buckets: the Redis keys are not in use
         keys = ("limits.on_backend_failure", *(f"limits.redis.{key}" for key in sorted(REDIS_KEYS)))
         return dict.fromkeys(keys, "(unused)")
-    files = {"ca_file": redis.ca_file, "cert_file": redis.cert_file, "key_file": redis.key_file}
+    files = {
+        "password_file": redis.password_file,
+        "ca_file": redis.ca_file,
+        "cert_file": redis.cert_file,
+        "key_file": redis.key_file,
+    }
     return {
         "limits.on_backend_failure": redis.on_failure.value,
         "limits.redis.url": redis.url,
-        # Its name: a new password in the same file is read at the restart too.
-        "limits.redis.password_file": "(set)" if redis.password else "(none)",
+        # The file's name: a new password in the same file is read at the restart too.
         **{f"limits.redis.{name}": str(path) if path else "(none)" for name, path in files.items()},
         "limits.redis.timeout": format_milliseconds(redis.timeout_ms),
         "limits.redis.breaker_failures": str(redis.breaker_failures),
