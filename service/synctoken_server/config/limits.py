@@ -2,7 +2,7 @@
 
 `[limits] backend` says where the buckets are: "local" (each process its
 own, with its share of every limit) or "redis" (global, in the Redis that
-`[limits.redis]` names: policy/redislimits.py). `[limits.redis]` and
+`[limits.redis]` names: limitstore/redisbuckets.py). `[limits.redis]` and
 `on_backend_failure` are read and checked whatever the backend, so that a
 table kept for later is known to be right, and used only with "redis".
 """

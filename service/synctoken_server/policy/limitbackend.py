@@ -3,7 +3,7 @@
 `RedisSettings` is what `[limits.redis]` says, read by config/limits.py;
 `Breaker` decides, from the outcomes of the calls so far, whether the next
 call may go to Redis at all. The client that talks to Redis is
-redislimits.py, imported only when a config names Redis.
+limitstore/redisbuckets.py, imported only when a config names Redis.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class BackendUnavailable:
 
 
 class GlobalLimiter(Protocol):
-    """Takes from the global buckets (redislimits.RedisLimiter), or falls back as configured."""
+    """Takes from the global buckets (limitstore.redisbuckets.RedisLimiter), or falls back as configured."""
 
     async def check(
         self,

@@ -33,7 +33,7 @@ from synctoken_server.serveroptions import server_options
 from synctoken_server.tokens.keyledger import SignedExpiries
 
 if TYPE_CHECKING:
-    from synctoken_server.policy.redislimits import RedisLimiter
+    from synctoken_server.limitstore.redisbuckets import RedisLimiter
 
 _TOKEN_SERVICE_DESCRIPTOR = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"]
 TOKEN_SERVICE = _TOKEN_SERVICE_DESCRIPTOR.full_name
@@ -76,7 +76,7 @@ class TokenServer:
         """The global buckets in Redis, if configured: chosen at start, kept across reloads (restart to change)."""
         if config.limits_backend is not None:
             # Imported only here: without a Redis backend, redis-py is never loaded.
-            from synctoken_server.policy.redislimits import RedisLimiter  # noqa: PLC0415
+            from synctoken_server.limitstore.redisbuckets import RedisLimiter  # noqa: PLC0415
 
             self.global_limiter = RedisLimiter(config.limits_backend, self.limiter, self.metrics)
             issuer = GlobalTokenIssuer(signed=self.signed, limiter=self.limiter, global_limiter=self.global_limiter)
