@@ -1,0 +1,203 @@
+"""Three replicas sharing one Redis: the global limit holds over all of them, and survives Redis hanging or dying.
+
+Each window sends IssueToken back to back from several threads for a few
+seconds and counts every outcome: with the bucket full at the start, a
+limit of `rate` and `burst` grants burst + rate x elapsed in all, give or
+take a token per replica, however the calls are spread; three replicas each
+with its own buckets would grant three times that.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from support.constants import BFF_ID, SERVICE_A
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.processes import START_TIMEOUT, Process
+from support.topology import ClientLoad, Replica, Setup, Topology
+from synctoken.client import TokenClient
+from synctoken_server.audit.record import OUTCOME_DENIED, OUTCOME_ISSUED
+
+REPLICAS = 3
+RATE, BURST = 15.0, 6.0
+"""The caller's limit: a window of 2 s grants 36 in all (108 if each replica kept its own)."""
+IDENTITY_RATE, IDENTITY_BURST = 6.0, 3.0
+"""One identity's limit, within the caller's: 2 s grant 15 (45 per replica)."""
+WINDOW = 2.0
+TIMEOUT_MS = 250
+"""Each Redis call's bound: room for a busy machine, where a slower answer would fall back and change the count."""
+SLOW_CALL = 1.0
+"""Far above the timeout plus the call itself: a loose bound, not a timing goal (the figures are printed)."""
+POLICY = f"""
+[defaults]
+default_ttl = "1h"
+max_ttl = "4h"
+
+[[callers]]
+id = "{BFF_ID}"
+sync_services = ["{SERVICE_A}"]
+default_sync_service = "{SERVICE_A}"
+rate = {RATE}
+burst = {BURST:.0f}
+identity_rate = {IDENTITY_RATE}
+identity_burst = {IDENTITY_BURST:.0f}
+"""
+REDIS_KEYS = f'timeout = "{TIMEOUT_MS}ms"\nbreaker_failures = 3\nbreaker_cooldown = "1s"'
+
+
+def each_call_new() -> Callable[[], str]:
+    """A new identity per call, so that only the caller's limit can refuse (a refused call takes nothing)."""
+    numbers = itertools.count()
+    return lambda: f"u{next(numbers)}"
+
+
+@dataclass(frozen=True)
+class Window:
+    """What a window of calls got: counts by code, its length, each call's duration, and each replica's records."""
+
+    codes: Counter[grpc.StatusCode]
+    elapsed: float
+    """From the first call's start to the last one's end."""
+    durations: list[float]
+    issued: dict[str, int]
+    """Audit records of issued tokens, by replica."""
+    denied: dict[str, int]
+    """Audit records of calls refused by a rate limit, by replica."""
+
+    @property
+    def granted(self) -> int:
+        """Calls that got a token."""
+        return self.codes[grpc.StatusCode.OK]
+
+    def describe(self, rate: float, burst: float) -> str:
+        """The figures, for -s."""
+        return (
+            f"{self.granted} granted, {self.codes[grpc.StatusCode.RESOURCE_EXHAUSTED]} refused in {self.elapsed:.2f}s "
+            f"(burst + rate x elapsed = {bound(rate, burst, self.elapsed):.1f}); issued by replica {self.issued}; "
+            f"call max {max(self.durations) * 1000:.0f} ms, median {statistics.median(self.durations) * 1000:.1f} ms"
+        )
+
+
+def bound(rate: float, burst: float, elapsed: float) -> float:
+    """What one token bucket, full at the start, grants over `elapsed` seconds of steady demand."""
+    return burst + rate * elapsed
+
+
+def window(topology: Topology, clients: list[TokenClient], watch: LeakWatch, identity: Callable[[], str]) -> Window:
+    """WINDOW seconds of calls from two threads per client; every outcome counted and matched to the audit."""
+    before = {r.name: len(r.decisions()) for r in topology.replicas}
+    load = ClientLoad(clients, watch, threads=2, identity=identity)
+    time.sleep(WINDOW)
+    outcomes = load.stop()
+    records = audited(topology.replicas, before, len(outcomes))
+    codes = Counter(o.code for o in outcomes)
+    ends = [o.ended for o in outcomes if o.ended is not None]
+    return Window(
+        codes=codes,
+        elapsed=max(ends) - min(o.sent for o in outcomes),
+        durations=[o.ended - o.sent for o in outcomes if o.ended is not None],
+        issued={name: sum(r["outcome"] == OUTCOME_ISSUED for r in rs) for name, rs in records.items()},
+        denied={
+            name: sum(r["outcome"] == OUTCOME_DENIED and r.get("reason") == "RATE_LIMITED" for r in rs)
+            for name, rs in records.items()
+        },
+    )
+
+
+def audited(replicas: list[Replica], before: dict[str, int], calls: int) -> dict[str, list[dict[str, object]]]:
+    """Each replica's audit records since `before`, once there is one per call (the log is written as calls end)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        records = {r.name: r.decisions()[before[r.name] :] for r in replicas}
+        if sum(map(len, records.values())) >= calls or time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)
+
+
+def assert_global(result: Window, rate: float, burst: float) -> None:
+    """The window granted one limit's worth over all replicas, each served some of it, and the audit agrees."""
+    assert set(result.codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, result.codes
+    # The calls must have asked for far more than the limit, or the count would prove nothing.
+    assert result.codes.total() > 3 * REPLICAS * bound(rate, burst, result.elapsed)
+    assert abs(result.granted - bound(rate, burst, result.elapsed)) <= REPLICAS, result.describe(rate, burst)
+    # Every call is one audit record: issued or refused by the limit, on the replica that served it.
+    assert sum(result.issued.values()) == result.granted
+    assert sum(result.denied.values()) == result.codes[grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert all(result.issued[name] + result.denied[name] > 0 for name in result.issued), result.issued
+    assert all(count > 0 for count in result.issued.values()), result.issued
+
+
+def wait_for_metric(replica: Replica, name: str, at_least: float, **labels: str) -> float:
+    """Scrape until the metric reaches `at_least` (a scrape may show a render up to a second old); its value."""
+    deadline = time.monotonic() + 10
+    while (value := replica.metric(name, **labels)) < at_least:
+        assert time.monotonic() < deadline, f"{replica.name}: {name}{labels} stayed at {value}"
+        time.sleep(0.2)
+    return value
+
+
+def recovered_after(replicas: list[Replica], since: dt.datetime) -> float:
+    """Wait until every replica logged rate_limit.backend_recovered after `since`; the seconds to the last one."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        times = []
+        for replica in replicas:
+            found = [
+                dt.datetime.fromisoformat(r["timestamp"])
+                for r in replica.process.records()
+                if r["event"] == "rate_limit.backend_recovered" and dt.datetime.fromisoformat(r["timestamp"]) > since
+            ]
+            times.extend(found[:1])
+        if len(times) == len(replicas):
+            return (max(times) - since).total_seconds()
+        assert time.monotonic() < deadline, f"only {len(times)} replicas used Redis again"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def topology(pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> Iterator[Topology]:
+    """Three replicas with the limited policy, sharing one Redis, each with metrics; not yet started."""
+    setup = Setup(count=REPLICAS, policy=POLICY, redis=True, redis_keys=REDIS_KEYS, metrics=True)
+    made = Topology(pki, tmp_path, leak_watch, processes, setup)
+    yield made
+    made.stop()
+
+
+def haproxy_clients(topology: Topology) -> list[TokenClient]:
+    """One client per replica through HAProxy: leastconn gives each connection its own replica."""
+    return [topology.client(f"127.0.0.1:{topology.balancer.port}") for _ in range(REPLICAS)]
+
+
+@pytest.mark.slow
+class TestGlobalLimit:
+    """Calls spread over three replicas get one limit in all, not one per replica."""
+
+    def test_caller_and_identity_limits(self, topology: Topology, leak_watch: LeakWatch) -> None:
+        """Through HAProxy and through the balancing client, per caller and per identity: burst + rate x time."""
+        topology.start(haproxy=True)
+        routes = {"haproxy": haproxy_clients(topology), "balancing client": [topology.client(topology.direct_target())]}
+        try:
+            for route, clients in routes.items():
+                for kind, identity, rate, burst in (
+                    ("caller", each_call_new(), RATE, BURST),
+                    ("identity", lambda: "alice", IDENTITY_RATE, IDENTITY_BURST),
+                ):
+                    topology.shared.client().flushdb()  # every bucket full
+                    result = window(topology, clients, leak_watch, identity)
+                    print(f"{route}, {kind} limit: {result.describe(rate, burst)}")  # noqa: T201 - the figures, with -s
+                    assert_global(result, rate, burst)
+        finally:
+            for clients in routes.values():
+                for client in clients:
+                    client.close()
