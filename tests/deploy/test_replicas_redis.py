@@ -56,6 +56,9 @@ identity_burst = {IDENTITY_BURST:.0f}
 REDIS_KEYS = f'timeout = "{TIMEOUT_MS}ms"\nbreaker_failures = 3\nbreaker_cooldown = "1s"'
 
 
+Made = Callable[[str], Topology]
+
+
 def each_call_new() -> Callable[[], str]:
     """A new identity per call, so that only the caller's limit can refuse (a refused call takes nothing)."""
     numbers = itertools.count()
@@ -147,6 +150,21 @@ def wait_for_metric(replica: Replica, name: str, at_least: float, **labels: str)
     return value
 
 
+def open_breakers(replicas: list[Replica]) -> float:
+    """Wait until every replica counted the failed calls that open its breaker; 0."""
+    for replica in replicas:
+        wait_for_metric(replica, "synctoken_ratelimit_backend_errors_total", 3, kind="timeout")
+    return 0.0
+
+
+def figures(durations: list[float]) -> str:
+    """Calls' durations in a few numbers, for -s."""
+    return (
+        f"{len(durations)} calls, max {max(durations) * 1000:.0f} ms, median {statistics.median(durations) * 1000:.1f} ms, "
+        f"{sum(d >= TIMEOUT_MS / 1000 for d in durations)} waited the timeout"
+    )
+
+
 def recovered_after(replicas: list[Replica], since: dt.datetime) -> float:
     """Wait until every replica logged rate_limit.backend_recovered after `since`; the seconds to the last one."""
     deadline = time.monotonic() + START_TIMEOUT
@@ -166,12 +184,23 @@ def recovered_after(replicas: list[Replica], since: dt.datetime) -> float:
 
 
 @pytest.fixture
-def topology(pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> Iterator[Topology]:
-    """Three replicas with the limited policy, sharing one Redis, each with metrics; not yet started."""
-    setup = Setup(count=REPLICAS, policy=POLICY, redis=True, redis_keys=REDIS_KEYS, metrics=True)
-    made = Topology(pki, tmp_path, leak_watch, processes, setup)
-    yield made
-    made.stop()
+def topologies(pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> Iterator[Made]:
+    """Makes three replicas with the limited policy, sharing one Redis, each with metrics; all stopped at teardown.
+
+    Its argument is lines for every replica's [limits] table.
+    """
+    made: list[Topology] = []
+
+    def make(limits_keys: str = "") -> Topology:
+        setup = Setup(
+            count=REPLICAS, policy=POLICY, redis=True, limits_keys=limits_keys, redis_keys=REDIS_KEYS, metrics=True
+        )
+        made.append(Topology(pki, tmp_path, leak_watch, processes, setup))
+        return made[-1]
+
+    yield make
+    for topology in made:
+        topology.stop()
 
 
 def haproxy_clients(topology: Topology) -> list[TokenClient]:
@@ -183,9 +212,9 @@ def haproxy_clients(topology: Topology) -> list[TokenClient]:
 class TestGlobalLimit:
     """Calls spread over three replicas get one limit in all, not one per replica."""
 
-    def test_caller_and_identity_limits(self, topology: Topology, leak_watch: LeakWatch) -> None:
+    def test_caller_and_identity_limits(self, topologies: Made, leak_watch: LeakWatch) -> None:
         """Through HAProxy and through the balancing client, per caller and per identity: burst + rate x time."""
-        topology.start(haproxy=True)
+        topology = topologies("").start(haproxy=True)
         routes = {"haproxy": haproxy_clients(topology), "balancing client": [topology.client(topology.direct_target())]}
         try:
             for route, clients in routes.items():
@@ -201,3 +230,96 @@ class TestGlobalLimit:
             for clients in routes.values():
                 for client in clients:
                     client.close()
+
+
+def assert_local(result: Window, rate: float, burst: float) -> None:
+    """Each replica granted its own bucket's worth of `rate` and `burst`, as its local share.
+
+    Each bucket's count is whole tokens of a continuous refill, and its first
+    and last calls straddle the window's edges: a bucket may come up to two
+    tokens short, and one over.
+    """
+    expected = bound(rate, burst, result.elapsed)
+    assert all(expected - 2 <= count <= expected + 1 for count in result.issued.values()), (expected, result.issued)
+
+
+def assert_quick(result: Window) -> None:
+    """Every call ended well within a second, refused only by a limit: Redis's absence cost no call."""
+    assert set(result.codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, result.codes
+    assert max(result.durations) < SLOW_CALL, result.describe(RATE, BURST)
+
+
+@pytest.mark.slow
+class TestRedisAway:
+    """Redis hung or killed under load over three replicas: calls stay quick on the local share; then global again."""
+
+    def test_hung_redis(self, topologies: Made, leak_watch: LeakWatch) -> None:
+        """SIGSTOP: each call waits at most the timeout, the replicas together grant about one limit (replicas = 3)."""
+        topology = topologies(f"replicas = {REPLICAS}").start(haproxy=True)
+        clients = haproxy_clients(topology)
+        try:
+            topology.shared.pause()
+            # Calls until every replica's breaker is open: those that meet the hung Redis wait its timeout.
+            _, stalled = window_while(clients, leak_watch, lambda: open_breakers(topology.replicas))
+            print(f"Redis hung, breakers opening: {figures(stalled)}")  # noqa: T201 - the figures, with -s
+            assert max(stalled) < SLOW_CALL
+            # Let the local buckets those calls used fill up, so that the window starts full.
+            time.sleep(BURST / RATE + 0.1)
+            hung = window(topology, clients, leak_watch, each_call_new())
+            print(f"Redis hung, breakers open: {hung.describe(RATE, BURST)}")  # noqa: T201 - the figures, with -s
+            assert_quick(hung)
+            # Each replica's local share is the limit / 3: together, about one limit.
+            assert_local(hung, RATE / REPLICAS, BURST / REPLICAS)
+            resumed = dt.datetime.now(dt.UTC)
+            topology.shared.resume()
+            recovery, resuming = window_while(clients, leak_watch, lambda: recovered_after(topology.replicas, resumed))
+            assert max(resuming) < SLOW_CALL
+            topology.shared.client().flushdb()
+            back = window(topology, clients, leak_watch, each_call_new())
+        finally:
+            for client in clients:
+                client.close()
+        print(f"SIGCONT to every replica on Redis again: {recovery:.2f}s; then {back.describe(RATE, BURST)}")  # noqa: T201
+        assert_global(back, RATE, BURST)
+
+    def test_killed_and_restarted_redis(self, topologies: Made, leak_watch: LeakWatch) -> None:
+        """SIGKILL: calls fall back at once, each replica its whole limit (no replicas hint); a restart: global again."""
+        topology = topologies("").start()
+        clients = [topology.client(topology.direct_target())]
+        try:
+            topology.shared.kill()
+            dead = window(topology, clients, leak_watch, each_call_new())
+            print(f"Redis killed: {dead.describe(RATE, BURST)}")  # noqa: T201 - the figures, with -s
+            assert_quick(dead)
+            # Without [limits] replicas each replica is its own whole limit: three limits in all.
+            assert_local(dead, RATE, BURST)
+            for replica in topology.replicas:
+                wait_for_metric(replica, "synctoken_ratelimit_backend_errors_total", 1, kind="connection")
+            restarted = dt.datetime.now(dt.UTC)
+            topology.shared.start()  # empty, on the same port
+            recovery, restarting = window_while(
+                clients, leak_watch, lambda: recovered_after(topology.replicas, restarted)
+            )
+            assert max(restarting) < SLOW_CALL
+            topology.shared.client().flushdb()
+            back = window(topology, clients, leak_watch, each_call_new())
+        finally:
+            for client in clients:
+                client.close()
+        print(f"restart to every replica on Redis again: {recovery:.2f}s; then {back.describe(RATE, BURST)}")  # noqa: T201
+        assert_global(back, RATE, BURST)
+
+
+def window_while(clients: list[TokenClient], watch: LeakWatch, wait: Callable[[], float]) -> tuple[float, list[float]]:
+    """Keep calling until `wait` returns; what it returned and each call's duration.
+
+    Every call meanwhile was granted or refused by a limit, none failed.
+    """
+    load = ClientLoad(clients, watch, threads=2, identity=each_call_new())
+    try:
+        result = wait()
+    finally:
+        outcomes = load.stop()
+    codes = Counter(o.code for o in outcomes)
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    return result, [o.ended - o.sent for o in outcomes if o.ended is not None]
