@@ -2,9 +2,12 @@
 
 Each window sends IssueToken back to back from several threads for a few
 seconds and counts every outcome: with the bucket full at the start, a
-limit of `rate` and `burst` grants burst + rate x elapsed in all, give or
-take a token per replica, however the calls are spread; three replicas each
-with its own buckets would grant three times that.
+limit of `rate` and `burst` grants burst + rate x elapsed in all (elapsed:
+from the window's first audit record to its last), give or take a token per
+replica, however the calls are spread; three replicas each with its own
+buckets would grant three times that. While Redis is away each replica
+grants its local share instead: the whole limit, or the limit / 3 with
+`[limits] replicas = 3`.
 """
 
 from __future__ import annotations
@@ -152,7 +155,9 @@ def assert_global(result: Window, rate: float, burst: float) -> None:
     assert sum(result.issued.values()) == result.granted
     assert sum(result.denied.values()) == result.codes[grpc.StatusCode.RESOURCE_EXHAUSTED]
     assert all(result.issued[name] + result.denied[name] > 0 for name in result.issued), result.issued
-    assert all(count > 0 for count in result.issued.values()), result.issued
+    # Tokens came from more than one replica: one bucket drained through several (not every replica need
+    # grant one: 15 tokens over three replicas leave one without any now and then).
+    assert sum(count > 0 for count in result.issued.values()) >= 2, result.issued
 
 
 def wait_for_metric(replica: Replica, name: str, at_least: float, **labels: str) -> float:
