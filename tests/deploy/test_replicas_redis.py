@@ -148,8 +148,8 @@ def audited(replicas: list[Replica], before: dict[str, int], calls: int) -> dict
 def assert_global(result: Window, rate: float, burst: float) -> None:
     """The window granted one limit's worth over all replicas, each served some of it, and the audit agrees."""
     assert set(result.codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, result.codes
-    # The calls must have asked for far more than the limit, or the count would prove nothing.
-    assert result.codes.total() > 3 * REPLICAS * bound(rate, burst, result.span)
+    # The calls asked for far more than three limits (twice, for an uneven spread), or the count would prove nothing.
+    assert result.codes.total() > 2 * REPLICAS * bound(rate, burst, result.span)
     assert abs(result.granted - bound(rate, burst, result.span)) <= REPLICAS, result.describe(rate, burst)
     # Every call is one audit record: issued or refused by the limit, on the replica that served it.
     assert sum(result.issued.values()) == result.granted
