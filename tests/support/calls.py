@@ -34,6 +34,8 @@ class Outcome:
     sent: float
     code: grpc.StatusCode
     token: str = ""
+    ended: float | None = None
+    """When it ended (time.monotonic()), where a test measures calls' durations."""
 
 
 class SteadyLoad:

@@ -3,8 +3,9 @@
 Every replica is a `synctoken serve` process with its own config and log
 folder; HAProxy runs deploy/haproxy/haproxy.cfg itself, its addresses and files
 given by environment variables. Everything takes a free port and is stopped by
-its PID. What every replica's config shares beyond the suite's (a limits
-backend, say) is `Topology(extra_config=...)`.
+its PID. What every replica's config shares beyond the suite's is
+`Topology(setup=Setup(...))`: a policy, a Redis for the limits (started
+first, and named in every replica's `[limits]`), a metrics listener each.
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from support.calls import Outcome
-from support.configs import config_text
+from support.configs import POLICY_TOML, config_text
 from support.constants import TRUST_DOMAIN
 from support.logcapture import LeakWatch
 from support.pki import Pki
 from support.processes import START_TIMEOUT, Process, free_port, serve
+from support.redisserver import RedisServer
 from synctoken.client import SynctokenError, TokenClient
 from synctoken_server.audit.record import EVENT_TOKEN_DECISION
 from synctoken_server.dev.pki import LeafSpec
@@ -50,6 +55,7 @@ class Replica:
     name: str
     port: int
     process: Process
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -59,6 +65,20 @@ class Replica:
     def decisions(self) -> list[dict[str, Any]]:
         """Its audit records so far."""
         return [r for r in self.process.records() if r["event"] == EVENT_TOKEN_DECISION]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample from a scrape of its metrics listener (0 when the series does not exist yet).
+
+        The listener answers with a render up to a second old (metrics.RENDER_REUSE_SECONDS): poll for a change.
+        """
+        assert self.metrics_port is not None, "started without metrics"
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
 
 
 class HAProxy:
@@ -134,36 +154,63 @@ class HAProxy:
                 self.proc.wait()
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What every replica's config holds beyond the suite's, and what runs beside the replicas."""
+
+    count: int = 3
+    policy: str = POLICY_TOML
+    extra_config: str = ""
+    redis: bool = False
+    """Start a redis-server first, and give every replica `[limits] backend = "redis"` with its URL."""
+    limits_keys: str = ""
+    """Lines for [limits] (with `redis` only)."""
+    redis_keys: str = ""
+    """Lines for [limits.redis] (with `redis` only)."""
+    metrics: bool = False
+    """A metrics listener on each replica, for `Replica.metric`."""
+
+
 class Topology:
-    """`count` replicas with the suite's config (plus `extra_config`), and, if asked, an HAProxy in front of them."""
+    """`setup.count` replicas with the suite's config (as `setup` says), and, if asked, an HAProxy in front of them."""
 
     def __init__(
-        self,
-        pki: Pki,
-        directory: Path,
-        watch: LeakWatch,
-        processes: list[Process],
-        count: int = 3,
-        extra_config: str = "",
+        self, pki: Pki, directory: Path, watch: LeakWatch, processes: list[Process], setup: Setup | None = None
     ) -> None:
         self.pki = pki
         self.directory = directory
         self.watch = watch
         self.processes = processes
-        self.count = count
-        self.extra_config = extra_config
+        self.setup = setup or Setup()
+        self.redis: RedisServer | None = None
         self.replicas: list[Replica] = []
         self.haproxy: HAProxy | None = None
 
+    def _config(self, port: int, metrics_port: int | None) -> str:
+        setup = self.setup
+        text = config_text(self.pki, listen=f"127.0.0.1:{port}", policy=setup.policy) + setup.extra_config
+        if self.redis is not None:
+            text += f'\n[limits]\nbackend = "redis"\n{setup.limits_keys}\n'
+            text += f'\n[limits.redis]\nurl = "{self.redis.url}"\n{setup.redis_keys}\n'
+        if metrics_port is not None:
+            text += f'\n[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+        return text
+
     def start(self, *, haproxy: bool = False) -> Topology:
-        """Start every replica (waiting until each serves), then HAProxy (waiting until it sees each one up)."""
-        for i in range(1, self.count + 1):
+        """Start Redis if asked (waiting until it answers), every replica (until each serves), then HAProxy.
+
+        HAProxy is waited for until it sees each replica up.
+        """
+        if self.setup.redis:
+            self.redis = RedisServer(self.directory / "redis")
+        for i in range(1, self.setup.count + 1):
             name = f"replica{i}"
             port = free_port()
+            metrics_port = free_port() if self.setup.metrics else None
             folder = self.directory / name
             folder.mkdir()
-            text = config_text(self.pki, listen=f"127.0.0.1:{port}") + self.extra_config
-            self.replicas.append(Replica(name, port, serve(text, folder, self.watch, self.processes)))
+            process = serve(self._config(port, metrics_port), folder, self.watch, self.processes)
+            self.replicas.append(Replica(name, port, process, metrics_port))
         if haproxy:
             self.haproxy = HAProxy(self.pki, self.directory / "haproxy", self.watch, self.replicas)
             for replica in self.replicas:
@@ -171,13 +218,21 @@ class Topology:
         return self
 
     def stop(self) -> None:
-        """Stop HAProxy and every replica still running, each by its PID."""
+        """Stop HAProxy, every replica still running and Redis, each by its PID."""
         if self.haproxy is not None:
             self.haproxy.stop()
         for replica in self.replicas:
             if replica.process.proc.poll() is None:
                 replica.process.proc.kill()
                 replica.process.proc.wait()
+        if self.redis is not None:
+            self.redis.kill()
+
+    @property
+    def shared(self) -> RedisServer:
+        """The Redis the replicas share (the topology must have been started with one)."""
+        assert self.redis is not None, "started without redis"
+        return self.redis
 
     @property
     def balancer(self) -> HAProxy:
@@ -211,8 +266,16 @@ class ClientLoad:
     Each client is its own channel; `threads` threads share each one.
     """
 
-    def __init__(self, clients: list[TokenClient], watch: LeakWatch, threads: int = 2) -> None:
+    def __init__(
+        self,
+        clients: list[TokenClient],
+        watch: LeakWatch,
+        threads: int = 2,
+        identity: Callable[[], str] = lambda: "alice",
+    ) -> None:
+        """`identity` names each call's identity (it is called from every thread)."""
         self.outcomes: list[Outcome] = []
+        self._identity = identity
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watch = watch
@@ -226,13 +289,14 @@ class ClientLoad:
 
     def _run(self, client: TokenClient) -> None:
         while not self._stop.is_set():
+            identity = self._identity()
             sent = time.monotonic()
             try:
-                token = client.issue_token("alice").token
+                token = client.issue_token(identity).token
+                outcome = Outcome(sent, grpc.StatusCode.OK, token, time.monotonic())
                 self._watch.tokens.add(token)
-                outcome = Outcome(sent, grpc.StatusCode.OK, token)
             except SynctokenError as exc:
-                outcome = Outcome(sent, exc.code)
+                outcome = Outcome(sent, exc.code, ended=time.monotonic())
             with self._lock:
                 self.outcomes.append(outcome)
 

@@ -22,7 +22,7 @@ from synctoken_server.policy.limits import MAX_BURST, MAX_RATE, CallerLimits, Li
 
 CALLER_KEYS = frozenset({"rate", "burst", "identity_rate", "identity_burst", "shadow"})
 """The keys a `[[callers]]` entry may use for limits."""
-TABLE_KEYS = frozenset({"shadow", "backend", "on_backend_failure", "redis"})
+TABLE_KEYS = frozenset({"shadow", "replicas", "backend", "on_backend_failure", "redis"})
 """What [limits] may hold."""
 REDIS_KEYS = frozenset(
     {
@@ -40,6 +40,7 @@ REDIS_KEYS = frozenset(
 """What [limits.redis] may hold."""
 
 BACKENDS = ("local", "redis")
+MAX_REPLICAS = 1000
 _DEFAULT_TIMEOUT = "50ms"
 _TIMEOUT_MS = (1, 5000)
 _DEFAULT_COOLDOWN = "1s"
@@ -65,6 +66,21 @@ def read_global_shadow(r: TomlReader, data: Mapping[str, Any]) -> bool:
     """`[limits] shadow`: the default for every caller entry."""
     table = r.table(data, "limits", TABLE_KEYS, required=False)
     return r.get(table, "limits", "shadow", bool, default=False)
+
+
+def read_replicas(r: TomlReader, data: Mapping[str, Any]) -> int:
+    """`[limits] replicas`: how many replicas serve the same callers, so each process's local buckets hold its share.
+
+    A replica cannot count the others, so the operator says it: each process's
+    local share is then limit / (replicas x workers). It matters where local
+    buckets stand for a global limit: the local backend, and the Redis
+    backend's fallback while Redis is away.
+    """
+    table = r.table(data, "limits", TABLE_KEYS, required=False)
+    replicas = r.get(table, "limits", "replicas", int, 1)
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise r.fail("limits.replicas", f"{replicas} is not between 1 and {MAX_REPLICAS}")
+    return replicas
 
 
 def read_backend(r: TomlReader, data: Mapping[str, Any]) -> RedisSettings | None:

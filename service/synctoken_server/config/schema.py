@@ -65,6 +65,8 @@ class Config:
     """Every key path the loader read and the value that applies, defaults included (see TomlReader.effective)."""
     limits_backend: RedisSettings | None = None
     """The Redis holding the global rate limits; None: each process's own buckets, with its share of each limit."""
+    limits_replicas: int = 1
+    """How many replicas serve the same callers (`[limits] replicas`): each process's share divides by it too."""
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -182,6 +184,7 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
         metrics_listen=metrics.read_listen(r, data),
         audit_identity=audit.read_audit(r, data),
         mesh=mesh.read_mesh(r, data, source, listen),
+        limits_replicas=limits.read_replicas(r, data),
         limits_backend=limits.read_backend(r, data),
         warnings=tuple(r.warnings),
         files=tuple(r.files.items()),

@@ -4,7 +4,8 @@ The limits are config (a `[[callers]]` entry's `rate`, `burst`,
 `identity_rate`, `identity_burst`, `shadow`; `[limits] shadow` for all) and
 are compiled into one `CallerLimits` per caller once per snapshot (read by
 `config/limits.py` at load, kept in `rpc/snapshot.py`), already divided
-among the worker processes. The bucket state lives in one `RateLimiter` per server,
+among the worker processes (and the replicas `[limits] replicas` names).
+The bucket state lives in one `RateLimiter` per server,
 kept across reloads and carried over to the new limits (`reconfigure`), so
 a reload changes the rates without handing any caller a fresh burst.
 
@@ -32,12 +33,14 @@ class Limit:
     rate: float
     burst: float
 
-    def share(self, workers: int) -> Limit:
-        """The part of this limit for one of `workers` processes, so that together they allow the configured one.
+    def share(self, processes: int) -> Limit:
+        """The part of this limit for one of `processes` processes, so that together they allow the configured one.
 
-        The burst never drops below one token, or a caller could never be served.
+        The processes are every worker of every replica (`[limits] replicas`
+        x `--workers`). The burst never drops below one token, or a caller
+        could never be served.
         """
-        return Limit(self.rate / workers, max(1.0, self.burst / workers))
+        return Limit(self.rate / processes, max(1.0, self.burst / processes))
 
 
 @dataclass(frozen=True)
@@ -49,11 +52,11 @@ class CallerLimits:
     shadow: bool = False
     """Count and log what would be refused; refuse nothing."""
 
-    def share(self, workers: int) -> CallerLimits:
-        """The part of these limits for one of `workers` processes."""
+    def share(self, processes: int) -> CallerLimits:
+        """The part of these limits for one of `processes` processes."""
         return CallerLimits(
-            self.caller.share(workers) if self.caller else None,
-            self.identity.share(workers) if self.identity else None,
+            self.caller.share(processes) if self.caller else None,
+            self.identity.share(processes) if self.identity else None,
             self.shadow,
         )
 

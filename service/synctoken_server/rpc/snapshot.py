@@ -43,16 +43,18 @@ class Snapshot:
     def of(cls, config: Config, anchors: Callable[[], TrustAnchors] | None = None, workers: int = 1) -> Snapshot:
         """The snapshot of a loaded config; `anchors` gives the client CAs in force (they rotate with the TLS files).
 
-        With `workers` processes each enforces 1/workers of every rate limit in
-        its own buckets, so that together they allow what is configured; the
-        global buckets (Redis) enforce the limits as configured.
+        With `workers` processes, and the config's `[limits] replicas`, each
+        enforces 1/(workers x replicas) of every rate limit in its own buckets,
+        so that together they allow what is configured; the global buckets
+        (Redis) enforce the limits as configured.
         """
+        share = workers * config.limits_replicas
         return cls(
             config=config,
             caller_rules=CallerCertRules(config.caller_id_source, config.trust_domains, anchors),
             policy=config.policy,
             minter=Minter(config.credentials),
-            limits={rule.caller: rule.limits.share(workers) for rule in config.policy if rule.limits is not None},
+            limits={rule.caller: rule.limits.share(share) for rule in config.policy if rule.limits is not None},
             global_limits={rule.caller: rule.limits for rule in config.policy if rule.limits is not None},
             audit_identity=config.audit_identity or plain,
             identity_digest=config.audit_identity or identity_digest,

@@ -333,6 +333,7 @@ class TestCheckConfig:
         assert effective["audit"] == {"identity_hash_key_file": str(tmp_path / "audit-hmac-key")}
         assert effective["limits"] == {
             "shadow": True,
+            "replicas": 1,
             "backend": "local",
             "on_backend_failure": "local",
             "redis": None,

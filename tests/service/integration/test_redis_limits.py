@@ -487,6 +487,7 @@ class TestRedisConfig:
         assert '"backend": "redis"' in result.stdout
         assert '"url": "redis://cache.internal:6380/2"' in result.stdout
         assert '"on_backend_failure": "local"' in result.stdout
+        assert '"replicas": 1' in result.stdout
         assert '"timeout": "250ms"' in result.stdout
         assert '"breaker_cooldown": "1s"' in result.stdout
 

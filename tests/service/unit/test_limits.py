@@ -9,6 +9,7 @@ from support.pki import Pki
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
 from synctoken_server.policy.limits import TABLE_FULL_SUBJECT, CallerLimits, Limit, RateLimiter, identity_digest
+from synctoken_server.rpc.snapshot import Snapshot
 
 CALLER = "spiffe://t/svc"
 
@@ -352,8 +353,12 @@ class TestLimitConfig:
             (
                 "",
                 "[limits]\nburst = 1",
-                "limits.burst: unknown key; expected one of backend, on_backend_failure, redis, shadow",
+                "limits.burst: unknown key; expected one of backend, on_backend_failure, redis, replicas, shadow",
             ),
+            ("", "[limits]\nreplicas = 0", "limits.replicas: 0 is not between 1 and 1000"),
+            ("", "[limits]\nreplicas = 1001", "limits.replicas: 1001 is not between 1 and 1000"),
+            ("", '[limits]\nreplicas = "3"', "limits.replicas: must be a integer"),
+            ("", "[limits]\nreplicas = true", "limits.replicas: must be a integer"),
         ],
     )
     def test_invalid(self, pki: Pki, write_config: WriteConfig, lines: str, extra: str, message: str) -> None:
@@ -362,3 +367,23 @@ class TestLimitConfig:
         with pytest.raises(ConfigError) as caught:
             load_config(path, environ=SECRET_ENV)
         assert str(caught.value) == f"{path}: {message}"
+
+    @pytest.mark.parametrize(
+        ("extra", "workers", "share"),
+        [
+            ("", 1, Limit(6, 12)),
+            ("", 2, Limit(3, 6)),
+            ("[limits]\nreplicas = 3", 1, Limit(2, 4)),
+            ("[limits]\nreplicas = 3", 2, Limit(1, 2)),
+            ("[limits]\nreplicas = 24", 1, Limit(0.25, 1)),
+        ],
+    )
+    def test_replicas_divide_the_local_share(
+        self, pki: Pki, write_config: WriteConfig, extra: str, workers: int, share: Limit
+    ) -> None:
+        """Each process's local buckets hold limit / (replicas x workers); the global limits stay whole."""
+        config = load_config(write_config(limited_config(pki, "rate = 6\nburst = 12", extra)), environ=SECRET_ENV)
+        snapshot = Snapshot.of(config, workers=workers)
+        rule = list(config.policy)[1].caller
+        assert snapshot.limits[rule] == CallerLimits(caller=share)
+        assert snapshot.global_limits[rule] == CallerLimits(caller=Limit(6, 12))
