@@ -20,7 +20,7 @@ from support.calls import channel, rpc_error
 from support.configs import config_text
 from support.constants import API_SECRET, BFF_ID, SERVICE_B, TRUST_DOMAIN
 from support.logcapture import LeakWatch
-from support.otlp import OtlpReceiver
+from support.otlp import OtlpReceiver, exporter_env
 from support.pki import Pki
 from support.processes import Process, check_config, free_port, serve
 from synctoken.v1 import token_service_pb2 as pb
@@ -40,14 +40,8 @@ FIXED_PARENT_ID = "00f067aa0ba902b7"
 
 
 def otel_env(endpoint: str) -> dict[str, str]:
-    """The standard variables an operator sets: where to export, as what service, and a short batch delay."""
-    return {
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint,
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
-        "OTEL_SERVICE_NAME": "synctoken-under-test",
-        # Export within 100 ms rather than 5 s, so the test waits less; the path is the same.
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-    }
+    """The OTEL_* variables for a server exporting to `endpoint`."""
+    return exporter_env(endpoint, "synctoken-under-test")
 
 
 @pytest.fixture
