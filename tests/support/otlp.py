@@ -10,6 +10,7 @@ knows about.
 
 from __future__ import annotations
 
+import http.server
 import threading
 import time
 from concurrent import futures
@@ -62,31 +63,17 @@ def exporter_env(endpoint: str, service: str) -> dict[str, str]:
     }
 
 
-class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Listens on 127.0.0.1 (OTLP/gRPC, plaintext) and keeps every ExportTraceServiceRequest."""
+class _Requests:
+    """The ExportTraceServiceRequests a receiver got, and what tests read of them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="otlp-receiver"))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
 
-    @property
-    def endpoint(self) -> str:
-        """What OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT says for this receiver (http: plaintext)."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def Export(  # noqa: N802 - the RPC's name
-        self,
-        request: trace_service_pb2.ExportTraceServiceRequest,
-        context: grpc.ServicerContext,  # noqa: ARG002 - the servicer's signature
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        """Keep the request; accept every span."""
+    def keep(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
+        """Keep one request (from any thread)."""
         with self._lock:
             self._requests.append(request)
-        return trace_service_pb2.ExportTraceServiceResponse()
 
     def exported_bytes(self) -> bytes:
         """Every request received so far, serialized: what a leak search reads."""
@@ -116,6 +103,71 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         names = [s.span.name for s in self.spans()]
         raise AssertionError(f"fewer than {count} spans {name!r} within {START_TIMEOUT}s; received {names}")
 
+
+class OtlpReceiver(_Requests, trace_service_pb2_grpc.TraceServiceServicer):
+    """Listens on 127.0.0.1 (OTLP/gRPC, plaintext) and keeps every ExportTraceServiceRequest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="otlp-receiver"))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    @property
+    def endpoint(self) -> str:
+        """What OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT says for this receiver (http: plaintext)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def Export(  # noqa: N802 - the RPC's name
+        self,
+        request: trace_service_pb2.ExportTraceServiceRequest,
+        context: grpc.ServicerContext,  # noqa: ARG002 - the servicer's signature
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        """Keep the request; accept every span."""
+        self.keep(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
     def close(self) -> None:
         """Stop listening at once."""
         self._server.stop(grace=None).wait(timeout=5)
+
+
+class OtlpHttpReceiver(_Requests):
+    """Listens on 127.0.0.1 (OTLP/HTTP with protobuf bodies, plaintext) on a thread of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        requests = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.path != "/v1/traces":
+                    self.send_error(404)
+                    return
+                requests.keep(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+                del format, args  # quiet: the suite's output is for failures
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="otlp-http-receiver", daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        """What OTEL_EXPORTER_OTLP_TRACES_ENDPOINT says for this receiver: the full URL, as the HTTP exporter wants."""
+        return f"http://127.0.0.1:{self.port}/v1/traces"
+
+    def close(self) -> None:
+        """Stop listening."""
+        self._server.shutdown()
+        self._server.server_close()

@@ -20,7 +20,7 @@ from support.calls import channel, rpc_error
 from support.configs import config_text
 from support.constants import API_SECRET, BFF_ID, SERVICE_B, TRUST_DOMAIN
 from support.logcapture import LeakWatch
-from support.otlp import OtlpReceiver, exporter_env
+from support.otlp import OtlpHttpReceiver, OtlpReceiver, exporter_env
 from support.pki import Pki
 from support.processes import Process, check_config, free_port, serve
 from synctoken.v1 import token_service_pb2 as pb
@@ -163,6 +163,26 @@ class TestServerSpans:
         stub(pki, traced).GetCallerIdentity(pb.GetCallerIdentityRequest(), timeout=10)
         receiver.wait_for_spans(LOOKUP_SPAN)
         assert [s.span.name for s in receiver.spans()] == [LOOKUP_SPAN]
+
+
+class TestHttpExport:
+    """OTLP over HTTP, chosen by the standard variable."""
+
+    def test_spans_arrive_over_http(
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """With OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf the span is POSTed to the HTTP endpoint."""
+        receiver = OtlpHttpReceiver()
+        try:
+            env = otel_env(receiver.endpoint) | {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+            process = serve(config_text(pki) + TRACING, tmp_path, leak_watch, processes, env=env)
+            issue(pki, process, leak_watch)
+            [span] = receiver.wait_for_spans(ISSUE_SPAN)
+            assert span.attributes["synctoken.token_issued"] is True
+            [decision] = process.wait_for_records("token.decision")
+            assert decision["trace_id"] == span.trace_id
+        finally:
+            receiver.close()
 
 
 class TestDeadCollector:
