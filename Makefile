@@ -108,8 +108,8 @@ test-lowest: $(UV) $(PYTEST_NEEDS)
 		-e ./clients/python -e ./clients/bff -e . --group dev
 	$(LOWEST)/bin/pytest -p no:cacheprovider
 
-# The full benchmark, about eight minutes (five rounds): writes bench/results/results.{json,md,png}.
-bench: $(INSTALLED) node_modules/.installed /usr/bin/wrk
+# The full benchmark, about ten minutes (five rounds; synctoken-redis starts its own redis-server): writes bench/results/results.{json,md,png}.
+bench: $(INSTALLED) node_modules/.installed /usr/bin/wrk /usr/bin/redis-server
 	$(BIN)/python -m bench
 
 lint: $(INSTALLED) node_modules/.installed

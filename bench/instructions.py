@@ -8,9 +8,12 @@ code, inputs and environment give the same count to within a percent). Each
 server runs under callgrind with counting switched on (`callgrind_control`)
 only while `--calls` IssueToken calls (empty calls for the empty RPC) are
 made one at a time over one mTLS connection, after a warm-up; every thread of
-the server counts. The in-process figure counts the handler's own work
-(caller id, parsing, policy, mint, audit line) in a loop, as the difference
-between two runs of different lengths, so start-up cancels out.
+the server counts. synctoken-redis (its limits in a loopback Redis, far above
+the load) is counted the same way, last; the redis-server it calls is not
+traced, so its line is synctoken's side of the Redis check only. The
+in-process figure counts the handler's own work (caller id, parsing, policy,
+mint, audit line) in a loop, as the difference between two runs of different
+lengths, so start-up cancels out.
 
 Instructions are not time: the same instructions take longer when they run
 cold, between gRPC's own work, than in a loop. Comparing the two says which
@@ -33,7 +36,16 @@ import grpc
 
 from bench.micro import issue_and_record, new_issuer
 from bench.otlpsink import OtlpSink
-from bench.systems import ROOT, System, Workspace, empty_rpc, issue_payload, synctoken, synctoken_traced
+from bench.systems import (
+    ROOT,
+    System,
+    Workspace,
+    empty_rpc,
+    issue_payload,
+    synctoken,
+    synctoken_redis,
+    synctoken_traced,
+)
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.audit import logs
 from synctoken_server.audit.record import AuditLog
@@ -54,6 +66,8 @@ class Counts:
     empty_rpc: int
     synctoken: int
     in_process_handler: int
+    synctoken_redis: int
+    """synctoken's server with its limits in Redis; Redis's own instructions are not counted (it is not traced)."""
     synctoken_traced: int | None = None
     """With --tracing: synctoken with [tracing] on, every call sampled and exported (batch thread included)."""
 
@@ -61,6 +75,11 @@ class Counts:
     def synctoken_extra(self) -> int:
         """What an IssueToken costs beyond an empty call on the same stack."""
         return self.synctoken - self.empty_rpc
+
+    @property
+    def redis_extra(self) -> int:
+        """What the Redis check adds to an IssueToken, in synctoken's server."""
+        return self.synctoken_redis - self.synctoken
 
     def as_dict(self) -> dict[str, int]:
         """Plain data for JSON."""
@@ -70,6 +89,8 @@ class Counts:
             "synctoken": self.synctoken,
             "synctoken_extra": self.synctoken_extra,
             "in_process_handler": self.in_process_handler,
+            "synctoken_redis": self.synctoken_redis,
+            "redis_extra": self.redis_extra,
         }
         if self.synctoken_traced is not None:
             counts["synctoken_traced"] = self.synctoken_traced
@@ -126,8 +147,8 @@ def _count_server(system: System, workspace: Workspace, calls: int, out_dir: Pat
             _callgrind_control("--instr=off", pid)
     finally:
         # SIGINT: synctoken stops without its drain delay. A kill would lose
-        # callgrind's counts, which it writes as the process exits.
-        traced.stop(signal.SIGINT if system.name == "synctoken" else signal.SIGTERM, timeout=120)
+        # callgrind's counts, which it writes as the process exits. (stop() then stops its Redis.)
+        traced.stop(signal.SIGINT if system.name.startswith("synctoken") else signal.SIGTERM, timeout=120)
     return _total(Path(f"{prefix}.{pid}")) // calls
 
 
@@ -174,22 +195,25 @@ def count(calls: int, *, tracing: bool = False) -> Counts:
     with tempfile.TemporaryDirectory(prefix="synctoken-instructions-") as tmp:
         out_dir = Path(tmp)
         workspace = Workspace.make(out_dir / "pki")
-        traced = None
-        if tracing:
-            sink = OtlpSink()
-            try:
-                traced = _count_server(synctoken_traced(workspace, sink.endpoint), workspace, calls, out_dir)
-            finally:
-                sink.close()
-            if sink.exports == 0:
-                raise RuntimeError("the traced server exported no spans: the figure would not include the export")
-        return Counts(
+        counts = Counts(
             calls=calls,
             empty_rpc=_count_server(empty_rpc(workspace), workspace, calls, out_dir),
             synctoken=_count_server(synctoken(workspace, 1), workspace, calls, out_dir),
             in_process_handler=_count_in_process(workspace, calls, out_dir),
-            synctoken_traced=traced,
+            # Last, so that the figures above are counted exactly as before it was added.
+            synctoken_redis=_count_server(synctoken_redis(workspace), workspace, calls, out_dir),
         )
+        if not tracing:
+            return counts
+        # After all the others, for the same reason.
+        sink = OtlpSink()
+        try:
+            traced = _count_server(synctoken_traced(workspace, sink.endpoint), workspace, calls, out_dir)
+        finally:
+            sink.close()
+        if sink.exports == 0:
+            raise RuntimeError("the traced server exported no spans: the figure would not include the export")
+        return replace(counts, synctoken_traced=traced)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  synctoken server            {counts.synctoken:>10,}")
     print(f"  synctoken extra             {counts.synctoken_extra:>10,}")
     print(f"  handler's work, in-process  {counts.in_process_handler:>10,}   (caller id, parse, policy, mint, audit)")
+    print(f"  synctoken-redis server      {counts.synctoken_redis:>10,}   (redis-server's own not counted)")
+    print(f"  Redis check extra           {counts.redis_extra:>10,}   (over synctoken)")
     if counts.synctoken_traced is not None:
         extra = counts.synctoken_traced - counts.synctoken
         print(f"  synctoken, tracing on       {counts.synctoken_traced:>10,}   (every call sampled and exported)")

@@ -45,6 +45,15 @@ class Result:
     server_cpu_ms_per_request: float
     server_peak_rss_mib: float
     loadgen_cpu_s: float
+    backend_cpu_s: float = 0.0
+    """CPU seconds of the processes the server depends on (its Redis) over the window; not in server_cpu_s."""
+    backend_calls: int = 0
+    """Scripts its Redis ran during the whole load, warm-up included: one per rate-limit check."""
+
+    @property
+    def backend_cpu_ms_per_request(self) -> float:
+        """Its Redis's CPU per request, in milliseconds: 0 for a system without one."""
+        return self.backend_cpu_s * 1000 / self.requests if self.requests else float("nan")
 
     def as_dict(self) -> dict[str, float | int | str]:
         """Plain data for JSON."""
@@ -83,7 +92,7 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-def _grpc_load(system: System, shape: LoadShape, pki: Path) -> tuple[list[float], int, float, float]:
+def _grpc_load(system: System, shape: LoadShape, pki: Path) -> tuple[list[float], int, tuple[float, float], float]:
     # Two load-generator processes (one at concurrency 1), four channels each:
     # many calls in flight over a few connections, as a fleet of backends would.
     generators = 1 if shape.concurrency == 1 else 2
@@ -134,15 +143,16 @@ def _grpc_load(system: System, shape: LoadShape, pki: Path) -> tuple[list[float]
     return latencies, errors, cpu, loadgen_cpu
 
 
-def _sample_cpu_over_window(system: System, window_start: float, duration: float) -> float:
+def _sample_cpu_over_window(system: System, window_start: float, duration: float) -> tuple[float, float]:
+    """The server's CPU seconds over the window, and (apart) those of the processes it depends on."""
     time.sleep(max(0.0, window_start - time.time()))
-    processes = system.processes()
-    before = _cpu_seconds(processes)
+    processes, backend = system.processes(), system.backend_processes()
+    before, backend_before = _cpu_seconds(processes), _cpu_seconds(backend)
     time.sleep(duration)
-    return _cpu_seconds(processes) - before
+    return _cpu_seconds(processes) - before, _cpu_seconds(backend) - backend_before
 
 
-def _http_load(system: System, shape: LoadShape) -> tuple[dict[str, float], int, float, float]:
+def _http_load(system: System, shape: LoadShape) -> tuple[dict[str, float], int, tuple[float, float], float]:
     wrk = shutil.which("wrk")
     if wrk is None:
         msg = "wrk is not installed (Debian package wrk; `make bench` installs it)"
@@ -165,6 +175,7 @@ def _http_load(system: System, shape: LoadShape) -> tuple[dict[str, float], int,
 
 def measure(system: System, shape: LoadShape, pki: Path, round_index: int) -> Result:
     """Load `system` at `shape` and return the figures."""
+    scripts_before = system.redis.script_calls() if system.redis is not None else 0
     if system.kind == "grpc":
         latencies, errors, cpu, loadgen_cpu = _grpc_load(system, shape, pki)
         latencies.sort()
@@ -178,7 +189,9 @@ def measure(system: System, shape: LoadShape, pki: Path, round_index: int) -> Re
         duration = figures["duration_us"] / 1e6
         p50, p90, p99, worst = figures["p50"], figures["p90"], figures["p99"], figures["max"]
     rps = requests / duration
-    return Result(
+    server_cpu, backend_cpu = cpu
+    backend_calls = system.redis.script_calls() - scripts_before if system.redis is not None else 0
+    result = Result(
         system=system.name,
         concurrency=shape.concurrency,
         round=round_index,
@@ -189,12 +202,32 @@ def measure(system: System, shape: LoadShape, pki: Path, round_index: int) -> Re
         p90_ms=p90,
         p99_ms=p99,
         max_ms=worst,
-        server_cpu_s=cpu,
-        server_cpu_ms_per_request=cpu * 1000 / requests if requests else float("nan"),
+        server_cpu_s=server_cpu,
+        server_cpu_ms_per_request=server_cpu * 1000 / requests if requests else float("nan"),
         server_peak_rss_mib=_peak_rss_mib(system.processes()),
         # Cores the load generators used over the window.
         loadgen_cpu_s=loadgen_cpu,
+        backend_cpu_s=backend_cpu,
+        backend_calls=backend_calls,
     )
+    if system.redis is not None:
+        _check_every_call_went_to_redis(result)
+    return result
+
+
+def _check_every_call_went_to_redis(result: Result) -> None:
+    """Fail unless every call ran the Redis script and none was refused: otherwise the figures are not its cost.
+
+    The limits are far above the load, and a Redis that cannot answer refuses the call
+    (on_backend_failure = "deny"), so a single error means a call that was not checked in Redis.
+    """
+    if result.errors or result.backend_calls < result.requests:
+        msg = (
+            f"{result.system} at c={result.concurrency}: {result.errors} call(s) refused or failed, "
+            f"{result.backend_calls} Redis script(s) run for {result.requests} measured calls; "
+            "every call must be checked in Redis and allowed"
+        )
+        raise RuntimeError(msg)
 
 
 def median_of(results: list[Result], field: str) -> float:

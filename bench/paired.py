@@ -18,6 +18,7 @@ from bench.measure import Result
 from bench.micro import quartiles
 
 SYNCTOKEN = "synctoken"
+REDIS = "synctoken-redis"
 EMPTY = "empty-rpc"
 EXPRESS_GUIDE = "express-guide"
 
@@ -63,6 +64,12 @@ class Figure:
     decimals: int
 
 
+def _redis_extra_cpu_us(r: Mapping[str, Result], *, with_redis: bool) -> float:
+    """synctoken-redis's CPU per request over plain synctoken's, in µs; its Redis's own CPU added if `with_redis`."""
+    cost = r[REDIS].server_cpu_ms_per_request + (r[REDIS].backend_cpu_ms_per_request if with_redis else 0.0)
+    return (cost - r[SYNCTOKEN].server_cpu_ms_per_request) * 1000
+
+
 FIGURES = (
     Figure(
         "synctoken_extra_cpu_us_over_empty",
@@ -99,6 +106,64 @@ FIGURES = (
         (SYNCTOKEN,),
         lambda r: r[SYNCTOKEN].server_peak_rss_mib,
         Target(64, at_most=True),
+        0,
+    ),
+    # The global limits in Redis against no limits at all: what one Redis check per call costs
+    # the replica (server only), and the replica and its Redis together.
+    Figure(
+        "redis_extra_cpu_us_over_synctoken",
+        "synctoken-redis extra server CPU per request over synctoken (Redis's own CPU not included), µs",
+        "Redis check µs/req",
+        (REDIS, SYNCTOKEN),
+        lambda r: _redis_extra_cpu_us(r, with_redis=False),
+        Target(60, at_most=True),
+        0,
+    ),
+    Figure(
+        "redis_extra_cpu_with_redis_us_over_synctoken",
+        "synctoken-redis extra CPU per request over synctoken, Redis's own CPU included, µs",
+        "with Redis µs/req",
+        (REDIS, SYNCTOKEN),
+        lambda r: _redis_extra_cpu_us(r, with_redis=True),
+        Target(60, at_most=True),
+        0,
+    ),
+    # No target: what the Redis server spends per check, the part of the line above that is not the replica's.
+    Figure(
+        "redis_server_cpu_us_per_request",
+        "redis-server's own CPU per request of synctoken-redis, µs",
+        "redis-server µs/req",
+        (REDIS,),
+        lambda r: r[REDIS].backend_cpu_ms_per_request * 1000,
+        None,
+        0,
+    ),
+    Figure(
+        "redis_p99_over_synctoken_p99",
+        "synctoken-redis p99 ÷ synctoken p99",
+        "p99 ÷ synctoken",
+        (REDIS, SYNCTOKEN),
+        lambda r: r[REDIS].p99_ms / r[SYNCTOKEN].p99_ms,
+        Target(1.5, at_most=True, concurrencies=frozenset({16})),
+        2,
+    ),
+    # No target: tokens one core issues per second (requests per server CPU second), for sizing replicas.
+    Figure(
+        "synctoken_tokens_per_core_s",
+        "synctoken tokens/s per core of server CPU",
+        "synctoken tokens/core·s",
+        (SYNCTOKEN,),
+        lambda r: 1000 / r[SYNCTOKEN].server_cpu_ms_per_request,
+        None,
+        0,
+    ),
+    Figure(
+        "redis_tokens_per_core_s",
+        "synctoken-redis tokens/s per core of server CPU (Redis's own CPU not included)",
+        "synctoken-redis tokens/core·s",
+        (REDIS,),
+        lambda r: 1000 / r[REDIS].server_cpu_ms_per_request,
+        None,
         0,
     ),
     # No target: the stack's own footprint, beside synctoken's, so that one sees what synctoken adds.

@@ -1,6 +1,6 @@
 """Where a server's time goes under load: py-spy samples, or timed handler stages, while the harness drives it.
 
-    python -m bench.profile synctoken|synctoken-guarded|empty-rpc [--concurrency 16] [--seconds 6]
+    python -m bench.profile synctoken|synctoken-guarded|synctoken-redis|empty-rpc [--concurrency 16] [--seconds 6]
     python -m bench.profile [synctoken|synctoken-guarded] --steps [--concurrency 16] [--seconds 6] [--out FILE]
 
 The first prints the frames with the most samples (own time, then inclusive),
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench import steps
 from bench.measure import LoadShape, measure
-from bench.systems import VENV_BIN, System, Workspace, empty_rpc, synctoken, synctoken_guarded
+from bench.systems import VENV_BIN, System, Workspace, empty_rpc, synctoken, synctoken_guarded, synctoken_redis
 
 WARMUP_S = 0.5
 LEAD_S = 1.5
@@ -32,6 +32,7 @@ LEAD_S = 1.5
 SYSTEMS: dict[str, Callable[[Workspace], System]] = {
     "synctoken": lambda workspace: synctoken(workspace, 1),
     "synctoken-guarded": synctoken_guarded,
+    "synctoken-redis": synctoken_redis,
     "empty-rpc": empty_rpc,
 }
 
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         if args.system == "empty-rpc":
             parser.error("--steps times synctoken's handler: the empty RPC has none")
+        if args.system == "synctoken-redis":
+            # No stage times the Redis check, and an awaited call's wall time would count the wait for Redis.
+            parser.error("--steps has no stage for the Redis check: sample synctoken-redis without --steps")
         figures = steps.run(shape, guarded=args.system == "synctoken-guarded")
         print(steps.render(figures))
         if args.out:

@@ -26,6 +26,7 @@ SUMMARY_FIELDS = (
     "server_cpu_s",
     "server_peak_rss_mib",
     "loadgen_cpu_s",
+    "backend_cpu_ms_per_request",
 )
 
 
@@ -58,6 +59,9 @@ def ratios(summary: dict[str, dict[int, dict[str, float]]], workers_name: str) -
     # What limits and metrics cost: throughput below 1 is lost, CPU per request above 1 is added.
     ratio("guarded_rps_over_synctoken_rps", "synctoken-guarded", "synctoken", "rps")
     ratio("guarded_cpu_per_request_over_synctoken", "synctoken-guarded", "synctoken", "server_cpu_ms_per_request")
+    # What the Redis check adds to a call, against no limits at all.
+    ratio("redis_rps_over_synctoken_rps", "synctoken-redis", "synctoken", "rps")
+    ratio("redis_p99_over_synctoken_p99", "synctoken-redis", "synctoken", "p99_ms")
     ratio("workers_rps_over_express_guide_rps", workers_name, "express-guide", "rps")
     ratio("workers_rps_over_express_keyobject_rps", workers_name, "express-keyobject", "rps")
     ratio("express_keyobject_rps_over_guide_rps", "express-keyobject", "express-guide", "rps")
@@ -93,17 +97,20 @@ def markdown(
         ),
         "",
         (
-            "| system | in flight | req/s | p50 ms | p90 ms | p99 ms | max ms | CPU ms/req | server cores "
-            "| load-gen cores | peak RSS MiB | errors |"
+            "| system | in flight | req/s | p50 ms | p90 ms | p99 ms | max ms | CPU ms/req | Redis CPU ms/req "
+            "| server cores | load-gen cores | peak RSS MiB | errors |"
         ),
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for system, by_concurrency in summary.items():
         for concurrency in sorted(by_concurrency):
             f = by_concurrency[concurrency]
+            # Apart from the server's CPU: the Redis a system depends on, if it has one.
+            redis_cpu = f.get("backend_cpu_ms_per_request", 0.0)
             lines.append(
                 f"| {system} | {concurrency} | {f['rps']:.0f} | {f['p50_ms']:.2f} | {f['p90_ms']:.2f} | "
                 f"{f['p99_ms']:.2f} | {f['max_ms']:.2f} | {f['server_cpu_ms_per_request']:.3f} | "
+                f"{f'{redis_cpu:.3f}' if redis_cpu else '—'} | "
                 f"{f['server_cpu_s'] / meta['duration_s']:.2f} | {f['loadgen_cpu_s'] / meta['duration_s']:.2f} | "
                 f"{f['server_peak_rss_mib']:.0f} | {f['errors']:.0f} |"
             )

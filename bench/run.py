@@ -25,12 +25,15 @@ from bench.systems import (
     express,
     synctoken,
     synctoken_guarded,
+    synctoken_redis,
 )
 
 
 def _systems(workspace: Workspace, workers: int) -> list[System]:
     return [
         synctoken(workspace, 1),
+        # Right after plain synctoken: the pair that prices the Redis check is measured closest in time.
+        synctoken_redis(workspace),
         synctoken_guarded(workspace),
         empty_rpc(workspace),
         synctoken(workspace, workers),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.redisserver import RedisProcess
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.dev import devenv
 
@@ -74,9 +75,13 @@ class System:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     start_timeout_s: float = START_TIMEOUT_S
+    redis: RedisProcess | None = None
+    """The Redis holding its global rate limits: started before it, stopped after it, its CPU counted apart."""
 
     def start(self, log_dir: Path) -> None:
-        """Start the server and wait until it says it is ready."""
+        """Start the server (its Redis first, if it has one) and wait until it says it is ready."""
+        if self.redis is not None:
+            self.redis.start(log_dir)
         self.log_path = log_dir / f"{self.name}.log"
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -96,17 +101,25 @@ class System:
         parent = psutil.Process(self.process.pid)
         return [parent, *parent.children(recursive=True)]
 
+    def backend_processes(self) -> list[psutil.Process]:
+        """The processes it depends on (its Redis), whose CPU is not the server's but is spent for it."""
+        return [] if self.redis is None else self.redis.processes()
+
     def stop(self, signum: signal.Signals = signal.SIGTERM, timeout: float = 20) -> None:
-        """Send `signum`, then wait up to `timeout` seconds; kill if it will not go."""
-        if self.process is None:
-            return
-        self.process.send_signal(signum)
+        """Send `signum`, then wait up to `timeout` seconds; kill if it will not go. Then stop its Redis."""
         try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
+            if self.process is None:
+                return
+            self.process.send_signal(signum)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        finally:
+            if self.redis is not None:
+                self.redis.stop()
 
 
 def issue_payload() -> bytes:
@@ -153,6 +166,36 @@ def synctoken_guarded(workspace: Workspace) -> System:
     config = Path(system.command[system.command.index("--config") + 1])
     text = config.read_text(encoding="utf-8").replace("[[callers]]\n", f"[[callers]]\n{GUARDED_CALLER}", 1)
     config.write_text(f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n\n{text}', encoding="utf-8")
+    return system
+
+
+REDIS_LIMITS = """
+[limits]
+backend = "redis"
+# A Redis that cannot answer refuses the call: a run that fell back to local buckets
+# would measure those, and the refusal shows up as an error instead.
+on_backend_failure = "deny"
+
+[limits.redis]
+url = "{url}"
+# Room for a busy shared machine (and for valgrind, in bench.instructions): a late answer
+# would be a refusal, not a measurement.
+timeout = "5s"
+"""
+
+
+def synctoken_redis(workspace: Workspace) -> System:
+    """Synctoken serve with the caller and identity limits global, in a loopback Redis the system starts itself.
+
+    The limits are far above the load, as for synctoken-guarded: every call runs the Redis
+    script and none is refused. Against plain synctoken, this is the cost of the Redis check.
+    """
+    system = synctoken(workspace, 1)
+    system.name = "synctoken-redis"
+    system.redis = RedisProcess(free_port())
+    config = Path(system.command[system.command.index("--config") + 1])
+    text = config.read_text(encoding="utf-8").replace("[[callers]]\n", f"[[callers]]\n{GUARDED_CALLER}", 1)
+    config.write_text(text + REDIS_LIMITS.format(url=system.redis.url), encoding="utf-8")
     return system
 
 

@@ -18,13 +18,19 @@ from bench.measure import Result
 from bench.steps_server import STAGES
 from support.constants import ROOT
 
-SYSTEMS = {"synctoken", "synctoken-guarded", "empty-rpc", "express-guide", "express-keyobject"}
+SYSTEMS = {"synctoken", "synctoken-redis", "synctoken-guarded", "empty-rpc", "express-guide", "express-keyobject"}
 PAIRED = {
     "synctoken_extra_cpu_us_over_empty",
     "synctoken_rps_over_empty_rps",
     "synctoken_cpu_over_express_guide_cpu",
     "synctoken_peak_rss_mib",
     "empty_rpc_peak_rss_mib",
+    "redis_extra_cpu_us_over_synctoken",
+    "redis_extra_cpu_with_redis_us_over_synctoken",
+    "redis_server_cpu_us_per_request",
+    "redis_p99_over_synctoken_p99",
+    "synctoken_tokens_per_core_s",
+    "redis_tokens_per_core_s",
 }
 
 
@@ -47,6 +53,10 @@ def test_quick_run(tmp_path: Path) -> None:
         assert r["errors"] == 0, r
         assert r["requests"] > 0, r
         assert r["server_cpu_s"] > 0, r
+        # Every call of the Redis system ran the script in its own redis-server, whose CPU is counted apart.
+        redis_system = r["system"] == "synctoken-redis"
+        assert (r["backend_calls"] >= r["requests"]) if redis_system else (r["backend_calls"] == 0), r
+        assert (r["backend_cpu_s"] > 0) if redis_system else (r["backend_cpu_s"] == 0), r
     paths = ["synctoken_issue_path", "synctoken_issue_path_twilio_minter", "bare_access_token"]
     paths += ["direct_mint", "twilio_minter_mint", "hmac_sha256"]
     ratios = ["issue_path_over_bare", "issue_path_twilio_minter_over_bare"]
@@ -55,6 +65,7 @@ def test_quick_run(tmp_path: Path) -> None:
         f"{r}{q}" for r in ratios for q in ("", "_q1", "_q3")
     }
     assert "| synctoken | 16 |" in (tmp_path / "results.md").read_text()
+    assert "| synctoken-redis | 16 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert data["meta"]["rounds"] == 1
     assert set(data["paired"]) == PAIRED
@@ -65,6 +76,8 @@ def test_quick_run(tmp_path: Path) -> None:
             assert figures["q1"] <= figures["median"] <= figures["q3"]
     assert data["paired"]["synctoken_rps_over_empty_rps"]["16"]["target"] == "≥ 0.8 at c=16, 64"
     assert data["paired"]["synctoken_rps_over_empty_rps"]["1"]["target"] is None
+    assert data["paired"]["redis_extra_cpu_us_over_synctoken"]["16"]["target"] == "≤ 60"
+    assert data["paired"]["redis_p99_over_synctoken_p99"]["16"]["target"] == "≤ 1.5 at c=16"
     markdown = (tmp_path / "results.md").read_text()
     assert "| paired figure | in flight | median | IQR | rounds | target | median meets it |" in markdown
     assert "| synctoken extra server CPU per request over empty-rpc, µs | 16 |" in markdown
@@ -179,3 +192,6 @@ def test_instruction_counts(tmp_path: Path) -> None:
     assert counts["synctoken_extra"] == counts["synctoken"] - counts["empty_rpc"]
     assert counts["in_process_handler"] > 0
     assert "synctoken extra" in result.stdout
+    # The Redis check adds work to synctoken's server (the script call, its reply), never less.
+    assert counts["redis_extra"] == counts["synctoken_redis"] - counts["synctoken"] > 0
+    assert "Redis check extra" in result.stdout

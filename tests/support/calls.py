@@ -38,7 +38,48 @@ class Outcome:
     """When it ended (time.monotonic()), where a test measures calls' durations."""
 
 
-class SteadyLoad:
+class Load:
+    """Threads calling until told to stop; each call's outcome in `outcomes`, each token in the leak check."""
+
+    def __init__(self, watch: LeakWatch) -> None:
+        self.outcomes: list[Outcome] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watch = watch
+        self._threads: list[threading.Thread] = []
+
+    def _start(self, threads: list[threading.Thread]) -> None:
+        self._threads = threads
+        for thread in threads:
+            thread.start()
+
+    def _record(self, outcome: Outcome) -> None:
+        if outcome.token:
+            self._watch.tokens.add(outcome.token)
+        with self._lock:
+            self.outcomes.append(outcome)
+
+    def _close(self) -> None:
+        """What to release once every thread has stopped."""
+
+    def wait_for(self, calls: int) -> None:
+        """Wait until at least `calls` more calls have ended."""
+        target = len(self.outcomes) + calls
+        deadline = time.monotonic() + START_TIMEOUT
+        while len(self.outcomes) < target:
+            assert time.monotonic() < deadline, f"fewer than {calls} calls in {START_TIMEOUT}s"
+            time.sleep(0.02)
+
+    def stop(self) -> list[Outcome]:
+        """Stop calling, wait for the last calls, and return every outcome."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._close()
+        return self.outcomes
+
+
+class SteadyLoad(Load):
     """Clients sending IssueToken back to back until told to stop (at most `limit` calls each).
 
     `connections` clients each keep one connection; `fresh` clients open a
@@ -54,28 +95,21 @@ class SteadyLoad:
         limit: int = 5000,
         fresh: int = 0,
     ) -> None:
-        self.outcomes: list[Outcome] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._watch = watch
+        super().__init__(watch)
         self._channels = [channel(pki, port) for _ in range(connections)]
-        self._threads = [threading.Thread(target=self._run, args=(c, limit), daemon=True) for c in self._channels]
-        self._threads += [
+        threads = [threading.Thread(target=self._run, args=(c, limit), daemon=True) for c in self._channels]
+        threads += [
             threading.Thread(target=self._run_fresh, args=(pki, port, limit), daemon=True) for _ in range(fresh)
         ]
-        for thread in self._threads:
-            thread.start()
+        self._start(threads)
 
     def _call(self, ch: grpc.Channel) -> None:
         sent = time.monotonic()
         try:
             token = token_service_pb2_grpc.TokenServiceStub(ch).IssueToken(ALICE, timeout=10).token
-            self._watch.tokens.add(token)
-            outcome = Outcome(sent, grpc.StatusCode.OK, token)
+            self._record(Outcome(sent, grpc.StatusCode.OK, token))
         except grpc.RpcError as exc:
-            outcome = Outcome(sent, exc.code())
-        with self._lock:
-            self.outcomes.append(outcome)
+            self._record(Outcome(sent, exc.code()))
 
     def _run(self, ch: grpc.Channel, limit: int) -> None:
         for _ in range(limit):
@@ -90,22 +124,9 @@ class SteadyLoad:
             with channel(pki, port) as ch:
                 self._call(ch)
 
-    def wait_for(self, calls: int) -> None:
-        """Wait until at least `calls` more calls have ended."""
-        target = len(self.outcomes) + calls
-        deadline = time.monotonic() + START_TIMEOUT
-        while len(self.outcomes) < target:
-            assert time.monotonic() < deadline, f"fewer than {calls} calls in {START_TIMEOUT}s"
-            time.sleep(0.02)
-
-    def stop(self) -> list[Outcome]:
-        """Stop sending, wait for the last calls, and return every outcome."""
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
+    def _close(self) -> None:
         for ch in self._channels:
             ch.close()
-        return self.outcomes
 
 
 def rpc_error(call: Callable[[], object]) -> tuple[grpc.RpcError, ErrorInfo, BadRequest | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ class RunningServer:
 
     def _call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
+
+    def stop_soon(self, drain_delay: float, grace: float) -> concurrent.futures.Future[None]:
+        """Begin the server's stop, drain included, without waiting for it; close() still ends the loop."""
+        return asyncio.run_coroutine_threadsafe(self._server.stop(drain_delay=drain_delay, grace=grace), self._loop)
 
     def close(self) -> None:
         """Stop the server and its loop; a second call does nothing."""

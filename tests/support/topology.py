@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.calls import Outcome
+from support.calls import Load, Outcome
 from support.configs import POLICY_TOML, config_text
 from support.constants import TRUST_DOMAIN
 from support.logcapture import LeakWatch
@@ -260,7 +260,7 @@ class Topology:
         return {r.name: len(r.decisions()) for r in self.replicas}
 
 
-class ClientLoad:
+class ClientLoad(Load):
     """Threads calling IssueToken through TokenClients, back to back, until told to stop.
 
     Each client is its own channel; `threads` threads share each one.
@@ -274,18 +274,15 @@ class ClientLoad:
         identity: Callable[[], str] = lambda: "alice",
     ) -> None:
         """`identity` names each call's identity (it is called from every thread)."""
-        self.outcomes: list[Outcome] = []
+        super().__init__(watch)
         self._identity = identity
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._watch = watch
-        self._threads = [
-            threading.Thread(target=self._run, args=(client,), daemon=True)
-            for client in clients
-            for _ in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._start(
+            [
+                threading.Thread(target=self._run, args=(client,), daemon=True)
+                for client in clients
+                for _ in range(threads)
+            ]
+        )
 
     def _run(self, client: TokenClient) -> None:
         while not self._stop.is_set():
@@ -293,24 +290,6 @@ class ClientLoad:
             sent = time.monotonic()
             try:
                 token = client.issue_token(identity).token
-                outcome = Outcome(sent, grpc.StatusCode.OK, token, time.monotonic())
-                self._watch.tokens.add(token)
+                self._record(Outcome(sent, grpc.StatusCode.OK, token, time.monotonic()))
             except SynctokenError as exc:
-                outcome = Outcome(sent, exc.code, ended=time.monotonic())
-            with self._lock:
-                self.outcomes.append(outcome)
-
-    def wait_for(self, calls: int) -> None:
-        """Wait until at least `calls` more calls have ended."""
-        target = len(self.outcomes) + calls
-        deadline = time.monotonic() + START_TIMEOUT
-        while len(self.outcomes) < target:
-            assert time.monotonic() < deadline, f"fewer than {calls} calls in {START_TIMEOUT}s"
-            time.sleep(0.02)
-
-    def stop(self) -> list[Outcome]:
-        """Stop calling, wait for the last calls, and return every outcome."""
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
-        return self.outcomes
+                self._record(Outcome(sent, exc.code, ended=time.monotonic()))

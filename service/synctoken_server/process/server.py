@@ -43,6 +43,23 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 AUDIT_PROBE_SECONDS = 0.5
 """How often health re-checks an audit log that could not be written."""
 
+BALANCING_HEALTH = "synctoken.balancing"
+"""The health status that clients balancing over replicas themselves watch (the Python client's
+healthCheckConfig names it): NOT_SERVING only in the last moment of a drain, never for the audit
+log, so such a client still reaches a replica whose log is full and gets its AUDIT_UNAVAILABLE."""
+
+CLIENT_MOVE_SECONDS = 1.0
+"""The end of drain_delay in which BALANCING_HEALTH says NOT_SERVING before the server stops.
+
+gRPC core cancels (CANCELLED, which no client retries) every call that has
+reached the server but not yet a handler when the stop begins (grpc/grpc
+issue 41785), and a client keeps sending calls until something tells it to
+stop: so the calls must stop before the server does. A client watching
+BALANCING_HEALTH moves its calls to the other replicas within a round trip
+of the change; this is ample for that. It is only the end of the drain,
+because a client with one address (an L4 balancer, a ClusterIP) has nowhere
+to move meanwhile: its calls wait until the stop's GOAWAY makes it reconnect."""
+
 
 class TokenServer:
     """A configured, not yet started, synctoken server."""
@@ -133,6 +150,7 @@ class TokenServer:
             # this one call, bounded by the timeout, puts a wrong password or address in the log now.
             await self.global_limiter.start()
         await self._set_health(serving=True)
+        await self._health.set(BALANCING_HEALTH, health_pb2.HealthCheckResponse.SERVING)
         self._audit_watch = asyncio.create_task(self._watch_audit(), name="audit-watch")
 
     async def stop(self, *, drain_delay: float | None = None, grace: float | None = None) -> None:
@@ -142,16 +160,23 @@ class TokenServer:
         `drain_delay` seconds, so that balancers and health-checking clients
         move away first; then new calls are refused and calls in flight get
         `grace` seconds to finish. Both default to the current config's values.
+        Clients balancing themselves are told last (see CLIENT_MOVE_SECONDS).
         """
         timeouts = self.snapshots.current.config.timeouts
         drain_delay = timeouts.drain_delay if drain_delay is None else drain_delay
         grace = timeouts.grace if grace is None else grace
-        await self._health.enter_graceful_shutdown()
         if self._audit_watch is not None:
+            # Cancelled first, so that it cannot set SERVING again: it only ever waits in its sleep.
             self._audit_watch.cancel()
+        await self._set_health(serving=False)
+        if self._audit_watch is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._audit_watch
-        await asyncio.sleep(drain_delay)
+        clients_move = min(drain_delay, CLIENT_MOVE_SECONDS)
+        await asyncio.sleep(drain_delay - clients_move)
+        # Every status NOT_SERVING, BALANCING_HEALTH included, and no later change.
+        await self._health.enter_graceful_shutdown()
+        await asyncio.sleep(clients_move)
         await self._server.stop(grace)
         if self.global_limiter is not None:
             await self.global_limiter.close()

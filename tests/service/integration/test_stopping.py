@@ -23,14 +23,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from support.calls import SteadyLoad, channel, rpc_error
+from support.clients import client_kwargs
 from support.configs import SECRET_ENV, WriteConfig, config_text
 from support.constants import SYNCTOKEN
 from support.logcapture import LeakWatch
 from support.pki import Pki
 from support.processes import START_TIMEOUT, Process, free_port
+from support.topology import SERVER_NAME
+from synctoken.client import SynctokenError, TokenClient
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.process import running
+from synctoken_server.process.server import BALANCING_HEALTH
 
 REQUEST = pb.IssueTokenRequest(identity="alice", sync=pb.SyncGrant())
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -61,10 +65,10 @@ def launch(
     return start
 
 
-def health_status(pki: Pki, port: int) -> int:
-    """TokenService's health, asked on a fresh connection."""
+def health_status(pki: Pki, port: int, service: str = "synctoken.v1.TokenService") -> int:
+    """A service's health (TokenService's by default), asked on a fresh connection."""
     with channel(pki, port) as ch:
-        request = health_pb2.HealthCheckRequest(service="synctoken.v1.TokenService")
+        request = health_pb2.HealthCheckRequest(service=service)
         return int(health_pb2_grpc.HealthStub(ch).Check(request, timeout=5).status)
 
 
@@ -156,6 +160,33 @@ class TestUnwritableLog:
         while health_status(pki, port) != NOT_SERVING:
             assert time.monotonic() < deadline, "health still SERVING with an unwritable audit log"
             time.sleep(0.1)
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.proc.wait(timeout=START_TIMEOUT) == 0
+
+    def test_a_balancing_client_still_gets_the_reason(self, pki: Pki, leak_watch: LeakWatch, launch: Launch) -> None:
+        """With the log full, the Python client (which watches health) still reaches the server: AUDIT_UNAVAILABLE.
+
+        The server-wide status says NOT_SERVING, but the one the client's
+        balancing watches stays SERVING: the client is told why, not that no
+        backend is healthy.
+        """
+        process, port = launch('drain_delay = "0s"\ngrace = "2s"', {resource.RLIMIT_FSIZE: 4096})
+        with TokenClient(f"127.0.0.1:{port}", server_name=SERVER_NAME, **client_kwargs(pki, "bff")) as client:
+            for _ in range(100):
+                try:
+                    leak_watch.tokens.add(client.issue_token("alice").token)
+                except SynctokenError:
+                    break
+            deadline = time.monotonic() + 5
+            while health_status(pki, port) != NOT_SERVING:
+                assert time.monotonic() < deadline, "health still SERVING with an unwritable audit log"
+                time.sleep(0.1)
+            assert health_status(pki, port, "") == NOT_SERVING
+            assert health_status(pki, port, BALANCING_HEALTH) == SERVING
+            with pytest.raises(SynctokenError) as refused:
+                client.issue_token("alice")
+        assert refused.value.reason == "AUDIT_UNAVAILABLE"
+        assert refused.value.cause is None, "the call reached the server"
         process.proc.send_signal(signal.SIGTERM)
         assert process.proc.wait(timeout=START_TIMEOUT) == 0
 

@@ -22,6 +22,8 @@ from typing import Generic, TypeVar
 from synctoken.v1 import token_service_pb2
 
 SERVICE = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
+BALANCING_HEALTH = "synctoken.balancing"
+"""The health status a synctoken server keeps for clients that balance (its BALANCING_HEALTH)."""
 
 RETRY_POLICY = {
     # gRPC caps attempts at 5. Backoffs are jittered in [0, backoff), so five
@@ -42,6 +44,17 @@ SERVICE_CONFIG = {
     # fails, and its calls' retries land on the others. gRPC's default,
     # pick_first, would put every call of this client on one replica.
     "loadBalancingConfig": [{"round_robin": {}}],
+    # Each connection also watches this health status (grpc.health.v1 Watch,
+    # one stream per connection) and takes no new call while it is not
+    # SERVING. A server says NOT_SERVING here only at the end of its drain,
+    # so that calls stop reaching it before it stops: gRPC core cancels
+    # (CANCELLED, not retried) any call that reaches a server as it stops.
+    # Not the server-wide status: that one also says NOT_SERVING while the
+    # audit log cannot be written, and a call must then reach the server to
+    # get its AUDIT_UNAVAILABLE. A server that does not know this name
+    # answers SERVICE_UNKNOWN, and no call would be sent to it: servers
+    # first, then clients.
+    "healthCheckConfig": {"serviceName": BALANCING_HEALTH},
     "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}],
     # When most attempts fail, stop retrying (each failure costs a token, each
     # success earns a tenth back): a fleet of clients must not triple its

@@ -20,6 +20,8 @@ import enum
 import re
 from dataclasses import dataclass
 
+from synctoken.client._channel import BALANCING_HEALTH
+
 
 class Cause(enum.StrEnum):
     """Why a call failed before reaching a server, as `SynctokenError.cause`."""
@@ -27,15 +29,19 @@ class Cause(enum.StrEnum):
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
     """A connection was made, but TLS refused it, on this side or the server's: retrying will not help."""
     CONNECTION_FAILED = "connection_failed"
-    """No attempt could connect (refused, unreachable, closed mid-handshake) before the deadline passed."""
+    """No attempt could connect (refused, unreachable, closed mid-handshake), or every server connected to was
+    stopping, before the deadline passed."""
 
 
 # The first words are the load-balancing policy's: round_robin's (the clients'), then pick_first's (gRPC's default).
+# A failed connection's error starts with its code; a connection whose health check says no has none.
 _LAST_ERROR = re.compile(
     r"(?:connections to all backends failing|failed to connect to all addresses); "
-    r"last error: [A-Z_]+: (?P<address>\S+?): (?P<error>.*)",
+    r"last error: (?:[A-Z_]+: )?(?P<address>\S+?): (?P<error>.*)",
     re.DOTALL,
 )
+_UNHEALTHY = "backend unhealthy"
+"""gRPC's words for a connection whose health (see _channel.BALANCING_HEALTH) is not SERVING."""
 # gRPC appends the status of the OpenSSL error queue, which says nothing.
 _TRAILER = ": OK"
 _VERIFY_FAILED = "CERTIFICATE_VERIFY_FAILED: "
@@ -62,6 +68,14 @@ def read_failure(details: str, checked_name: str) -> ConnectFailure | None:
     if match is None:
         return None
     address, error = match["address"], match["error"].removesuffix(_TRAILER)
+    if error == _UNHEALTHY:
+        # A draining server's last second: wait for its GOAWAY, after which the channel connects anew.
+        return ConnectFailure(
+            Cause.CONNECTION_FAILED,
+            address,
+            f"{address} takes no new calls: its health for balancing clients ({BALANCING_HEALTH}) is not SERVING "
+            "(it is stopping, or it is a synctoken server older than this client, which does not report it)",
+        )
     tls = _tls_reason(error, checked_name)
     if tls is None:
         return ConnectFailure(Cause.CONNECTION_FAILED, address, f"could not connect to {address}: {error}")
