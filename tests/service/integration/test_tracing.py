@@ -62,7 +62,7 @@ def traced(
 
 def stub(pki: Pki, process: Process, cert: str = "bff") -> token_service_pb2_grpc.TokenServiceStub:
     """A TokenService stub on a channel of its own to the server, with `cert`'s client certificate."""
-    [started] = process.wait_for_records("server.started")
+    started = process.wait_for_records("server.started")[0]  # with workers, one each: the same port
     return token_service_pb2_grpc.TokenServiceStub(channel(pki, started["port"], cert))
 
 
@@ -163,6 +163,25 @@ class TestServerSpans:
         stub(pki, traced).GetCallerIdentity(pb.GetCallerIdentityRequest(), timeout=10)
         receiver.wait_for_spans(LOOKUP_SPAN)
         assert [s.span.name for s in receiver.spans()] == [LOOKUP_SPAN]
+
+
+class TestWorkers:
+    """Each worker process exports its own spans."""
+
+    def test_every_workers_calls_traced(
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process], receiver: OtlpReceiver
+    ) -> None:
+        """With --workers 2, calls served by either worker each arrive as a span, named in its audit line."""
+        env = otel_env(receiver.endpoint)
+        text = config_text(pki, listen=f"127.0.0.1:{free_port()}") + TRACING
+        process = serve(text, tmp_path, leak_watch, processes, workers=2, env=env)
+        calls = 16
+        for _ in range(calls):  # a new connection each: the kernel spreads them over the workers
+            issue(pki, process, leak_watch)
+        decisions = process.wait_for_records("token.decision", calls)
+        assert {r["worker"] for r in decisions} == {0, 1}, "the kernel sent every connection to one worker"
+        spans = receiver.wait_for_spans(ISSUE_SPAN, calls)
+        assert {r["span_id"] for r in decisions} == {s.span_id for s in spans}
 
 
 class TestHttpExport:
