@@ -38,7 +38,7 @@ DEFAULT_SERVICE_NAME = "synctoken"
 """service.name unless OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES say otherwise."""
 
 POLICY_RULE = "synctoken.policy_rule"
-"""The caller's policy entry (its configured `id`), or "(none)": as the metrics label it, never the caller id."""
+"""The caller's policy entry (its configured `id`), empty when none matched: the metrics label, never the caller id."""
 ERROR_REASON = "synctoken.error_reason"
 """The ErrorInfo reason a refused call was sent (UPPER_SNAKE), absent on success."""
 TOKEN_ISSUED = "synctoken.token_issued"  # noqa: S105 - an attribute name, not a password
