@@ -308,17 +308,21 @@ class TestTryTheReferenceConfig:
     """The "To try it" steps under Config reference make every file the example names, and it serves."""
 
     def test_steps_serve_the_example(self, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> None:
-        """Run as printed (with free ports for 50051 and 9464), the example serves IssueToken to grpcurl."""
+        """Run as printed (with free ports for 50051, 8081 and 9464), the example serves IssueToken to grpcurl."""
         devenv.prepare(tmp_path / ".synctoken-dev", free_port(), environ={})  # what `make dev` made
         setup, call = blocks(section("### Config reference").split("```toml", 1)[0], "sh")
         *steps, serve_line = setup.strip().splitlines()
         assert " serve --config " in serve_line
         # The one step the reader does by hand: save the example where the serve line reads it.
         config = shlex.split(serve_line.split("--config ", 1)[1], comments=True)[0]
-        port, metrics_port = free_port(), free_port()
+        port, metrics_port, health_port = free_port(), free_port(), free_port()
         example = tmp_path / "example.toml"
         example.write_text(
-            reference_config().replace(":50051", f":{port}").replace(":9464", f":{metrics_port}"), encoding="utf-8"
+            reference_config()
+            .replace(":50051", f":{port}")
+            .replace(":9464", f":{metrics_port}")
+            .replace(":8081", f":{health_port}"),
+            encoding="utf-8",
         )
         # One shell, as the reader's terminal: the steps, the example saved where serve reads it, then serve.
         script = as_here("\n".join([*steps, f"cp {example} {config}", f"exec {serve_line}"]), port)
@@ -352,6 +356,11 @@ class TestTryTheReferenceConfig:
             "spiffe://example.org/ns/web/sa/bff",
             "issued",
         )
+        # The probe listener's grpcurl line reaches the example's plaintext health port, and says SERVING.
+        [health_call] = blocks(section("#### Health probes"), "sh")
+        result = run_script(as_here(health_call.replace(":8081", f":{health_port}"), port), tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "status: SERVING"
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/", timeout=10) as scrape:
             assert b"synctoken_tokens_issued_total" in scrape.read()
         checked = subprocess.run(

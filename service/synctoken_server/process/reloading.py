@@ -174,4 +174,5 @@ def restart_only(config: Config) -> dict[str, str]:
         "metrics.listen": config.metrics_listen or "(off)",
         "mesh.listen": config.mesh.address if config.mesh else "(off)",
         "mesh.socket_group": "(none)" if group is None else str(group),  # set when the socket is made
+        "health.listen": config.health_listen or "(off)",
     }
