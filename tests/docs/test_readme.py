@@ -20,17 +20,16 @@ import pytest
 from cryptography import x509
 
 from support.configs import WriteConfig
-from support.constants import API_KEY_SID, BFF_ID, ROOT, SYNCTOKEN
+from support.constants import API_KEY_SID, BFF_ID, SYNCTOKEN
 from support.inprocess import RunningServer
 from support.logcapture import LeakWatch
 from support.pki import Pki
 from support.processes import Process, free_port
+from support.readme import README, blocks, section
 from synctoken_server.config.reader import nest
 from synctoken_server.config.schema import SCHEMA, Config, key_paths, load_config
 from synctoken_server.dev import devenv
 from synctoken_server.process.reloading import restart_only
-
-README = ROOT / "README.md"
 
 
 def reference_config() -> str:
@@ -149,24 +148,6 @@ class TestConfigSchema:
         for key in keys:
             assert f"`{key}`" in needs_restart, key
             assert f"`{key}`" in reload_table, key
-
-
-def section(title: str) -> str:
-    """The README's text under the heading `title`, up to the next heading of its level or higher."""
-    lines = README.read_text(encoding="utf-8").splitlines(keepends=True)
-    level = len(title.split(" ", 1)[0])
-    found, fenced = [], False
-    for line in lines[lines.index(f"{title}\n") + 1 :]:
-        fenced ^= line.startswith("```")  # a "# comment" inside a code block is no heading
-        if not fenced and re.match(rf"#{{1,{level}}} ", line):
-            break
-        found.append(line)
-    return "".join(found)
-
-
-def blocks(text: str, language: str) -> list[str]:
-    """The fenced code blocks of `language` in `text`."""
-    return re.findall(rf"```{language}\n(.*?)```", text, re.DOTALL)
 
 
 @pytest.fixture
