@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from support.calls import ALICE, channel
 from support.configs import SECRET_ENV, WriteConfig, config_text
+from support.constants import SYNCTOKEN
 from support.logcapture import LeakWatch
 from support.pki import Pki
 from support.probes import probe
@@ -186,3 +188,30 @@ class TestProbesDrain:
         process.wait_for_records("server.stopping", 2)  # each worker has flipped its health by then
         assert {probe(health_port) for _ in range(20)} == {"NOT_SERVING"}
         assert process.proc.wait(timeout=START_TIMEOUT) == 0
+
+
+def test_unwritable_audit_log_reads_not_serving(pki: Pki, write_config: WriteConfig) -> None:
+    """With stdout on /dev/full no token can be audited: the probe port says NOT_SERVING, as the mTLS one does."""
+    health_port = free_port()
+    path = write_config(config_with_probes(pki, free_port(), health_port, 'drain_delay = "0s"'))
+    with Path("/dev/full").open("wb") as full:
+        proc = subprocess.Popen(
+            [SYNCTOKEN, "serve", "--config", str(path)],
+            stdout=full,
+            stderr=subprocess.DEVNULL,
+            env=os.environ | SECRET_ENV,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        seen: list[str] = []
+        while not seen or seen[-1] != "NOT_SERVING":
+            assert time.monotonic() < deadline, seen
+            seen.append(probe(health_port, timeout=1))
+            time.sleep(0.1)
+        assert probe(health_port, TOKEN_SERVICE) == "NOT_SERVING"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=START_TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
