@@ -54,6 +54,15 @@ apt_install = $(SUDO) timeout 600 sh -c 'apt-get update -qq && apt-get install -
 # downloads cannot work here).
 /usr/bin/chromium:
 	$(call apt_install,chromium)
+# redis-server backs the global rate limits' tests: real Redis processes on free loopback ports
+# (plain, with a password, over TLS: Debian's build has TLS).
+/usr/bin/redis-server:
+	$(call apt_install,redis-server)
+
+# HAProxy is the load balancer in front of three replicas in the replica tests, running
+# deploy/haproxy/haproxy.cfg itself.
+/usr/sbin/haproxy:
+	$(call apt_install,haproxy)
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
@@ -79,8 +88,9 @@ bff: $(INSTALLED) $(BUNDLE)
 test: check-lock lint check-generated pytest
 
 # The tests compare tokens with Twilio's Node helper library, from npm, smoke-test
-# the benchmark (which also needs wrk), and load the demo page in Chromium.
-PYTEST_NEEDS := node_modules/.installed /usr/bin/wrk /usr/bin/openssl /usr/bin/valgrind /usr/bin/chromium $(BUNDLE)
+# the benchmark (which also needs wrk), load the demo page in Chromium, run HAProxy and Redis.
+PYTEST_NEEDS := node_modules/.installed /usr/bin/wrk /usr/bin/openssl /usr/bin/valgrind /usr/bin/chromium /usr/sbin/haproxy \
+	/usr/bin/redis-server $(BUNDLE)
 pytest: $(INSTALLED) $(PYTEST_NEEDS)
 	$(BIN)/pytest
 

@@ -9,7 +9,7 @@ of each other (tests/service/unit/test_layers.py keeps it so):
     process, dev
     rpc
     config
-    tokens, authn, audit
+    tokens, authn, audit, limitstore
     policy
     metrics
     boundedhttp

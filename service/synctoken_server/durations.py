@@ -35,6 +35,24 @@ def format_duration(seconds: int) -> str:
     return "".join(parts)
 
 
+_MILLISECONDS = re.compile(r"(?P<s>[0-9]+)s|(?P<ms>[0-9]+)ms")
+
+
+def parse_milliseconds(text: str) -> int:
+    """Parse a short timeout, "50ms" or "2s", into milliseconds; raise ValueError otherwise."""
+    match = _MILLISECONDS.fullmatch(text)
+    if match is None:
+        msg = f"{text!r} is not a duration like 50ms or 2s"
+        raise ValueError(msg)
+    return int(match.group("ms")) if match.group("ms") is not None else int(match.group("s")) * 1000
+
+
+def format_milliseconds(milliseconds: int) -> str:
+    """Write milliseconds the way parse_milliseconds reads them: 2000 -> "2s", 50 -> "50ms"."""
+    seconds, rest = divmod(milliseconds, 1000)
+    return f"{seconds}s" if milliseconds and not rest else f"{milliseconds}ms"
+
+
 def format_utc(moment: dt.datetime | float) -> str:
     """A moment (an aware datetime, or Unix seconds) in UTC to the second: "2026-01-31T12:00:00Z"."""
     if not isinstance(moment, dt.datetime):

@@ -209,6 +209,33 @@ class RateLimited(SynctokenError):
         return (retry, quota)
 
 
+class RateLimitUnavailable(SynctokenError):
+    """The caller's limits are global (Redis), Redis cannot answer, and the server refuses meanwhile (deny).
+
+    UNAVAILABLE, as for any dependency that is down for a while: safe to
+    retry, and RetryInfo says when the server will ask Redis again.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = token_service_pb2.ERROR_REASON_RATE_LIMIT_UNAVAILABLE
+
+    def __init__(self, caller_id: str, retry_after: float) -> None:
+        self.retry_after_ms = max(1, math.ceil(retry_after * 1000))
+        super().__init__(
+            f"the shared rate limits cannot be checked right now: retry in {self.retry_after_ms / 1000:g}s",
+            {"callerId": caller_id},
+            audit={"retry_after_ms": self.retry_after_ms},
+        )
+
+    def extra_details(self) -> Sequence[any_pb2.Any]:
+        """A RetryInfo with the delay."""
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(self.retry_after_ms)
+        retry = any_pb2.Any()
+        retry.Pack(RetryInfo(retry_delay=delay))
+        return (retry,)
+
+
 class AuditUnavailable(SynctokenError):
     """The audit record could not be written, so no token leaves the server."""
 

@@ -52,6 +52,8 @@ RELOAD_FAILURE = "failure"
 # Issuing takes well under a millisecond (see the benchmark); the upper
 # buckets are for a stalled audit log or an overloaded event loop.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# A loopback Redis answers in a fraction of a millisecond; timeouts are tens of milliseconds.
+_BACKEND_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 RENDER_REUSE_SECONDS = 1.0
 """How old a render a scrape may be answered with.
 
@@ -112,10 +114,14 @@ class Metrics:
         self.reloads: CounterLike
         self.signing_key: GaugeLike
         self.certificate_expiry: GaugeLike
+        self.backend_errors: CounterLike
+        self.backend_latency: HistogramLike
+        self.backend_fallbacks: CounterLike
         if not enabled:
             uncounted = _Uncounted()
             self.issued = self.refused = self.latency = self.rate_limited = uncounted
             self.reloads = self.signing_key = self.certificate_expiry = uncounted
+            self.backend_errors = self.backend_latency = self.backend_fallbacks = uncounted
             return
         # Imported only here and where metrics are served: see the module's docstring.
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # noqa: PLC0415
@@ -144,6 +150,25 @@ class Metrics:
             "synctoken_rate_limited",
             "Requests over a rate limit, by policy entry; shadow=true ones were let through.",
             ["caller", "shadow"],
+            registry=r,
+        )
+        # The global rate limits' Redis; only ever moves with [limits] backend = "redis".
+        self.backend_errors = Counter(
+            "synctoken_ratelimit_backend_errors",
+            "Calls to the rate limits' backend that failed, by kind (timeout, connection, auth, error).",
+            ["kind"],
+            registry=r,
+        )
+        self.backend_latency = Histogram(
+            "synctoken_ratelimit_backend_latency_seconds",
+            "How long each call to the rate limits' backend took, failed ones included (at most its timeout).",
+            buckets=_BACKEND_BUCKETS,
+            registry=r,
+        )
+        self.backend_fallbacks = Counter(
+            "synctoken_ratelimit_backend_fallbacks",
+            "Limit checks decided without the backend (failed call or open breaker), by on_backend_failure.",
+            ["on_backend_failure"],
             registry=r,
         )
         self.reloads = Counter("synctoken_config_reloads", "Config reloads, by result.", ["result"], registry=r)

@@ -1,1 +1,2 @@
-"""Test support, one module per role: constants, pki, configs, logcapture, inprocess, processes, calls, files, clients, bff."""
+"""Test support, one module per role: constants, pki, configs, logcapture, inprocess, processes, calls, files,
+clients, bff, topology (replicas behind HAProxy), redisserver."""

@@ -44,6 +44,12 @@ class RunningServer:
         """How many rate-limit buckets the server holds."""
         return len(self._server.limiter)
 
+    @property
+    def token_server(self) -> TokenServer:
+        """The server itself, for what a test reads of it (its metrics, its limiters)."""
+        server: TokenServer = self._server
+        return server
+
     def _call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 

@@ -24,6 +24,7 @@ from synctoken_server.config.reader import ConfigError, TomlReader
 from synctoken_server.config.tlsfiles import ServerTlsFiles, ServerTlsMaterial, TlsFileError
 from synctoken_server.durations import format_duration
 from synctoken_server.filestamps import Stamps, stamp
+from synctoken_server.policy.limitbackend import RedisSettings
 from synctoken_server.policy.patterns import IdentityPattern, PatternError
 from synctoken_server.policy.rules import RESERVED_IDENTITY_CHARACTERS, CallerRule, Policy, is_service_sid
 from synctoken_server.serveroptions import ServerTimeouts
@@ -64,6 +65,8 @@ class Config:
     """The config file and every file it names, stamped before they were read: what a reload watches."""
     effective: tuple[tuple[str, object], ...] = ()
     """Every key path the loader read and the value that applies, defaults included (see TomlReader.effective)."""
+    limits_backend: RedisSettings | None = None
+    """The Redis holding the global rate limits; None: each process's own buckets, with its share of each limit."""
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -118,6 +121,7 @@ SCHEMA: Mapping[str, frozenset[str]] = {
     "twilio.api_keys[]": twilio.API_KEY_KEYS,
     "audit": audit.KEYS,
     "limits": limits.TABLE_KEYS,
+    "limits.redis": limits.REDIS_KEYS,
     "mesh": mesh.KEYS,
     "metrics": metrics.KEYS,
     "health": health.KEYS,
@@ -134,7 +138,10 @@ _TABLES = tuple(table.removesuffix("[]") for table in SCHEMA if "." not in table
 def key_paths() -> tuple[str, ...]:
     """Every key the schema allows, as a path (`server.listen`, `callers[].max_ttl`); an array of tables by its keys."""
     return tuple(
-        f"{table}.{key}" for table, keys in SCHEMA.items() for key in sorted(keys) if f"{table}.{key}[]" not in SCHEMA
+        f"{table}.{key}"
+        for table, keys in SCHEMA.items()
+        for key in sorted(keys)
+        if f"{table}.{key}[]" not in SCHEMA and f"{table}.{key}" not in SCHEMA
     )
 
 
@@ -182,6 +189,7 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
         metrics_listen=metrics_listen,
         audit_identity=audit.read_audit(r, data),
         mesh=mesh_listener,
+        limits_backend=limits.read_backend(r, data),
         health_listen=health.read_listen(r, data, others),
         warnings=tuple(r.warnings),
         files=tuple(r.files.items()),

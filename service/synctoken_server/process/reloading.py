@@ -34,11 +34,13 @@ from pathlib import Path
 
 import structlog
 
+from synctoken_server.config.limits import REDIS_KEYS
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import Config, load_config
-from synctoken_server.durations import MAX_TTL_SECONDS, format_duration, format_utc
+from synctoken_server.durations import MAX_TTL_SECONDS, format_duration, format_milliseconds, format_utc
 from synctoken_server.filestamps import changed
 from synctoken_server.metrics import RELOAD_FAILURE, RELOAD_SUCCESS
+from synctoken_server.policy.limitbackend import RedisSettings
 from synctoken_server.process.server import TokenServer
 
 CERTIFICATE_CHECK_SECONDS = 60.0
@@ -166,6 +168,7 @@ def restart_only(config: Config) -> dict[str, str]:
     tests/docs/test_readme.py holds these keys to the schema (config.schema.SCHEMA) and to the README's lists.
     """
     group = config.mesh.socket_group if config.mesh else None
+    redis = config.limits_backend
     return {
         "server.listen": config.listen,
         "server.handshake_timeout": format_duration(config.timeouts.handshake),
@@ -175,4 +178,29 @@ def restart_only(config: Config) -> dict[str, str]:
         "mesh.listen": config.mesh.address if config.mesh else "(off)",
         "mesh.socket_group": "(none)" if group is None else str(group),  # set when the socket is made
         "health.listen": config.health_listen or "(off)",
+        # The Redis client and its breaker are made once, at start.
+        "limits.backend": "redis" if redis else "local",
+        **_redis_restart_only(redis),
+    }
+
+
+def _redis_restart_only(redis: RedisSettings | None) -> dict[str, str]:
+    if redis is None:  # local buckets: the Redis keys are not in use
+        keys = ("limits.on_backend_failure", *(f"limits.redis.{key}" for key in sorted(REDIS_KEYS)))
+        return dict.fromkeys(keys, "(unused)")
+    files = {
+        "password_file": redis.password_file,
+        "ca_file": redis.ca_file,
+        "cert_file": redis.cert_file,
+        "key_file": redis.key_file,
+    }
+    return {
+        "limits.on_backend_failure": redis.on_failure.value,
+        "limits.redis.url": redis.url,
+        # The file's name: a new password in the same file is read at the restart too.
+        **{f"limits.redis.{name}": str(path) if path else "(none)" for name, path in files.items()},
+        "limits.redis.timeout": format_milliseconds(redis.timeout_ms),
+        "limits.redis.breaker_failures": str(redis.breaker_failures),
+        "limits.redis.breaker_cooldown": format_milliseconds(redis.breaker_cooldown_ms),
+        "limits.redis.key_prefix": redis.key_prefix,
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import message_factory
@@ -27,11 +27,14 @@ from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limits import MAX_BUCKETS, RateLimiter
 from synctoken_server.process.certificates import ServerCertificates
 from synctoken_server.process.probes import ProbeListener
-from synctoken_server.rpc.issuing import TokenIssuer
+from synctoken_server.rpc.issuing import GlobalTokenIssuer, TokenIssuer
 from synctoken_server.rpc.servicer import TokenServicer
 from synctoken_server.rpc.snapshot import Snapshot, Snapshots
 from synctoken_server.serveroptions import server_options
 from synctoken_server.tokens.keyledger import SignedExpiries
+
+if TYPE_CHECKING:
+    from synctoken_server.limitstore.redisbuckets import RedisLimiter
 
 _TOKEN_SERVICE_DESCRIPTOR = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"]
 TOKEN_SERVICE = _TOKEN_SERVICE_DESCRIPTOR.full_name
@@ -69,12 +72,16 @@ class TokenServer:
         self.certificates = ServerCertificates(config.tls, config.tls_expiry_warning)
         self.limiter = RateLimiter(time.monotonic, max_buckets)
         """The rate limits' buckets: kept across reloads, and carried over to each new config's limits."""
-        servicer = TokenServicer(
-            snapshots=self.snapshots,
-            issuer=TokenIssuer(signed=self.signed, limiter=self.limiter),
-            audit_log=audit_log,
-            metrics=self.metrics,
-        )
+        issuer = TokenIssuer(signed=self.signed, limiter=self.limiter)
+        self.global_limiter: RedisLimiter | None = None
+        """The global buckets in Redis, if configured: chosen at start, kept across reloads (restart to change)."""
+        if config.limits_backend is not None:
+            # Imported only here: without a Redis backend, redis-py is never loaded.
+            from synctoken_server.limitstore.redisbuckets import RedisLimiter  # noqa: PLC0415
+
+            self.global_limiter = RedisLimiter(config.limits_backend, self.limiter, self.metrics)
+            issuer = GlobalTokenIssuer(signed=self.signed, limiter=self.limiter, global_limiter=self.global_limiter)
+        servicer = TokenServicer(snapshots=self.snapshots, issuer=issuer, audit_log=audit_log, metrics=self.metrics)
         self._server.add_generic_rpc_handlers((_raw_request_handlers(servicer),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -111,6 +118,10 @@ class TokenServer:
         self.certificates.announce()
         self.record_certificate()
         await self._server.start()
+        if self.global_limiter is not None:
+            # Not a serving condition: without Redis the limits fall back (on_backend_failure), and
+            # this one call, bounded by the timeout, puts a wrong password or address in the log now.
+            await self.global_limiter.start()
         await self._set_health(serving=True)
         if self.probes is not None:
             # Once health says SERVING: the kubelet's first answer is never a stale NOT_SERVING or UNIMPLEMENTED.
@@ -135,6 +146,8 @@ class TokenServer:
                 await self._audit_watch
         await asyncio.sleep(drain_delay)
         await self._server.stop(grace)
+        if self.global_limiter is not None:
+            await self.global_limiter.close()
         # After the mTLS listener: until it has closed, the kubelet reads NOT_SERVING, not a refused connection.
         if self.probes is not None:
             await self.probes.stop()

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from synctoken.v1 import token_service_pb2
 from synctoken_server.audit import record
-from synctoken_server.errors import RateLimited
-from synctoken_server.policy.limits import RateLimiter
-from synctoken_server.policy.rules import decide
+from synctoken_server.errors import RateLimited, RateLimitUnavailable
+from synctoken_server.policy.limitbackend import BackendUnavailable, GlobalLimiter
+from synctoken_server.policy.limits import CallerLimits, RateLimiter
+from synctoken_server.policy.rules import Grant, decide
 from synctoken_server.rpc.snapshot import Snapshot
 from synctoken_server.tokens.keyledger import SignedExpiries
 from synctoken_server.tokens.minting import plan_times, token_id
@@ -76,6 +78,16 @@ class TokenIssuer:
                 if not refusal.shadow:
                     raise error
                 shadow = error
+        return self._answer(snapshot, grant, request, shadow)
+
+    def _answer(
+        self,
+        snapshot: Snapshot,
+        grant: Grant,
+        request: token_service_pb2.IssueTokenRequest,
+        shadow: RateLimited | None,
+    ) -> Issued:
+        """The answer to a request the policy grants and its limits let through: validated, or a token."""
         times = plan_times(int(self._clock()), grant.ttl, self._rng)
         response = token_service_pb2.IssueTokenResponse(identity=grant.identity)
         # Setting fields in place skips building and copying three Timestamp messages.
@@ -98,3 +110,62 @@ class TokenIssuer:
             "expires_at": times.expires_at,
         }
         return Issued(response, issued, grant.rule, grant.service_sid, minted=True, shadow=shadow)
+
+
+class Pending(Exception):
+    """The answer needs an await first (a global limit asked of Redis): raised by an issuer, awaited by the servicer.
+
+    An exception rather than a return value so that the servicer's seam
+    costs the local path nothing: a try block is free until something is
+    raised (zero-cost exceptions), where checking every answer would not be.
+    """
+
+    def __init__(self, answer: Coroutine[Any, Any, Issued]) -> None:
+        super().__init__("pending")
+        self.answer = answer
+
+
+class GlobalTokenIssuer(TokenIssuer):
+    """A TokenIssuer whose limits are global: they are checked in Redis (or its fallback) before minting."""
+
+    def __init__(
+        self,
+        *,
+        signed: SignedExpiries,
+        limiter: RateLimiter,
+        global_limiter: GlobalLimiter,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(signed=signed, limiter=limiter, clock=clock, rng=rng)
+        self._global = global_limiter
+
+    def issue(self, snapshot: Snapshot, caller_id: str, request: token_service_pb2.IssueTokenRequest) -> Issued:
+        """Decide; with a limit, raise Pending with the rest (the limit check, then minting) to await."""
+        grant = decide(snapshot.policy, caller_id, request)
+        limits = snapshot.global_limits.get(grant.rule)
+        if limits is None:
+            return self._answer(snapshot, grant, request, None)
+        raise Pending(self._limited(snapshot, caller_id, request, grant, limits))
+
+    async def _limited(
+        self,
+        snapshot: Snapshot,
+        caller_id: str,
+        request: token_service_pb2.IssueTokenRequest,
+        grant: Grant,
+        limits: CallerLimits,
+    ) -> Issued:
+        local = snapshot.limits[grant.rule]
+        verdict = await self._global.check(limits, local, caller_id, grant.identity, snapshot.identity_digest)
+        shadow = None
+        if isinstance(verdict, BackendUnavailable):
+            # A shadow limit refuses nothing, and so neither does its missing backend.
+            if not limits.shadow:
+                raise RateLimitUnavailable(caller_id, verdict.retry_after)
+        elif verdict is not None:
+            error = RateLimited(caller_id, verdict.subject, verdict.description, verdict.retry_after)
+            if not verdict.shadow:
+                raise error
+            shadow = error
+        return self._answer(snapshot, grant, request, shadow)

@@ -24,7 +24,7 @@ from synctoken_server.authn import mesh, xfcc
 from synctoken_server.errors import InternalError, MalformedRequest, RateLimited, SynctokenError, to_status
 from synctoken_server.metrics import NO_POLICY, Metrics
 from synctoken_server.policy.rules import CallerRule
-from synctoken_server.rpc.issuing import Issued, TokenIssuer
+from synctoken_server.rpc.issuing import Issued, Pending, TokenIssuer
 from synctoken_server.rpc.snapshot import Snapshot, Snapshots
 
 T = TypeVar("T")
@@ -110,7 +110,11 @@ class TokenServicer:
         # One snapshot for the whole RPC: a reload meanwhile does not mix configs.
         rpc = _Rpc(self._snapshots.current, time.perf_counter(), method, context.peer())
         try:
-            answer = body(rpc)
+            try:
+                answer = body(rpc)
+            except Pending as pending:  # global limits: the answer waits for Redis (see Pending)
+                # Only IssueToken's body raises it, and its T is Issued's response type.
+                answer = cast("_Answer[T]", await pending.answer)
             if isinstance(answer, Issued) and answer.shadow is not None:
                 self._shadow_limited(rpc, answer.rule, answer.shadow)
             written = rpc.context()

@@ -32,6 +32,8 @@ class Snapshot:
     minter: TokenMinter
     limits: Mapping[str, CallerLimits]
     """Each limited policy entry's limits (by its id), this process's share of them."""
+    global_limits: Mapping[str, CallerLimits]
+    """The same limits as configured, undivided: what the global buckets (Redis) enforce for all processes."""
     audit_identity: Callable[[str], str]
     """An identity as the audit log writes it: keyed hash (private audit) or as it is."""
     identity_digest: Callable[[str], str]
@@ -41,8 +43,9 @@ class Snapshot:
     def of(cls, config: Config, anchors: Callable[[], TrustAnchors] | None = None, workers: int = 1) -> Snapshot:
         """The snapshot of a loaded config; `anchors` gives the client CAs in force (they rotate with the TLS files).
 
-        With `workers` processes each enforces 1/workers of every rate limit,
-        so that together they allow what is configured.
+        With `workers` processes each enforces 1/workers of every rate limit in
+        its own buckets, so that together they allow what is configured; the
+        global buckets (Redis) enforce the limits as configured.
         """
         return cls(
             config=config,
@@ -50,6 +53,7 @@ class Snapshot:
             policy=config.policy,
             minter=Minter(config.credentials),
             limits={rule.caller: rule.limits.share(workers) for rule in config.policy if rule.limits is not None},
+            global_limits={rule.caller: rule.limits for rule in config.policy if rule.limits is not None},
             audit_identity=config.audit_identity or plain,
             identity_digest=config.audit_identity or identity_digest,
         )

@@ -331,7 +331,12 @@ class TestCheckConfig:
             {"sid": API_KEY_SID, "secret_file": str(tmp_path / "sk-current.secret"), "active": True}
         ]
         assert effective["audit"] == {"identity_hash_key_file": str(tmp_path / "audit-hmac-key")}
-        assert effective["limits"] == {"shadow": True}
+        assert effective["limits"] == {
+            "shadow": True,
+            "backend": "local",
+            "on_backend_failure": "local",
+            "redis": None,
+        }
         assert effective["mesh"]["trust_forwarded_client_cert"] is True
         assert effective["metrics"] == {"listen": "127.0.0.1:0"}
         assert effective["defaults"] == {"max_ttl": "2h", "default_ttl": "20m"}

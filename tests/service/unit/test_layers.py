@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("process", "dev"),
     ("rpc",),
     ("config",),
-    ("tokens", "authn", "audit"),
+    ("tokens", "authn", "audit", "limitstore"),
     ("policy",),
     ("metrics",),
     ("boundedhttp",),

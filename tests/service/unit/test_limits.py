@@ -349,7 +349,11 @@ class TestLimitConfig:
             ("shadow = true", "", "callers[1].shadow: applies only with rate or identity_rate"),
             ("rate = 1\nshadow = 1", "", "callers[1].shadow: must be a boolean"),
             ("", "[limits]\nshadow = 1", "limits.shadow: must be a boolean"),
-            ("", "[limits]\nburst = 1", "limits.burst: unknown key; expected one of shadow"),
+            (
+                "",
+                "[limits]\nburst = 1",
+                "limits.burst: unknown key; expected one of backend, on_backend_failure, redis, shadow",
+            ),
         ],
     )
     def test_invalid(self, pki: Pki, write_config: WriteConfig, lines: str, extra: str, message: str) -> None:

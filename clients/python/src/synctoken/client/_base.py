@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Self
 
 from synctoken.client._cache import DEFAULT_CACHE_SIZE, Clock, utc_now
-from synctoken.client._channel import channel_options
+from synctoken.client._channel import channel_options, several_addresses
 from synctoken.client._credentials import DEFAULT_CHECK_INTERVAL, CertificateFiles, TlsFiles
 from synctoken.client._settings import DEFAULT_TIMEOUT, Connection
 
@@ -31,6 +31,13 @@ class ClientBase:
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be above 0 seconds, not {timeout}")
+        if several_addresses(target) and not server_name:
+            # gRPC would check every replica's certificate against the whole
+            # list as one name, and every handshake would fail.
+            raise ValueError(
+                f"the target {target!r} lists several addresses: give server_name (SYNCTOKEN_SERVER_NAME), "
+                "the name every replica's certificate carries"
+            )
         self._target = target
         self._options = channel_options(server_name)
         # The name the server certificate is checked against, as a TLS failure's message names it.

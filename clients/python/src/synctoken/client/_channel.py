@@ -1,4 +1,10 @@
-"""How the clients' channels are set up (retries as data, keepalive), and how rotation swaps them.
+"""How the clients' channels are set up (balancing and retries as data, keepalive), and how rotation swaps them.
+
+Calls are spread over every address the target names, round robin: all the
+addresses a DNS name resolves to (`dns:///synctoken.ns.svc:443` on a headless
+Kubernetes Service) or an explicit list (`ipv4:10.0.0.1:443,10.0.0.2:443`).
+With one address (a ClusterIP, an L4 balancer) that is what pick_first would
+do, so it is always on.
 
 Retries are gRPC's own, from the service config below: UNAVAILABLE is retried
 with backoff, within the call's one deadline. Waiting for a connection, so that
@@ -31,12 +37,23 @@ RETRY_POLICY = {
 }
 
 SERVICE_CONFIG = {
+    # One connection per address, each call (and each retry of it) on the next
+    # ready one: a replica that dies is skipped as soon as its connection
+    # fails, and its calls' retries land on the others. gRPC's default,
+    # pick_first, would put every call of this client on one replica.
+    "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}],
     # When most attempts fail, stop retrying (each failure costs a token, each
     # success earns a tenth back): a fleet of clients must not triple its
     # traffic at a server that is already failing.
     "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
 }
+
+
+def several_addresses(target: str) -> bool:
+    """Whether the target lists more than one address itself (`ipv4:a:p1,b:p2`), rather than naming them."""
+    scheme, _, addresses = target.partition(":")
+    return scheme in {"ipv4", "ipv6"} and "," in addresses
 
 
 def channel_options(server_name: str | None) -> list[tuple[str, str | int]]:

@@ -15,7 +15,6 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from synctoken.client._credentials import CertificateFilesError
 from synctoken.client._errors import SynctokenError
 from synctoken.client._settings import Connection, MissingSettingError, parse_duration, parse_timeout
 from synctoken.client._sync import TokenClient
@@ -53,7 +52,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         parser.error(str(exc))
     try:
         client = TokenClient(connection.target, **connection.client_files())
-    except CertificateFilesError as exc:
+    except ValueError as exc:  # CertificateFilesError, or a target of several addresses without --server-name
         parser.error(str(exc))
     with client:
         try:

@@ -5,7 +5,7 @@ bare DEADLINE_EXCEEDED: gRPC Python keeps the connection's error to itself (the
 channel's connectivity state carries none). A call that does not wait fails at
 once with UNAVAILABLE instead, and its details carry the last connection error:
 
-    failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50051:
+    connections to all backends failing; last error: UNKNOWN: ipv4:127.0.0.1:50051:
     Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL
     routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate
 
@@ -30,8 +30,11 @@ class Cause(enum.StrEnum):
     """No attempt could connect (refused, unreachable, closed mid-handshake) before the deadline passed."""
 
 
+# The first words are the load-balancing policy's: round_robin's (the clients'), then pick_first's (gRPC's default).
 _LAST_ERROR = re.compile(
-    r"failed to connect to all addresses; last error: [A-Z_]+: (?P<address>\S+?): (?P<error>.*)", re.DOTALL
+    r"(?:connections to all backends failing|failed to connect to all addresses); "
+    r"last error: [A-Z_]+: (?P<address>\S+?): (?P<error>.*)",
+    re.DOTALL,
 )
 # gRPC appends the status of the OpenSSL error queue, which says nothing.
 _TRAILER = ": OK"

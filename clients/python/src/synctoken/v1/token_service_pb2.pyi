@@ -24,6 +24,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_MALFORMED_REQUEST: _ClassVar[ErrorReason]
     ERROR_REASON_RATE_LIMITED: _ClassVar[ErrorReason]
     ERROR_REASON_FORWARDED_CLIENT_CERT_UNTRUSTED: _ClassVar[ErrorReason]
+    ERROR_REASON_RATE_LIMIT_UNAVAILABLE: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_INVALID_REQUEST: ErrorReason
 ERROR_REASON_CALLER_UNAUTHENTICATED: ErrorReason
@@ -35,6 +36,7 @@ ERROR_REASON_INTERNAL: ErrorReason
 ERROR_REASON_MALFORMED_REQUEST: ErrorReason
 ERROR_REASON_RATE_LIMITED: ErrorReason
 ERROR_REASON_FORWARDED_CLIENT_CERT_UNTRUSTED: ErrorReason
+ERROR_REASON_RATE_LIMIT_UNAVAILABLE: ErrorReason
 
 class IssueTokenRequest(_message.Message):
     __slots__ = ("identity", "sync", "ttl", "region", "validate_only")

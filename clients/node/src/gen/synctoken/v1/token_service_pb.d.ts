@@ -347,6 +347,15 @@ export enum ErrorReason {
    * @generated from enum value: ERROR_REASON_FORWARDED_CLIENT_CERT_UNTRUSTED = 10;
    */
   FORWARDED_CLIENT_CERT_UNTRUSTED = 10,
+
+  /**
+   * UNAVAILABLE: the caller has a rate limit, the shared limits (Redis) cannot
+   * be checked right now, and the server is set to refuse meanwhile
+   * (on_backend_failure = "deny"). RetryInfo says when it will try again.
+   *
+   * @generated from enum value: ERROR_REASON_RATE_LIMIT_UNAVAILABLE = 11;
+   */
+  RATE_LIMIT_UNAVAILABLE = 11,
 }
 
 /**

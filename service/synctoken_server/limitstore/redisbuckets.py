@@ -1,0 +1,257 @@
+"""Global rate limits: the token buckets kept in Redis, so every process and replica shares one limit.
+
+Imported only when a config sets `[limits] backend = "redis"`: without it,
+redis-py is never loaded.
+
+Each bucket is one key holding a GCRA "theoretical arrival time" (TAT, in
+microseconds of Redis's own clock): the token bucket in one number. A bucket
+of `burst` tokens refilling at `rate` per second, with T = 1/rate, holds
+burst - (TAT - now)/T tokens; a request may take one when TAT - now <=
+(burst - 1)·T, and taking moves TAT to max(TAT, now) + T. The key expires at
+TAT, when the bucket is full again: a missing key is a full bucket, so
+expiry forgets nothing. One Lua script checks the caller's key and the
+identity's together and writes either both or neither, atomically, with the
+time taken from Redis (`TIME`) so that replicas need no clock agreement.
+
+Keys are `<prefix>:{<caller id>}:caller` and `<prefix>:{<caller id>}:identity:<digest>`:
+the `{...}` hash tag puts both keys of one call in one Redis Cluster slot (a
+script may only touch keys of one slot), and the identity is only ever its
+digest (the keyed `h:` hash with private audit on), as in QuotaFailure.
+
+Every call is bounded (`timeout`, connecting included) and never retried by
+the client: a request waits for Redis at most that long. A circuit breaker
+(policy/limitbackend.py) stops calling a Redis that keeps failing; meanwhile,
+and for any failed call, `on_backend_failure` decides: this process's share
+of the limit in its local buckets, no limit, or a refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from synctoken_server.metrics import Metrics
+from synctoken_server.policy.limitbackend import BackendUnavailable, Breaker, OnBackendFailure, RedisSettings
+from synctoken_server.policy.limits import CallerLimits, Limit, OverLimit, RateLimiter
+
+_log = structlog.get_logger("synctoken.limits")
+
+# KEYS: one to two bucket keys; ARGV: each key's emission interval T (µs) and burst.
+# Returns {0, 0} when every bucket had a token (and each gave one), else
+# {i, µs} for the first key i without one and how long until it has.
+GCRA_SCRIPT = """
+if redis.replicate_commands then redis.replicate_commands() end -- only Redis < 5 needs it; a no-op after
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local after = {}
+for i = 1, #KEYS do
+  local interval, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now) or now
+  if tat < now then tat = now end
+  local wait = tat - now - (burst - 1) * interval
+  if wait > 0 then return {i, math.ceil(wait)} end
+  after[i] = tat + interval
+end
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], string.format('%.17g', after[i]), 'PX', math.ceil((after[i] - now) / 1000))
+end
+return {0, 0}
+"""
+
+_CALLER_DESCRIPTION = "the caller's rate limit"
+_IDENTITY_DESCRIPTION = "the caller's rate limit for one identity"
+_MICROSECONDS = 1_000_000
+
+
+def redis_client(settings: RedisSettings) -> aioredis.Redis:
+    """An asyncio client for `settings`: every call bounded by the timeout, none retried, TLS verified."""
+    timeout = settings.timeout_ms / 1000
+    common: dict[str, Any] = {
+        "db": settings.db,
+        "username": settings.username,
+        "password": settings.password,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        # redis-py retries failed calls by default (with backoff since 6.0): a 50 ms timeout
+        # became seconds per call while Redis was away. The breaker and the fallback are the
+        # answer to failures here, so the client tries each call exactly once.
+        # (retry_on_timeout is left out: redis-py 6 deprecates it, and with no retries it changes nothing.)
+        "retry": Retry(NoBackoff(), 0),
+        "client_name": "synctoken",
+    }
+    if settings.unix_socket:
+        return aioredis.Redis(unix_socket_path=settings.unix_socket, **common)
+    if settings.tls:
+        common |= {
+            "ssl": True,
+            "ssl_ca_certs": str(settings.ca_file) if settings.ca_file else None,
+            "ssl_certfile": str(settings.cert_file) if settings.cert_file else None,
+            "ssl_keyfile": str(settings.key_file) if settings.key_file else None,
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True,
+        }
+    return aioredis.Redis(host=settings.host, port=settings.port, **common)
+
+
+class RedisLimiter:
+    """The global buckets in Redis, with the breaker and the fallback around every call."""
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        local: RateLimiter,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._client = redis_client(settings)
+        self._script = self._client.register_script(GCRA_SCRIPT)
+        self._local = local
+        """The local buckets, used only while Redis cannot answer (on_backend_failure = local)."""
+        self._metrics = metrics
+        self._clock = clock
+        self._timeout = settings.timeout_ms / 1000
+        self._breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_ms / 1000)
+        self._failing = False
+        """Whether the last call failed: only the first failure of a run is logged."""
+        self._prefix = settings.key_prefix
+
+    @property
+    def breaker_closed(self) -> bool:
+        """Whether calls go to Redis (False while the breaker is open or probing)."""
+        return self._breaker.is_closed
+
+    async def start(self) -> None:
+        """Ask Redis once, so that a wrong password or an unreachable server is logged at start-up, not later."""
+        _log.info(
+            "rate_limit.backend",
+            backend="redis",
+            url=self._settings.url,
+            timeout_ms=self._settings.timeout_ms,
+            on_backend_failure=self._settings.on_failure.value,
+        )
+        await self._call(self._client.ping())
+
+    async def close(self) -> None:
+        """Close the connections."""
+        await self._client.aclose()
+
+    def keys(self, caller_id: str, digest: str) -> tuple[str, str]:
+        """The caller's key and the identity's (by the identity's digest)."""
+        tagged = f"{self._prefix}:{{{caller_id}}}"
+        return f"{tagged}:caller", f"{tagged}:identity:{digest}"
+
+    async def check(
+        self,
+        limits: CallerLimits,
+        local: CallerLimits,
+        caller_id: str,
+        identity: str,
+        digest: Callable[[str], str],
+    ) -> OverLimit | BackendUnavailable | None:
+        """Take a token from each global bucket that applies (both or neither), or say which one is empty.
+
+        `limits` are the configured (global) ones, `local` this process's share,
+        used when Redis cannot answer and on_backend_failure is local.
+        """
+        now = self._clock()
+        if not self._breaker.allows(now):
+            return self._fallback(local, caller_id, identity, digest, now)
+        named = digest(identity)
+        caller_key, identity_key = self.keys(caller_id, named)
+        keys: list[str] = []
+        args: list[str] = []
+        which: list[tuple[Limit, str, str]] = []
+        for limit, key, subject, description in (
+            (limits.caller, caller_key, f"caller:{caller_id}", _CALLER_DESCRIPTION),
+            (limits.identity, identity_key, f"identity:{caller_id}/{named}", _IDENTITY_DESCRIPTION),
+        ):
+            if limit is not None:
+                keys.append(key)
+                args += [repr(_MICROSECONDS / limit.rate), repr(limit.burst)]
+                which.append((limit, subject, description))
+        reply = await self._call(self._script(keys=keys, args=args))
+        if reply is None:
+            return self._fallback(local, caller_id, identity, digest, self._clock())
+        refused, wait = int(reply[0]), int(reply[1])
+        if not refused:
+            return None
+        _, subject, description = which[refused - 1]
+        return OverLimit(subject, description, wait / _MICROSECONDS, limits.shadow)
+
+    async def _call(self, command: Any) -> Any:
+        """Await one Redis command within the timeout; None if it failed (counted, logged once per run)."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout):
+                reply = await command
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._metrics.backend_latency.observe(time.perf_counter() - started)
+            self._failed(exc)
+            return None
+        self._metrics.backend_latency.observe(time.perf_counter() - started)
+        if self._breaker.succeeded():
+            _log.info("rate_limit.backend_recovered", backend="redis", url=self._settings.url)
+        self._failing = False
+        return reply
+
+    def _failed(self, exc: BaseException) -> None:
+        kind, problem = _describe(exc, self._settings.timeout_ms)
+        self._metrics.backend_errors.labels(kind).inc()
+        opened = self._breaker.failed(self._clock())
+        if not self._failing:
+            self._failing = True
+            # An authentication failure will not go away by itself: an error, not a warning.
+            log = _log.error if kind == "auth" else _log.warning
+            log(
+                "rate_limit.backend_failed",
+                backend="redis",
+                url=self._settings.url,
+                kind=kind,
+                problem=problem,
+                on_backend_failure=self._settings.on_failure.value,
+            )
+        if opened:
+            _log.warning(
+                "rate_limit.backend_breaker_open",
+                backend="redis",
+                url=self._settings.url,
+                cooldown_ms=self._settings.breaker_cooldown_ms,
+                on_backend_failure=self._settings.on_failure.value,
+            )
+
+    def _fallback(
+        self, local: CallerLimits, caller_id: str, identity: str, digest: Callable[[str], str], now: float
+    ) -> OverLimit | BackendUnavailable | None:
+        on_failure = self._settings.on_failure
+        self._metrics.backend_fallbacks.labels(on_failure.value).inc()
+        if on_failure is OnBackendFailure.LOCAL:
+            return self._local.check(local, caller_id, identity, digest)
+        if on_failure is OnBackendFailure.ALLOW:
+            return None
+        # Not before the next call may try Redis again: a sooner retry would be refused the same way.
+        return BackendUnavailable(max(self._breaker.retry_after(now), self._timeout))
+
+
+def _describe(exc: BaseException, timeout_ms: int) -> tuple[str, str]:
+    """A bounded `kind` label for the error counter, and what happened in words (never a password)."""
+    if isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+        return "auth", (
+            "Redis refused the credentials: check limits.redis.password_file and the URL's user name "
+            f"({type(exc).__name__}: {exc})"
+        )
+    if isinstance(exc, TimeoutError | RedisTimeoutError):
+        return "timeout", f"no answer within {timeout_ms}ms"
+    if isinstance(exc, RedisConnectionError | OSError):
+        return "connection", f"{type(exc).__name__}: {exc}"
+    return "error", f"{type(exc).__name__}: {exc}"
