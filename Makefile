@@ -165,7 +165,7 @@ export PODMAN PODMAN_ULIMIT IMAGE
 /usr/sbin/debootstrap:
 	$(call apt_install,debootstrap)
 
-# Debian's minimal system and its python3, caches removed; imported once (rebuilt by `make clean`).
+# Debian's minimal system and its python3, caches removed; imported once (again after `make clean`).
 $(IMAGE_DIR)/base.imported: /usr/sbin/debootstrap /usr/bin/podman /usr/sbin/runc
 	$(SUDO) rm -rf $(IMAGE_DIR)/rootfs && mkdir -p $(IMAGE_DIR)
 	$(SUDO) timeout 1200 debootstrap --variant=minbase --include=python3 bookworm $(IMAGE_DIR)/rootfs $(DEBIAN_MIRROR)
@@ -195,4 +195,4 @@ image-test: image $(INSTALLED)
 	$(BIN)/pytest -p no:cacheprovider tests/deploy/image_smoke.py
 
 clean:
-	rm -rf $(VENV) $(UV_VENV) $(LOWEST) node_modules $(BUNDLE) .gen-check .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(UV_VENV) $(LOWEST) node_modules $(BUNDLE) .gen-check .mypy_cache .ruff_cache .pytest_cache $(IMAGE_DIR)
