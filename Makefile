@@ -175,13 +175,16 @@ $(IMAGE_DIR)/base.imported: /usr/sbin/debootstrap /usr/bin/podman /usr/sbin/runc
 	touch $@
 
 # The build context: the service's locked dependencies as wheels (with the lock's hashes), the two
-# project wheels built from this tree, and uv itself.
+# project wheels built from this tree, and uv itself. The image's python3 is Debian's (3.11.2), not
+# this host's: the markers (async-timeout's python_full_version < '3.11.3', say) are for the install
+# in the image to evaluate, so every wheel the lock lists is fetched, whatever they say here.
 $(IMAGE_DIR)/context: $(INSTALLED) uv.lock pyproject.toml Dockerfile $(shell git ls-files service clients/python)
 	rm -rf $@ && mkdir -p $@/wheels
 	$(UV) export --quiet --frozen --package synctoken --no-dev --no-emit-workspace --format requirements-txt \
 		-o $@/wheels/requirements.txt
+	sed 's/ ;[^\\]*\\$$/ \\/' $@/wheels/requirements.txt > $@/download.txt
 	$(UV_VENV)/bin/pip download --quiet --no-deps --only-binary=:all: --require-hashes \
-		-r $@/wheels/requirements.txt -d $@/wheels
+		-r $@/download.txt -d $@/wheels
 	$(UV) build --quiet --wheel --package synctoken-api -o $@/wheels
 	$(UV) build --quiet --wheel --package synctoken -o $@/wheels
 	cp $(UV) $@/uv
