@@ -177,6 +177,7 @@ def restart_only(config: Config) -> dict[str, str]:
         "metrics.listen": config.metrics_listen or "(off)",
         "mesh.listen": config.mesh.address if config.mesh else "(off)",
         "mesh.socket_group": "(none)" if group is None else str(group),  # set when the socket is made
+        "health.listen": config.health_listen or "(off)",
         # The Redis client and its breaker are made once, at start.
         "limits.backend": "redis" if redis else "local",
         **_redis_restart_only(redis),
