@@ -8,7 +8,7 @@ PROTOS := $(shell find proto -name '*.proto' | sort)
 # The venv is synced from uv.lock whenever the lock or a dependency list changes.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: dev bff test test-fast lint pytest bench generate check-generated check-lock lock test-lowest clean
+.PHONY: dev bff test test-fast lint pytest bench generate check-generated check-lock lock test-lowest clean image image-test
 
 # uv, pinned with hashes (tools/uv.txt, compiled from tools/uv.in), in a venv of its own: the
 # project's venv holds exactly what uv.lock says, and nothing on the host is touched.
@@ -54,6 +54,9 @@ apt_install = $(SUDO) timeout 600 sh -c 'apt-get update -qq && apt-get install -
 # downloads cannot work here).
 /usr/bin/chromium:
 	$(call apt_install,chromium)
+# systemd-analyze checks the unit in deploy/systemd (verify, security --offline); systemd need not run.
+/usr/bin/systemd-analyze:
+	$(call apt_install,systemd)
 # redis-server backs the global rate limits' tests: real Redis processes on free loopback ports
 # (plain, with a password, over TLS: Debian's build has TLS).
 /usr/bin/redis-server:
@@ -90,7 +93,7 @@ test: check-lock lint check-generated pytest
 # The tests compare tokens with Twilio's Node helper library, from npm, smoke-test
 # the benchmark (which also needs wrk), load the demo page in Chromium, run HAProxy and Redis.
 PYTEST_NEEDS := node_modules/.installed /usr/bin/wrk /usr/bin/openssl /usr/bin/valgrind /usr/bin/chromium /usr/sbin/haproxy \
-	/usr/bin/redis-server $(BUNDLE)
+	/usr/bin/redis-server /usr/bin/systemd-analyze $(BUNDLE)
 pytest: $(INSTALLED) $(PYTEST_NEEDS)
 	$(BIN)/pytest
 
@@ -117,6 +120,7 @@ lint: $(INSTALLED) node_modules/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	node_modules/.bin/buf lint
+	$(BIN)/hadolint Dockerfile
 
 # protoc runs offline from grpcio-tools: buf's remote plugins need a network.
 define protoc
@@ -144,5 +148,57 @@ check-generated: $(INSTALLED) node_modules/.installed
 		|| { echo "Generated Node stubs are stale: run 'make generate' and commit the result."; exit 1; }
 	rm -rf .gen-check
 
+# The container image (see the Dockerfile and the README's "Deploying"), built with Debian's podman
+# as root: no image registry is reachable here, so the base is a root file system made with
+# debootstrap from the Debian mirror apt uses, imported as an image. vfs storage and runc work
+# where overlayfs and crun do not (nested containers); the open-file limit is lowered below the
+# host's hard limits, which podman's defaults (1048576 files, more processes) would exceed.
+IMAGE := synctoken:0.1.0
+IMAGE_DIR := build/image
+BASE_IMAGE := localhost/synctoken-base:bookworm
+PODMAN := $(SUDO) podman --storage-driver vfs --runtime runc
+PODMAN_ULIMIT := --ulimit nofile=16384:16384 --ulimit nproc=4096:4096
+DEBIAN_MIRROR ?= $(shell sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1 | grep . || echo http://deb.debian.org/debian)
+export PODMAN PODMAN_ULIMIT IMAGE
+
+/usr/bin/podman:
+	$(call apt_install,podman)
+/usr/sbin/runc:
+	$(call apt_install,runc)
+/usr/sbin/debootstrap:
+	$(call apt_install,debootstrap)
+
+# Debian's minimal system and its python3, caches removed; imported once (again after `make clean`).
+$(IMAGE_DIR)/base.imported: /usr/sbin/debootstrap /usr/bin/podman /usr/sbin/runc
+	$(SUDO) rm -rf $(IMAGE_DIR)/rootfs && mkdir -p $(IMAGE_DIR)
+	$(SUDO) timeout 1200 debootstrap --variant=minbase --include=python3 bookworm $(IMAGE_DIR)/rootfs $(DEBIAN_MIRROR)
+	$(SUDO) sh -c 'rm -rf $(IMAGE_DIR)/rootfs/var/cache/apt/archives/*.deb $(IMAGE_DIR)/rootfs/var/lib/apt/lists/* \
+		$(IMAGE_DIR)/rootfs/var/log/* && tar -C $(IMAGE_DIR)/rootfs --numeric-owner -c . | $(PODMAN) import - $(BASE_IMAGE)'
+	$(SUDO) rm -rf $(IMAGE_DIR)/rootfs
+	touch $@
+
+# The build context: the service's locked dependencies as wheels (with the lock's hashes), the two
+# project wheels built from this tree, and uv itself. The image's python3 is Debian's (3.11.2), not
+# this host's: the markers (async-timeout's python_full_version < '3.11.3', say) are for the install
+# in the image to evaluate, so every wheel the lock lists is fetched, whatever they say here.
+$(IMAGE_DIR)/context: $(INSTALLED) uv.lock pyproject.toml Dockerfile $(shell git ls-files service clients/python)
+	rm -rf $@ && mkdir -p $@/wheels
+	$(UV) export --quiet --frozen --package synctoken --no-dev --no-emit-workspace --format requirements-txt \
+		-o $@/wheels/requirements.txt
+	sed 's/ ;[^\\]*\\$$/ \\/' $@/wheels/requirements.txt > $@/download.txt
+	$(UV_VENV)/bin/pip download --quiet --no-deps --only-binary=:all: --require-hashes \
+		-r $@/download.txt -d $@/wheels
+	$(UV) build --quiet --wheel --package synctoken-api -o $@/wheels
+	$(UV) build --quiet --wheel --package synctoken -o $@/wheels
+	cp $(UV) $@/uv
+	cp Dockerfile $@/Dockerfile
+
+image: $(IMAGE_DIR)/base.imported $(IMAGE_DIR)/context
+	$(PODMAN) build $(PODMAN_ULIMIT) --network none --build-arg BASE=$(BASE_IMAGE) -t $(IMAGE) $(IMAGE_DIR)/context
+
+# Minutes, so not in `make test`: one mTLS call served from the container, then a drain on `podman stop`.
+image-test: image $(INSTALLED)
+	$(BIN)/pytest -p no:cacheprovider tests/deploy/image_smoke.py
+
 clean:
-	rm -rf $(VENV) $(UV_VENV) $(LOWEST) node_modules $(BUNDLE) .gen-check .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(UV_VENV) $(LOWEST) node_modules $(BUNDLE) .gen-check .mypy_cache .ruff_cache .pytest_cache $(IMAGE_DIR)

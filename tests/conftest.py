@@ -69,8 +69,8 @@ class _ClientRecords(logging.Handler):
             self.lines.append(self.format(record))
 
 
-DEFAULT_PORTS = (50051, 8080, 9464)
-"""The ports the README's examples use: `make dev`, `make bff`, the metrics example."""
+DEFAULT_PORTS = (50051, 8080, 8081, 9464)
+"""The ports the README's examples use: `make dev`, `make bff`, the health and metrics examples."""
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -225,6 +225,9 @@ def _serve(path: Path, on_ready: Callable[[int], None] | None = None, workers: i
     error = None
     if config.listen.endswith(":0"):
         error = ConfigError(str(path), "server.listen", "--workers needs a fixed port, not :0")
+    elif config.health_listen is not None and config.health_listen.endswith(":0"):
+        # Each worker would get a port of its own, and a probe would reach one worker of N.
+        error = ConfigError(str(path), "health.listen", "--workers needs a fixed port, not :0")
     elif config.mesh is not None:
         # Each worker would bind the same socket path, and only the last one would be reached.
         error = ConfigError(str(path), "mesh", "not yet supported with --workers: run one worker per sidecar")

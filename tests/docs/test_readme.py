@@ -20,17 +20,16 @@ import pytest
 from cryptography import x509
 
 from support.configs import WriteConfig
-from support.constants import API_KEY_SID, BFF_ID, ROOT, SYNCTOKEN
+from support.constants import API_KEY_SID, BFF_ID, SYNCTOKEN
 from support.inprocess import RunningServer
 from support.logcapture import LeakWatch
 from support.pki import Pki
 from support.processes import Process, free_port
+from support.readme import README, blocks, section
 from synctoken_server.config.reader import nest
 from synctoken_server.config.schema import SCHEMA, Config, key_paths, load_config
 from synctoken_server.dev import devenv
 from synctoken_server.process.reloading import restart_only
-
-README = ROOT / "README.md"
 
 
 def reference_config() -> str:
@@ -149,24 +148,6 @@ class TestConfigSchema:
         for key in keys:
             assert f"`{key}`" in needs_restart, key
             assert f"`{key}`" in reload_table, key
-
-
-def section(title: str) -> str:
-    """The README's text under the heading `title`, up to the next heading of its level or higher."""
-    lines = README.read_text(encoding="utf-8").splitlines(keepends=True)
-    level = len(title.split(" ", 1)[0])
-    found, fenced = [], False
-    for line in lines[lines.index(f"{title}\n") + 1 :]:
-        fenced ^= line.startswith("```")  # a "# comment" inside a code block is no heading
-        if not fenced and re.match(rf"#{{1,{level}}} ", line):
-            break
-        found.append(line)
-    return "".join(found)
-
-
-def blocks(text: str, language: str) -> list[str]:
-    """The fenced code blocks of `language` in `text`."""
-    return re.findall(rf"```{language}\n(.*?)```", text, re.DOTALL)
 
 
 @pytest.fixture
@@ -308,17 +289,21 @@ class TestTryTheReferenceConfig:
     """The "To try it" steps under Config reference make every file the example names, and it serves."""
 
     def test_steps_serve_the_example(self, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]) -> None:
-        """Run as printed (with free ports for 50051 and 9464), the example serves IssueToken to grpcurl."""
+        """Run as printed (with free ports for 50051, 8081 and 9464), the example serves IssueToken to grpcurl."""
         devenv.prepare(tmp_path / ".synctoken-dev", free_port(), environ={})  # what `make dev` made
         setup, call = blocks(section("### Config reference").split("```toml", 1)[0], "sh")
         *steps, serve_line = setup.strip().splitlines()
         assert " serve --config " in serve_line
         # The one step the reader does by hand: save the example where the serve line reads it.
         config = shlex.split(serve_line.split("--config ", 1)[1], comments=True)[0]
-        port, metrics_port = free_port(), free_port()
+        port, metrics_port, health_port = free_port(), free_port(), free_port()
         example = tmp_path / "example.toml"
         example.write_text(
-            reference_config().replace(":50051", f":{port}").replace(":9464", f":{metrics_port}"), encoding="utf-8"
+            reference_config()
+            .replace(":50051", f":{port}")
+            .replace(":9464", f":{metrics_port}")
+            .replace(":8081", f":{health_port}"),
+            encoding="utf-8",
         )
         # One shell, as the reader's terminal: the steps, the example saved where serve reads it, then serve.
         script = as_here("\n".join([*steps, f"cp {example} {config}", f"exec {serve_line}"]), port)
@@ -352,6 +337,11 @@ class TestTryTheReferenceConfig:
             "spiffe://example.org/ns/web/sa/bff",
             "issued",
         )
+        # The probe listener's grpcurl line reaches the example's plaintext health port, and says SERVING.
+        [health_call] = blocks(section("#### Health probes"), "sh")
+        result = run_script(as_here(health_call.replace(":8081", f":{health_port}"), port), tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "status: SERVING"
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/", timeout=10) as scrape:
             assert b"synctoken_tokens_issued_total" in scrape.read()
         checked = subprocess.run(

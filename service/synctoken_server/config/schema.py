@@ -19,7 +19,7 @@ from typing import Any
 from synctoken_server.audit.privacy import IdentityHasher
 from synctoken_server.authn.callercert import CallerIdSource, is_dns_name, parse_spiffe_id, parse_trust_domain
 from synctoken_server.authn.mesh import MeshListener
-from synctoken_server.config import audit, limits, mesh, metrics, tlsfiles, tracing, twilio
+from synctoken_server.config import audit, health, limits, mesh, metrics, tlsfiles, tracing, twilio
 from synctoken_server.config.reader import ConfigError, TomlReader
 from synctoken_server.config.tlsfiles import ServerTlsFiles, ServerTlsMaterial, TlsFileError
 from synctoken_server.durations import format_duration
@@ -57,6 +57,8 @@ class Config:
     """Hashes identities for the audit log; None: they are written as they are."""
     mesh: MeshListener | None = None
     """The listener where x-forwarded-client-cert names the caller; None: mesh mode off."""
+    health_listen: str | None = None
+    """Where plaintext gRPC health (grpc.health.v1 only) is served for the kubelet's probes; None: not served."""
     warnings: tuple[str, ...] = ()
     """Things that work but should not be so (a private key readable by others); shown, never fatal."""
     files: Stamps = ()
@@ -127,6 +129,7 @@ SCHEMA: Mapping[str, frozenset[str]] = {
     "limits.redis": limits.REDIS_KEYS,
     "mesh": mesh.KEYS,
     "metrics": metrics.KEYS,
+    "health": health.KEYS,
     "tracing": tracing.KEYS,
     "defaults": _DEFAULTS_KEYS,
     "callers[]": _CALLER_KEYS,
@@ -175,6 +178,10 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
         if rule.caller in seen:
             raise r.fail(f"callers[{i}].id", f"{rule.caller} is already the id of callers[{seen[rule.caller]}]")
         seen[rule.caller] = i
+    metrics_listen = metrics.read_listen(r, data)
+    mesh_listener = mesh.read_mesh(r, data, source, listen)
+    mesh_listen = mesh_listener.address if mesh_listener is not None else None
+    others = {"server.listen": listen, "metrics.listen": metrics_listen, "mesh.listen": mesh_listen}
     return Config(
         listen=listen,
         tls=tls,
@@ -185,12 +192,13 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
         inactive_api_keys=keys.inactive,
         tls_expiry_warning=expiry_warning,
         timeouts=timeouts,
-        metrics_listen=metrics.read_listen(r, data),
+        metrics_listen=metrics_listen,
         tracing_protocol=tracing.read_tracing(r, data),
         audit_identity=audit.read_audit(r, data),
-        mesh=mesh.read_mesh(r, data, source, listen),
+        mesh=mesh_listener,
         limits_replicas=limits.read_replicas(r, data),
         limits_backend=limits.read_backend(r, data),
+        health_listen=health.read_listen(r, data, others),
         warnings=tuple(r.warnings),
         files=tuple(r.files.items()),
         effective=tuple(r.effective.items()),

@@ -179,6 +179,7 @@ def restart_only(config: Config) -> dict[str, str]:
         "tracing.enabled": "true" if config.tracing_protocol else "false",
         "mesh.listen": config.mesh.address if config.mesh else "(off)",
         "mesh.socket_group": "(none)" if group is None else str(group),  # set when the socket is made
+        "health.listen": config.health_listen or "(off)",
         # The Redis client and its breaker are made once, at start.
         "limits.backend": "redis" if redis else "local",
         **_redis_restart_only(redis),

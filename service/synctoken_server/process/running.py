@@ -123,6 +123,7 @@ async def _serve(
         mesh=list(server.mesh_addresses) or None,
         metrics=_metrics_address(config.metrics_listen, server.metrics_port),
         metrics_connections=server.metrics_connections,
+        health=server.probes.address if server.probes is not None else None,
         identity_source=config.caller_id_source.value,
         callers=len(config.policy),
         open_file_limit=open_files,

@@ -26,6 +26,7 @@ from synctoken_server.config.schema import Config
 from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limits import MAX_BUCKETS, RateLimiter
 from synctoken_server.process.certificates import ServerCertificates
+from synctoken_server.process.probes import ProbeListener
 from synctoken_server.rpc.issuing import GlobalTokenIssuer, TokenIssuer
 from synctoken_server.rpc.servicer import TokenServicer
 from synctoken_server.rpc.snapshot import Snapshot, Snapshots
@@ -121,6 +122,10 @@ class TokenServer:
             self.port = self._server.add_secure_port(config.listen, self.certificates.credentials())
         except RuntimeError as exc:  # grpc's way of saying bind() failed
             raise OSError(f"cannot listen on {config.listen}: address in use or not available") from exc
+        self.probes: ProbeListener | None = None
+        """The plaintext health listener for the kubelet; None without [health]."""
+        if config.health_listen is not None:
+            self.probes = ProbeListener(config.health_listen, self._health, config.timeouts, reuse_port=reuse_port)
         self.mesh_addresses: tuple[str, ...] = ()
         """What the mesh listener listens on (a unix: path, or loopback host:port each); () when off."""
         if config.mesh is not None:
@@ -151,12 +156,15 @@ class TokenServer:
             await self.global_limiter.start()
         await self._set_health(serving=True)
         await self._health.set(BALANCING_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+        if self.probes is not None:
+            # Once health says SERVING: the kubelet's first answer is never a stale NOT_SERVING or UNIMPLEMENTED.
+            await self.probes.start()
         self._audit_watch = asyncio.create_task(self._watch_audit(), name="audit-watch")
 
     async def stop(self, *, drain_delay: float | None = None, grace: float | None = None) -> None:
         """Stop without failing any call that was accepted.
 
-        Health says NOT_SERVING at once, but calls are still accepted for
+        Health says NOT_SERVING at once (on the probe listener too), but calls are still accepted for
         `drain_delay` seconds, so that balancers and health-checking clients
         move away first; then new calls are refused and calls in flight get
         `grace` seconds to finish. Both default to the current config's values.
@@ -180,6 +188,9 @@ class TokenServer:
         await self._server.stop(grace)
         if self.global_limiter is not None:
             await self.global_limiter.close()
+        # After the mTLS listener: until it has closed, the kubelet reads NOT_SERVING, not a refused connection.
+        if self.probes is not None:
+            await self.probes.stop()
         # Last, so that the calls drained meanwhile are counted in a final scrape.
         if self._metrics_listener is not None:
             await asyncio.to_thread(self._metrics_listener.close)
