@@ -1,6 +1,6 @@
 """Instructions per request, counted by valgrind's callgrind: the one figure here that noise does not move.
 
-    python -m bench.instructions [--calls 400] [--out FILE]
+    python -m bench.instructions [--calls 400] [--out FILE] [--tracing]
 
 On this shared 2-core machine a server's CPU time per request moves by half
 between rounds; the number of instructions it executes does not (the same
@@ -35,7 +35,17 @@ from pathlib import Path
 import grpc
 
 from bench.micro import issue_and_record, new_issuer
-from bench.systems import ROOT, System, Workspace, empty_rpc, issue_payload, synctoken, synctoken_redis
+from bench.otlpsink import OtlpSink
+from bench.systems import (
+    ROOT,
+    System,
+    Workspace,
+    empty_rpc,
+    issue_payload,
+    synctoken,
+    synctoken_redis,
+    synctoken_traced,
+)
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken_server.audit import logs
 from synctoken_server.audit.record import AuditLog
@@ -58,6 +68,8 @@ class Counts:
     in_process_handler: int
     synctoken_redis: int
     """synctoken's server with its limits in Redis; Redis's own instructions are not counted (it is not traced)."""
+    synctoken_traced: int | None = None
+    """With --tracing: synctoken with [tracing] on, every call sampled and exported (batch thread included)."""
 
     @property
     def synctoken_extra(self) -> int:
@@ -71,7 +83,7 @@ class Counts:
 
     def as_dict(self) -> dict[str, int]:
         """Plain data for JSON."""
-        return {
+        counts = {
             "calls": self.calls,
             "empty_rpc": self.empty_rpc,
             "synctoken": self.synctoken,
@@ -80,6 +92,9 @@ class Counts:
             "synctoken_redis": self.synctoken_redis,
             "redis_extra": self.redis_extra,
         }
+        if self.synctoken_traced is not None:
+            counts["synctoken_traced"] = self.synctoken_traced
+        return counts
 
 
 def _tool(name: str) -> str:
@@ -172,12 +187,15 @@ def _in_process_loop(config_path: Path, loops: int, audit_to: Path) -> None:
             issue_and_record(issuer, audit_log, snapshot, caller_id, request)
 
 
-def count(calls: int) -> Counts:
-    """Count instructions per request for the empty RPC, synctoken, and the handler's work in-process."""
+def count(calls: int, *, tracing: bool = False) -> Counts:
+    """Count instructions per request for the empty RPC, synctoken, and the handler's work in-process.
+
+    With `tracing`, synctoken with tracing on too, exporting to a sink in this process.
+    """
     with tempfile.TemporaryDirectory(prefix="synctoken-instructions-") as tmp:
         out_dir = Path(tmp)
         workspace = Workspace.make(out_dir / "pki")
-        return Counts(
+        counts = Counts(
             calls=calls,
             empty_rpc=_count_server(empty_rpc(workspace), workspace, calls, out_dir),
             synctoken=_count_server(synctoken(workspace, 1), workspace, calls, out_dir),
@@ -185,6 +203,17 @@ def count(calls: int) -> Counts:
             # Last, so that the figures above are counted exactly as before it was added.
             synctoken_redis=_count_server(synctoken_redis(workspace), workspace, calls, out_dir),
         )
+        if not tracing:
+            return counts
+        # After all the others, for the same reason.
+        sink = OtlpSink()
+        try:
+            traced = _count_server(synctoken_traced(workspace, sink.endpoint), workspace, calls, out_dir)
+        finally:
+            sink.close()
+        if sink.exports == 0:
+            raise RuntimeError("the traced server exported no spans: the figure would not include the export")
+        return replace(counts, synctoken_traced=traced)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=400, help="calls counted per server (after a warm-up)")
     parser.add_argument("--out", type=Path, help="write the counts here as JSON")
+    parser.add_argument(
+        "--tracing", action="store_true", help="also count synctoken with tracing on (every call sampled, exported)"
+    )
     parser.add_argument("--in-process-loop", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--audit-to", type=Path, help=argparse.SUPPRESS)
@@ -199,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.in_process_loop is not None:
         _in_process_loop(args.config, args.in_process_loop, args.audit_to)
         return 0
-    counts = count(args.calls)
+    counts = count(args.calls, tracing=args.tracing)
     print(f"instructions per request (callgrind; {counts.calls} calls, one at a time, after {WARMUP_CALLS} warm-up)")
     print(f"  empty-rpc server            {counts.empty_rpc:>10,}")
     print(f"  synctoken server            {counts.synctoken:>10,}")
@@ -207,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  handler's work, in-process  {counts.in_process_handler:>10,}   (caller id, parse, policy, mint, audit)")
     print(f"  synctoken-redis server      {counts.synctoken_redis:>10,}   (redis-server's own not counted)")
     print(f"  Redis check extra           {counts.redis_extra:>10,}   (over synctoken)")
+    if counts.synctoken_traced is not None:
+        extra = counts.synctoken_traced - counts.synctoken
+        print(f"  synctoken, tracing on       {counts.synctoken_traced:>10,}   (every call sampled and exported)")
+        print(f"  tracing's extra             {extra:>10,}   ({extra / counts.synctoken:+.1%} over synctoken)")
     if args.out is not None:
         args.out.write_text(json.dumps(counts.as_dict(), indent=2) + "\n", encoding="utf-8")
     return 0

@@ -19,6 +19,7 @@ from bench.micro import quartiles
 
 SYNCTOKEN = "synctoken"
 REDIS = "synctoken-redis"
+TRACED = "synctoken-traced"
 EMPTY = "empty-rpc"
 EXPRESS_GUIDE = "express-guide"
 
@@ -146,6 +147,16 @@ FIGURES = (
         lambda r: r[REDIS].p99_ms / r[SYNCTOKEN].p99_ms,
         Target(1.5, at_most=True, concurrencies=frozenset({16})),
         2,
+    ),
+    # No target: what tracing every call (100% sampled, exported over OTLP/gRPC to a sink) costs the server.
+    Figure(
+        "tracing_extra_cpu_us_over_synctoken",
+        "synctoken-traced extra server CPU per request over synctoken (every call sampled and exported), µs",
+        "tracing µs/req",
+        (TRACED, SYNCTOKEN),
+        lambda r: (r[TRACED].server_cpu_ms_per_request - r[SYNCTOKEN].server_cpu_ms_per_request) * 1000,
+        None,
+        0,
     ),
     # No target: tokens one core issues per second (requests per server CPU second), for sizing replicas.
     Figure(

@@ -8,6 +8,7 @@ figures paired within each round (bench/paired.py) with their quartiles.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from bench import micro, paired, report
 from bench.measure import LoadShape, Result, measure
+from bench.otlpsink import OtlpSink
 from bench.systems import (
     System,
     Workspace,
@@ -26,14 +28,17 @@ from bench.systems import (
     synctoken,
     synctoken_guarded,
     synctoken_redis,
+    synctoken_traced,
 )
 
 
-def _systems(workspace: Workspace, workers: int) -> list[System]:
+def _systems(workspace: Workspace, workers: int, otlp_endpoint: str) -> list[System]:
     return [
         synctoken(workspace, 1),
         # Right after plain synctoken: the pair that prices the Redis check is measured closest in time.
         synctoken_redis(workspace),
+        # And the pair that prices tracing, next.
+        synctoken_traced(workspace, otlp_endpoint),
         synctoken_guarded(workspace),
         empty_rpc(workspace),
         synctoken(workspace, workers),
@@ -58,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         print(report.QUICK_NOTE.replace("**", "").replace("`", ""), flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="synctoken-bench-") as tmp:
+    # collector: the OTLP sink synctoken-traced exports to, in this process on threads of its own (see otlpsink).
+    with tempfile.TemporaryDirectory(prefix="synctoken-bench-") as tmp, contextlib.closing(OtlpSink()) as collector:
         workspace = Workspace.make(Path(tmp) / "pki")
         results: list[Result] = []
         for round_index in range(rounds):
-            for system in _systems(workspace, args.workers):
+            for system in _systems(workspace, args.workers, collector.endpoint):
                 system.start(Path(tmp))
                 try:
                     if system.kind == "http":

@@ -199,6 +199,22 @@ def synctoken_redis(workspace: Workspace) -> System:
     return system
 
 
+def synctoken_traced(workspace: Workspace, endpoint: str) -> System:
+    """Synctoken serve with `[tracing] enabled`, every call sampled, spans exported over OTLP/gRPC to `endpoint`."""
+    system = synctoken(workspace, 1)
+    system.name = "synctoken-traced"
+    config = Path(system.command[system.command.index("--config") + 1])
+    config.write_text(config.read_text(encoding="utf-8") + "\n[tracing]\nenabled = true\n", encoding="utf-8")
+    system.env = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint,
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+        "OTEL_TRACES_SAMPLER": "always_on",
+        # Export every 100 ms rather than every 5 s: the spans of the counted calls are exported while counting.
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    return system
+
+
 def empty_rpc(workspace: Workspace) -> System:
     """The empty RPC on the same stack: the ceiling."""
     port = free_port()

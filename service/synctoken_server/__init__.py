@@ -11,7 +11,7 @@ of each other (tests/service/unit/test_layers.py keeps it so):
     config
     tokens, authn, audit, limitstore
     policy
-    metrics
+    metrics, tracing
     boundedhttp
     durations, filestamps, errors, serveroptions
 """

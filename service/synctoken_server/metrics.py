@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import tempfile
 import threading
 import time
@@ -39,6 +40,7 @@ from synctoken_server.serveroptions import split_listen
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
 
     from synctoken_server.boundedhttp import BoundedHTTPServer
 
@@ -124,10 +126,13 @@ class Metrics:
             self.backend_errors = self.backend_latency = self.backend_fallbacks = uncounted
             return
         # Imported only here and where metrics are served: see the module's docstring.
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # noqa: PLC0415
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector  # noqa: PLC0415
 
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The standard process_* series (open fds and their limit, memory, CPU, start time) of this process.
+        # With --workers this registry is not scraped: the parent reports every process (multiprocess_registry).
+        ProcessCollector(registry=r)
         self.issued = Counter(
             "synctoken_tokens_issued",
             "Tokens issued, by policy entry and Sync service.",
@@ -285,13 +290,53 @@ def serve(listen: str, registry: CollectorRegistry) -> Listener:
 
 
 def multiprocess_registry(directory: Path) -> CollectorRegistry:
-    """A registry that reads every worker's values from `directory` at scrape time."""
+    """A registry that reads every worker's values from `directory` at scrape time, and every process's process_*."""
     from prometheus_client import CollectorRegistry, multiprocess  # noqa: PLC0415 - see the module's docstring
 
     registry = CollectorRegistry()
     # prometheus-client leaves its multiprocess module unannotated.
     multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    registry.register(_EveryProcess(directory))
     return registry
+
+
+_WORKER_FILE = re.compile(r"_(\d+)\.db\Z")
+"""A worker's metric file in the multiprocess directory: `counter_<pid>.db`, `gauge_livemax_<pid>.db`..."""
+
+
+class _EveryProcess:
+    """The process_* series of the parent and of each live worker, told apart by a `pid` label.
+
+    prometheus-client's ProcessCollector reads one process's /proc; its
+    series carry no label, so one scrape of several processes labels them.
+    Workers are found by the files they write in the multiprocess directory
+    (each writes some at start); a dead worker's files stay (its counts did
+    happen), so only pids still running are read.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def _pids(self) -> list[int]:
+        workers = {int(m.group(1)) for p in self._directory.iterdir() if (m := _WORKER_FILE.search(p.name))}
+        return [os.getpid(), *sorted(pid for pid in workers if pid != os.getpid() and _running(pid))]
+
+    def collect(self) -> Iterator[Metric]:
+        """One family per process_* series, one sample per process."""
+        from prometheus_client import ProcessCollector  # noqa: PLC0415 - see the module's docstring
+        from prometheus_client.metrics_core import Metric  # noqa: PLC0415
+
+        families: dict[str, Metric] = {}
+        for pid in self._pids():
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():  # type: ignore[misc]
+                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, "pid": str(pid)}, sample.value)
+        yield from families.values()
+
+
+def _running(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
 
 
 @contextmanager

@@ -18,7 +18,15 @@ from bench.measure import Result
 from bench.steps_server import STAGES
 from support.constants import ROOT
 
-SYSTEMS = {"synctoken", "synctoken-redis", "synctoken-guarded", "empty-rpc", "express-guide", "express-keyobject"}
+SYSTEMS = {
+    "synctoken",
+    "synctoken-redis",
+    "synctoken-traced",
+    "synctoken-guarded",
+    "empty-rpc",
+    "express-guide",
+    "express-keyobject",
+}
 PAIRED = {
     "synctoken_extra_cpu_us_over_empty",
     "synctoken_rps_over_empty_rps",
@@ -31,6 +39,7 @@ PAIRED = {
     "redis_p99_over_synctoken_p99",
     "synctoken_tokens_per_core_s",
     "redis_tokens_per_core_s",
+    "tracing_extra_cpu_us_over_synctoken",
 }
 
 

@@ -1,20 +1,26 @@
-"""Support for the BFF's tests: the app on a real uvicorn server on loopback in a thread, and an HTTP client."""
+"""Support for the BFF's tests: the app on a real uvicorn server on loopback in a thread, an HTTP client, and the command."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 
 from support.clients import client_kwargs
 from support.logcapture import LeakWatch
 from support.pki import Pki
+from support.processes import START_TIMEOUT as PROCESS_START_TIMEOUT
+from support.processes import free_port
 from synctoken.client import AsyncTokenClient
 from synctoken_bff import Authenticate, Settings, create_app
 
@@ -109,3 +115,34 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     assert set(body["error"]) == {"code", "reason", "message"}
     error: dict[str, Any] = body["error"]
     return error
+
+
+SYNCTOKEN_BFF = str(Path(sys.executable).parent / "synctoken-bff")
+
+
+class BffProcess:
+    """synctoken-bff in a subprocess; its stdout and stderr go to files the leak check reads."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, watch: LeakWatch) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stderr_path = log_dir / "bff-stderr.txt"
+        stdout_path = log_dir / "bff-stdout.txt"
+        watch.log_files += [stdout_path, self.stderr_path]
+        with stdout_path.open("w") as out, self.stderr_path.open("w") as err:
+            self.proc = subprocess.Popen(
+                [SYNCTOKEN_BFF, "--host", "127.0.0.1", "--port", str(self.port)], stdout=out, stderr=err, env=env
+            )
+
+    def wait_until_serving(self) -> None:
+        """Wait until /healthz answers."""
+        deadline = time.monotonic() + PROCESS_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"synctoken-bff exited {self.proc.returncode}: {self.stderr_path.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == httpx.codes.OK:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        pytest.fail(f"synctoken-bff did not serve within {PROCESS_START_TIMEOUT}s")

@@ -19,7 +19,7 @@ from typing import Any
 from synctoken_server.audit.privacy import IdentityHasher
 from synctoken_server.authn.callercert import CallerIdSource, is_dns_name, parse_spiffe_id, parse_trust_domain
 from synctoken_server.authn.mesh import MeshListener
-from synctoken_server.config import audit, health, limits, mesh, metrics, tlsfiles, twilio
+from synctoken_server.config import audit, health, limits, mesh, metrics, tlsfiles, tracing, twilio
 from synctoken_server.config.reader import ConfigError, TomlReader
 from synctoken_server.config.tlsfiles import ServerTlsFiles, ServerTlsMaterial, TlsFileError
 from synctoken_server.durations import format_duration
@@ -69,6 +69,9 @@ class Config:
     """The Redis holding the global rate limits; None: each process's own buckets, with its share of each limit."""
     limits_replicas: int = 1
     """How many replicas serve the same callers (`[limits] replicas`): each process's share divides by it too."""
+    tracing_protocol: str | None = None
+    """Each RPC a span, exported over OTLP with this protocol (grpc or http/protobuf) as the OTEL_* environment
+    variables configure it; None: tracing off, and no OpenTelemetry loaded."""
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -127,6 +130,7 @@ SCHEMA: Mapping[str, frozenset[str]] = {
     "mesh": mesh.KEYS,
     "metrics": metrics.KEYS,
     "health": health.KEYS,
+    "tracing": tracing.KEYS,
     "defaults": _DEFAULTS_KEYS,
     "callers[]": _CALLER_KEYS,
 }
@@ -189,6 +193,7 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
         tls_expiry_warning=expiry_warning,
         timeouts=timeouts,
         metrics_listen=metrics_listen,
+        tracing_protocol=tracing.read_tracing(r, data),
         audit_identity=audit.read_audit(r, data),
         mesh=mesh_listener,
         limits_replicas=limits.read_replicas(r, data),

@@ -175,6 +175,8 @@ def restart_only(config: Config) -> dict[str, str]:
         "server.idle_timeout": format_duration(config.timeouts.idle),
         "server.max_connection_age": format_duration(config.timeouts.connection_age),
         "metrics.listen": config.metrics_listen or "(off)",
+        # The interceptor and the exporter are made with the server.
+        "tracing.enabled": "true" if config.tracing_protocol else "false",
         "mesh.listen": config.mesh.address if config.mesh else "(off)",
         "mesh.socket_group": "(none)" if group is None else str(group),  # set when the socket is made
         "health.listen": config.health_listen or "(off)",

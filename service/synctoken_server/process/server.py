@@ -35,6 +35,7 @@ from synctoken_server.tokens.keyledger import SignedExpiries
 
 if TYPE_CHECKING:
     from synctoken_server.limitstore.redisbuckets import RedisLimiter
+    from synctoken_server.tracing import Tracing
 
 _TOKEN_SERVICE_DESCRIPTOR = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"]
 TOKEN_SERVICE = _TOKEN_SERVICE_DESCRIPTOR.full_name
@@ -75,7 +76,19 @@ class TokenServer:
     ) -> None:
         self._workers = workers
         """How many processes share the port (and so divide the rate limits)."""
-        self._server = grpc.aio.server(options=server_options(config.timeouts, reuse_port=reuse_port))
+        self.tracing: Tracing | None = None
+        """The span exporter and interceptor, if tracing is configured: made at start (restart to change)."""
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if config.tracing_protocol is not None:
+            # Imported only here: without [tracing], OpenTelemetry is never loaded.
+            from synctoken_server.tracing import Tracing  # noqa: PLC0415
+
+            self.tracing = Tracing(config.tracing_protocol)
+            # Passed explicitly rather than by patching grpc.aio.server: this server, these methods.
+            interceptors.append(self.tracing.interceptor(TOKEN_SERVICE))
+        self._server = grpc.aio.server(
+            interceptors=interceptors, options=server_options(config.timeouts, reuse_port=reuse_port)
+        )
         audit_log = audit_log or AuditLog()
         self._audit = audit_log
         self._audit_watch: asyncio.Task[None] | None = None
@@ -98,7 +111,9 @@ class TokenServer:
 
             self.global_limiter = RedisLimiter(config.limits_backend, self.limiter, self.metrics)
             issuer = GlobalTokenIssuer(signed=self.signed, limiter=self.limiter, global_limiter=self.global_limiter)
-        servicer = TokenServicer(snapshots=self.snapshots, issuer=issuer, audit_log=audit_log, metrics=self.metrics)
+        servicer = TokenServicer(
+            snapshots=self.snapshots, issuer=issuer, audit_log=audit_log, metrics=self.metrics, tracing=self.tracing
+        )
         self._server.add_generic_rpc_handlers((_raw_request_handlers(servicer),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -179,6 +194,9 @@ class TokenServer:
         # Last, so that the calls drained meanwhile are counted in a final scrape.
         if self._metrics_listener is not None:
             await asyncio.to_thread(self._metrics_listener.close)
+        if self.tracing is not None:
+            # Their spans too, as far as a bounded wait allows (a dead collector gets none).
+            await self.tracing.close()
 
     def record_certificate(self) -> None:
         """Put the expiry of the server certificate in use into the metrics."""

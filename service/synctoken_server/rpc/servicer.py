@@ -11,7 +11,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Never, Protocol, TypeVar, cast
 
 import grpc
 import structlog
@@ -26,6 +26,9 @@ from synctoken_server.metrics import NO_POLICY, Metrics
 from synctoken_server.policy.rules import CallerRule
 from synctoken_server.rpc.issuing import Issued, Pending, TokenIssuer
 from synctoken_server.rpc.snapshot import Snapshot, Snapshots
+
+if TYPE_CHECKING:  # imported by the server only when tracing is on: OpenTelemetry is not loaded otherwise
+    from synctoken_server.tracing import Tracing
 
 T = TypeVar("T")
 # The server is grpc.aio; request and response types vary by method.
@@ -44,12 +47,20 @@ class TokenServicer:
     """
 
     def __init__(
-        self, *, snapshots: Snapshots, issuer: TokenIssuer, audit_log: record.AuditLog, metrics: Metrics
+        self,
+        *,
+        snapshots: Snapshots,
+        issuer: TokenIssuer,
+        audit_log: record.AuditLog,
+        metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self._snapshots = snapshots
         self._issuer = issuer
         self._audit = audit_log
         self._metrics = metrics
+        self._tracing = tracing
+        """None when tracing is off: then nothing here touches OpenTelemetry."""
 
     async def IssueToken(  # noqa: N802 - the name is the RPC's
         self, request: bytes, context: Context
@@ -109,6 +120,8 @@ class TokenServicer:
         """
         # One snapshot for the whole RPC: a reload meanwhile does not mix configs.
         rpc = _Rpc(self._snapshots.current, time.perf_counter(), method, context.peer())
+        if self._tracing is not None:
+            rpc.trace = self._tracing.log_ids()
         try:
             try:
                 answer = body(rpc)
@@ -128,12 +141,21 @@ class TokenServicer:
             error = InternalError()
         else:
             # After the record: a token whose record failed is never sent, and is counted as refused.
-            if isinstance(answer, Issued) and answer.minted:
-                self._metrics.issued.labels(answer.rule, answer.service_sid).inc()
+            self._answered(rpc, answer)
             return answer.response
-        # The label is the policy entry's id, never the caller id: see metrics.py.
-        rule = rpc.snapshot.policy.rule_for(rpc.caller_id) if rpc.caller_id else None
-        rule_label = rule.caller if rule else NO_POLICY
+        return await self._refuse(context, rpc, event, error)
+
+    def _answered(self, rpc: _Rpc, answer: _Answer[object]) -> None:
+        minted = False
+        if isinstance(answer, Issued) and answer.minted:
+            minted = True
+            self._metrics.issued.labels(answer.rule, answer.service_sid).inc()
+        if self._tracing is not None:
+            self._tracing.rpc_ended(grpc.StatusCode.OK, None, _rule_label(rpc), issued=minted)
+
+    async def _refuse(self, context: Context, rpc: _Rpc, event: str, error: SynctokenError) -> Never:
+        """Count and audit the refusal, and send it: where an error becomes the status the caller gets."""
+        rule_label = _rule_label(rpc)
         if isinstance(error, RateLimited):
             self._metrics.rate_limited.labels(rule_label, "false").inc()
         self._metrics.refused.labels(rule_label, error.reason_name).inc()
@@ -149,7 +171,10 @@ class TokenServicer:
                 **error.audit,
                 duration_ms=record.ms_since(rpc.started),
             )
-        return await context.abort_with_status(to_status(error))
+        if self._tracing is not None:
+            # Here, not in the interceptor: the stock one never sees abort_with_status, and would say OK.
+            self._tracing.rpc_ended(error.code, error.reason_name, rule_label, issued=False)
+        await context.abort_with_status(to_status(error))
 
     def _shadow_limited(self, rpc: _Rpc, rule: str, refusal: RateLimited) -> None:
         # Counted and logged, not refused: what a limit in shadow mode is for.
@@ -192,6 +217,8 @@ class _Rpc:
     caller_id: str = ""
     request: token_service_pb2.IssueTokenRequest | None = None
     """IssueToken's request once parsed: what the record says was asked for, granted or not."""
+    trace: Mapping[str, str] | None = None
+    """trace_id and span_id of the RPC's span, when tracing is on and the span is recording; else None or empty."""
 
     def context(self) -> dict[str, object]:
         """What the RPC's log lines say about it: rpc and peer, then caller_id, then what the request asked for."""
@@ -203,7 +230,15 @@ class _Rpc:
             context["identity"] = self.snapshot.audit_identity(request.identity)
             context["service_sid"] = request.sync.service_sid
             context["region"] = request.region
+        if self.trace:
+            context |= self.trace
         return context
+
+
+def _rule_label(rpc: _Rpc) -> str:
+    """The caller's policy entry id, or NO_POLICY: the metrics label, never the caller id (see metrics.py)."""
+    rule = rpc.snapshot.policy.rule_for(rpc.caller_id) if rpc.caller_id else None
+    return rule.caller if rule else NO_POLICY
 
 
 M = TypeVar("M", bound=Message)

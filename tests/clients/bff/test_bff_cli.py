@@ -4,52 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from support.bff import BffProcess
 from support.clients import env_for
 from support.inprocess import RunningServer
 from support.logcapture import LeakWatch
 from support.pki import Pki
 from support.processes import START_TIMEOUT, free_port
 from synctoken_bff._identityhash import IdentityHasher
-
-SYNCTOKEN_BFF = str(Path(sys.executable).parent / "synctoken-bff")
-
-
-class BffProcess:
-    """synctoken-bff in a subprocess; its stdout and stderr go to files the leak check reads."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path, watch: LeakWatch) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.stderr_path = log_dir / "bff-stderr.txt"
-        stdout_path = log_dir / "bff-stdout.txt"
-        watch.log_files += [stdout_path, self.stderr_path]
-        with stdout_path.open("w") as out, self.stderr_path.open("w") as err:
-            self.proc = subprocess.Popen(
-                [SYNCTOKEN_BFF, "--host", "127.0.0.1", "--port", str(self.port)], stdout=out, stderr=err, env=env
-            )
-
-    def wait_until_serving(self) -> None:
-        """Wait until /healthz answers."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"synctoken-bff exited {self.proc.returncode}: {self.stderr_path.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == httpx.codes.OK:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        pytest.fail(f"synctoken-bff did not serve within {START_TIMEOUT}s")
-
 
 HASH_KEY = b"bff-cli-audit-key-" + b"y" * 20
 

@@ -397,7 +397,7 @@ class TestCheckConfig:
         assert result.returncode == 2
         assert result.stderr == (
             f"synctoken: config error: {path}: bogus: unknown key; "
-            "expected one of audit, callers, defaults, health, identity, limits, mesh, metrics, server, tls, twilio\n"
+            "expected one of audit, callers, defaults, health, identity, limits, mesh, metrics, server, tls, tracing, twilio\n"
         )
 
 

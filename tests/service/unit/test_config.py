@@ -103,7 +103,7 @@ PATTERN = 'identity_pattern = "user-[0-9]+"'  # only callers[1] has one
         (
             "[server]",
             "[serverz]",
-            "serverz: unknown key; expected one of audit, callers, defaults, health, identity, limits, mesh, metrics, server, tls, twilio",
+            "serverz: unknown key; expected one of audit, callers, defaults, health, identity, limits, mesh, metrics, server, tls, tracing, twilio",
         ),
         (
             '[[callers]]\nid = "spiffe://example.org/ns/chat/*"',
@@ -309,7 +309,7 @@ PATTERN = 'identity_pattern = "user-[0-9]+"'  # only callers[1] has one
         (
             "[[callers]]",
             "callers = 1\n[[x]]",
-            "x: unknown key; expected one of audit, callers, defaults, health, identity, limits, mesh, metrics, server, tls, twilio",
+            "x: unknown key; expected one of audit, callers, defaults, health, identity, limits, mesh, metrics, server, tls, tracing, twilio",
         ),
         (
             "[server]",

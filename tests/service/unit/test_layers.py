@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config",),
     ("tokens", "authn", "audit", "limitstore"),
     ("policy",),
-    ("metrics",),
+    ("metrics", "tracing"),
     ("boundedhttp",),
     ("durations", "filestamps", "errors", "serveroptions"),
 )

@@ -23,6 +23,7 @@ from synctoken_bff._errors import Refusal, error_body, error_response, mapping_f
 from synctoken_bff._identityhash import IdentityHasher
 from synctoken_bff._session import AnonymousSessions
 from synctoken_bff._settings import ENV_SESSION_SECRET_FILE, ENV_SYNC_SERVICE_SID, ENV_TOKEN_TTL, Settings
+from synctoken_bff._tracing import middleware, trace_id
 
 STATIC = Path(__file__).parent / "static"
 _log = logging.getLogger("synctoken_bff")
@@ -68,7 +69,8 @@ def create_app(client: TokenSource, settings: Settings, authenticate: Authentica
         Route("/favicon.ico", _favicon, methods=["GET"]),
         Mount("/", StaticFiles(directory=STATIC, html=True)),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    # A server span per request when the application traces (see _tracing): the outermost middleware.
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware())
 
 
 class _TokenRoute:
@@ -124,27 +126,31 @@ class _TokenRoute:
             if exc.cause is Cause.TLS_HANDSHAKE_FAILED:
                 # The message says which side refused and why; nothing to do with this browser.
                 _log.error(
-                    "token.refused%s status=%d error=%s (check SYNCTOKEN_CA_FILE, SYNCTOKEN_CERT_FILE, "
+                    "token.refused%s%s status=%d error=%s (check SYNCTOKEN_CA_FILE, SYNCTOKEN_CERT_FILE, "
                     "SYNCTOKEN_KEY_FILE and SYNCTOKEN_SERVER_NAME against synctoken's certificate and client CA)",
                     self._who(identity),
+                    trace_id(),
                     mapping.status,
                     exc,
                 )
             elif mapping.operator_fault:
                 _log.error(
-                    "token.refused%s status=%d error=%s (synctoken refuses this BFF's settings: check %s and %s "
+                    "token.refused%s%s status=%d error=%s (synctoken refuses this BFF's settings: check %s and %s "
                     "against the caller's policy)",
                     self._who(identity),
+                    trace_id(),
                     mapping.status,
                     exc,
                     ENV_TOKEN_TTL,
                     ENV_SYNC_SERVICE_SID,
                 )
             else:
-                _log.warning("token.refused%s status=%d error=%s", self._who(identity), mapping.status, exc)
+                _log.warning(
+                    "token.refused%s%s status=%d error=%s", self._who(identity), trace_id(), mapping.status, exc
+                )
             return error_response(exc, mapping)
         # token_id is a hash prefix, made for logs; the token itself never goes there.
-        _log.info("token.served%s token_id=%s", self._who(identity), issued.token_id)
+        _log.info("token.served%s%s token_id=%s", self._who(identity), trace_id(), issued.token_id)
         body = {
             "identity": issued.identity,
             "token": issued.token,

@@ -14,6 +14,7 @@ import uvicorn
 from synctoken.client import AsyncTokenClient
 from synctoken_bff._app import create_app
 from synctoken_bff._settings import Settings
+from synctoken_bff._tracing import start_from_env
 
 # uvicorn's exit status for a server that could not start (uvicorn.run's); its module for it
 # moved between the versions the range allows, the value never did.
@@ -29,6 +30,8 @@ def run(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = Settings.from_env(os.environ)
+        # Before the client and the app: both check for a tracer provider when they are made.
+        stop_tracing = start_from_env(os.environ)
         client = AsyncTokenClient.from_env()
     except (OSError, ValueError) as exc:
         print(f"synctoken-bff: {exc}", file=sys.stderr)
@@ -39,6 +42,8 @@ def run(argv: list[str] | None = None) -> None:
     server = uvicorn.Server(config)
     _stop_cleanly_on_signals(server)
     server.run()
+    if stop_tracing is not None:
+        stop_tracing()  # exports the last spans
     if not server.started:
         # As uvicorn.run does when it could not start (a port in use, say).
         sys.exit(STARTUP_FAILURE)

@@ -20,6 +20,7 @@ from synctoken.client._base import ClientBase
 from synctoken.client._cache import AsyncTokenCache, CacheKey, Clock
 from synctoken.client._channel import Generation, Generations
 from synctoken.client._credentials import TlsMaterial
+from synctoken.client._tracing import aio_interceptors
 from synctoken.client._types import CallerIdentity, IssuedToken, issue_request
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1.token_service_pb2_grpc import TokenServiceStub
@@ -154,5 +155,7 @@ class AsyncTokenClient(ClientBase):
             await finished.channel.close()
 
     def _open(self, material: TlsMaterial) -> _Connection:
-        channel = grpc.aio.secure_channel(self._target, material.channel_credentials(), options=self._options)
+        channel = grpc.aio.secure_channel(
+            self._target, material.channel_credentials(), options=self._options, interceptors=aio_interceptors()
+        )
         return _Connection(material, channel, TokenServiceStub(channel))

@@ -16,6 +16,7 @@ from synctoken.client._base import ClientBase
 from synctoken.client._cache import CacheKey, Clock, TokenCache
 from synctoken.client._channel import Generation, Generations
 from synctoken.client._credentials import TlsMaterial
+from synctoken.client._tracing import traced_channel
 from synctoken.client._types import CallerIdentity, IssuedToken, issue_request
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1.token_service_pb2_grpc import TokenServiceStub
@@ -148,5 +149,7 @@ class TokenClient(ClientBase):
             finished.channel.close()
 
     def _open(self, material: TlsMaterial) -> _Connection:
-        channel = grpc.secure_channel(self._target, material.channel_credentials(), options=self._options)
+        channel = traced_channel(
+            grpc.secure_channel(self._target, material.channel_credentials(), options=self._options)
+        )
         return _Connection(material, channel, TokenServiceStub(channel))
