@@ -84,6 +84,7 @@ class TestCommand:
             ("BFF_TOKEN_TTL", "25h", "25h is outside what synctoken ever issues, 3m to 24h"),
             ("BFF_TOKEN_TTL", "2m", "2m is outside what synctoken ever issues, 3m to 24h"),
             ("BFF_SYNC_SERVICE_SID", "IS123", "is not IS followed by 32 lower-case hex digits"),
+            ("BFF_TRACING", "yes", "'yes' is neither true nor false"),
         ],
     )
     def test_bad_setting_exits_2_with_that_error_alone(

@@ -26,15 +26,20 @@ DEFAULT_SERVICE_NAME = "synctoken-bff"
 
 def start_from_env(environ: Mapping[str, str]) -> Callable[[], None] | None:
     """Set the global tracer provider if BFF_TRACING=true (and OTEL_SDK_DISABLED is not); return its shutdown."""
-    if environ.get(ENV_TRACING, "").strip().lower() != "true":
+    value = environ.get(ENV_TRACING, "").strip().lower()
+    if value not in {"", "true", "false"}:
+        # As every BFF setting: a typo ("yes", "1") is refused at start, not read as "off".
+        raise ValueError(f"{ENV_TRACING}: {value!r} is neither true nor false")
+    if value != "true" or environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    # Imported only here: the extra synctoken-bff[tracing] installs these; a missing one is an ImportError, fatal.
-    from opentelemetry import trace  # noqa: PLC0415
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
-    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
+    # Imported only here: the extra synctoken-bff[tracing] installs these.
+    try:
+        from opentelemetry import trace  # noqa: PLC0415
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
+        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
+    except ImportError as exc:
+        raise ValueError(f"{ENV_TRACING}=true needs the extra synctoken-bff[tracing] ({exc.name} is missing)") from None
 
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
