@@ -20,6 +20,7 @@ from support.clients import AsyncDriver, Driver, client_kwargs
 from support.configs import SECRET_ENV, config_text
 from support.inprocess import Client, RunningServer, ServerHarness
 from support.logcapture import LeakWatch, LogSink
+from support.otlp import OtlpReceiver
 from support.pki import Pki, build_pki
 from support.processes import Process
 from synctoken.client import AsyncTokenClient, TokenClient
@@ -179,3 +180,11 @@ def make_client(request: pytest.FixtureRequest, pki: Pki) -> Iterator[Callable[.
             client.dispose()
         else:
             client.close()
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """A running OTLP/gRPC receiver on 127.0.0.1, for the tracing tests of the server, the client and the BFF."""
+    found = OtlpReceiver()
+    yield found
+    found.close()

@@ -24,28 +24,20 @@ ISSUE_SPAN = "/synctoken.v1.TokenService/IssueToken"
 
 
 @pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    """A running OTLP/gRPC receiver on 127.0.0.1."""
-    found = OtlpReceiver()
-    yield found
-    found.close()
-
-
-@pytest.fixture
 def traced_bff(
-    pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process], receiver: OtlpReceiver
+    pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process], otlp_receiver: OtlpReceiver
 ) -> Iterator[BffProcess]:
-    """synctoken and synctoken-bff, each with tracing on and exporting to `receiver`."""
+    """synctoken and synctoken-bff, each with tracing on and exporting to `otlp_receiver`."""
     server_dir = tmp_path / "server"
     server_dir.mkdir()
     text = config_text(pki) + "\n[tracing]\nenabled = true\n"
-    server = serve(text, server_dir, leak_watch, processes, env=exporter_env(receiver.endpoint, "synctoken"))
+    server = serve(text, server_dir, leak_watch, processes, env=exporter_env(otlp_receiver.endpoint, "synctoken"))
     [started] = server.wait_for_records("server.started")
     secret = tmp_path / "session.key"
     secret.write_bytes(os.urandom(32).hex().encode())
     env = (
         env_for(pki, "bff", f"127.0.0.1:{started['port']}")
-        | exporter_env(receiver.endpoint, "synctoken-bff")
+        | exporter_env(otlp_receiver.endpoint, "synctoken-bff")
         | {"BFF_SESSION_SECRET_FILE": str(secret), "BFF_TRACING": "true", "TWILIO_API_SECRET": API_SECRET}
     )
     bff = BffProcess(env, tmp_path, leak_watch)
@@ -56,34 +48,36 @@ def traced_bff(
         bff.proc.wait()
 
 
-def wait_for(receiver: OtlpReceiver, service: str, kind: int) -> ReceivedSpan:
+def wait_for(otlp_receiver: OtlpReceiver, service: str, kind: int) -> ReceivedSpan:
     """The one span of `service` of `kind` for IssueToken or GET /token, once it has arrived."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        found = [s for s in receiver.spans() if s.service == service and s.span.kind == kind]
+        found = [s for s in otlp_receiver.spans() if s.service == service and s.span.kind == kind]
         if found:
             [span] = found
             return span
         time.sleep(0.05)
-    raise AssertionError(f"no {service} span of kind {kind}: {[(s.service, s.span.name) for s in receiver.spans()]}")
+    raise AssertionError(
+        f"no {service} span of kind {kind}: {[(s.service, s.span.name) for s in otlp_receiver.spans()]}"
+    )
 
 
 class TestOneTrace:
     """BFF -> client -> synctoken in one trace, each span the parent of the next."""
 
     def test_get_token_is_one_trace(
-        self, traced_bff: BffProcess, receiver: OtlpReceiver, leak_watch: LeakWatch
+        self, traced_bff: BffProcess, otlp_receiver: OtlpReceiver, leak_watch: LeakWatch
     ) -> None:
         """The BFF's server span is the client span's parent, which is synctoken's span's parent; the log line names the trace."""
         response = httpx.get(f"{traced_bff.url}/token", timeout=10)
         assert response.status_code == httpx.codes.OK
         body = response.json()
         leak_watch.tokens.add(body["token"])
-        synctoken = wait_for(receiver, "synctoken", Span.SPAN_KIND_SERVER)
-        client = wait_for(receiver, "synctoken-bff", Span.SPAN_KIND_CLIENT)
+        synctoken = wait_for(otlp_receiver, "synctoken", Span.SPAN_KIND_SERVER)
+        client = wait_for(otlp_receiver, "synctoken-bff", Span.SPAN_KIND_CLIENT)
         bff = [
             s
-            for s in receiver.spans()
+            for s in otlp_receiver.spans()
             if s.service == "synctoken-bff"
             and s.span.kind == Span.SPAN_KIND_SERVER
             and s.trace_id == synctoken.trace_id
@@ -96,7 +90,7 @@ class TestOneTrace:
         assert client.span.parent_span_id == bff[0].span.span_id
         assert synctoken.attributes["synctoken.token_issued"] is True
         # No token, and no identity, anywhere in what either process exported.
-        exported = receiver.exported_bytes()
+        exported = otlp_receiver.exported_bytes()
         assert body["token"].encode() not in exported
         assert body["identity"].encode() not in exported
         traced_bff.proc.terminate()

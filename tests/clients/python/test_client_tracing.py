@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,20 +48,12 @@ print(any(name.startswith("opentelemetry") for name in sys.modules))
 
 
 @pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    """A running OTLP/gRPC receiver on 127.0.0.1."""
-    found = OtlpReceiver()
-    yield found
-    found.close()
-
-
-@pytest.fixture
 def traced_server(
-    pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process], receiver: OtlpReceiver
+    pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process], otlp_receiver: OtlpReceiver
 ) -> int:
-    """The port of a synctoken server with tracing on, exporting to `receiver`."""
+    """The port of a synctoken server with tracing on, exporting to `otlp_receiver`."""
     text = config_text(pki) + "\n[tracing]\nenabled = true\n"
-    server = serve(text, tmp_path, leak_watch, processes, env=exporter_env(receiver.endpoint, "synctoken"))
+    server = serve(text, tmp_path, leak_watch, processes, env=exporter_env(otlp_receiver.endpoint, "synctoken"))
     [started] = server.wait_for_records("server.started")
     port: int = started["port"]
     return port
@@ -76,21 +67,21 @@ def _files(pki: Pki) -> list[str]:
 class TestTracedApplication:
     """An application with a tracer provider gets a client span per call, parent of synctoken's span."""
 
-    def test_sync_client_span_and_traceparent(self, pki: Pki, traced_server: int, receiver: OtlpReceiver) -> None:
+    def test_sync_client_span_and_traceparent(self, pki: Pki, traced_server: int, otlp_receiver: OtlpReceiver) -> None:
         """TokenClient's call is a CLIENT span under the application's span, and synctoken's span is its child."""
         target = f"127.0.0.1:{traced_server}"
         result = subprocess.run(
-            [sys.executable, "-c", _TRACED_APP, receiver.endpoint, target, *_files(pki)],
+            [sys.executable, "-c", _TRACED_APP, otlp_receiver.endpoint, target, *_files(pki)],
             capture_output=True,
             text=True,
             timeout=60,
             check=True,
         )
         assert result.stdout.strip()
-        spans = receiver.wait_for_spans(ISSUE_SPAN, 2)
+        spans = otlp_receiver.wait_for_spans(ISSUE_SPAN, 2)
         [server_span] = [s for s in spans if s.span.kind == Span.SPAN_KIND_SERVER]
         [client_span] = [s for s in spans if s.span.kind == Span.SPAN_KIND_CLIENT]
-        [app_span] = receiver.wait_for_spans("handle-request")
+        [app_span] = otlp_receiver.wait_for_spans("handle-request")
         assert client_span.service == "client-app"
         assert server_span.service == "synctoken"
         assert server_span.trace_id == client_span.trace_id == app_span.trace_id

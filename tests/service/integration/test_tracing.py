@@ -1,4 +1,4 @@
-"""Tracing: each TokenService RPC one server span, exported over OTLP to a receiver of the tests' own.
+"""Tracing: each TokenService RPC one server span, exported over OTLP to a otlp_receiver of the tests' own.
 
 The server is a real `synctoken serve` subprocess configured as an operator
 would: `[tracing] enabled = true` and the standard OTEL_* environment variables.
@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -45,19 +44,11 @@ def otel_env(endpoint: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    """A running OTLP/gRPC receiver on 127.0.0.1."""
-    found = OtlpReceiver()
-    yield found
-    found.close()
-
-
-@pytest.fixture
 def traced(
-    pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process], receiver: OtlpReceiver
+    pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process], otlp_receiver: OtlpReceiver
 ) -> Process:
-    """A synctoken server with tracing on, exporting to `receiver`."""
-    return serve(config_text(pki) + TRACING, tmp_path, leak_watch, processes, env=otel_env(receiver.endpoint))
+    """A synctoken server with tracing on, exporting to `otlp_receiver`."""
+    return serve(config_text(pki) + TRACING, tmp_path, leak_watch, processes, env=otel_env(otlp_receiver.endpoint))
 
 
 def stub(pki: Pki, process: Process, cert: str = "bff") -> token_service_pb2_grpc.TokenServiceStub:
@@ -79,10 +70,12 @@ def issue(pki: Pki, process: Process, leak_watch: LeakWatch, **metadata: str) ->
 class TestServerSpans:
     """What a span holds, and what it never holds."""
 
-    def test_issued_token_span(self, pki: Pki, traced: Process, receiver: OtlpReceiver, leak_watch: LeakWatch) -> None:
+    def test_issued_token_span(
+        self, pki: Pki, traced: Process, otlp_receiver: OtlpReceiver, leak_watch: LeakWatch
+    ) -> None:
         """An issued token's span names the RPC, status 0, the policy entry and token_issued; the audit line names the span."""
         issue(pki, traced, leak_watch)
-        [span] = receiver.wait_for_spans(ISSUE_SPAN)
+        [span] = otlp_receiver.wait_for_spans(ISSUE_SPAN)
         assert span.service == "synctoken-under-test"
         assert span.span.kind == span.span.SPAN_KIND_SERVER
         attributes = span.attributes
@@ -97,12 +90,12 @@ class TestServerSpans:
         [decision] = traced.wait_for_records("token.decision")
         assert (decision["trace_id"], decision["span_id"]) == (span.trace_id, span.span_id)
 
-    def test_refused_span(self, pki: Pki, traced: Process, receiver: OtlpReceiver) -> None:
+    def test_refused_span(self, pki: Pki, traced: Process, otlp_receiver: OtlpReceiver) -> None:
         """A refused call's span has its gRPC code and ErrorInfo reason (not the interceptor's 0), and is an error."""
         request = pb.IssueTokenRequest(identity=CHAT_IDENTITY, sync=pb.SyncGrant(service_sid=SERVICE_B))
         error, info, _ = rpc_error(lambda: stub(pki, traced, "chat_worker").IssueToken(request, timeout=10))
         assert error.code() is grpc.StatusCode.PERMISSION_DENIED
-        [span] = receiver.wait_for_spans(ISSUE_SPAN)
+        [span] = otlp_receiver.wait_for_spans(ISSUE_SPAN)
         attributes = span.attributes
         assert attributes["rpc.grpc.status_code"] == grpc.StatusCode.PERMISSION_DENIED.value[0]
         assert attributes["synctoken.error_reason"] == info.reason == "IDENTITY_NOT_ALLOWED"
@@ -114,24 +107,24 @@ class TestServerSpans:
         assert decision["outcome"] == "denied"
         assert decision["trace_id"] == span.trace_id
 
-    def test_unknown_caller_span(self, pki: Pki, traced: Process, receiver: OtlpReceiver) -> None:
+    def test_unknown_caller_span(self, pki: Pki, traced: Process, otlp_receiver: OtlpReceiver) -> None:
         """A caller outside the policy is answered an empty policy; its span has the empty policy label, as the metrics."""
         answer = stub(pki, traced, "stranger").GetCallerIdentity(pb.GetCallerIdentityRequest(), timeout=10)
         assert not answer.HasField("policy")
-        [span] = receiver.wait_for_spans(LOOKUP_SPAN)
+        [span] = otlp_receiver.wait_for_spans(LOOKUP_SPAN)
         assert span.attributes["rpc.grpc.status_code"] == 0
         assert span.attributes["synctoken.policy_rule"] == ""
         assert span.attributes["synctoken.token_issued"] is False
 
     def test_nothing_forbidden_exported(
-        self, pki: Pki, traced: Process, receiver: OtlpReceiver, leak_watch: LeakWatch
+        self, pki: Pki, traced: Process, otlp_receiver: OtlpReceiver, leak_watch: LeakWatch
     ) -> None:
         """Not the identity, the token, the secret or the caller's certificate, in any exported byte, issued or refused."""
         token = issue(pki, traced, leak_watch).token
         request = pb.IssueTokenRequest(identity=CHAT_IDENTITY, sync=pb.SyncGrant(service_sid=SERVICE_B))
         rpc_error(lambda: stub(pki, traced, "chat_worker").IssueToken(request, timeout=10))
-        receiver.wait_for_spans(ISSUE_SPAN, 2)
-        exported = receiver.exported_bytes()
+        otlp_receiver.wait_for_spans(ISSUE_SPAN, 2)
+        exported = otlp_receiver.exported_bytes()
         certificate = pki.clients["bff"].cert_pem
         forbidden = {
             "identity": IDENTITY.encode(),
@@ -145,15 +138,15 @@ class TestServerSpans:
         assert [name for name, value in forbidden.items() if value in exported] == []
 
     def test_traceparent_continues_the_callers_trace(
-        self, pki: Pki, traced: Process, receiver: OtlpReceiver, leak_watch: LeakWatch
+        self, pki: Pki, traced: Process, otlp_receiver: OtlpReceiver, leak_watch: LeakWatch
     ) -> None:
         """A W3C traceparent from the caller makes the server span its child, in the caller's trace."""
         issue(pki, traced, leak_watch, traceparent=f"00-{FIXED_TRACE_ID}-{FIXED_PARENT_ID}-01")
-        [span] = receiver.wait_for_spans(ISSUE_SPAN)
+        [span] = otlp_receiver.wait_for_spans(ISSUE_SPAN)
         assert span.trace_id == FIXED_TRACE_ID
         assert span.span.parent_span_id.hex() == FIXED_PARENT_ID
 
-    def test_health_checks_are_not_traced(self, pki: Pki, traced: Process, receiver: OtlpReceiver) -> None:
+    def test_health_checks_are_not_traced(self, pki: Pki, traced: Process, otlp_receiver: OtlpReceiver) -> None:
         """Only TokenService is traced: a balancer's health checks would drown the traces."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
 
@@ -161,18 +154,18 @@ class TestServerSpans:
         health = health_pb2_grpc.HealthStub(channel(pki, started["port"]))
         health.Check(health_pb2.HealthCheckRequest(), timeout=10)
         stub(pki, traced).GetCallerIdentity(pb.GetCallerIdentityRequest(), timeout=10)
-        receiver.wait_for_spans(LOOKUP_SPAN)
-        assert [s.span.name for s in receiver.spans()] == [LOOKUP_SPAN]
+        otlp_receiver.wait_for_spans(LOOKUP_SPAN)
+        assert [s.span.name for s in otlp_receiver.spans()] == [LOOKUP_SPAN]
 
 
 class TestWorkers:
     """Each worker process exports its own spans."""
 
     def test_every_workers_calls_traced(
-        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process], receiver: OtlpReceiver
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process], otlp_receiver: OtlpReceiver
     ) -> None:
         """With --workers 2, calls served by either worker each arrive as a span, named in its audit line."""
-        env = otel_env(receiver.endpoint)
+        env = otel_env(otlp_receiver.endpoint)
         text = config_text(pki, listen=f"127.0.0.1:{free_port()}") + TRACING
         process = serve(text, tmp_path, leak_watch, processes, workers=2, env=env)
         calls = 16
@@ -180,7 +173,7 @@ class TestWorkers:
             issue(pki, process, leak_watch)
         decisions = process.wait_for_records("token.decision", calls)
         assert {r["worker"] for r in decisions} == {0, 1}, "the kernel sent every connection to one worker"
-        spans = receiver.wait_for_spans(ISSUE_SPAN, calls)
+        spans = otlp_receiver.wait_for_spans(ISSUE_SPAN, calls)
         assert {r["span_id"] for r in decisions} == {s.span_id for s in spans}
 
 
@@ -191,17 +184,17 @@ class TestHttpExport:
         self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
     ) -> None:
         """With OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf the span is POSTed to the HTTP endpoint."""
-        receiver = OtlpHttpReceiver()
+        otlp_receiver = OtlpHttpReceiver()
         try:
-            env = otel_env(receiver.endpoint) | {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+            env = otel_env(otlp_receiver.endpoint) | {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
             process = serve(config_text(pki) + TRACING, tmp_path, leak_watch, processes, env=env)
             issue(pki, process, leak_watch)
-            [span] = receiver.wait_for_spans(ISSUE_SPAN)
+            [span] = otlp_receiver.wait_for_spans(ISSUE_SPAN)
             assert span.attributes["synctoken.token_issued"] is True
             [decision] = process.wait_for_records("token.decision")
             assert decision["trace_id"] == span.trace_id
         finally:
-            receiver.close()
+            otlp_receiver.close()
 
 
 class TestDeadCollector:
