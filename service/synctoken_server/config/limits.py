@@ -190,7 +190,9 @@ def _url(r: TomlReader, table: Mapping[str, Any]) -> RedisSettings:
         password, username, port = url.password, url.username, url.port
     except ValueError:
         raise r.fail(path, f"not a URL like {', '.join(_SCHEMES)}") from None
-    if password is not None:
+    # redis-py's from_url also takes the password as ?password=: refused the same way, before any
+    # message below could quote the URL.
+    if password is not None or "password" in urllib.parse.parse_qs(url.query, keep_blank_values=True):
         raise r.fail(
             path,
             "the URL holds a password, and the URL is shown by check-config and in logs: "

@@ -71,6 +71,8 @@ return {0, 0}
 _CALLER_DESCRIPTION = "the caller's rate limit"
 _IDENTITY_DESCRIPTION = "the caller's rate limit for one identity"
 _MICROSECONDS = 1_000_000
+_ECHO_PREFIX = 8
+"""How much of the password found in an error's text means the text quotes it."""
 
 
 def redis_client(settings: RedisSettings) -> aioredis.Redis:
@@ -206,7 +208,7 @@ class RedisLimiter:
         return reply
 
     def _failed(self, exc: BaseException) -> None:
-        kind, problem = _describe(exc, self._settings.timeout_ms)
+        kind, problem = _describe(exc, self._settings.timeout_ms, self._settings.password)
         self._metrics.backend_errors.labels(kind).inc()
         opened = self._breaker.failed(self._clock())
         if not self._failing:
@@ -243,8 +245,20 @@ class RedisLimiter:
         return BackendUnavailable(max(self._breaker.retry_after(now), self._timeout))
 
 
-def _describe(exc: BaseException, timeout_ms: int) -> tuple[str, str]:
-    """A bounded `kind` label for the error counter, and what happened in words (never a password)."""
+def _describe(exc: BaseException, timeout_ms: int, password: str | None) -> tuple[str, str]:
+    """A bounded `kind` label for the error counter, and what happened in words (never a password).
+
+    The words quote the reply of whatever answered at the URL, and a peer that is not Redis (or a proxy)
+    may echo the command it could not parse: redis-py's HELLO 3 AUTH <user> <password>. A text holding
+    the password's start (Redis itself cuts each echoed argument at 128 characters) is left out whole.
+    """
+    kind, problem = _classify(exc, timeout_ms)
+    if password and password[:_ECHO_PREFIX] in problem:
+        problem = f"{type(exc).__name__} (its text is left out: it quotes the password)"
+    return kind, problem
+
+
+def _classify(exc: BaseException, timeout_ms: int) -> tuple[str, str]:
     if isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
         return "auth", (
             "Redis refused the credentials: check limits.redis.password_file and the URL's user name "

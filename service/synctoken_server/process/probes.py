@@ -16,6 +16,18 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from synctoken_server.serveroptions import ServerTimeouts, server_options
 
+PROBE_CONNECTIONS = 16
+"""At most this many connections at once; gRPC closes any more as soon as it accepts them.
+
+The port is plaintext and asks for no certificate: without a bound, anyone who
+reaches it holds a file descriptor per connection (for `idle`, 5 minutes, or
+longer with a Watch open), and about 20000 of them fill the process's open-file
+limit, so that the mTLS listener accepts no connection at all. The kubelet opens
+one connection per probe and closes it: a few at once is all it needs.
+"""
+PROBE_RPCS = PROBE_CONNECTIONS
+"""At most this many health calls at once (a Watch stream lasts as long as its peer wants)."""
+
 
 class ProbeListener:
     """A plaintext gRPC server answering health only, bound but not yet started."""
@@ -26,7 +38,11 @@ class ProbeListener:
         # The same limits as the mTLS listener: a probe sends a few bytes, and an idle or endless
         # connection must not hold a file descriptor here either. With --workers every worker binds
         # it with SO_REUSEPORT, as the mTLS port: whichever answers, it answers for its own process.
-        self._server = grpc.aio.server(options=server_options(timeouts, reuse_port=reuse_port))
+        options = [
+            *server_options(timeouts, reuse_port=reuse_port),
+            ("grpc.max_allowed_incoming_connections", PROBE_CONNECTIONS),
+        ]
+        self._server = grpc.aio.server(options=options, maximum_concurrent_rpcs=PROBE_RPCS)
         health_pb2_grpc.add_HealthServicer_to_server(servicer, self._server)
         try:
             self.port = self._server.add_insecure_port(listen)

@@ -509,6 +509,13 @@ class TestRedisConfig:
                 "",
                 "limits.redis.url: the URL holds a password",
             ),
+            ("redis://127.0.0.1:6379/0?password=hunter2-inline", "", "", "limits.redis.url: the URL holds a password"),
+            (
+                "unix:///run/redis.sock?db=0&password=hunter2-inline",
+                "",
+                "",
+                "limits.redis.url: the URL holds a password",
+            ),
             ("http://127.0.0.1:6379/0", "", "", "limits.redis.url: 'http://127.0.0.1:6379/0' is not a URL like"),
             ("redis://127.0.0.1:6379/x", "", "", "the database is a number"),
             ("unix://host/path", "", "", "a unix socket URL is unix:///absolute/path"),
