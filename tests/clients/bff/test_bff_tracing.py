@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -21,6 +22,8 @@ from support.pki import Pki
 from support.processes import START_TIMEOUT, Process, serve
 
 ISSUE_SPAN = "/synctoken.v1.TokenService/IssueToken"
+DEVICE = "tab-7f3e9c1d"
+"""A distinctive device id (`?device=`), so that finding it in an export means something."""
 
 
 @pytest.fixture
@@ -69,10 +72,13 @@ class TestOneTrace:
         self, traced_bff: BffProcess, otlp_receiver: OtlpReceiver, leak_watch: LeakWatch
     ) -> None:
         """The BFF's server span is the client span's parent, which is synctoken's span's parent; the log line names the trace."""
-        response = httpx.get(f"{traced_bff.url}/token", timeout=10)
+        response = httpx.get(f"{traced_bff.url}/token", params={"device": DEVICE}, timeout=10)
         assert response.status_code == httpx.codes.OK
         body = response.json()
         leak_watch.tokens.add(body["token"])
+        # The app still saw the query: the token's Sync grant names the device as its endpoint.
+        claims = jwt.decode(body["token"], options={"verify_signature": False})
+        assert claims["grants"]["data_sync"]["endpoint_id"] == DEVICE
         synctoken = wait_for(otlp_receiver, "synctoken", Span.SPAN_KIND_SERVER)
         client = wait_for(otlp_receiver, "synctoken-bff", Span.SPAN_KIND_CLIENT)
         bff = [
@@ -93,6 +99,10 @@ class TestOneTrace:
         exported = otlp_receiver.exported_bytes()
         assert body["token"].encode() not in exported
         assert body["identity"].encode() not in exported
+        # Nor the browser's device id (the query string), nor its address as a span attribute.
+        assert DEVICE.encode() not in exported
+        assert not {"net.peer.ip", "client.address", "http.client_ip"} & bff[0].attributes.keys()
+        assert bff[0].attributes["http.target"] == "/token"
         traced_bff.proc.terminate()
         assert traced_bff.proc.wait(timeout=START_TIMEOUT) == 0
         log = traced_bff.stderr_path.read_text()

@@ -71,14 +71,52 @@ def _tracing_on() -> bool:
 
 
 def middleware() -> list[Middleware]:
-    """The ASGI server-span middleware when a tracer provider is set (and the extra installed); else none."""
+    """The ASGI server-span middleware when a tracer provider is set (and the extra installed); else none.
+
+    The span never sees the query string (`?device=`, the browser's endpoint id, which the BFF never
+    logs either) or the browser's address: the stock middleware would put both in every span. The
+    layers around it hide them from it and give them back to the app.
+    """
     if not _tracing_on():
         return []
     try:
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware  # noqa: PLC0415
     except ImportError:
         return []
-    return [Middleware(OpenTelemetryMiddleware)]
+    return [Middleware(_HideFromSpan), Middleware(OpenTelemetryMiddleware), Middleware(_GiveBack)]
+
+
+_HIDDEN = "synctoken_bff.hidden_from_span"
+"""Where _HideFromSpan keeps what it took out of the scope, for _GiveBack."""
+
+Scope = dict[str, Any]
+App = Callable[[Scope, Any, Any], Any]
+
+
+class _HideFromSpan:
+    """Takes the query string and the client address out of an HTTP scope, before the span middleware."""
+
+    def __init__(self, app: App) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            hidden = {"query_string": scope.get("query_string", b""), "client": scope.get("client")}
+            scope = {**scope, "query_string": b"", "client": None, _HIDDEN: hidden}
+        await self._app(scope, receive, send)
+
+
+class _GiveBack:
+    """Puts back what _HideFromSpan took, after the span middleware: the app sees the request as sent."""
+
+    def __init__(self, app: App) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        hidden = scope.get(_HIDDEN)
+        if hidden is not None:
+            scope = {k: v for k, v in scope.items() if k != _HIDDEN} | hidden
+        await self._app(scope, receive, send)
 
 
 def trace_id() -> str:
