@@ -1,7 +1,7 @@
 """Global rate limits: the token buckets kept in Redis, so every process and replica shares one limit.
 
 Imported only when a config sets `[limits] backend = "redis"`: without it,
-redis-py is never loaded.
+no Redis client is loaded.
 
 Each bucket is one key holding a GCRA "theoretical arrival time" (TAT, in
 microseconds of Redis's own clock): the token bucket in one number. A bucket
@@ -18,8 +18,9 @@ the `{...}` hash tag puts both keys of one call in one Redis Cluster slot (a
 script may only touch keys of one slot), and the identity is only ever its
 digest (the keyed `h:` hash with private audit on), as in QuotaFailure.
 
-Every call is bounded (`timeout`, connecting included) and never retried by
-the client: a request waits for Redis at most that long. A circuit breaker
+Every call is bounded (`timeout`, connecting included) and never retried
+(scriptclient.py, the one command of the request path, pipelined): a request
+waits for Redis at most that long. A circuit breaker
 (policy/limitbackend.py) stops calling a Redis that keeps failing; meanwhile,
 and for any failed call, `on_backend_failure` decides: this process's share
 of the limit in its local buckets, no limit, or a refusal.
@@ -29,22 +30,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, RedisError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from synctoken_server.limitstore.scriptclient import ResponseError, ScriptClient
 from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limitbackend import BackendUnavailable, Breaker, OnBackendFailure, RedisSettings
 from synctoken_server.policy.limits import CallerLimits, Limit, OverLimit, RateLimiter
 
 _log = structlog.get_logger("synctoken.limits")
+_T = TypeVar("_T")
 
 # KEYS: one to two bucket keys; ARGV: each key's emission interval T (µs) and burst.
 # Returns {0, 0} when every bucket had a token (and each gave one), else
@@ -75,36 +72,6 @@ _ECHO_PREFIX = 8
 """How much of the password found in an error's text means the text quotes it."""
 
 
-def redis_client(settings: RedisSettings) -> aioredis.Redis:
-    """An asyncio client for `settings`: every call bounded by the timeout, none retried, TLS verified."""
-    timeout = settings.timeout_ms / 1000
-    common: dict[str, Any] = {
-        "db": settings.db,
-        "username": settings.username,
-        "password": settings.password,
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        # redis-py retries failed calls by default (with backoff since 6.0): a 50 ms timeout
-        # became seconds per call while Redis was away. The breaker and the fallback are the
-        # answer to failures here, so the client tries each call exactly once.
-        # (retry_on_timeout is left out: redis-py 6 deprecates it, and with no retries it changes nothing.)
-        "retry": Retry(NoBackoff(), 0),
-        "client_name": "synctoken",
-    }
-    if settings.unix_socket:
-        return aioredis.Redis(unix_socket_path=settings.unix_socket, **common)
-    if settings.tls:
-        common |= {
-            "ssl": True,
-            "ssl_ca_certs": str(settings.ca_file) if settings.ca_file else None,
-            "ssl_certfile": str(settings.cert_file) if settings.cert_file else None,
-            "ssl_keyfile": str(settings.key_file) if settings.key_file else None,
-            "ssl_cert_reqs": "required",
-            "ssl_check_hostname": True,
-        }
-    return aioredis.Redis(host=settings.host, port=settings.port, **common)
-
-
 class RedisLimiter:
     """The global buckets in Redis, with the breaker and the fallback around every call."""
 
@@ -116,8 +83,7 @@ class RedisLimiter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
-        self._client = redis_client(settings)
-        self._script = self._client.register_script(GCRA_SCRIPT)
+        self._client = ScriptClient(settings, GCRA_SCRIPT)
         self._local = local
         """The local buckets, used only while Redis cannot answer (on_backend_failure = local)."""
         self._metrics = metrics
@@ -146,7 +112,7 @@ class RedisLimiter:
 
     async def close(self) -> None:
         """Close the connections."""
-        await self._client.aclose()
+        await self._client.close()
 
     def keys(self, caller_id: str, digest: str) -> tuple[str, str]:
         """The caller's key and the identity's (by the identity's digest)."""
@@ -182,22 +148,25 @@ class RedisLimiter:
                 keys.append(key)
                 args += [repr(_MICROSECONDS / limit.rate), repr(limit.burst)]
                 which.append((limit, subject, description))
-        reply = await self._call(self._script(keys=keys, args=args))
+        reply = await self._call(self._take(keys, args))
         if reply is None:
             return self._fallback(local, caller_id, identity, digest, self._clock())
-        refused, wait = int(reply[0]), int(reply[1])
+        refused, wait = reply
         if not refused:
             return None
         _, subject, description = which[refused - 1]
         return OverLimit(subject, description, wait / _MICROSECONDS, limits.shadow)
 
-    async def _call(self, command: Any) -> Any:
+    async def _take(self, keys: list[str], args: list[str]) -> tuple[int, int]:
+        return _pair(await self._client.run(keys, args))
+
+    async def _call(self, command: Awaitable[_T]) -> _T | None:
         """Await one Redis command within the timeout; None if it failed (counted, logged once per run)."""
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout):
                 reply = await command
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (ResponseError, OSError, TimeoutError) as exc:
             self._metrics.backend_latency.observe(time.perf_counter() - started)
             self._failed(exc)
             return None
@@ -245,6 +214,15 @@ class RedisLimiter:
         return BackendUnavailable(max(self._breaker.retry_after(now), self._timeout))
 
 
+def _pair(reply: object) -> tuple[int, int]:
+    """The script's {i, µs} reply as two integers."""
+    match reply:
+        case [int(refused), int(wait)]:
+            return refused, wait
+    msg = f"the limits script answered {reply!r}, not two integers"
+    raise ResponseError(msg)
+
+
 def _describe(exc: BaseException, timeout_ms: int, password: str | None) -> tuple[str, str]:
     """A bounded `kind` label for the error counter, and what happened in words (never a password).
 
@@ -258,14 +236,20 @@ def _describe(exc: BaseException, timeout_ms: int, password: str | None) -> tupl
     return kind, problem
 
 
+_AUTH_REFUSALS = ("NOAUTH", "WRONGPASS", "ERR AUTH", "ERR invalid password")
+"""How Redis (7: WRONGPASS, NOAUTH; 6: ERR AUTH ... without any password configured; < 6) starts a refused login."""
+
+
 def _classify(exc: BaseException, timeout_ms: int) -> tuple[str, str]:
-    if isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+    if isinstance(exc, ResponseError) and str(exc).startswith(
+        ("NOAUTH", "WRONGPASS", "ERR AUTH", "ERR invalid password")
+    ):
         return "auth", (
             "Redis refused the credentials: check limits.redis.password_file and the URL's user name "
             f"({type(exc).__name__}: {exc})"
         )
-    if isinstance(exc, TimeoutError | RedisTimeoutError):
+    if isinstance(exc, TimeoutError):
         return "timeout", f"no answer within {timeout_ms}ms"
-    if isinstance(exc, RedisConnectionError | OSError):
+    if isinstance(exc, OSError):
         return "connection", f"{type(exc).__name__}: {exc}"
     return "error", f"{type(exc).__name__}: {exc}"

@@ -609,13 +609,14 @@ class TestMilliseconds:
 
 
 class TestOff:
-    """Without a Redis backend, redis-py is never loaded."""
+    """Without a Redis backend, no Redis client is loaded."""
 
     def test_redis_not_imported(self) -> None:
-        """The server's modules load no redis-py."""
+        """The server's modules load neither hiredis nor the script client (nor redis-py, which it never uses)."""
         script = (
             "import sys; import synctoken_server.cli, synctoken_server.process.server, synctoken_server.process.workers; "
-            "print('redis' in sys.modules)"
+            "print(*(name in sys.modules for name in "
+            "('hiredis', 'redis', 'synctoken_server.limitstore.scriptclient')))"
         )
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
-        assert result.stdout.split() == ["False"]
+        assert result.stdout.split() == ["False", "False", "False"]
