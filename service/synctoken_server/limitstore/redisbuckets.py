@@ -28,10 +28,8 @@ of the limit in its local buckets, no limit, or a refusal.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable
 
 import structlog
 
@@ -41,7 +39,8 @@ from synctoken_server.policy.limitbackend import BackendUnavailable, Breaker, On
 from synctoken_server.policy.limits import CallerLimits, Limit, OverLimit, RateLimiter
 
 _log = structlog.get_logger("synctoken.limits")
-_T = TypeVar("_T")
+_FAILURES = (ResponseError, OSError, TimeoutError)
+"""What a call to Redis may fail with (scriptclient.ScriptClient's errors): each one counted, then the fallback."""
 
 # KEYS: one to two bucket keys; ARGV: each key's emission interval T (µs) and burst.
 # Returns {0, 0} when every bucket had a token (and each gave one), else
@@ -108,7 +107,13 @@ class RedisLimiter:
             timeout_ms=self._settings.timeout_ms,
             on_backend_failure=self._settings.on_failure.value,
         )
-        await self._call(self._client.ping())
+        started = time.perf_counter()
+        try:
+            await self._client.ping()
+        except _FAILURES as exc:
+            self._answered(started, exc)
+            return
+        self._answered(started, None)
 
     async def close(self) -> None:
         """Close the connections."""
@@ -148,33 +153,27 @@ class RedisLimiter:
                 keys.append(key)
                 args += [repr(_MICROSECONDS / limit.rate), repr(limit.burst)]
                 which.append((limit, subject, description))
-        reply = await self._call(self._take(keys, args))
-        if reply is None:
+        started = time.perf_counter()
+        try:
+            refused, wait = _pair(await self._client.run(keys, args))
+        except _FAILURES as exc:
+            self._answered(started, exc)
             return self._fallback(local, caller_id, identity, digest, self._clock())
-        refused, wait = reply
+        self._answered(started, None)
         if not refused:
             return None
         _, subject, description = which[refused - 1]
         return OverLimit(subject, description, wait / _MICROSECONDS, limits.shadow)
 
-    async def _take(self, keys: list[str], args: list[str]) -> tuple[int, int]:
-        return _pair(await self._client.run(keys, args))
-
-    async def _call(self, command: Awaitable[_T]) -> _T | None:
-        """Await one Redis command within the timeout; None if it failed (counted, logged once per run)."""
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self._timeout):
-                reply = await command
-        except (ResponseError, OSError, TimeoutError) as exc:
-            self._metrics.backend_latency.observe(time.perf_counter() - started)
-            self._failed(exc)
-            return None
+    def _answered(self, started: float, failure: BaseException | None) -> None:
+        """One call's latency counted; its failure counted and logged, or its success told to the breaker."""
         self._metrics.backend_latency.observe(time.perf_counter() - started)
+        if failure is not None:
+            self._failed(failure)
+            return
         if self._breaker.succeeded():
             _log.info("rate_limit.backend_recovered", backend="redis", url=self._settings.url)
         self._failing = False
-        return reply
 
     def _failed(self, exc: BaseException) -> None:
         kind, problem = _describe(exc, self._settings.timeout_ms, self._settings.password)
@@ -216,9 +215,8 @@ class RedisLimiter:
 
 def _pair(reply: object) -> tuple[int, int]:
     """The script's {i, µs} reply as two integers."""
-    match reply:
-        case [int(refused), int(wait)]:
-            return refused, wait
+    if type(reply) is list and [type(item) for item in reply] == [int, int]:
+        return reply[0], reply[1]
     msg = f"the limits script answered {reply!r}, not two integers"
     raise ResponseError(msg)
 

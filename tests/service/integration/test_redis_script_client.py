@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,15 +196,15 @@ class TestPipeline:
         asyncio.run(run())
 
     def test_a_stalled_connection_is_replaced(self, redis_server: RedisServer) -> None:
-        """A call given up on a connection that answered nothing since is closed; the next call opens a new one."""
+        """A call past its timeout on a connection that answered nothing since is failed and the connection closed."""
 
         async def run() -> object:
-            ours = ScriptClient(settings_for(redis_server), BUSY_SCRIPT)
+            ours = ScriptClient(settings_for(redis_server, timeout_ms=50), BUSY_SCRIPT)
             try:
                 await ours.run([], ["0", "warm"])
                 with pytest.raises(TimeoutError):
-                    async with asyncio.timeout(0.05):
-                        await ours.run([], ["500000", "late"])  # Redis is busy for 0.5 s
+                    await ours.run([], ["500000", "late"])  # Redis is busy for 0.5 s
+                await asyncio.sleep(0.6)  # until Redis can answer again: a new connection's AUTH would time out
                 return await ours.run([], ["0", "next"])
             finally:
                 await ours.close()
@@ -212,6 +213,28 @@ class TestPipeline:
         assert asyncio.run(run()) == b"next"
         # The first, the one that replaced it, and the looking client's own.
         assert connections(redis_server) == before + 3
+
+    def test_every_call_is_bounded(self, redis_server: RedisServer) -> None:
+        """Calls on a hung Redis fail with TimeoutError within the timeout, connecting included."""
+
+        async def run() -> list[float]:
+            ours = ScriptClient(settings_for(redis_server, timeout_ms=100), ECHO_SCRIPT)
+            waits = []
+            try:
+                await ours.run(["k"], ["a", "1"])
+                redis_server.pause()
+                for _ in range(3):  # on the open connection, then on the new ones that cannot be introduced
+                    started = time.monotonic()
+                    with pytest.raises(TimeoutError):
+                        await ours.run(["k"], ["a", "1"])
+                    waits.append(time.monotonic() - started)
+            finally:
+                redis_server.resume()
+                await ours.close()
+            return waits
+
+        waits = asyncio.run(run())
+        assert all(0.09 <= wait < 2.0 for wait in waits), waits  # asyncio may fire a timer a tick early
 
     def test_a_late_reply_is_dropped_on_a_live_connection(self, redis_server: RedisServer) -> None:
         """A call given up after a later-written reply came keeps the connection; its late reply goes to nobody."""
