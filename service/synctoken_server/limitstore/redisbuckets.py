@@ -36,7 +36,7 @@ import structlog
 from synctoken_server.limitstore.scriptclient import ResponseError, ScriptClient
 from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limitbackend import BackendUnavailable, Breaker, OnBackendFailure, RedisSettings
-from synctoken_server.policy.limits import CallerLimits, Limit, OverLimit, RateLimiter
+from synctoken_server.policy.limits import CallerLimits, OverLimit, RateLimiter
 
 _log = structlog.get_logger("synctoken.limits")
 _FAILURES = (ResponseError, OSError, TimeoutError)
@@ -144,15 +144,10 @@ class RedisLimiter:
         caller_key, identity_key = self.keys(caller_id, named)
         keys: list[str] = []
         args: list[str] = []
-        which: list[tuple[Limit, str, str]] = []
-        for limit, key, subject, description in (
-            (limits.caller, caller_key, f"caller:{caller_id}", _CALLER_DESCRIPTION),
-            (limits.identity, identity_key, f"identity:{caller_id}/{named}", _IDENTITY_DESCRIPTION),
-        ):
+        for limit, key in ((limits.caller, caller_key), (limits.identity, identity_key)):
             if limit is not None:
                 keys.append(key)
                 args += [repr(_MICROSECONDS / limit.rate), repr(limit.burst)]
-                which.append((limit, subject, description))
         started = time.perf_counter()
         try:
             refused, wait = _pair(await self._client.run(keys, args))
@@ -162,8 +157,11 @@ class RedisLimiter:
         self._answered(started, None)
         if not refused:
             return None
-        _, subject, description = which[refused - 1]
-        return OverLimit(subject, description, wait / _MICROSECONDS, limits.shadow)
+        # The script names the bucket by its place in KEYS: the caller's comes first when it has a limit.
+        if refused == 1 and limits.caller is not None:
+            return OverLimit(f"caller:{caller_id}", _CALLER_DESCRIPTION, wait / _MICROSECONDS, limits.shadow)
+        subject = f"identity:{caller_id}/{named}"
+        return OverLimit(subject, _IDENTITY_DESCRIPTION, wait / _MICROSECONDS, limits.shadow)
 
     def _answered(self, started: float, failure: BaseException | None) -> None:
         """One call's latency counted; its failure counted and logged, or its success told to the breaker."""
