@@ -71,10 +71,10 @@ def read_source(r: TomlReader, tls: Mapping[str, Any]) -> WorkloadApiSettings | 
 def _endpoint(r: TomlReader, tls: Mapping[str, Any]) -> str:
     if "endpoint_socket" in tls:
         endpoint = r.get(tls, "tls", "endpoint_socket", str)
-        where = "tls.endpoint_socket"
+        where = ""
     else:
         endpoint = r.environ.get(ENDPOINT_ENV, "")
-        where = f"{ENDPOINT_ENV} (tls.endpoint_socket is not set)"
+        where = f" (from {ENDPOINT_ENV})"
         if not endpoint:
             raise r.fail("tls.endpoint_socket", f"missing: set it, or {ENDPOINT_ENV} in the environment")
         r.note("tls.endpoint_socket", endpoint)
@@ -85,6 +85,6 @@ def _endpoint(r: TomlReader, tls: Mapping[str, Any]) -> str:
     if not endpoint.startswith("unix:") or not absolute or not path.strip("/"):
         raise r.fail(
             "tls.endpoint_socket",
-            f"{where}: {endpoint!r} is not unix:///absolute/path (the Workload API's Unix socket)",
+            f"{endpoint!r}{where} is not unix:///absolute/path (the Workload API's Unix socket)",
         )
     return endpoint
