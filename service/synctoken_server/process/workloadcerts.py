@@ -108,12 +108,15 @@ class WorkloadApiSource:
                         _log.info("workload_api.first_svid", endpoint=self.settings.endpoint_socket)
                         return material
                     await asyncio.sleep(self._backoff())
-        if self._call is not None and not self._problem:
-            self._problem = "the agent accepted the stream but sent no X509-SVID"
+        if not self._problem:  # an error seen is a likelier reason than silence, so only without one
+            connected = self._channel is not None and self._channel.get_state() is grpc.ChannelConnectivity.READY
+            self._problem = (
+                "the agent accepted the stream but sent no X509-SVID" if connected else "no connection to the agent"
+            )
         await self.close()
         raise WorkloadApiUnavailable(
             f"no usable X509-SVID from the SPIFFE Workload API at {self.settings.endpoint_socket} within "
-            f"{timeout}s (tls.first_svid_timeout): {self._problem or 'no answer'}"
+            f"{timeout}s (tls.first_svid_timeout): {self._problem}"
         )
 
     def follow(self, certificates: ServerCertificates, counted: metrics.Metrics) -> None:
@@ -135,12 +138,16 @@ class WorkloadApiSource:
 
     async def _follow(self, certificates: ServerCertificates) -> None:
         while True:
-            material = await self._receive()
-            if material is None:
-                await asyncio.sleep(self._backoff())
-                continue
-            self._attempt = 0
-            certificates.offer(material)
+            try:
+                material = await self._receive()
+                if material is not None:
+                    self._attempt = 0
+                    certificates.offer(material)
+                    continue
+            except Exception:  # noqa: BLE001 - a bug here must not stop rotation for the server's lifetime
+                _log.exception("workload_api.follow_failed", endpoint=self.settings.endpoint_socket)
+                await self._close_stream()
+            await asyncio.sleep(self._backoff())
 
     async def _receive(self) -> ServerTlsMaterial | None:
         """The next usable set from the stream, opened if need be; None after a problem (logged and counted)."""

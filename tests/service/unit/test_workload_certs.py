@@ -16,7 +16,11 @@ from synctoken_server.dev.pki import CertificateAuthority
 from synctoken_server.process.workloadcerts import svid_material
 
 SERVER_ID = f"spiffe://{TRUST_DOMAIN}/synctoken"
-NOW = dt.datetime.now(dt.UTC)
+
+
+def now() -> dt.datetime:
+    """The time now: not the module's import time, which may be long before the test runs."""
+    return dt.datetime.now(dt.UTC)
 
 
 def response(svid: Svid, federated: dict[str, bytes] | None = None) -> workload_pb2.X509SVIDResponse:
@@ -36,7 +40,7 @@ def test_first_svid_and_every_bundle(pki: Pki) -> None:
     """The chain and key are the SVID's; the client CAs are the own bundle and each federated one."""
     svid = issue_svid(pki.ca, SERVER_ID, server=True)
     partner = CertificateAuthority("partner CA")
-    material, spiffe_id, domains = svid_material(response(svid, {"partner.example": partner.cert_pem}), NOW)
+    material, spiffe_id, domains = svid_material(response(svid, {"partner.example": partner.cert_pem}), now())
     assert (spiffe_id, domains) == (SERVER_ID, ["example.org", "partner.example"])
     assert material.files is None
     assert material.serial == f"{svid.serial:X}"
@@ -48,8 +52,8 @@ def test_same_bundles_same_bytes(pki: Pki) -> None:
     """The CA bundle's bytes do not depend on the order bundles arrive in, so a resent answer changes nothing."""
     svid = issue_svid(pki.ca, SERVER_ID, server=True)
     cas = {f"td{i}.example": CertificateAuthority(f"CA {i}").cert_pem for i in range(4)}
-    forward, _, _ = svid_material(response(svid, cas), NOW)
-    backward, _, _ = svid_material(response(svid, dict(reversed(cas.items()))), NOW)
+    forward, _, _ = svid_material(response(svid, cas), now())
+    backward, _, _ = svid_material(response(svid, dict(reversed(cas.items()))), now())
     assert forward.same_contents(backward)
 
 
@@ -60,7 +64,7 @@ def test_same_bundles_same_bytes(pki: Pki) -> None:
         (
             lambda pki: response(
                 issue_svid(
-                    pki.ca, SERVER_ID, not_before=NOW - dt.timedelta(days=2), not_after=NOW - dt.timedelta(days=1)
+                    pki.ca, SERVER_ID, not_before=now() - dt.timedelta(days=2), not_after=now() - dt.timedelta(days=1)
                 )
             ),
             "the X509-SVID cannot serve: expired at",
@@ -75,7 +79,7 @@ def test_same_bundles_same_bytes(pki: Pki) -> None:
 def test_unusable_answers(pki: Pki, make: object, problem: str) -> None:
     """An answer that cannot serve is a ValueError saying why (and never holding the key)."""
     with pytest.raises(ValueError, match="^" + problem) as caught:
-        svid_material(make(pki), NOW)  # type: ignore[operator]
+        svid_material(make(pki), now())  # type: ignore[operator]
     assert "PRIVATE KEY" not in str(caught.value)
 
 
@@ -84,4 +88,4 @@ def test_unparsable_federated_bundle(pki: Pki) -> None:
     answer = response(issue_svid(pki.ca, SERVER_ID, server=True))
     answer.federated_bundles["spiffe://partner.example"] = b"not a certificate"
     with pytest.raises(ValueError, match="does not parse"):
-        svid_material(answer, NOW)
+        svid_material(answer, now())
