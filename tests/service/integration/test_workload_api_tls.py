@@ -294,3 +294,20 @@ def test_unregistered_workload_fails_the_start(
     result = _start_fails(config)
     assert result.returncode == 3, result.stderr
     assert result.stderr.endswith("PERMISSION_DENIED: no identity issued\n")
+
+
+@pytest.mark.slow
+def test_each_worker_follows_its_own_stream(
+    workload_agent: WorkloadAgent, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+) -> None:
+    """With --workers 2 each worker holds a stream, and a pushed SVID reaches both (two tls.reloaded lines)."""
+    workload_agent.start(SvidSet((server_svid(pki),)))
+    port = free_port()
+    text = config_text(pki, listen=f"127.0.0.1:{port}", tls=spiffe_tls(workload_agent.address))
+    served = Served(serve(text, tmp_path, leak_watch, processes, workers=2), port, pki, leak_watch)
+    assert workload_agent.wait_for_streams(2).streams == 2
+    fresh = server_svid(pki)
+    workload_agent.set(SvidSet((fresh,)))
+    reloaded = served.process.wait_for_records("tls.reloaded", 2)
+    assert {(r["worker"], r["serial"]) for r in reloaded} == {(0, f"{fresh.serial:X}"), (1, f"{fresh.serial:X}")}
+    assert served.call(pki.clients["bff"]) == grpc.StatusCode.OK
