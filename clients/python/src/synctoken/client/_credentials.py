@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -74,6 +75,27 @@ def load(files: TlsFiles) -> TlsMaterial:
     return material
 
 
+class TlsSource(Protocol):
+    """Where a client's TLS material comes from: certificate files, or the SPIFFE Workload API (_workload)."""
+
+    @property
+    def current(self) -> TlsMaterial:
+        """The material new channels use; a new object when it changed."""
+        ...
+
+    def due(self) -> bool:
+        """Whether `poll` would look for new material now."""
+        ...
+
+    def poll(self) -> TlsMaterial | None:
+        """Look for new material (see `current`); may do I/O."""
+        ...
+
+    def close(self) -> None:
+        """Stop watching for new material."""
+        ...
+
+
 # A file's identity and version, cheap to take: inode (a rename or a symlink swap
 # changes it), size, and modification and change times in nanoseconds.
 _Stamp = tuple[tuple[int, int, int, int, int], ...]
@@ -122,6 +144,9 @@ class CertificateFiles:
             return self._look()
         finally:
             self._lock.release()
+
+    def close(self) -> None:
+        """Nothing to stop: the files are looked at only on calls."""
 
     def _look(self) -> TlsMaterial | None:
         try:
