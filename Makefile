@@ -130,19 +130,34 @@ define protoc
 		$(PROTOS)
 endef
 
+# The stand-in SPIFFE agent's stubs (tests/support/workloadapi), from the standard's workload.proto kept
+# beside them, outside proto/: not synctoken's API, and buf's STANDARD lint would refuse its layout.
+WORKLOAD_PROTO := tests/support/workloadapi/workload.proto
+define protoc_workload
+	$(BIN)/python -m grpc_tools.protoc -I tests \
+		--python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(1) \
+		$(WORKLOAD_PROTO)
+endef
+
 # Node's stubs: buf with the local protoc-gen-es from node_modules (no remote plugins either).
 NODE_GEN := node_modules/.bin/buf generate --template clients/node/buf.gen.yaml
 
 generate: $(INSTALLED) node_modules/.installed
 	$(call protoc,$(STUBS))
+	$(call protoc_workload,tests)
 	$(NODE_GEN)
 
-# Only synctoken/v1 is generated; the rest of the synctoken package is hand-written.
+# Only synctoken/v1 (and the stand-in agent's workload API stubs) are generated; the rest is hand-written.
 check-generated: $(INSTALLED) node_modules/.installed
 	rm -rf .gen-check && mkdir .gen-check
 	$(call protoc,.gen-check)
 	@diff -r -x __init__.py -x py.typed -x __pycache__ .gen-check/synctoken/v1 $(STUBS)/synctoken/v1 \
 		|| { echo "Generated stubs are stale: run 'make generate' and commit the result."; exit 1; }
+	mkdir .gen-check/workload
+	$(call protoc_workload,.gen-check/workload)
+	@diff -r -x __init__.py -x __pycache__ -x workload.proto .gen-check/workload/support/workloadapi tests/support/workloadapi \
+		|| { echo "The stand-in agent's stubs are stale: run 'make generate' and commit the result."; exit 1; }
 	$(NODE_GEN) --output .gen-check/node
 	@diff -r .gen-check/node/clients/node/src/gen clients/node/src/gen \
 		|| { echo "Generated Node stubs are stale: run 'make generate' and commit the result."; exit 1; }

@@ -23,6 +23,7 @@ from support.logcapture import LeakWatch, LogSink
 from support.otlp import OtlpReceiver
 from support.pki import Pki, build_pki
 from support.processes import Process
+from support.workloadagent import WorkloadAgent
 from synctoken.client import AsyncTokenClient, TokenClient
 from synctoken_server.audit import logs
 from synctoken_server.config.schema import load_config
@@ -188,3 +189,11 @@ def otlp_receiver() -> Iterator[OtlpReceiver]:
     found = OtlpReceiver()
     yield found
     found.close()
+
+
+@pytest.fixture
+def workload_agent(tmp_path: Path, leak_watch: LeakWatch) -> Iterator[WorkloadAgent]:
+    """A stand-in SPIFFE Workload API agent, not yet started (see support.workloadagent); stopped at teardown."""
+    agent = WorkloadAgent(tmp_path, leak_watch)
+    yield agent
+    agent.close()

@@ -49,6 +49,8 @@ class LeafSpec:
     ca: bool = False
     key_cert_sign: bool = False
     crl_sign: bool = False
+    # A KeyUsage of digitalSignature alone, as the X509-SVID standard requires of a leaf (SPIRE's have it).
+    digital_signature: bool = False
     # The subjectAltName extension's DER, verbatim, in place of the names
     # above: for SAN bytes that cryptography's str-typed names cannot carry.
     san_der: bytes | None = None
@@ -143,7 +145,7 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=spec.ca, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
-        if spec.key_cert_sign or spec.crl_sign:
+        if spec.key_cert_sign or spec.crl_sign or spec.digital_signature:
             usages = _key_usage(digital_signature=True, key_cert_sign=spec.key_cert_sign, crl_sign=spec.crl_sign)
             builder = builder.add_extension(usages, critical=True)
         if spec.san_der is not None:
