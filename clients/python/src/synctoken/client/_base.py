@@ -10,7 +10,13 @@ from typing import Self
 from synctoken.client._cache import DEFAULT_CACHE_SIZE, Clock, utc_now
 from synctoken.client._channel import channel_options, several_addresses
 from synctoken.client._connectfailure import ServerCheck
-from synctoken.client._credentials import DEFAULT_CHECK_INTERVAL, CertificateFiles, TlsFiles, TlsSource
+from synctoken.client._credentials import (
+    DEFAULT_CHECK_INTERVAL,
+    CertificateFiles,
+    MissingExtraError,
+    TlsFiles,
+    TlsSource,
+)
 from synctoken.client._settings import (
     DEFAULT_TIMEOUT,
     ENV_SERVER_SPIFFE_ID,
@@ -22,10 +28,6 @@ from synctoken.client._settings import (
 
 DEFAULT_FIRST_SVID_TIMEOUT = 10.0
 """Seconds from_spiffe waits for the Workload API's first X509-SVID (and for its socket) before giving up."""
-
-
-class MissingExtraError(ImportError):
-    """from_spiffe without py-spiffe: the message names the extra that brings it."""
 
 
 class ClientBase:

@@ -37,6 +37,14 @@ class CertificateFilesError(ValueError):
     """The CA, certificate or key file cannot be used; the message says which and why, never their contents."""
 
 
+class WorkloadApiTimeoutError(TimeoutError):
+    """No usable X509-SVID came from the SPIFFE Workload API within the first wait; the message says what was seen."""
+
+
+class MissingExtraError(ImportError):
+    """from_spiffe without py-spiffe installed: the message names the extra that brings it."""
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """Where the client's trust anchors, certificate chain and private key are."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import grpc
 
-from synctoken.client._credentials import TlsMaterial
+from synctoken.client._credentials import TlsMaterial, WorkloadApiTimeoutError
 from synctoken.client._settings import socket_path
 
 with warnings.catch_warnings():
@@ -49,10 +49,6 @@ FIRST_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 """Seconds between attempts to open the stream again: the longest an agent that is back waits to be seen."""
 _CLOSE_WAIT = 5.0
-
-
-class WorkloadApiTimeoutError(TimeoutError):
-    """No usable X509-SVID came from the Workload API within the first wait; the message says what was seen."""
 
 
 @dataclass(frozen=True)
