@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from support.clients import ROTATED_ID, AsyncDriver, Driver, keep
+from support.clients import ROTATED_ID, AsyncDriver, Driver, client_kwargs, keep
 from support.configs import config_text
 from support.constants import BFF_ID, SERVICE_B
 from support.inprocess import RunningServer, ServerHarness
@@ -145,6 +146,73 @@ class TestFirstFetch:
         assert out.stdout.strip() == (
             "certificates from the SPIFFE Workload API need py-spiffe: pip install 'synctoken-api[spiffe]'"
         )
+
+
+class TestFromEnv:
+    """SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET, with no file variable, makes from_env take the Workload API's SVID."""
+
+    def test_from_env(self, pki: Pki, workload_agent: WorkloadAgent, shared_server: RunningServer) -> None:
+        """The socket and the expected server SPIFFE ID from the variables; the call presents the agent's SVID."""
+        workload_agent.start(SvidSet((bff_svid(pki),)))
+        environ = {
+            "SYNCTOKEN_TARGET": f"127.0.0.1:{shared_server.port}",
+            "SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET": workload_agent.address,
+            "SYNCTOKEN_SERVER_SPIFFE_ID": SERVER_ID,
+        }
+        with TokenClient.from_env(environ) as client:
+            assert client.whoami().caller_id == BFF_ID
+
+    @pytest.mark.parametrize(
+        ("variables", "message"),
+        [
+            (
+                {"SYNCTOKEN_CA_FILE": "/ca.pem"},
+                "SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET and SYNCTOKEN_CA_FILE are both set: unset one",
+            ),
+            (
+                {"SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET": "/run/agent.sock"},
+                (
+                    "SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET must name a Unix socket as unix:///path/to/agent.sock, "
+                    "not '/run/agent.sock'"
+                ),
+            ),
+            (
+                {"SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET": "unix://host/agent.sock"},
+                (
+                    "SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET must name a Unix socket as unix:///path/to/agent.sock, "
+                    "not 'unix://host/agent.sock'"
+                ),
+            ),
+            (
+                {"SYNCTOKEN_SERVER_SPIFFE_ID": "spiffe://example.org"},
+                (
+                    "SYNCTOKEN_SERVER_SPIFFE_ID must be a workload's SPIFFE ID such as "
+                    "spiffe://example.org/ns/prod/sa/synctoken, not 'spiffe://example.org'"
+                ),
+            ),
+            (
+                {"SYNCTOKEN_SERVER_SPIFFE_ID": "spiffe://example.org/ns/../x"},
+                (
+                    "SYNCTOKEN_SERVER_SPIFFE_ID must be a workload's SPIFFE ID such as "
+                    "spiffe://example.org/ns/prod/sa/synctoken, not 'spiffe://example.org/ns/../x'"
+                ),
+            ),
+        ],
+    )
+    def test_refused(self, variables: dict[str, str], message: str) -> None:
+        """Both certificate sources, a socket not named as the standard says, a bad server ID: a ValueError."""
+        environ = {"SYNCTOKEN_TARGET": "127.0.0.1:1", "SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET": "unix:///run/a.sock"}
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            TokenClient.from_env(environ | variables)
+
+    def test_server_spiffe_id_with_files_refused(self, pki: Pki) -> None:
+        """SYNCTOKEN_SERVER_SPIFFE_ID with the file variables: refused rather than silently unused."""
+        paths = {f"SYNCTOKEN_{k.upper()}": str(v) for k, v in client_kwargs(pki, "bff").items()}
+        environ = {"SYNCTOKEN_TARGET": "127.0.0.1:1", "SYNCTOKEN_SERVER_SPIFFE_ID": SERVER_ID} | paths
+        with pytest.raises(
+            ValueError, match=r"^SYNCTOKEN_SERVER_SPIFFE_ID applies to certificates from the Workload API only$"
+        ):
+            TokenClient.from_env(environ)
 
 
 class TestServerIdentity:
