@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from support.clients import ROTATED_ID, AsyncDriver, Driver, client_kwargs, keep
+from support.clients import ROTATED_ID, AsyncDriver, Driver, bare_env, client_kwargs, keep, run_client
 from support.configs import config_text
 from support.constants import BFF_ID, SERVICE_B
 from support.inprocess import RunningServer, ServerHarness
@@ -39,6 +39,7 @@ from synctoken_server.dev.pki import CertificateAuthority, LeafSpec
 
 SERVER_ID = "spiffe://example.org/ns/prod/sa/synctoken"
 PARTNER = "partner.example"
+PARTNER_SERVER_ID = f"spiffe://{PARTNER}/sa/sync"
 WORKERS = 3
 STREAM_SECONDS = 20
 
@@ -162,6 +163,18 @@ class TestFromEnv:
         with TokenClient.from_env(environ) as client:
             assert client.whoami().caller_id == BFF_ID
 
+    def test_command(self, pki: Pki, workload_agent: WorkloadAgent, shared_server: RunningServer) -> None:
+        """synctoken-client with the socket variable and no file: whoami prints the SVID's ID."""
+        workload_agent.start(SvidSet((bff_svid(pki),)))
+        env = bare_env() | {
+            "SYNCTOKEN_TARGET": f"127.0.0.1:{shared_server.port}",
+            "SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET": workload_agent.address,
+        }
+        code, out, err = run_client("whoami", env=env)
+        assert (code, err) == (0, "")
+        assert out is not None
+        assert out["caller_id"] == BFF_ID
+
     @pytest.mark.parametrize(
         ("variables", "message"),
         [
@@ -223,21 +236,24 @@ class TestServerIdentity:
         """A federated trust domain's CA."""
         return CertificateAuthority("partner.example's CA")
 
+    @pytest.fixture
+    def partner_server(
+        self, pki: Pki, tmp_path: Path, harness: ServerHarness, partner_ca: CertificateAuthority
+    ) -> RunningServer:
+        """A server whose SVID is partner.example's (named 127.0.0.1), trusting example.org's callers."""
+        return serve_certificate(harness, pki, tmp_path, issue_svid(partner_ca, PARTNER_SERVER_ID, server=True))
+
     def test_server_of_another_trust_domain_refused(
         self,
         pki: Pki,
-        tmp_path: Path,
-        harness: ServerHarness,
+        partner_server: RunningServer,
         partner_ca: CertificateAuthority,
         workload_agent: WorkloadAgent,
         make_spiffe_client: MakeSpiffeClient,
     ) -> None:
         """A server whose SVID is partner.example's, when example.org's was expected: refused, saying which bundle."""
-        server = serve_certificate(
-            harness, pki, tmp_path, issue_svid(partner_ca, f"spiffe://{PARTNER}/sa/sync", server=True)
-        )
         workload_agent.start(SvidSet((bff_svid(pki),), federated={PARTNER: partner_ca.cert_pem}))
-        client = make_spiffe_client(server.port, server_spiffe_id=SERVER_ID)
+        client = make_spiffe_client(partner_server.port, server_spiffe_id=SERVER_ID)
         with pytest.raises(Unavailable) as caught:
             client.whoami()
         assert caught.value.cause is Cause.TLS_HANDSHAKE_FAILED
@@ -248,18 +264,33 @@ class TestServerIdentity:
     def test_server_of_a_federated_trust_domain_accepted_when_expected(
         self,
         pki: Pki,
-        tmp_path: Path,
-        harness: ServerHarness,
+        partner_server: RunningServer,
         partner_ca: CertificateAuthority,
         workload_agent: WorkloadAgent,
         make_spiffe_client: MakeSpiffeClient,
     ) -> None:
         """server_spiffe_id in partner.example: the federated bundle is the one trusted, and the call works."""
-        server = serve_certificate(
-            harness, pki, tmp_path, issue_svid(partner_ca, f"spiffe://{PARTNER}/sa/sync", server=True)
-        )
         workload_agent.start(SvidSet((bff_svid(pki),), federated={PARTNER: partner_ca.cert_pem}))
-        client = make_spiffe_client(server.port, server_spiffe_id=f"spiffe://{PARTNER}/sa/sync")
+        client = make_spiffe_client(partner_server.port, server_spiffe_id=PARTNER_SERVER_ID)
+        assert client.whoami().caller_id == BFF_ID
+
+    def test_federation_withdrawn_keeps_the_material_in_use(
+        self,
+        pki: Pki,
+        partner_server: RunningServer,
+        partner_ca: CertificateAuthority,
+        workload_agent: WorkloadAgent,
+        make_spiffe_client: MakeSpiffeClient,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """An update without the expected server's bundle is logged and not used; the SVID and bundle in use stay."""
+        workload_agent.start(SvidSet((bff_svid(pki),), federated={PARTNER: partner_ca.cert_pem}))
+        client = make_spiffe_client(partner_server.port, server_spiffe_id=PARTNER_SERVER_ID)
+        assert client.whoami().caller_id == BFF_ID
+        workload_agent.set(SvidSet((bff_svid(pki, ROTATED_ID),)))
+        wait_for(
+            lambda: any("no bundle for the trust domain partner.example" in r.getMessage() for r in caplog.records)
+        )
         assert client.whoami().caller_id == BFF_ID
 
     def test_server_svid_without_the_name_refused(
