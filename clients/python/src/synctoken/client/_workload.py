@@ -110,7 +110,8 @@ class WorkloadCertificates:
     def current(self) -> TlsMaterial:
         """The material new channels use: the last good SVID, kept while the agent is away."""
         svid = self._svid
-        assert svid is not None  # set before the constructor returns  # noqa: S101
+        # Set before the constructor returns, and never unset.
+        assert svid is not None  # noqa: S101
         return svid.material
 
     def due(self) -> bool:
@@ -162,16 +163,21 @@ class WorkloadCertificates:
         except (PySpiffeError, ValueError) as exc:
             self._failed(f"an update was not used: {exc}")
             return False
-        previous, self._svid = self._svid, svid
-        if self._error is not None or previous is None or previous.serial != svid.serial:
+        previous = self._svid
+        if previous is not None and previous.material == svid.material:
+            # The same bytes again (the agent re-sends on reconnection): keep the object, so no channel is replaced.
+            svid = previous
+            if self._error is not None:
+                _log.info("SPIFFE Workload API at %s answers again; the certificate in use stays", self._endpoint)
+        elif previous is None or previous.serial != svid.serial:
             _log.info(
                 "client certificate from the Workload API: %s, serial %x; new connections present it",
                 svid.spiffe_id,
                 svid.serial,
             )
-        if previous is not None and previous.material == svid.material:
-            # The same bytes again (the agent re-sends on reconnection): keep the object, so no channel is replaced.
-            self._svid = previous
+        else:
+            _log.info("the Workload API changed the trust bundle; new connections trust the new one")
+        self._svid = svid
         self._error = None
         self._first.set()
         return True
