@@ -119,11 +119,13 @@ class Metrics:
         self.backend_errors: CounterLike
         self.backend_latency: HistogramLike
         self.backend_fallbacks: CounterLike
+        self.workload_api_errors: CounterLike
         if not enabled:
             uncounted = _Uncounted()
             self.issued = self.refused = self.latency = self.rate_limited = uncounted
             self.reloads = self.signing_key = self.certificate_expiry = uncounted
             self.backend_errors = self.backend_latency = self.backend_fallbacks = uncounted
+            self.workload_api_errors = uncounted
             return
         # Imported only here and where metrics are served: see the module's docstring.
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector  # noqa: PLC0415
@@ -174,6 +176,13 @@ class Metrics:
             "synctoken_ratelimit_backend_fallbacks",
             "Limit checks decided without the backend (failed call or open breaker), by on_backend_failure.",
             ["on_backend_failure"],
+            registry=r,
+        )
+        # Only ever moves with [tls] source = "spiffe".
+        self.workload_api_errors = Counter(
+            "synctoken_workload_api_errors",
+            "Problems on the SPIFFE Workload API's X509-SVID stream, by kind (unavailable, refused, ended, invalid).",
+            ["kind"],
             registry=r,
         )
         self.reloads = Counter("synctoken_config_reloads", "Config reloads, by result.", ["result"], registry=r)

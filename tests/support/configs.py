@@ -45,19 +45,29 @@ max_ttl = "24h"
 
 
 def config_text(
-    pki: Pki, *, identity: str | None = None, policy: str = POLICY_TOML, listen: str = "127.0.0.1:0"
+    pki: Pki,
+    *,
+    identity: str | None = None,
+    policy: str = POLICY_TOML,
+    listen: str = "127.0.0.1:0",
+    tls: str | None = None,
 ) -> str:
-    """A complete config for the suite's PKI; the secret comes from TWILIO_API_SECRET."""
+    """A complete config for the suite's PKI; the secret comes from TWILIO_API_SECRET.
+
+    `tls`: the [tls] table's keys, in place of the suite's server files (see spiffe_tls).
+    """
     identity_table = identity or f'[identity]\nsource = "spiffe"\ntrust_domains = ["{TRUST_DOMAIN}"]\n'
     d = pki.directory
+    tls_keys = (
+        tls
+        or f'cert_file = "{d / "server.pem"}"\nkey_file = "{d / "server-key.pem"}"\nclient_ca_file = "{d / "ca.pem"}"'
+    )
     return f"""
 [server]
 listen = "{listen}"
 
 [tls]
-cert_file = "{d / "server.pem"}"
-key_file = "{d / "server-key.pem"}"
-client_ca_file = "{d / "ca.pem"}"
+{tls_keys}
 
 {identity_table}
 
@@ -73,3 +83,13 @@ SECRET_ENV = {"TWILIO_API_SECRET": API_SECRET}
 
 WriteConfig = Callable[[str], Path]
 """The `write_config` fixture: writes config text to the test's synctoken.toml and returns its path."""
+
+
+def spiffe_tls(endpoint: str | None = None, first_svid_timeout: str | None = None) -> str:
+    """[tls] keys taking the certificate from the Workload API (`endpoint`, else SPIFFE_ENDPOINT_SOCKET's)."""
+    keys = ['source = "spiffe"']
+    if endpoint is not None:
+        keys.append(f'endpoint_socket = "{endpoint}"')
+    if first_svid_timeout is not None:
+        keys.append(f'first_svid_timeout = "{first_svid_timeout}"')
+    return "\n".join(keys)

@@ -21,6 +21,7 @@ from synctoken_server.audit.record import AuditLog
 from synctoken_server.config.schema import Config, load_config
 from synctoken_server.policy.limits import MAX_BUCKETS
 from synctoken_server.policy.rules import Grant
+from synctoken_server.process import workloadcerts
 from synctoken_server.process.server import TokenServer
 from synctoken_server.tokens.minting import Minter, TokenTimes
 
@@ -36,7 +37,8 @@ class RunningServer:
         self.port = self._server.port
 
     async def _start(self, config: Config, audit_log: AuditLog | None, max_buckets: int) -> TokenServer:
-        server = TokenServer(config, audit_log, max_buckets=max_buckets)
+        workload_api = await workloadcerts.connect(config.workload_api)  # [tls] source = "spiffe" only
+        server = TokenServer(config, audit_log, max_buckets=max_buckets, workload_api=workload_api)
         await server.start()
         return server
 

@@ -2,8 +2,8 @@
 
 Every error names the file and the key path (`callers[2].max_ttl`) and says
 what would be right. `synctoken check-config`, start-up and reload all run
-this same loader; the [twilio] table is read by config/twilio.py and the TLS files
-are checked by tlsfiles.py.
+this same loader; the [twilio] table is read by config/twilio.py, the TLS files
+are checked by tlsfiles.py, and [tls] source = "spiffe" is read by workloadapi.py.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 from synctoken_server.audit.privacy import IdentityHasher
 from synctoken_server.authn.callercert import CallerIdSource, is_dns_name, parse_spiffe_id, parse_trust_domain
 from synctoken_server.authn.mesh import MeshListener
-from synctoken_server.config import audit, health, limits, mesh, metrics, tlsfiles, tracing, twilio
+from synctoken_server.config import audit, health, limits, mesh, metrics, tlsfiles, tracing, twilio, workloadapi
 from synctoken_server.config.reader import ConfigError, TomlReader
 from synctoken_server.config.tlsfiles import ServerTlsFiles, ServerTlsMaterial, TlsFileError
+from synctoken_server.config.workloadapi import WorkloadApiSettings
 from synctoken_server.durations import format_duration
 from synctoken_server.filestamps import Stamps, stamp
 from synctoken_server.policy.limitbackend import RedisSettings
@@ -40,7 +41,8 @@ class Config:
     """Everything the server needs, validated."""
 
     listen: str
-    tls: ServerTlsMaterial
+    tls: ServerTlsMaterial | None
+    """The checked TLS files; None when they come from the Workload API instead (`workload_api`)."""
     caller_id_source: CallerIdSource
     trust_domains: frozenset[str]
     credentials: TwilioCredentials
@@ -69,6 +71,8 @@ class Config:
     """The Redis holding the global rate limits; None: each process's own buckets, with its share of each limit."""
     limits_replicas: int = 1
     """How many replicas serve the same callers (`[limits] replicas`): each process's share divides by it too."""
+    workload_api: WorkloadApiSettings | None = None
+    """`[tls] source = "spiffe"`: the certificate and the client CAs from this agent; None: from the files."""
     tracing_protocol: str | None = None
     """Each RPC a span, exported over OTLP with this protocol (grpc or http/protobuf) as the OTEL_* environment
     variables configure it; None: tracing off, and no OpenTelemetry loaded."""
@@ -99,7 +103,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
 _SERVER_KEYS = frozenset(
     {"listen", "drain_delay", "grace", "handshake_timeout", "idle_timeout", "max_connection_age", "watch_interval"}
 )
-_TLS_KEYS = frozenset({"cert_file", "key_file", "client_ca_file", "expiry_warning"})
+_TLS_KEYS = frozenset({"cert_file", "key_file", "client_ca_file", "expiry_warning", *workloadapi.KEYS})
 # The [identity] table names the caller's identity source (how a client certificate names the
 # calling service), not the end user's identity: its name is the config file's contract, kept
 # for history. In the code it is the caller id source.
@@ -156,7 +160,7 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
     for table in _TABLES:  # absent until read: check-config shows an optional table that is not there as null
         r.note(table, None)
     listen, timeouts = _server(r, data)
-    tls, expiry_warning = _tls(r, data)
+    tls, workload, expiry_warning = _tls(r, data)
     source, trust_domains = _caller_id_source(r, data)
     keys = twilio.read_twilio(r, data)
     defaults = r.table(data, "defaults", _DEFAULTS_KEYS, required=False)
@@ -185,6 +189,7 @@ def _parse(r: TomlReader, data: dict[str, Any]) -> Config:
     return Config(
         listen=listen,
         tls=tls,
+        workload_api=workload,
         caller_id_source=source,
         trust_domains=trust_domains,
         credentials=keys.credentials,
@@ -225,8 +230,20 @@ def _server(r: TomlReader, data: Mapping[str, Any]) -> tuple[str, ServerTimeouts
     return listen, timeouts
 
 
-def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[ServerTlsMaterial, int | None]:
+def _tls(
+    r: TomlReader, data: Mapping[str, Any]
+) -> tuple[ServerTlsMaterial | None, WorkloadApiSettings | None, int | None]:
     tls = r.table(data, "tls", _TLS_KEYS)
+    workload = workloadapi.read_source(r, tls)
+    material = None if workload is not None else _tls_files(r, tls)
+    expiry_warning = None
+    r.note("tls.expiry_warning", "a third of the certificate's lifetime")
+    if "expiry_warning" in tls:
+        expiry_warning = r.duration(tls, "tls", "expiry_warning", "", _MIN_EXPIRY_WARNING, _MAX_EXPIRY_WARNING)
+    return material, workload, expiry_warning
+
+
+def _tls_files(r: TomlReader, tls: Mapping[str, Any]) -> ServerTlsMaterial:
     cert, key, ca = (r.get(tls, "tls", name, str) for name in ("cert_file", "key_file", "client_ca_file"))
     cert_pem = r.read_file(tlsfiles.CERT_KEY, cert)
     key_pem = r.read_file(tlsfiles.KEY_KEY, key, private=True)
@@ -240,11 +257,7 @@ def _tls(r: TomlReader, data: Mapping[str, Any]) -> tuple[ServerTlsMaterial, int
         raise r.fail(exc.key, exc.problem) from None
     if not tlsfiles.grpc_can_serve(material):
         raise r.fail(tlsfiles.KEY_KEY, "gRPC refused this key and certificate; " + tlsfiles.SERVER_KEYS)
-    expiry_warning = None
-    r.note("tls.expiry_warning", "a third of the certificate's lifetime")
-    if "expiry_warning" in tls:
-        expiry_warning = r.duration(tls, "tls", "expiry_warning", "", _MIN_EXPIRY_WARNING, _MAX_EXPIRY_WARNING)
-    return material, expiry_warning
+    return material
 
 
 def _caller_id_source(r: TomlReader, data: Mapping[str, Any]) -> tuple[CallerIdSource, frozenset[str]]:

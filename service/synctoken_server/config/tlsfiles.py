@@ -65,9 +65,10 @@ class ServerTlsFiles:
 class ServerTlsMaterial:
     """A checked set: the server's chain and key, the CAs client certificates must chain to, and their origin."""
 
-    files: ServerTlsFiles
+    files: ServerTlsFiles | None
+    """Where the set was read; None: the SPIFFE Workload API sent it (process/workloadcerts.py)."""
     stamps: Stamps
-    """The files' stamps, taken before they were read."""
+    """The files' stamps, taken before they were read (none for the Workload API's)."""
     cert_chain_pem: bytes = field(repr=False)
     private_key_pem: bytes = field(repr=False)
     client_ca_pem: bytes = field(repr=False)
@@ -100,7 +101,7 @@ def read(files: ServerTlsFiles, stamps: Stamps, now: dt.datetime) -> ServerTlsMa
 
 
 def check(
-    files: ServerTlsFiles, stamps: Stamps, cert_pem: bytes, key_pem: bytes, ca_pem: bytes, *, now: dt.datetime
+    files: ServerTlsFiles | None, stamps: Stamps, cert_pem: bytes, key_pem: bytes, ca_pem: bytes, *, now: dt.datetime
 ) -> ServerTlsMaterial:
     """Check one set of TLS file contents as a whole; raise TlsFileError naming the file at fault."""
     chain = _certificates(CERT_KEY, cert_pem)

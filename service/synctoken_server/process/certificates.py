@@ -8,6 +8,10 @@ cheap: it stats the three files and re-reads them only when a stamp moved.
 A new set is checked as a whole (tlsfiles.check) before gRPC sees it; a bad
 one is logged as `tls.reload_failed` and the current one kept, and it is
 tried again only when the files change again.
+
+With `[tls] source = "spiffe"` there are no files: the Workload API's
+stream (workloadcerts.py) hands each new set to `offer`, and `fetch` hands
+it to gRPC on the next connection, as it would a new set of files.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ class ServerCertificates:
         """Re-read the files if their stamps moved (or if `force`), and use the new set if it checks out."""
         with self._lock:
             files = self._current.files
+            if files is None:  # the Workload API's: it pushes new sets to `offer`
+                return
             stamps = restamp(files.paths())
             if stamps == self._seen and not force:
                 return
@@ -90,11 +96,28 @@ class ServerCertificates:
         _log.info("tls.reloaded", **_describe(material, self._clock()))
         self.check_expiry(force=True)
 
-    def use(self, material: ServerTlsMaterial, expiry_warning: int | None) -> None:
-        """After a config reload: take its material if the files are other files, and its expiry margin."""
+    def offer(self, material: ServerTlsMaterial) -> bool:
+        """A checked set from the Workload API: new connections get it, unless it is the one in use; True if new."""
+        with self._lock:
+            if material.same_contents(self._current):
+                return False
+            self._current = material
+        _log.info("tls.reloaded", **_describe(material, self._clock()))
+        self.check_expiry(force=True)
+        return True
+
+    def expired(self) -> bool:
+        """Whether the certificate in use has expired (every new handshake fails, and health says so)."""
+        return self._clock() >= self._current.not_after
+
+    def use(self, material: ServerTlsMaterial | None, expiry_warning: int | None) -> None:
+        """After a config reload: take its material if the files are other files, and its expiry margin.
+
+        None: the reloaded config's certificates come from the Workload API, whose stream hands them over.
+        """
         with self._lock:
             self._expiry_warning = expiry_warning
-            if material.files == self._current.files:
+            if material is None or material.files == self._current.files:
                 # Same files: whatever `refresh` read last is at least as new as what the loader read.
                 return
             self._current = material
@@ -138,7 +161,8 @@ def _configuration(material: ServerTlsMaterial) -> grpc.ServerCertificateConfigu
 
 def _describe(material: ServerTlsMaterial, now: dt.datetime) -> dict[str, object]:
     return {
-        "cert_file": str(material.files.cert),
+        "cert_file": str(material.files.cert) if material.files is not None else None,
+        "source": "files" if material.files is not None else "spiffe",
         "serial": material.serial,
         "not_after": format_utc(material.not_after),
         "expires_in_s": int((material.not_after - now).total_seconds()),

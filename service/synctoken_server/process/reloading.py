@@ -136,7 +136,8 @@ class ConfigReloader:
         moved = changed(self._files)
         if not moved:
             return False
-        return self._failed or not moved <= set(self._server.certificates.current.files.paths())
+        files = self._server.certificates.current.files
+        return self._failed or files is None or not moved <= set(files.paths())
 
     def _tick_certificates(self) -> None:
         self._server.certificates.refresh()
@@ -169,8 +170,13 @@ def restart_only(config: Config) -> dict[str, str]:
     """
     group = config.mesh.socket_group if config.mesh else None
     redis = config.limits_backend
+    workload = config.workload_api
     return {
         "server.listen": config.listen,
+        # The Workload API's stream is opened once, before the port is bound (process/workloadcerts.py).
+        "tls.source": "spiffe" if workload else "files",
+        "tls.endpoint_socket": workload.endpoint_socket if workload else "(unused)",
+        "tls.first_svid_timeout": format_duration(workload.first_svid_timeout) if workload else "(unused)",
         "server.handshake_timeout": format_duration(config.timeouts.handshake),
         "server.idle_timeout": format_duration(config.timeouts.idle),
         "server.max_connection_age": format_duration(config.timeouts.connection_age),

@@ -19,6 +19,7 @@ import structlog
 
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import Config, load_config
+from synctoken_server.process import workloadcerts
 from synctoken_server.process.reloading import ConfigReloader
 from synctoken_server.process.server import TokenServer
 
@@ -101,7 +102,13 @@ async def _serve(
     log = structlog.get_logger("synctoken")
     open_files = raise_open_file_limit()
     try:
-        server = TokenServer(config, reuse_port=workers > 1, workers=workers)
+        # Before the port is bound: a server without a certificate must not take calls (or a balancer's probes).
+        workload_api = await workloadcerts.connect(config.workload_api)
+    except workloadcerts.WorkloadApiUnavailable as exc:
+        print(f"synctoken: cannot start: {exc}", file=sys.stderr)  # noqa: T201 - start-up failure, for the operator
+        return EXIT_START
+    try:
+        server = TokenServer(config, reuse_port=workers > 1, workers=workers, workload_api=workload_api)
     except OSError as exc:
         print(f"synctoken: {exc}", file=sys.stderr)  # noqa: T201 - start-up failure, for the operator
         return EXIT_START

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import structlog
 from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -23,10 +24,13 @@ from synctoken_server.audit.record import AuditLog
 from synctoken_server.authn import meshbind
 from synctoken_server.authn.svid import TrustAnchors
 from synctoken_server.config.schema import Config
+from synctoken_server.config.tlsfiles import ServerTlsMaterial
+from synctoken_server.durations import format_utc
 from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limits import MAX_BUCKETS, RateLimiter
 from synctoken_server.process.certificates import ServerCertificates
 from synctoken_server.process.probes import ProbeListener
+from synctoken_server.process.workloadcerts import WorkloadApiSource
 from synctoken_server.rpc.issuing import GlobalTokenIssuer, TokenIssuer
 from synctoken_server.rpc.servicer import TokenServicer
 from synctoken_server.rpc.snapshot import Snapshot, Snapshots
@@ -37,12 +41,14 @@ if TYPE_CHECKING:
     from synctoken_server.limitstore.redisbuckets import RedisLimiter
     from synctoken_server.tracing import Tracing
 
+_log = structlog.get_logger("synctoken.tls")
+
 _TOKEN_SERVICE_DESCRIPTOR = token_service_pb2.DESCRIPTOR.services_by_name["TokenService"]
 TOKEN_SERVICE = _TOKEN_SERVICE_DESCRIPTOR.full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 AUDIT_PROBE_SECONDS = 0.5
-"""How often health re-checks an audit log that could not be written."""
+"""How often health re-checks an audit log that could not be written, and the certificate's expiry."""
 
 BALANCING_HEALTH = "synctoken.balancing"
 """The health status that clients balancing over replicas themselves watch (the Python client's
@@ -73,7 +79,9 @@ class TokenServer:
         reuse_port: bool = False,
         workers: int = 1,
         max_buckets: int = MAX_BUCKETS,
+        workload_api: WorkloadApiSource | None = None,
     ) -> None:
+        """`workload_api`: with [tls] source = "spiffe", the source holding its first set (workloadcerts.connect)."""
         self._workers = workers
         """How many processes share the port (and so divide the rate limits)."""
         self.tracing: Tracing | None = None
@@ -91,7 +99,7 @@ class TokenServer:
         )
         audit_log = audit_log or AuditLog()
         self._audit = audit_log
-        self._audit_watch: asyncio.Task[None] | None = None
+        self._serving_watch: asyncio.Task[None] | None = None
         self.snapshots = Snapshots(Snapshot.of(config, self._anchors, workers))
         # Workers count too when the parent serves the scrape (workers > 1).
         self.metrics = Metrics(enabled=config.metrics_listen is not None)
@@ -99,7 +107,8 @@ class TokenServer:
         self._metrics_listener: metrics.Listener | None = None
         self.signed = SignedExpiries()
         """What each API key has signed: kept across reloads, for the operator's key rotation."""
-        self.certificates = ServerCertificates(config.tls, config.tls_expiry_warning)
+        self._workload_api = workload_api
+        self.certificates = ServerCertificates(_first_material(config, workload_api), config.tls_expiry_warning)
         self.limiter = RateLimiter(time.monotonic, max_buckets)
         """The rate limits' buckets: kept across reloads, and carried over to each new config's limits."""
         issuer = TokenIssuer(signed=self.signed, limiter=self.limiter)
@@ -150,6 +159,8 @@ class TokenServer:
         self.certificates.announce()
         self.record_certificate()
         await self._server.start()
+        if self._workload_api is not None:
+            self._workload_api.follow(self.certificates, self.metrics)
         if self.global_limiter is not None:
             # Not a serving condition: without Redis the limits fall back (on_backend_failure), and
             # this one call, bounded by the timeout, puts a wrong password or address in the log now.
@@ -159,7 +170,7 @@ class TokenServer:
         if self.probes is not None:
             # Once health says SERVING: the kubelet's first answer is never a stale NOT_SERVING or UNIMPLEMENTED.
             await self.probes.start()
-        self._audit_watch = asyncio.create_task(self._watch_audit(), name="audit-watch")
+        self._serving_watch = asyncio.create_task(self._watch_serving(), name="serving-watch")
 
     async def stop(self, *, drain_delay: float | None = None, grace: float | None = None) -> None:
         """Stop without failing any call that was accepted.
@@ -173,19 +184,21 @@ class TokenServer:
         timeouts = self.snapshots.current.config.timeouts
         drain_delay = timeouts.drain_delay if drain_delay is None else drain_delay
         grace = timeouts.grace if grace is None else grace
-        if self._audit_watch is not None:
+        if self._serving_watch is not None:
             # Cancelled first, so that it cannot set SERVING again: it only ever waits in its sleep.
-            self._audit_watch.cancel()
+            self._serving_watch.cancel()
         await self._set_health(serving=False)
-        if self._audit_watch is not None:
+        if self._serving_watch is not None:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._audit_watch
+                await self._serving_watch
         clients_move = min(drain_delay, CLIENT_MOVE_SECONDS)
         await asyncio.sleep(drain_delay - clients_move)
         # Every status NOT_SERVING, BALANCING_HEALTH included, and no later change.
         await self._health.enter_graceful_shutdown()
         await asyncio.sleep(clients_move)
         await self._server.stop(grace)
+        if self._workload_api is not None:
+            await self._workload_api.close()
         if self.global_limiter is not None:
             await self.global_limiter.close()
         # After the mTLS listener: until it has closed, the kubelet reads NOT_SERVING, not a refused connection.
@@ -211,7 +224,8 @@ class TokenServer:
 
         What only a restart can change (the port, the gRPC server options) stays as it is.
         """
-        self.certificates.use(config.tls, config.tls_expiry_warning)
+        # The source this server started with stays: tls.source is restart-only (reloading.restart_only).
+        self.certificates.use(config.tls if self._workload_api is None else None, config.tls_expiry_warning)
         new = Snapshot.of(config, self._anchors, self._workers)
         old = self.snapshots.replace(new)
         # In the same step as the swap: no RPC sees the new limits with buckets not yet carried over.
@@ -219,22 +233,40 @@ class TokenServer:
         self.metrics.signing_with(config.credentials.api_key_sid, old.config.credentials.api_key_sid)
         return old
 
-    async def _watch_audit(self) -> None:
+    async def _watch_serving(self) -> None:
         # Balancers must stop sending calls we would refuse: while the audit
         # log cannot be written, health says NOT_SERVING, and a probe line
-        # tells when writing works again.
+        # tells when writing works again. So too once the certificate in use
+        # has expired (no new handshake can succeed): with the Workload API,
+        # the agent has been gone for longer than the SVID's lifetime left.
         serving = True
+        expired = False
         while True:
             await asyncio.sleep(AUDIT_PROBE_SECONDS)
             writable = self._audit.probe()
-            if writable != serving:
-                serving = writable
+            if self.certificates.expired() != expired:
+                expired = not expired
+                current = self.certificates.current
+                if expired:
+                    _log.error("tls.expired", serial=current.serial, not_after=format_utc(current.not_after))
+                else:
+                    _log.info("tls.valid_again", serial=current.serial, not_after=format_utc(current.not_after))
+            if (writable and not expired) != serving:
+                serving = not serving
                 await self._set_health(serving=serving)
 
     async def _set_health(self, *, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", TOKEN_SERVICE):
             await self._health.set(service, status)
+
+
+def _first_material(config: Config, workload_api: WorkloadApiSource | None) -> ServerTlsMaterial:
+    """What the server starts with: the checked files, or the Workload API's first set."""
+    material = config.tls if workload_api is None else workload_api.material
+    if material is None or (config.workload_api is None) != (workload_api is None):
+        raise ValueError("[tls] source = spiffe needs the Workload API's first set (workloadcerts.connect)")
+    return material
 
 
 def _raw_request_handlers(servicer: TokenServicer) -> grpc.GenericRpcHandler:

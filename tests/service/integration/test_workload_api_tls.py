@@ -1,0 +1,296 @@
+"""`synctoken serve` with its certificate and client CAs from the SPIFFE Workload API: the tests' stand-in agent.
+
+Real processes, real mTLS, no certificate file for the server anywhere: the agent (support.workloadagent)
+hands the server its SVID and the bundles, and pushes new ones while the server serves. Every wait is
+bounded; no test measures time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import ssl
+import subprocess
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+
+from support.calls import ALICE, SteadyLoad
+from support.configs import POLICY_TOML, SECRET_ENV, WriteConfig, config_text, spiffe_tls
+from support.constants import SYNCTOKEN, TRUST_DOMAIN
+from support.logcapture import LeakWatch
+from support.pki import Pki
+from support.probes import probe
+from support.processes import START_TIMEOUT, Process, free_port, serve
+from support.workloadagent import Svid, SvidSet, WorkloadAgent, issue_svid
+from synctoken.v1 import token_service_pb2_grpc
+from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
+
+SERVER_ID = f"spiffe://{TRUST_DOMAIN}/synctoken"
+PARTNER = "partner.example"
+PARTNER_CALLER = f"spiffe://{PARTNER}/ns/web/sa/bff"
+
+PARTNER_POLICY = f"""{POLICY_TOML}
+[[callers]]
+id = "{PARTNER_CALLER}"
+sync_services = ["IS{"a" * 32}"]
+default_sync_service = "IS{"a" * 32}"
+"""
+BOTH_DOMAINS = f'[identity]\nsource = "spiffe"\ntrust_domains = ["{TRUST_DOMAIN}", "{PARTNER}"]\n'
+
+
+def server_svid(pki: Pki, **spec: Any) -> Svid:
+    """A new SVID for synctoken from the suite's CA, named localhost too (the tests' clients check host names)."""
+    return issue_svid(pki.ca, SERVER_ID, server=True, **spec)
+
+
+class Served:
+    """A `synctoken serve` process on a fixed port, its certificate from the agent."""
+
+    def __init__(self, process: Process, port: int, pki: Pki, watch: LeakWatch) -> None:
+        self.process = process
+        self.port = port
+        self.pki = pki
+        self.watch = watch
+
+    def presented_serial(self) -> int:
+        """The serial of the certificate the server presents on a new connection."""
+        context = ssl.create_default_context(cadata=self.pki.ca.cert_pem.decode())
+        context.load_cert_chain(*self.pki.files("bff"))
+        context.set_alpn_protocols(["h2"])
+        with (
+            socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+    def call(self, pair: KeyPair) -> grpc.StatusCode:
+        """One IssueToken on a new connection, presenting `pair`; the status it ends with."""
+        credentials = grpc.ssl_channel_credentials(self.pki.ca.cert_pem, pair.key_pem, pair.cert_pem)
+        with grpc.secure_channel(f"localhost:{self.port}", credentials) as ch:
+            try:
+                self.watch.tokens.add(token_service_pb2_grpc.TokenServiceStub(ch).IssueToken(ALICE, timeout=10).token)
+            except grpc.RpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    def reloaded_to(self, serial: int, count: int) -> None:
+        """Wait for the `count`-th tls.reloaded line, which must name `serial`."""
+        record = self.process.wait_for_records("tls.reloaded", count)[count - 1]
+        assert record["serial"] == f"{serial:X}"
+        assert record["source"] == "spiffe"
+
+
+StartServed = Callable[..., Served]
+
+
+@pytest.fixture
+def start_served(
+    workload_agent: WorkloadAgent, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+) -> StartServed:
+    """Serve with [tls] source = "spiffe", the agent's socket given in the config: start(identity=, policy=, extra=)."""
+
+    def start(*, identity: str | None = None, policy: str = POLICY_TOML, extra: str = "") -> Served:
+        port = free_port()
+        text = config_text(
+            pki, listen=f"127.0.0.1:{port}", tls=spiffe_tls(workload_agent.address), identity=identity, policy=policy
+        )
+        return Served(serve(extra + text, tmp_path, leak_watch, processes), port, pki, leak_watch)
+
+    return start
+
+
+def test_first_svid_serves_mtls(
+    workload_agent: WorkloadAgent, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+) -> None:
+    """From SPIFFE_ENDPOINT_SOCKET alone the server takes its SVID, presents it, and verifies callers by the bundle."""
+    svid = server_svid(pki)
+    workload_agent.start(SvidSet((svid,)))
+    port = free_port()
+    text = config_text(pki, listen=f"127.0.0.1:{port}", tls=spiffe_tls())
+    assert "cert_file" not in text
+    process = serve(text, tmp_path, leak_watch, processes, env={"SPIFFE_ENDPOINT_SOCKET": workload_agent.address})
+    served = Served(process, port, pki, leak_watch)
+    [loaded] = process.wait_for_records("tls.loaded")
+    assert (loaded["source"], loaded["serial"], loaded["client_cas"]) == ("spiffe", f"{svid.serial:X}", 1)
+    [first] = process.wait_for_records("workload_api.svid")
+    assert (first["spiffe_id"], first["trust_domains"]) == (SERVER_ID, [TRUST_DOMAIN])
+    assert served.presented_serial() == svid.serial
+    assert served.call(pki.clients["bff"]) == grpc.StatusCode.OK
+    assert served.call(pki.clients["foreign_ca"]) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_rotation_under_load_fails_no_call(
+    workload_agent: WorkloadAgent, pki: Pki, leak_watch: LeakWatch, start_served: StartServed
+) -> None:
+    """A new SVID pushed down the stream under calls on kept and new connections: no call fails, new ones see it."""
+    first, second, third = server_svid(pki), server_svid(pki), server_svid(pki)
+    workload_agent.start(SvidSet((first,)))
+    served = start_served()
+    load = SteadyLoad(pki, served.port, leak_watch, connections=3, fresh=2)
+    load.wait_for(30)
+    for count, svid in enumerate((second, third), start=1):
+        workload_agent.set(SvidSet((svid,)))
+        served.reloaded_to(svid.serial, count)
+        load.wait_for(30)
+        assert served.presented_serial() == svid.serial
+    outcomes = load.stop()
+    assert {o.code for o in outcomes} == {grpc.StatusCode.OK}, [
+        o.code for o in outcomes if o.code != grpc.StatusCode.OK
+    ]
+    assert workload_agent.status().opened == 1, "the pushes came down the one stream"
+
+
+def test_federated_bundle_added_then_removed(
+    workload_agent: WorkloadAgent, pki: Pki, start_served: StartServed
+) -> None:
+    """A federated trust domain's caller gets in once the agent sends its bundle, and no longer handshakes once it is gone."""
+    partner_ca = CertificateAuthority(f"{PARTNER} CA")
+    partner = partner_ca.issue(LeafSpec("partner bff", uris=(PARTNER_CALLER,)))
+    svid = server_svid(pki)
+    workload_agent.start(SvidSet((svid,)))
+    served = start_served(identity=BOTH_DOMAINS, policy=PARTNER_POLICY)
+    assert served.call(partner) == grpc.StatusCode.UNAVAILABLE
+    workload_agent.set(SvidSet((svid,), federated={PARTNER: partner_ca.cert_pem}))
+    [*_, federated] = served.process.wait_for_records("workload_api.svid", 2)
+    assert federated["trust_domains"] == [TRUST_DOMAIN, PARTNER]
+    assert served.process.wait_for_records("tls.reloaded", 1)[0]["client_cas"] == 2
+    assert served.call(partner) == grpc.StatusCode.OK
+    assert served.call(pki.clients["bff"]) == grpc.StatusCode.OK
+    workload_agent.set(SvidSet((svid,)))
+    assert served.process.wait_for_records("tls.reloaded", 2)[1]["client_cas"] == 1
+    assert served.call(partner) == grpc.StatusCode.UNAVAILABLE
+    assert served.call(pki.clients["bff"]) == grpc.StatusCode.OK
+
+
+def test_federated_bundle_outside_trust_domains_lets_no_caller_in(
+    workload_agent: WorkloadAgent, pki: Pki, start_served: StartServed
+) -> None:
+    """A federated bundle lets the chain verify, but a trust domain not in identity.trust_domains is still refused."""
+    partner_ca = CertificateAuthority(f"{PARTNER} CA")
+    partner = partner_ca.issue(LeafSpec("partner bff", uris=(PARTNER_CALLER,)))
+    svid = server_svid(pki)
+    workload_agent.start(SvidSet((svid,), federated={PARTNER: partner_ca.cert_pem}))
+    served = start_served()
+    assert served.process.wait_for_records("tls.loaded")[0]["client_cas"] == 2
+    assert served.call(partner) == grpc.StatusCode.UNAUTHENTICATED  # as for any caller outside trust_domains
+
+
+def test_agent_restart_while_serving(
+    workload_agent: WorkloadAgent, pki: Pki, leak_watch: LeakWatch, start_served: StartServed
+) -> None:
+    """With the agent gone (socket removed) calls go on with the last SVID; back, its new SVID is taken; errors counted."""
+    first, second = server_svid(pki), server_svid(pki)
+    workload_agent.start(SvidSet((first,)))
+    served = start_served(extra='[metrics]\nlisten = "127.0.0.1:0"\n')
+    [started] = served.process.wait_for_records("server.started")
+    load = SteadyLoad(pki, served.port, leak_watch, connections=2, fresh=1)
+    load.wait_for(20)
+    workload_agent.stop()
+    assert not workload_agent.socket_path.exists()
+    errors = served.process.wait_for_records("workload_api.stream_error", 2)
+    assert {e["kind"] for e in errors} == {"unavailable"}
+    load.wait_for(20)
+    assert served.presented_serial() == first.serial
+    workload_agent.set(SvidSet((second,)))
+    workload_agent.start()
+    served.reloaded_to(second.serial, 1)
+    load.wait_for(20)
+    assert served.presented_serial() == second.serial
+    outcomes = load.stop()
+    assert {o.code for o in outcomes} == {grpc.StatusCode.OK}
+    with urllib.request.urlopen(f"http://{started['metrics']}/metrics", timeout=10) as response:
+        scrape = response.read().decode()
+    [line] = [x for x in scrape.splitlines() if x.startswith('synctoken_workload_api_errors_total{kind="unavailable"}')]
+    assert float(line.split()[-1]) >= len(errors)
+
+
+def test_invalid_svid_is_refused_and_the_last_good_one_kept(
+    workload_agent: WorkloadAgent, pki: Pki, start_served: StartServed
+) -> None:
+    """An answer whose SVID may sign certificates (keyCertSign) is logged as invalid; the last good one stays."""
+    good = server_svid(pki)
+    workload_agent.start(SvidSet((good,)))
+    served = start_served()
+    workload_agent.set(SvidSet((server_svid(pki, key_cert_sign=True),)))
+    [error] = served.process.wait_for_records("workload_api.stream_error")
+    assert error["kind"] == "invalid"
+    assert "keyCertSign" in error["problem"]
+    assert served.presented_serial() == good.serial
+    assert served.call(pki.clients["bff"]) == grpc.StatusCode.OK
+
+
+@pytest.mark.slow
+def test_expired_svid_makes_health_not_serving(
+    workload_agent: WorkloadAgent, pki: Pki, start_served: StartServed
+) -> None:
+    """An agent that sends nothing new until the SVID expires: health says NOT_SERVING; a new SVID, SERVING again."""
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=8)
+    workload_agent.start(SvidSet((server_svid(pki, not_after=soon),)))
+    served = start_served(extra='[health]\nlisten = "127.0.0.1:0"\n')
+    health_port = int(served.process.wait_for_records("server.started")[0]["health"].rpartition(":")[2])
+    assert probe(health_port) == "SERVING"
+    served.process.wait_for_records("tls.expired")
+    assert probe(health_port) == "NOT_SERVING"
+    fresh = server_svid(pki)
+    workload_agent.set(SvidSet((fresh,)))
+    served.process.wait_for_records("tls.valid_again")
+    assert probe(health_port) == "SERVING"
+    assert served.presented_serial() == fresh.serial
+
+
+def _start_fails(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SYNCTOKEN, "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+        env=os.environ | SECRET_ENV | (env or {}),
+    )
+
+
+def test_silent_agent_fails_the_start_within_the_timeout(
+    workload_agent: WorkloadAgent, pki: Pki, write_config: WriteConfig
+) -> None:
+    """An agent that takes the stream and never answers: start fails after first_svid_timeout, saying so, no traceback."""
+    workload_agent.start(SvidSet((server_svid(pki),)), silent=True)
+    config = write_config(config_text(pki, tls=spiffe_tls(workload_agent.address, first_svid_timeout="2s")))
+    result = _start_fails(config)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == (
+        f"synctoken: cannot start: no usable X509-SVID from the SPIFFE Workload API at {workload_agent.address} "
+        "within 2s (tls.first_svid_timeout): the agent accepted the stream but sent no X509-SVID\n"
+    )
+    assert workload_agent.status().opened >= 1
+
+
+def test_no_agent_fails_the_start(workload_agent: WorkloadAgent, pki: Pki, write_config: WriteConfig) -> None:
+    """No agent on the socket: start fails after first_svid_timeout with the stream's last error."""
+    config = write_config(config_text(pki, tls=spiffe_tls(workload_agent.address, first_svid_timeout="1s")))
+    result = _start_fails(config)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith(
+        f"synctoken: cannot start: no usable X509-SVID from the SPIFFE Workload API at {workload_agent.address} "
+        "within 1s (tls.first_svid_timeout): UNAVAILABLE: "
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_unregistered_workload_fails_the_start(
+    workload_agent: WorkloadAgent, pki: Pki, write_config: WriteConfig
+) -> None:
+    """An agent with no SVID for the server (no registration entry): start fails naming PERMISSION_DENIED."""
+    workload_agent.start()
+    config = write_config(config_text(pki, tls=spiffe_tls(workload_agent.address, first_svid_timeout="1s")))
+    result = _start_fails(config)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.endswith("PERMISSION_DENIED: no identity issued\n")
