@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from support.clients import ROTATED_ID, AsyncDriver, Driver, bare_env, client_kwargs, keep, run_client
-from support.configs import config_text
+from support.configs import config_text, spiffe_tls
 from support.constants import BFF_ID, SERVICE_B
 from support.inprocess import RunningServer, ServerHarness
 from support.logcapture import LeakWatch, LogSink
@@ -345,6 +345,29 @@ class TestAgentAway:
         workload_agent.set(SvidSet((bff_svid(pki, ROTATED_ID),)))
         workload_agent.start()
         wait_for(lambda: client.whoami().caller_id == ROTATED_ID)
+
+
+class TestNoFilesAnywhere:
+    """Server and client each take their SVID from a Workload API agent of their own: no certificate file at all."""
+
+    def test_both_from_agents(
+        self, pki: Pki, tmp_path: Path, workload_agent: WorkloadAgent, harness: ServerHarness, leak_watch: LeakWatch
+    ) -> None:
+        """A call works; after both agents push new SVIDs, a new connection handshakes and the server sees the new caller."""
+        server_agent = WorkloadAgent(tmp_path, leak_watch)
+        try:
+            server_agent.start(SvidSet((issue_svid(pki.ca, SERVER_ID, server=True),)))
+            server = harness.start(config_text(pki, tls=spiffe_tls(server_agent.address)))
+            workload_agent.start(SvidSet((bff_svid(pki),)))
+            with TokenClient.from_spiffe(
+                f"127.0.0.1:{server.port}", endpoint_socket=workload_agent.address, server_spiffe_id=SERVER_ID
+            ) as client:
+                assert client.whoami().caller_id == BFF_ID
+                server_agent.set(SvidSet((issue_svid(pki.ca, SERVER_ID, server=True),)))
+                workload_agent.set(SvidSet((bff_svid(pki, ROTATED_ID),)))
+                wait_for(lambda: client.whoami().caller_id == ROTATED_ID)
+        finally:
+            server_agent.close()
 
 
 class TestRotationUnderLoad:
