@@ -26,10 +26,13 @@ from support.logcapture import LeakWatch
 from support.pki import Pki
 from support.processes import Process, free_port
 from support.readme import README, blocks, section
+from support.workloadagent import SvidSet, WorkloadAgent, issue_svid
 from synctoken_server.config.reader import nest
 from synctoken_server.config.schema import SCHEMA, Config, key_paths, load_config
 from synctoken_server.dev import devenv
 from synctoken_server.process.reloading import restart_only
+
+WORKLOAD_API_SECTION = "### Client certificates from the SPIFFE Workload API"
 
 
 def reference_config() -> str:
@@ -174,7 +177,8 @@ class TestPythonClient:
             "SYNCTOKEN_KEY_FILE": str(dev_like / "client-key.pem"),
         }
         outputs = []
-        for code in blocks(section("## Calling synctoken from Python"), "python"):
+        files_part = section("## Calling synctoken from Python").split(f"{WORKLOAD_API_SECTION}\n")[0]
+        for code in blocks(files_part, "python"):
             result = subprocess.run(
                 [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False, env=env
             )
@@ -183,6 +187,19 @@ class TestPythonClient:
         assert len(outputs) == 2
         assert "SERVICE_NOT_ALLOWED {'callerId': 'spiffe://example.org/ns/web/sa/bff'" in outputs[0]
         assert outputs[1] == f"{BFF_ID}\n1\n"
+
+    def test_workload_api_example(self, pki: Pki, shared_server: RunningServer, workload_agent: WorkloadAgent) -> None:
+        """The from_spiffe example runs with our server and the stand-in agent, and prints the SVID's SPIFFE ID."""
+        [code] = blocks(section(WORKLOAD_API_SECTION), "python")
+        code = code.replace('"synctoken.prod.svc.cluster.local:50051"', f'"127.0.0.1:{shared_server.port}"')
+        code = code.replace('"unix:///run/spire/sockets/agent.sock"', f'"{workload_agent.address}"')
+        workload_agent.start(SvidSet((issue_svid(pki.ca, BFF_ID),)))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCTOKEN_", "SPIFFE_"))}
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"{BFF_ID}\n"
 
     def test_cli_walk_through(
         self, dev_like: Path, shared_server: RunningServer, leak_watch: LeakWatch, tmp_path: Path

@@ -26,7 +26,11 @@ import synctoken.client
 names = sorted({d.metadata["Name"].lower().replace("_", "-") for d in importlib.metadata.distributions()})
 present = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is not None]
 licence = [str(f) for f in importlib.metadata.distribution("synctoken-api").files if f.name == "LICENSE"]
-print(json.dumps({"names": names, "server_only_present": present, "exports": synctoken.client.__all__, "licence": licence}))
+try:
+    synctoken.client.TokenClient.from_spiffe("localhost:1", endpoint_socket="unix:///nowhere")
+except synctoken.client.MissingExtraError as exc:
+    extra = str(exc)
+print(json.dumps({"names": names, "server_only_present": present, "exports": synctoken.client.__all__, "licence": licence, "extra": extra}))
 """
 
 
@@ -43,7 +47,9 @@ class TestFreshVenv:
     """A microservice's view: only the client's dependencies, and it works."""
 
     def test_installs_imports_and_calls(self, tmp_path: Path, pki: Pki, shared_server: RunningServer) -> None:
-        """pip installs the package with its dependencies only; synctoken.client imports; the CLI calls the server."""
+        """pip installs the package with its dependencies only; synctoken.client imports; the CLI calls the server.
+
+        Without the spiffe extra, from_spiffe raises MissingExtraError naming it."""
         # A copy, so that the build's egg-info and build/ folders land in tmp, not in the work tree.
         source = shutil.copytree(
             CLIENT_PACKAGE, tmp_path / "src", ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__")
@@ -73,6 +79,8 @@ class TestFreshVenv:
         assert found["server_only_present"] == []
         assert "TokenClient" in found["exports"]
         assert len(found["licence"]) == 1, "the wheel carries its LICENSE"
+        # Without the [spiffe] extra, the Workload API constructor says which extra to install.
+        assert found["extra"].endswith("pip install 'synctoken-api[spiffe]'")
         cert_file, key_file = pki.files("bff")
         whoami = subprocess.run(
             [

@@ -453,7 +453,7 @@ class TestChecking:
         files.write_in_place(fresh_pair(pki))
         time.sleep(CHECK * 2)
         inner = client.client if isinstance(client, AsyncDriver) else client
-        assert inner._files.poll() is not None  # the new pair, read and dropped
+        assert inner._tls.poll() is not None  # the new pair, read and dropped
         assert client.whoami().caller_id == ROTATED_ID
 
     def test_library_configures_no_logging(self) -> None:

@@ -127,7 +127,8 @@ class _TokenRoute:
                 # The message says which side refused and why; nothing to do with this browser.
                 _log.error(
                     "token.refused%s%s status=%d error=%s (check SYNCTOKEN_CA_FILE, SYNCTOKEN_CERT_FILE, "
-                    "SYNCTOKEN_KEY_FILE and SYNCTOKEN_SERVER_NAME against synctoken's certificate and client CA)",
+                    "SYNCTOKEN_KEY_FILE (or the Workload API's SVID and SYNCTOKEN_SERVER_SPIFFE_ID) and "
+                    "SYNCTOKEN_SERVER_NAME against synctoken's certificate and client CA)",
                     self._who(identity),
                     trace_id(),
                     mapping.status,

@@ -33,7 +33,8 @@ def run(argv: list[str] | None = None) -> None:
         # Before the client and the app: both check for a tracer provider when they are made.
         stop_tracing = start_from_env(os.environ)
         client = AsyncTokenClient.from_env()
-    except (OSError, ValueError) as exc:
+    # OSError: a TimeoutError too (no SVID from the SPIFFE Workload API in time); ImportError: its extra missing.
+    except (OSError, ValueError, ImportError) as exc:
         print(f"synctoken-bff: {exc}", file=sys.stderr)
         sys.exit(2)
     app = create_app(client, settings)

@@ -10,7 +10,7 @@ with TokenClient.from_env() as client:
 
 from synctoken.client._aio import AsyncTokenClient
 from synctoken.client._connectfailure import Cause
-from synctoken.client._credentials import CertificateFilesError
+from synctoken.client._credentials import CertificateFilesError, MissingExtraError, WorkloadApiTimeoutError
 from synctoken.client._errors import (
     InvalidRequest,
     PermissionDenied,
@@ -31,11 +31,13 @@ __all__ = [
     "CertificateFilesError",
     "InvalidRequest",
     "IssuedToken",
+    "MissingExtraError",
     "PermissionDenied",
     "RateLimited",
     "SynctokenError",
     "TokenClient",
     "Unauthenticated",
     "Unavailable",
+    "WorkloadApiTimeoutError",
     "parse_duration",
 ]

@@ -94,9 +94,14 @@ class AsyncTokenClient(ClientBase):
         return CallerIdentity.from_response(response)
 
     async def close(self) -> None:
-        """Close every channel; calls still in flight are cancelled. A second call does nothing."""
+        """Close every channel (and the Workload API stream); calls still in flight are cancelled.
+
+        A second call does nothing.
+        """
         self._closed = True
         connections = self._generations.drain() if self._generations is not None else []
+        # Joins the stream's thread (at once: the stream is cancelled first), so not on the loop.
+        await asyncio.to_thread(self._tls.close)
         for connection in connections:
             await connection.channel.close()
 
@@ -113,7 +118,7 @@ class AsyncTokenClient(ClientBase):
     ) -> Resp:
         # Not wait-for-ready: see _attempts.
         generation = await self._acquire()
-        attempts = Attempts(self._timeout, self._checked_name)
+        attempts = Attempts(self._timeout, self._server_check)
         try:
             rpc = method(generation.connection.stub)
             while True:
@@ -129,20 +134,20 @@ class AsyncTokenClient(ClientBase):
         if self._closed:
             raise RuntimeError("this AsyncTokenClient is closed")
         if self._generations is None:
-            self._generations = Generations(self._open(self._files.current))
-        elif self._files.due() and not self._polling:
+            self._generations = Generations(self._open(self._tls.current))
+        elif self._tls.due() and not self._polling:
             # In a thread: changed files are read and checked, which is file I/O.
             # One task polls; the others carry on with the channel they have.
             self._polling = True
             try:
-                await asyncio.to_thread(self._files.poll)
+                await asyncio.to_thread(self._tls.poll)
             finally:
                 self._polling = False
             if self._closed:  # while we were polling
                 raise RuntimeError("this AsyncTokenClient is closed")
         # The files' current material is the truth, not what poll returned: a
         # task cancelled while polling must not leave a new pair unused.
-        wanted = self._files.current
+        wanted = self._tls.current
         if self._generations.current.material is not wanted:
             stale = self._generations.replace(self._open(wanted))
             if stale is not None:

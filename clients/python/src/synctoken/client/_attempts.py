@@ -20,7 +20,7 @@ import time
 
 import grpc
 
-from synctoken.client._connectfailure import ConnectFailure
+from synctoken.client._connectfailure import ConnectFailure, ServerCheck
 from synctoken.client._errors import deadline_passed, failure_to_wait_out
 
 FIRST_PAUSE = 0.1
@@ -32,9 +32,9 @@ MAX_PAUSE = 1.0
 class Attempts:
     """One call's deadline and what its attempts found so far."""
 
-    def __init__(self, timeout: float, checked_name: str) -> None:
+    def __init__(self, timeout: float, check: ServerCheck) -> None:
         self._deadline = time.monotonic() + timeout
-        self._checked_name = checked_name
+        self._check = check
         self._pause = FIRST_PAUSE
         self._unreached: ConnectFailure | None = None
 
@@ -51,6 +51,6 @@ class Attempts:
         Call it in the `except` clause that caught `error`, so that the raised
         error chains to it.
         """
-        self._unreached = failure_to_wait_out(error, self._checked_name, self._unreached)
+        self._unreached = failure_to_wait_out(error, self._check, self._unreached)
         pause, self._pause = self._pause, min(self._pause * 2, MAX_PAUSE)
         return max(0.0, min(pause, self._deadline - time.monotonic()))

@@ -51,9 +51,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        client = TokenClient(connection.target, **connection.client_files())
+        client = TokenClient._from_connection(connection)  # noqa: SLF001 - the package's own command
     except ValueError as exc:  # CertificateFilesError, or a target of several addresses without --server-name
         parser.error(str(exc))
+    except (TimeoutError, ImportError) as exc:  # no SVID from the Workload API in time, or no py-spiffe
+        print(f"synctoken-client: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     with client:
         try:
             result = _run(client, args)

@@ -48,6 +48,16 @@ _VERIFY_FAILED = "CERTIFICATE_VERIFY_FAILED: "
 
 
 @dataclass(frozen=True)
+class ServerCheck:
+    """How a client checks the server's certificate, in the words a failed handshake's message uses."""
+
+    name: str
+    """The name checked and the setting that says it: `'synctoken.internal' (server_name)`."""
+    anchors: str
+    """Where the trusted CAs come from and what must hold: `the CA file (ca_file, ...) must hold ...`."""
+
+
+@dataclass(frozen=True)
 class ConnectFailure:
     """The last connection error behind a call that could not be sent, and what it means."""
 
@@ -58,11 +68,11 @@ class ConnectFailure:
     """A sentence for people: what failed and, for TLS, the likely reason."""
 
 
-def read_failure(details: str, checked_name: str) -> ConnectFailure | None:
+def read_failure(details: str, check: ServerCheck) -> ConnectFailure | None:
     """What a fail-fast UNAVAILABLE's details say about the connection; None if they are not a connection failure.
 
-    `checked_name` says which name the client checks the server certificate
-    against, for the message when it does not match.
+    `check` says how the client checks the server certificate, for the
+    message when it fails.
     """
     match = _LAST_ERROR.fullmatch(details)
     if match is None:
@@ -76,21 +86,18 @@ def read_failure(details: str, checked_name: str) -> ConnectFailure | None:
             f"{address} takes no new calls: its health for balancing clients ({BALANCING_HEALTH}) is not SERVING "
             "(it is stopping, or it is a synctoken server older than this client, which does not report it)",
         )
-    tls = _tls_reason(error, checked_name)
+    tls = _tls_reason(error, check)
     if tls is None:
         return ConnectFailure(Cause.CONNECTION_FAILED, address, f"could not connect to {address}: {error}")
     return ConnectFailure(Cause.TLS_HANDSHAKE_FAILED, address, f"TLS handshake with {address} failed: {tls}")
 
 
-def _tls_reason(error: str, checked_name: str) -> str | None:
+def _tls_reason(error: str, check: ServerCheck) -> str | None:
     if _VERIFY_FAILED in error:
         why = error.rpartition(_VERIFY_FAILED)[2]
-        return (
-            f"this client does not trust the server's certificate ({why}): the CA file "
-            "(ca_file, SYNCTOKEN_CA_FILE) must hold the CA that issued it, and it must be valid now"
-        )
+        return f"this client does not trust the server's certificate ({why}): {check.anchors}"
     if "Hostname Verification Check failed" in error:
-        return f"the server's certificate does not carry the name {checked_name}"
+        return f"the server's certificate does not carry the name {check.name}"
     if "WRONG_VERSION_NUMBER" in error:
         return "the server did not answer in TLS (a plaintext port, or not gRPC?)"
     if error == "Socket closed":

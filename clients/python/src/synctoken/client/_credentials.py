@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -34,6 +35,14 @@ DEFAULT_CHECK_INTERVAL = 1.0
 
 class CertificateFilesError(ValueError):
     """The CA, certificate or key file cannot be used; the message says which and why, never their contents."""
+
+
+class WorkloadApiTimeoutError(TimeoutError):
+    """No usable X509-SVID came from the SPIFFE Workload API within the first wait; the message says what was seen."""
+
+
+class MissingExtraError(ImportError):
+    """from_spiffe without py-spiffe installed: the message names the extra that brings it."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,27 @@ def load(files: TlsFiles) -> TlsMaterial:
     if _read(files) != material:
         raise CertificateFilesError("the files changed while they were being checked")
     return material
+
+
+class TlsSource(Protocol):
+    """Where a client's TLS material comes from: certificate files, or the SPIFFE Workload API (_workload)."""
+
+    @property
+    def current(self) -> TlsMaterial:
+        """The material new channels use; a new object when it changed."""
+        ...
+
+    def due(self) -> bool:
+        """Whether `poll` would look for new material now."""
+        ...
+
+    def poll(self) -> TlsMaterial | None:
+        """Look for new material (see `current`); may do I/O."""
+        ...
+
+    def close(self) -> None:
+        """Stop watching for new material."""
+        ...
 
 
 # A file's identity and version, cheap to take: inode (a rename or a symlink swap
@@ -122,6 +152,9 @@ class CertificateFiles:
             return self._look()
         finally:
             self._lock.release()
+
+    def close(self) -> None:
+        """Nothing to stop: the files are looked at only on calls."""
 
     def _look(self) -> TlsMaterial | None:
         try:

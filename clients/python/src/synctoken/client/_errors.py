@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from google.rpc.error_details_pb2 import BadRequest, ErrorInfo, RetryInfo
 from google.rpc.status_pb2 import Status
 
-from synctoken.client._connectfailure import Cause, ConnectFailure, read_failure
+from synctoken.client._connectfailure import Cause, ConnectFailure, ServerCheck, read_failure
 
 DOMAIN = "synctoken.v1"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -137,7 +137,7 @@ def from_rpc_error(error: grpc.RpcError, unreached: ConnectFailure | None = None
 
 
 def failure_to_wait_out(
-    error: grpc.RpcError, checked_name: str, earlier: ConnectFailure | None = None
+    error: grpc.RpcError, check: ServerCheck, earlier: ConnectFailure | None = None
 ) -> ConnectFailure:
     """What kept a fail-fast attempt from a server, if another attempt may get there; else raise the typed error.
 
@@ -149,7 +149,7 @@ def failure_to_wait_out(
     # A status synctoken sent (AUDIT_UNAVAILABLE) carries its ErrorInfo: that call was made.
     failure = None
     if call.code() == grpc.StatusCode.UNAVAILABLE and _rich_status(call.trailing_metadata() or ()) is None:
-        failure = read_failure(call.details() or "", checked_name)
+        failure = read_failure(call.details() or "", check)
     if failure is None:
         raise from_rpc_error(error, earlier) from error
     if failure.cause is Cause.TLS_HANDSHAKE_FAILED:

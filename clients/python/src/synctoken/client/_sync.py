@@ -38,13 +38,15 @@ class TokenClient(ClientBase):
     they cannot be used), then looked at again at most every
     `cert_check_interval` seconds, on a call: a new, matching pair opens a new
     channel for new calls, while calls in flight finish on the old one.
+    `from_spiffe` takes the certificate from the SPIFFE Workload API instead,
+    and a new SVID it pushes opens a new channel the same way.
     """
 
     def _start(self, cache_size: int, clock: Clock) -> None:
         self._cache = TokenCache(cache_size, clock)
         # Guards the generations: taking and returning a channel, and swapping it.
         self._lock = threading.Lock()
-        self._generations = Generations(self._open(self._files.current))
+        self._generations = Generations(self._open(self._tls.current))
 
     def issue_token(
         self,
@@ -92,10 +94,14 @@ class TokenClient(ClientBase):
         return CallerIdentity.from_response(response)
 
     def close(self) -> None:
-        """Close every channel; calls still in flight are cancelled. A second call does nothing."""
+        """Close every channel (and the Workload API stream); calls still in flight are cancelled.
+
+        A second call does nothing.
+        """
         with self._lock:
             self._closed = True
             connections = self._generations.drain()
+        self._tls.close()
         for connection in connections:
             connection.channel.close()
 
@@ -112,7 +118,7 @@ class TokenClient(ClientBase):
     ) -> Resp:
         # Not wait-for-ready: see _attempts.
         generation = self._acquire()
-        attempts = Attempts(self._timeout, self._checked_name)
+        attempts = Attempts(self._timeout, self._server_check)
         try:
             rpc = method(generation.connection.stub)
             while True:
@@ -126,14 +132,14 @@ class TokenClient(ClientBase):
 
     def _acquire(self) -> Generation[_Connection]:
         # Outside the lock: reading and checking changed files must not hold up other calls.
-        if self._files.due():
-            self._files.poll()
+        if self._tls.due():
+            self._tls.poll()
         with self._lock:
             if self._closed:
                 raise RuntimeError("this TokenClient is closed")
             # The files' current material is the truth, whoever polled: a new
             # one gets a new channel (opening one only sets it up: no I/O).
-            wanted = self._files.current
+            wanted = self._tls.current
             stale = None
             if self._generations.current.material is not wanted:
                 stale = self._generations.replace(self._open(wanted))

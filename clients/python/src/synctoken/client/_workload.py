@@ -1,0 +1,237 @@
+"""The client's certificate from the SPIFFE Workload API: the agent's X509-SVID stream, kept as PEM for gRPC.
+
+Needs the extra `synctoken-api[spiffe]` (py-spiffe, which brings cryptography):
+only `from_spiffe` imports this module. py-spiffe parses and checks each SVID
+(the X509-SVID leaf rules) and bundle; the stream itself is read here rather
+than by py-spiffe's X509Source, which retries the errors an agent that is away
+gives without a word (so a bounded first wait could not say why it ended) and
+closes for good on the first SVID it cannot parse. Here every stream error is
+logged (once per distinct error, not per retry), the last good SVID stays in
+use, and the stream is opened again after a jittered backoff, doubling from
+0.1 s to at most 5 s, for as long as the client lives.
+
+One daemon thread per client reads the stream, blocked in gRPC; it sets
+`current`, which the clients compare with their channel's at every call (a new
+value opens a new channel for new calls, as a new pair of files does).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from synctoken.client._credentials import TlsMaterial, WorkloadApiTimeoutError
+from synctoken.client._settings import socket_path
+
+with warnings.catch_warnings():
+    # cryptography deprecates DSA, which py-spiffe names when it is imported; nothing here uses DSA, and the
+    # warning is py-spiffe's to fix, not the application's to read.
+    warnings.filterwarnings("ignore", message="DSA is deprecated")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from spiffe import TrustDomain, X509Bundle, X509Svid
+    from spiffe._proto import workload_pb2  # the standard's messages; py-spiffe ships no public module for them
+    from spiffe.errors import PySpiffeError
+
+_log = logging.getLogger("synctoken.client")
+
+HEADER = ("workload.spiffe.io", "true")
+"""The metadata every Workload API call carries: agents refuse calls without it (the standard's SSRF guard)."""
+_FETCH_X509_SVID = "/SpiffeWorkloadAPI/FetchX509SVID"
+FIRST_BACKOFF = 0.1
+MAX_BACKOFF = 5.0
+"""Seconds between attempts to open the stream again: the longest an agent that is back waits to be seen."""
+_CLOSE_WAIT = 5.0
+
+
+@dataclass(frozen=True)
+class _Svid:
+    """One usable update: the PEM for gRPC, and what the logs may say about it."""
+
+    material: TlsMaterial
+    spiffe_id: str
+    serial: int
+    expires: float
+
+
+class WorkloadCertificates:
+    """The X509-SVID and trust bundle the Workload API pushes, as the material a client's channels use.
+
+    The server's certificate is checked against the CAs of one trust domain:
+    `server_trust_domain` (that of the expected server SPIFFE ID) or, when
+    None, the client's own. Federated bundles for other trust domains are not
+    trusted for the server.
+    """
+
+    def __init__(self, endpoint_socket: str, *, server_trust_domain: str | None, first_svid_timeout: float) -> None:
+        self._endpoint = endpoint_socket
+        self._server_trust_domain = server_trust_domain
+        self._stop = threading.Event()
+        self._first = threading.Event()
+        self._lock = threading.Lock()
+        self._stream: grpc.RpcContext | None = None
+        self._error: str | None = None
+        self._svid: _Svid | None = None
+        deadline = time.monotonic() + first_svid_timeout
+        path = Path(socket_path(endpoint_socket, "the Workload API socket"))
+        # An agent that is starting, or restarting, has no socket yet: wait for it within the same bound.
+        while not path.exists():
+            if time.monotonic() >= deadline:
+                raise WorkloadApiTimeoutError(
+                    f"no SPIFFE Workload API socket at {path} within {first_svid_timeout:g} s: is the agent running, "
+                    "and is its socket mounted in this container?"
+                )
+            time.sleep(0.05)
+        # gRPC's own reconnection backoff grows to 2 minutes; an agent restarting must be seen within seconds.
+        self._channel = grpc.insecure_channel(f"unix:{path}", options=[("grpc.max_reconnect_backoff_ms", 5000)])
+        self._fetch = self._channel.unary_stream(
+            _FETCH_X509_SVID,
+            request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
+            response_deserializer=workload_pb2.X509SVIDResponse.FromString,
+        )
+        self._thread = threading.Thread(target=self._watch, name="synctoken-workload-api", daemon=True)
+        self._thread.start()
+        if not self._first.wait(max(0.0, deadline - time.monotonic())) or self._svid is None:
+            self.close()
+            seen = self._error or "the agent accepted the stream but sent nothing"
+            raise WorkloadApiTimeoutError(
+                f"no usable X509-SVID from the SPIFFE Workload API at {endpoint_socket} within "
+                f"{first_svid_timeout:g} s (last seen: {seen}): is this workload registered with the agent?"
+            )
+
+    @property
+    def current(self) -> TlsMaterial:
+        """The material new channels use: the last good SVID, kept while the agent is away."""
+        svid = self._svid
+        # Set before the constructor returns, and never unset.
+        assert svid is not None  # noqa: S101
+        return svid.material
+
+    def due(self) -> bool:
+        """Never: the agent pushes, so calls have nothing to look at."""
+        return False
+
+    def poll(self) -> TlsMaterial | None:
+        """Nothing: new SVIDs arrive by themselves (see `current`)."""
+        return None
+
+    def close(self) -> None:
+        """End the stream and its thread; the material in use stays readable."""
+        self._stop.set()
+        with self._lock:
+            stream = self._stream
+        if stream is not None:
+            stream.cancel()
+        self._channel.close()
+        if self._thread is not threading.current_thread():
+            self._thread.join(_CLOSE_WAIT)
+
+    def _watch(self) -> None:
+        backoff = FIRST_BACKOFF
+        while not self._stop.is_set():
+            try:
+                stream = self._fetch(workload_pb2.X509SVIDRequest(), metadata=(HEADER,))
+                with self._lock:
+                    self._stream = stream
+                if self._stop.is_set():  # closed before the stream was recorded
+                    stream.cancel()
+                    return
+                for response in stream:
+                    if self._take(response):
+                        backoff = FIRST_BACKOFF
+                why = "the agent ended the stream"
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    return
+                why = f"{exc.code().name}: {exc.details()}"
+            self._failed(why)
+            # Jittered, so that the workloads of a node do not all call a restarted agent at once.
+            self._stop.wait(random.uniform(backoff / 2, backoff))  # noqa: S311 - not for security
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _take(self, response: workload_pb2.X509SVIDResponse) -> bool:
+        """Use the response's default SVID if it is good; else log why not and keep the one in use."""
+        try:
+            svid = self._parse(response)
+        except (PySpiffeError, ValueError) as exc:
+            self._failed(f"an update was not used: {exc}")
+            return False
+        previous = self._svid
+        if previous is not None and previous.material == svid.material:
+            # The same bytes again (the agent re-sends on reconnection): keep the object, so no channel is replaced.
+            svid = previous
+            if self._error is not None:
+                _log.info("SPIFFE Workload API at %s answers again; the certificate in use stays", self._endpoint)
+        elif previous is None or previous.serial != svid.serial:
+            _log.info(
+                "client certificate from the Workload API: %s, serial %x; new connections present it",
+                svid.spiffe_id,
+                svid.serial,
+            )
+        else:
+            _log.info("the Workload API changed the trust bundle; new connections trust the new one")
+        self._svid = svid
+        self._error = None
+        self._first.set()
+        return True
+
+    def _parse(self, response: workload_pb2.X509SVIDResponse) -> _Svid:
+        if not response.svids:
+            raise ValueError("the response holds no X509-SVID")
+        first = response.svids[0]  # the default SVID, as the standard says
+        svid = X509Svid.parse_raw(first.x509_svid, first.x509_svid_key)
+        key_der = svid.private_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if key_der != svid.leaf.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ):
+            raise ValueError("the X509-SVID's key does not match its certificate")
+        own = svid.spiffe_id.trust_domain
+        wanted = TrustDomain(self._server_trust_domain) if self._server_trust_domain else own
+        bundles = {own: first.bundle} | {TrustDomain(td): der for td, der in response.federated_bundles.items()}
+        if wanted not in bundles:
+            raise ValueError(
+                f"no bundle for the trust domain {wanted.name} of the expected server SPIFFE ID: the agent's "
+                "bundles are for " + ", ".join(sorted(td.name for td in bundles))
+            )
+        anchors = X509Bundle.parse_raw(wanted, bundles[wanted]).x509_authorities
+        if not anchors:
+            raise ValueError(f"the bundle of {wanted.name} holds no CA certificate")
+        material = TlsMaterial(
+            # A set: sorted, so that the same bundle sent again gives the same bytes.
+            ca_pem=_pem(sorted(anchors, key=lambda c: c.public_bytes(serialization.Encoding.DER))),
+            cert_pem=_pem(svid.cert_chain),
+            key_pem=svid.private_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
+        return _Svid(material, str(svid.spiffe_id), svid.leaf.serial_number, svid.leaf.not_valid_after_utc.timestamp())
+
+    def _failed(self, why: str) -> None:
+        # Once per distinct error: an agent away for an hour writes one line, not one per retry.
+        if why != self._error:
+            svid = self._svid
+            expired = svid is not None and svid.expires <= time.time()
+            _log.warning(
+                "SPIFFE Workload API at %s: %s; %s",
+                self._endpoint,
+                why,
+                "no certificate yet"
+                if svid is None
+                else f"the certificate in use has EXPIRED ({svid.spiffe_id})"
+                if expired
+                else f"the certificate in use stays ({svid.spiffe_id}, serial {svid.serial:x})",
+            )
+        self._error = why
+
+
+def _pem(certificates: list[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
