@@ -24,6 +24,7 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
  * @property {string} identity
  * @property {Date} refreshAfter the BFF's refresh_after
  * @property {Date} expiresAt the BFF's expires_at
+ * @property {"fetch" | "tab"} from fetched by this provider, or by another tab's and shared
  *
  * @typedef {object} ProviderOptions
  * @property {string} [url] the BFF's token endpoint (default "/token")
@@ -184,7 +185,7 @@ export function tokenProvider(options = {}) {
     if (kind === "ok") {
       const fresh = body && toGrant(body, skew, now());
       if (fresh) {
-        accept(fresh);
+        accept(fresh, "fetch");
         tabs.publish({ type: "token", grant: fresh });
         return;
       }
@@ -197,8 +198,11 @@ export function tokenProvider(options = {}) {
     fail(kind, error, retryAfter);
   }
 
-  /** @param {import("./schedule.js").Grant} fresh */
-  function accept(fresh) {
+  /**
+   * @param {import("./schedule.js").Grant} fresh
+   * @param {"fetch" | "tab"} from
+   */
+  function accept(fresh, from) {
     grant = fresh;
     failure = null;
     refreshing = false;
@@ -208,6 +212,7 @@ export function tokenProvider(options = {}) {
       identity: fresh.identity,
       refreshAfter: new Date(fresh.refreshAtServer),
       expiresAt: new Date(fresh.expiresAtServer),
+      from,
     };
     const ready = waiters;
     waiters = [];
@@ -262,7 +267,7 @@ export function tokenProvider(options = {}) {
     if (stopped) return;
     if (message?.type === "token" && isGrant(message.grant)) {
       if (grant === null || message.grant.expiresAt > grant.expiresAt) {
-        accept(message.grant);
+        accept(message.grant, "tab");
         schedule();
       }
     } else if (message?.type === "failure" && message.failure) {
