@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import secrets
 import threading
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from playwright.sync_api import BrowserContext, sync_playwright
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -30,6 +34,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 PROVIDER_DIST = ROOT / "clients/browser/dist/index.js"
+# Every wait in a page is bounded by this (milliseconds).
+PAGE_TIMEOUT = 20_000
 
 # The page: the provider on /token, everything it reports kept in window.seen for the test (tokens in memory,
 # as the page would; never in storage or the console).
@@ -51,6 +57,19 @@ window.provider = tokenProvider({
 </script>
 </body></html>
 """
+
+
+@contextlib.contextmanager
+def chromium(profile: Path) -> Iterator[BrowserContext]:
+    """Debian's Chromium, headless, with its own profile folder; closed on the way out."""
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=PAGE_TIMEOUT
+        )
+        try:
+            yield context
+        finally:
+            context.close()
 
 
 @dataclass(frozen=True)

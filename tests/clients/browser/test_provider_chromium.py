@@ -10,14 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import BrowserContext, ConsoleMessage, Page, sync_playwright
+from playwright.sync_api import BrowserContext, ConsoleMessage, Page
 
 from support.bff import RunningBff
-from support.browser import CHROMIUM, CHROMIUM_ARGS, Answer, TokenEndpoint, serve_token_page
+from support.browser import PAGE_TIMEOUT, Answer, TokenEndpoint, chromium, serve_token_page
 from support.logcapture import LeakWatch
 
-# Every wait in a page is bounded by this (milliseconds).
-PAGE_TIMEOUT = 20_000
 # The provider's Retry-After jitter (clients/browser/src/schedule.js RETRY_AFTER_JITTER).
 RETRY_AFTER_JITTER = 0.2
 
@@ -56,22 +54,16 @@ def browser(tmp_path: Path, leak_watch: LeakWatch) -> Iterator[Browser]:
     endpoint = TokenEndpoint(leak_watch)
     server = serve_token_page(endpoint)
     try:
-        with sync_playwright() as playwright:
-            context = playwright.chromium.launch_persistent_context(
-                tmp_path / "profile", executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=PAGE_TIMEOUT
-            )
-            try:
-                # Paused: page time moves only when a test moves it, so every delay below is exact.
-                start = dt.datetime.now(dt.UTC).replace(microsecond=0)
-                context.clock.install(time=start)
-                context.clock.pause_at(start + dt.timedelta(seconds=1))
-                opened = Browser(context, endpoint, server)
-                yield opened
-                for page in opened.pages:
-                    assert_no_token_kept(page, endpoint.issued)
-                assert not [line for line in opened.console if any(token in line for token in endpoint.issued)]
-            finally:
-                context.close()
+        with chromium(tmp_path / "profile") as context:
+            # Paused: page time moves only when a test moves it, so every delay below is exact.
+            start = dt.datetime.now(dt.UTC).replace(microsecond=0)
+            context.clock.install(time=start)
+            context.clock.pause_at(start + dt.timedelta(seconds=1))
+            opened = Browser(context, endpoint, server)
+            yield opened
+            for page in opened.pages:
+                assert_no_token_kept(page, endpoint.issued)
+            assert not [line for line in opened.console if any(token in line for token in endpoint.issued)]
     finally:
         server.close()
 
