@@ -30,7 +30,8 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
  * @property {string} [url] the BFF's token endpoint (default "/token")
  * @property {(token: string, info: TokenInfo) => void} [onToken] each new token, the first included
  * @property {(state: State, info: StateInfo) => void} [onState] each change of state
- * @property {(error: TokenError) => void} [onSignedOut] once when the BFF answers 401 (again only after a token came)
+ * @property {(error: TokenError) => void} [onSignedOut] once when the BFF answers 401 (again only after a token
+ * came, or after `refresh()`)
  * @property {typeof fetch} [fetch]
  * @property {RequestInit} [init] extra fetch options (e.g. credentials: "include" for a BFF on another origin)
  * @property {boolean} [shareAcrossTabs] one fetch for all tabs of the origin (default true)
@@ -323,6 +324,8 @@ export function tokenProvider(options = {}) {
     refresh() {
       if (stopped) return Promise.reject(new ProviderStoppedError());
       if (failure && failure.kind !== "retry") failure = null;
+      // A new attempt at signing in: a 401 again is news to the app.
+      signedOutTold = false;
       timers.clearTimeout(timer);
       return refreshOnce(true);
     },

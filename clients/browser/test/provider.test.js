@@ -27,7 +27,7 @@ function start(endpoint, clock, extra = {}) {
   return { provider, seen };
 }
 
-describe("tokenProvider", () => {
+describe("tokenProvider", { timeout: 10_000 }, () => {
   it("fetches at once, then again at refresh_after", async () => {
     const clock = new FakeClock();
     const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" });

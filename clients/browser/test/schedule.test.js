@@ -23,7 +23,7 @@ const grant = (refreshIn, expiresIn, receivedAgo = 60_000) => ({
 });
 const retry = (retryIn, attempts = 1) => ({ kind: "retry", at: T0, retryAt: T0 + retryIn, attempts });
 
-describe("classify", () => {
+describe("classify", { timeout: 10_000 }, () => {
   it("sorts statuses into ok, signed out, worth a retry, and final", () => {
     assert.equal(classify(200), "ok");
     assert.equal(classify(401), "signed_out");
@@ -32,7 +32,7 @@ describe("classify", () => {
   });
 });
 
-describe("parseRetryAfter", () => {
+describe("parseRetryAfter", { timeout: 10_000 }, () => {
   it("reads whole seconds", () => {
     assert.equal(parseRetryAfter("7", T0), 7000);
     assert.equal(parseRetryAfter(" 0 ", T0), 0);
@@ -49,7 +49,7 @@ describe("parseRetryAfter", () => {
   });
 });
 
-describe("backoffDelay", () => {
+describe("backoffDelay", { timeout: 10_000 }, () => {
   it("draws between nothing and a cap that doubles per failure", () => {
     assert.equal(backoffDelay(1, 0), 0);
     assert.equal(backoffDelay(1, 0.999), 999);
@@ -62,7 +62,7 @@ describe("backoffDelay", () => {
   });
 });
 
-describe("retryTime", () => {
+describe("retryTime", { timeout: 10_000 }, () => {
   it("honours Retry-After, stretched by at most the jitter", () => {
     assert.equal(retryTime(T0, 1, 10_000, 0), T0 + 10_000);
     assert.equal(retryTime(T0, 1, 10_000, 0.5), T0 + 10_000 * (1 + RETRY_AFTER_JITTER / 2));
@@ -76,7 +76,7 @@ describe("retryTime", () => {
   });
 });
 
-describe("grantState", () => {
+describe("grantState", { timeout: 10_000 }, () => {
   it("is fresh before refresh_after, stale after, expired from exp", () => {
     assert.equal(grantState(null, T0), "none");
     assert.equal(grantState(grant(1000, 2000), T0), "fresh");
@@ -85,7 +85,7 @@ describe("grantState", () => {
   });
 });
 
-describe("nextStep", () => {
+describe("nextStep", { timeout: 10_000 }, () => {
   it("fetches at once without a token", () => {
     assert.deepEqual(nextStep({ now: T0, grant: null, failure: null }), { action: "fetch", delay: 0 });
   });

@@ -31,7 +31,7 @@ function provider(endpoint, clock) {
   });
 }
 
-describe("bindSyncClient", () => {
+describe("bindSyncClient", { timeout: 10_000 }, () => {
   it("creates the client with the first token and updates it with each new one", async () => {
     const clock = new FakeClock();
     const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" }).ok({ token: "three" });
