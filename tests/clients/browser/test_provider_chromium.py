@@ -150,6 +150,26 @@ class TestRefresh:
         assert browser.endpoint.count() == 2
         assert state(page) == "fresh"
 
+    @pytest.mark.parametrize(
+        "event",
+        [
+            "window.dispatchEvent(new FocusEvent('focus'))",
+            "window.dispatchEvent(new PageTransitionEvent('pageshow', { persisted: true }))",
+            "document.dispatchEvent(new Event('resume'))",
+        ],
+        ids=["focus", "pageshow from the back/forward cache", "resume from freezing"],
+    )
+    def test_wake_events_check_the_clock(self, browser: Browser, event: str) -> None:
+        """Past refresh_after with the timer held back, each sign of the page coming back fetches at once."""
+        page = browser.open()
+        jump(page, 90_000)
+        page.evaluate("window.dispatchEvent(new PageTransitionEvent('pageshow', { persisted: false }))")
+        settle(page)
+        assert (state(page), browser.endpoint.count()) == ("stale", 1)
+        page.evaluate(event)
+        wait_for_tokens(page, 2)
+        assert browser.endpoint.count() == 2
+
     def test_sleep_past_exp_refreshes_before_use(self, browser: Browser) -> None:
         """After a sleep past exp (the clock jumps, no timer fires), token() fetches and hands out a new token, not the dead one."""
         page = browser.open()
