@@ -1,8 +1,9 @@
 // The token provider: keeps a token from the BFF's GET /token in memory and a new one coming before it is due,
 // through background tabs, sleep, offline spells and a failing BFF. When to act is decided by schedule.js;
 // this module does the fetching, the timers, the browser's events and the bookkeeping.
+import { isGrant, readAnswer } from "./answer.js";
 import { ProviderStoppedError, TokenError } from "./errors.js";
-import { classify, grantState, nextStep, parseRetryAfter, retryTime } from "./schedule.js";
+import { grantState, nextStep, retryTime } from "./schedule.js";
 import { connectTabs } from "./tabs.js";
 
 /** setTimeout's largest delay; a longer one fires at once. */
@@ -56,7 +57,7 @@ export function tokenProvider(options = {}) {
   const win = options.window === undefined ? globalThis : options.window;
   const doc = options.document === undefined ? globalThis.document : options.document;
 
-  /** @type {import("./schedule.js").Grant | null} */
+  /** @type {import("./answer.js").HeldGrant | null} */
   let grant = null;
   /** @type {(import("./schedule.js").Failure & { error: TokenError }) | null} */
   let failure = null;
@@ -171,36 +172,17 @@ export function tokenProvider(options = {}) {
     } catch {
       return fail("retry", new TokenError(0, "the token endpoint could not be reached"), null, true);
     }
-    // The BFF's times are on its clock. A browser clock running ahead of it would make each new token look due
-    // at once, so times are moved onto the browser's clock by the difference its Date header shows.
-    const serverNow = Date.parse(response.headers.get("Date") ?? "");
-    const skew = Number.isNaN(serverNow) ? 0 : now() - serverNow;
-    /** @type {any} */
-    let body = null;
-    try {
-      body = await response.json();
-    } catch {
-      // Checked below: a body that is not JSON is a failure like any other.
+    const answer = await readAnswer(response, url, now());
+    if ("grant" in answer) {
+      accept(answer.grant, "fetch");
+      tabs.publish({ type: "token", grant: answer.grant });
+      return;
     }
-    const kind = classify(response.status);
-    if (kind === "ok") {
-      const fresh = body && toGrant(body, skew, now());
-      if (fresh) {
-        accept(fresh, "fetch");
-        tabs.publish({ type: "token", grant: fresh });
-        return;
-      }
-      return fail("retry", new TokenError(response.status, "the token endpoint's answer has no token"), null);
-    }
-    const said = body?.error ?? {};
-    const message = `GET ${url}: ${response.status} ${said.code ?? ""} ${said.reason ?? ""}`.replace(/ +/g, " ");
-    const error = new TokenError(response.status, message.trim(), said);
-    const retryAfter = parseRetryAfter(response.headers.get("Retry-After"), now(), skew);
-    fail(kind, error, retryAfter);
+    fail(answer.kind, answer.error, answer.retryAfter);
   }
 
   /**
-   * @param {import("./schedule.js").Grant} fresh
+   * @param {import("./answer.js").HeldGrant} fresh
    * @param {"fetch" | "tab"} from
    */
   function accept(fresh, from) {
@@ -364,35 +346,4 @@ export function tokenProvider(options = {}) {
       for (const waiter of ready) waiter.reject(new ProviderStoppedError());
     },
   };
-}
-
-/**
- * The BFF's answer as a Grant on the browser's clock, or null when it is not one.
- * @param {any} body
- * @param {number} skew the browser's clock minus the BFF's
- * @param {number} receivedAt
- */
-function toGrant(body, skew, receivedAt) {
-  const refreshAtServer = Date.parse(body.refresh_after);
-  const expiresAtServer = Date.parse(body.expires_at);
-  if (typeof body.token !== "string" || Number.isNaN(refreshAtServer) || Number.isNaN(expiresAtServer)) return null;
-  return {
-    token: body.token,
-    identity: String(body.identity ?? ""),
-    refreshAt: refreshAtServer + skew,
-    expiresAt: expiresAtServer + skew,
-    refreshAtServer,
-    expiresAtServer,
-    receivedAt,
-  };
-}
-
-/** @param {any} value */
-function isGrant(value) {
-  return (
-    typeof value?.token === "string" &&
-    ["refreshAt", "expiresAt", "receivedAt", "refreshAtServer", "expiresAtServer"].every(
-      (key) => typeof value[key] === "number",
-    )
-  );
 }

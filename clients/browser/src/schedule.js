@@ -7,7 +7,7 @@
 export const MAX_BACKOFF_MS = 5 * 60 * 1000;
 /** The first backoff's cap; each failure in a row doubles it, up to MAX_BACKOFF_MS. */
 export const BASE_BACKOFF_MS = 1000;
-/** Retry-After is honoured, then stretched by up to this fraction, so that tabs told the same do not return together. */
+/** Retry-After is honoured, then stretched by up to this fraction: tabs told the same do not return together. */
 export const RETRY_AFTER_JITTER = 0.2;
 /** The least time between two fetches that succeeded: whatever the clocks say, the BFF is not hammered. */
 export const MIN_REFRESH_MS = 5000;

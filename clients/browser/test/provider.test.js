@@ -50,7 +50,12 @@ describe("tokenProvider", { timeout: 10_000 }, () => {
     const bffNow = () => clock.now() - 3_600_000;
     endpoint.queue.push(() =>
       Response.json(
-        { identity: "a", token: "one", refresh_after: new Date(bffNow() + 60_000), expires_at: new Date(bffNow() + 120_000) },
+        {
+          identity: "a",
+          token: "one",
+          refresh_after: new Date(bffNow() + 60_000),
+          expires_at: new Date(bffNow() + 120_000),
+        },
         { headers: { Date: httpDate(bffNow()) } },
       ),
     );

@@ -74,7 +74,8 @@ describe("tabs", { timeout: 10_000 }, () => {
 
   it("share a 503's Retry-After instead of each asking again", async () => {
     const clock = new FakeClock();
-    const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).refuse(503, { "Retry-After": "30" }).ok({ token: "two" });
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" });
+    endpoint.refuse(503, { "Retry-After": "30" }).ok({ token: "two" });
     const { providers, seen, stop } = tabs(10, endpoint, clock, "/token-c");
     await Promise.all(providers.map((p) => p.token()));
     await clock.advance(60_000);

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,14 +88,6 @@ def state(page: Page) -> str:
 def wait_for_tokens(page: Page, count: int) -> None:
     """Wait until the page's provider has had `count` tokens."""
     page.wait_for_function(f"window.seen.tokens.length >= {count}")
-
-
-def wait_for_requests(endpoint: TokenEndpoint, count: int) -> None:
-    """Wait (bounded) until the endpoint has had `count` requests."""
-    deadline = time.monotonic() + PAGE_TIMEOUT / 1000
-    while endpoint.count() < count:
-        assert time.monotonic() < deadline, f"{endpoint.count()} requests, not {count}"
-        time.sleep(0.02)
 
 
 def settle(page: Page) -> None:

@@ -35,7 +35,8 @@ export function createApp(synctoken, authenticate) {
         sync: { serviceSid: process.env.TWILIO_SYNC_SERVICE_SID ?? "", endpointId: device },
       });
       // The Python BFF's shape: the browser's token provider (clients/browser) refreshes at refresh_after.
-      res.send({ identity, token, expires_at: rfc3339(expiresAt), refresh_after: rfc3339(refreshAfter) });
+      const times = { expires_at: rfc3339(expiresAt), refresh_after: rfc3339(refreshAfter) };
+      res.send({ identity, token, ...times });
     } catch (error) {
       const answer = browserAnswer(error);
       const { code, reason, message } = answer.refusal;
