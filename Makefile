@@ -71,10 +71,18 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# The demo page: the Twilio Sync SDK bundled with the page's script, so the browser loads nothing
-# but the BFF's own files. Built, not committed (gitignored).
+# The browser token provider (clients/browser), as its npm package ships it: one ES module, its own
+# modules bundled, no dependencies. Built, not committed (gitignored), like the demo page.
+BROWSER_SRC := $(wildcard clients/browser/src/*.js)
+BROWSER_DIST := clients/browser/dist/index.js
+$(BROWSER_DIST): $(BROWSER_SRC) node_modules/.installed
+	node_modules/.bin/esbuild clients/browser/src/index.js --bundle --format=esm --target=es2020 \
+		--platform=browser --outfile=$@ --log-level=warning
+
+# The demo page: the Twilio Sync SDK bundled with the page's script (and the token provider), so the
+# browser loads nothing but the BFF's own files. Built, not committed (gitignored).
 BUNDLE := clients/bff/src/synctoken_bff/static/page.js
-$(BUNDLE): clients/bff/web/page.js node_modules/.installed
+$(BUNDLE): clients/bff/web/page.js $(BROWSER_SRC) node_modules/.installed
 	node_modules/.bin/esbuild $< --bundle --format=esm --target=es2020 --platform=browser \
 		--outfile=$@ --log-level=warning
 
@@ -93,7 +101,7 @@ test: check-lock lint check-generated pytest
 # The tests compare tokens with Twilio's Node helper library, from npm, smoke-test
 # the benchmark (which also needs wrk), load the demo page in Chromium, run HAProxy and Redis.
 PYTEST_NEEDS := node_modules/.installed /usr/bin/wrk /usr/bin/openssl /usr/bin/valgrind /usr/bin/chromium /usr/sbin/haproxy \
-	/usr/bin/redis-server /usr/bin/systemd-analyze $(BUNDLE)
+	/usr/bin/redis-server /usr/bin/systemd-analyze $(BUNDLE) $(BROWSER_DIST)
 pytest: $(INSTALLED) $(PYTEST_NEEDS)
 	$(BIN)/pytest
 
@@ -216,4 +224,4 @@ image-test: image $(INSTALLED)
 	$(BIN)/pytest -p no:cacheprovider tests/deploy/image_smoke.py
 
 clean:
-	rm -rf $(VENV) $(UV_VENV) $(LOWEST) node_modules $(BUNDLE) .gen-check .mypy_cache .ruff_cache .pytest_cache $(IMAGE_DIR)
+	rm -rf $(VENV) $(UV_VENV) $(LOWEST) node_modules $(BUNDLE) clients/browser/dist .gen-check .mypy_cache .ruff_cache .pytest_cache $(IMAGE_DIR)

@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 
 from support.configs import WriteConfig
-from support.constants import API_KEY_SID, BFF_ID, SYNCTOKEN
+from support.constants import API_KEY_SID, BFF_ID, ROOT, SYNCTOKEN
 from support.inprocess import RunningServer
 from support.logcapture import LeakWatch
 from support.pki import Pki
@@ -229,6 +229,38 @@ class TestPythonClient:
         ]
         assert result.stdout.endswith("exit 1\n")
         assert json.loads(result.stderr)["field_violations"][0]["field"] == "identity"
+
+
+class TestBrowserProviderExample:
+    """The page's lines under "The browser token provider" use the package's real exports."""
+
+    def test_lines_bundle(self, tmp_path: Path) -> None:
+        """esbuild bundles the printed lines with the package and twilio-sync: every name they import exists."""
+        [code] = blocks(section("### The browser token provider"), "js")
+        assert "tokenProvider(" in code
+        assert "bindSyncClient(provider, SyncClient" in code
+        result = subprocess.run(
+            [
+                str(ROOT / "node_modules/.bin/esbuild"),
+                "--bundle",
+                "--format=esm",
+                "--target=es2022",
+                "--platform=browser",
+                "--log-level=warning",
+                # As if installed: the package by its name, from its source.
+                "--alias:@synctoken/browser=./clients/browser/src/index.js",
+                f"--outfile={tmp_path / 'page.js'}",
+            ],
+            input=code,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        assert "function tokenProvider" in (tmp_path / "page.js").read_text(encoding="utf-8")
 
 
 class TestBffExample:

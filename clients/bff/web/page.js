@@ -1,14 +1,13 @@
-// The demo page's script: fetch /token from the BFF, start the real Twilio Sync SDK with it, keep it fresh, and
-// show what people come to check: the token's header and claims, when it is refreshed and expires, and why the
-// SDK cannot connect when it cannot.
-// esbuild bundles this file and twilio-sync into ../src/synctoken_bff/static/page.js (`make`), so that the
-// page loads nothing but the BFF's own files.
+// The demo page's script: the browser token provider (clients/browser) gets /token from the BFF and keeps it
+// fresh, the real Twilio Sync SDK runs on it, and the page shows what people come to check: the token's header
+// and claims, the provider's state, when it is refreshed and expires, and why the SDK cannot connect when it cannot.
+// esbuild bundles this file, the provider and twilio-sync into ../src/synctoken_bff/static/page.js (`make`), so
+// that the page loads nothing but the BFF's own files.
 import { SyncClient } from "twilio-sync";
+import { bindSyncClient, tokenProvider } from "../../browser/src/index.js";
 
 // How long to wait for Twilio before saying plainly that it cannot be reached (the SDK keeps retrying).
 const CONNECT_DEADLINE_MS = 15000;
-// The least time between two refreshes by the page's own timer.
-const MIN_REFRESH_MS = 5000;
 // `synctoken dev`'s made-up credentials (service/synctoken_server/dev/devenv.py) when no TWILIO_* variables are set:
 // a token they sign is a valid JWT, and Twilio refuses it.
 const DEV_ACCOUNT_SID = `AC${"0".repeat(32)}`;
@@ -29,11 +28,11 @@ const TIME_FORMAT = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", ti
 
 // What the page did, for people (the panel) and for the browser test (window.syncDemo).
 const demo = {
+  provider: null,
   client: null,
   createdWith: null,
   updatedWith: [],
   lastRefresh: null,
-  refreshTimer: null,
   current: null,
   devSigned: false,
   explainConnectionError: null,
@@ -85,25 +84,11 @@ function decodeJwt(token) {
   return { header, claims };
 }
 
-async function fetchToken() {
-  // no-store: every refresh must reach the BFF, which decides whether its cached token is still good.
-  const response = await fetch("/token", { cache: "no-store", credentials: "same-origin" });
-  const body = await response.json();
-  if (!response.ok) {
-    throw new Error(`${response.status} ${body.error.code}: ${body.error.message}`);
-  }
-  // refresh_after is the BFF's time. A browser clock running ahead of it would make every new token look
-  // due at once and refresh in a loop, so the timer runs on the BFF's clock (its Date header) instead.
-  const bffNow = Date.parse(response.headers.get("Date") ?? "");
-  body.clockSkew = Number.isNaN(bffNow) ? 0 : Date.now() - bffNow;
-  return body;
-}
-
-function showToken(grant) {
-  const { header, claims } = decodeJwt(grant.token);
+function showToken(token, info) {
+  const { header, claims } = decodeJwt(token);
   const sync = claims.grants?.data_sync ?? {};
-  demo.current = { expires: new Date(grant.expires_at), refreshAfter: new Date(grant.refresh_after), claims };
-  show("identity", grant.identity);
+  demo.current = { expires: info.expiresAt, refreshAfter: info.refreshAfter, claims };
+  show("identity", info.identity);
   show("service", sync.service_sid ?? "none");
   show("endpoint", sync.endpoint_id ?? "none (no ?device= given)");
   showTime("not-before", new Date(claims.nbf * 1000));
@@ -140,31 +125,49 @@ function rememberToken(why) {
   remember(why, `token ${claims.jti}, expires ${formatTime(expires)}`);
 }
 
-// The SDK fires tokenAboutToExpire only while connected to Twilio, so the page also keeps its own timer,
-// set to the BFF's refresh_after, which works offline too.
-function scheduleRefresh(grant) {
-  clearTimeout(demo.refreshTimer);
-  // Never sooner than MIN_REFRESH_MS: whatever the clocks say, the page must not hammer the BFF.
-  const delay = Math.max(MIN_REFRESH_MS, Date.parse(grant.refresh_after) + grant.clockSkew - Date.now());
-  demo.refreshTimer = setTimeout(() => refresh("timer"), delay);
+// The provider's states, as the page colours them.
+const STATE_KINDS = {
+  fresh: "ok",
+  refreshing: "pending",
+  stale: "pending",
+  expired: "error",
+  signed_out: "error",
+  failing: "error",
+};
+
+function showTokenState(state, info) {
+  const element = document.getElementById("token-state");
+  element.textContent = state.replace("_", " ");
+  element.className = `state state-${STATE_KINDS[state]}`;
+  const parts = [];
+  if (info.error !== null) parts.push(`last attempt: ${info.error.message}`);
+  if (info.retryAt !== null) parts.push(`next attempt ${formatTime(new Date(info.retryAt))}`);
+  show("token-detail", parts.join("; "));
+  if (info.error !== null) remember(`token ${state.replace("_", " ")}`, info.error.message);
 }
 
-async function refresh(why) {
-  try {
-    const grant = await fetchToken();
-    showToken(grant);
-    scheduleRefresh(grant);
-    demo.updatedWith.push(grant.token);
-    demo.lastRefresh = new Date();
-    show("refreshed", `${formatTime(demo.lastRefresh)} (${why})`);
-    rememberToken(`refreshed (${why})`);
-    // Not awaited before the panel is updated: while offline the SDK may hold the promise until it connects.
-    await demo.client.updateToken(grant.token);
-  } catch (error) {
-    show("refreshed", `refresh failed: ${error.message}`);
-    remember(`refresh failed (${why})`, error.message);
-    // Try again in a minute rather than never: the old token may still have a while to live.
-    demo.refreshTimer = setTimeout(() => refresh("retry"), 60000);
+function onToken(token, info) {
+  showToken(token, info);
+  if (demo.createdWith === null) {
+    rememberToken("first token");
+    return;
+  }
+  demo.lastRefresh = new Date();
+  const how = info.from === "tab" ? "by another tab" : "fetched";
+  show("refreshed", `${formatTime(demo.lastRefresh)} (${how})`);
+  rememberToken(`refreshed (${how})`);
+}
+
+// The SDK's client, recording each token it is handed after the first (for the browser test).
+class DemoSyncClient extends SyncClient {
+  constructor(token, options) {
+    super(token, options);
+    demo.createdWith = token;
+  }
+
+  updateToken(token) {
+    demo.updatedWith.push(token);
+    return super.updateToken(token);
   }
 }
 
@@ -238,23 +241,26 @@ function watchConnection(client) {
 
 async function start() {
   showState("fetching a token", "pending");
-  let grant;
+  demo.provider = tokenProvider({
+    url: "/token",
+    onToken,
+    onState: showTokenState,
+    onSignedOut: (error) => remember("signed out", error.message),
+  });
+  let client;
   try {
-    grant = await fetchToken();
+    // The first token goes to the SDK's constructor, each later one to updateToken: nothing else to write.
+    client = await bindSyncClient(demo.provider, DemoSyncClient, { logLevel: "silent" }, {
+      onUpdateError: (error) => remember("the SDK refused a new token", explainConnectionError(error)),
+    });
   } catch (error) {
     showState(`no token: ${error.message}`, "error");
-    remember("no token", error.message);
     return;
   }
-  showToken(grant);
-  rememberToken("first token");
+  demo.client = client;
   setInterval(tick, 1000);
   showState("connecting to Twilio Sync", "pending");
-  demo.client = new SyncClient(grant.token, { logLevel: "silent" });
-  demo.createdWith = grant.token;
-  watchConnection(demo.client);
-  demo.client.on("tokenAboutToExpire", () => refresh("tokenAboutToExpire"));
-  scheduleRefresh(grant);
+  watchConnection(client);
 }
 
 start();

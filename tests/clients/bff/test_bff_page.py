@@ -15,28 +15,18 @@ import pytest
 from playwright.sync_api import Page, Response, sync_playwright
 
 from support.bff import RunningBff
+from support.browser import CHROMIUM, CHROMIUM_ARGS
 from support.clients import SteppedClock, client_kwargs
 from support.configs import config_text
 from support.constants import ACCOUNT_SID, API_KEY_SID, API_SECRET, SERVICE_A
 from support.inprocess import RunningServer, ServerHarness
 from support.logcapture import LeakWatch
 from support.pki import Pki
+from support.processes import free_port
 from synctoken.client import AsyncTokenClient
 from synctoken_bff import Settings, create_app
 from synctoken_server.dev import devenv
 
-CHROMIUM = "/usr/bin/chromium"
-# Without the background-networking switches Chromium's own connections are refused en masse here.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # Every wait in the page is bounded by this (milliseconds).
 PAGE_TIMEOUT = 20_000
 SETTINGS = Settings(session_secret=b"k" * 32)
@@ -143,6 +133,9 @@ class TestDemoPage:
             assert page.evaluate("window.syncDemo.createdWith") == first["token"]
             assert page.evaluate("typeof window.syncDemo.client.updateToken") == "function"
             assert page.locator("#history li").count() == 1
+            # The provider's state, coloured as the connection's is.
+            assert browser.text("#token-state") == "fresh"
+            assert "state-ok" in (page.locator("#token-state").get_attribute("class") or "")
 
             run_past_deadline(browser)
 
@@ -158,7 +151,8 @@ class TestDemoPage:
             assert second["identity"] == first["identity"]
             assert second["token"] != first["token"]
             assert page.evaluate("window.syncDemo.updatedWith[0]") == second["token"]
-            assert browser.text("#refreshed").endswith("(timer)")
+            assert browser.text("#refreshed").endswith("(fetched)")
+            assert browser.text("#token-state") == "fresh"
             assert browser.text("#state").startswith("cannot connect to Twilio Sync: ")
             later = jwt.decode(second["token"], API_SECRET, algorithms=["HS256"])
             assert page.locator("#expires").get_attribute("datetime") == rfc3339(later["exp"])
@@ -166,7 +160,7 @@ class TestDemoPage:
             history = page.locator("#history li").all_inner_texts()
             assert len(history) == 2
             assert "first token" in history[0]
-            assert "refreshed (timer)" in history[1]
+            assert "refreshed (fetched)" in history[1]
             assert later["jti"] in history[1]
             # run_for left the page's clock an hour ahead of the BFF's, as a skewed browser's can be: the new
             # token's refresh_after, in the BFF's time, must not look due and start a loop of refreshes.
@@ -280,6 +274,25 @@ class TestWhatThePageShows:
             assert "Twilio will refuse it" in note.inner_text()
             run_past_deadline(browser)
             assert "dev-signed" in browser.text("#state")
+        finally:
+            bff.close()
+
+    def test_token_service_down_shows_failing(self, pki: Pki, browser: Browser) -> None:
+        """synctoken unreachable: the BFF answers 503, and the page says the provider is failing and will try again."""
+        bff = start_bff(pki, free_port())
+        try:
+            page = browser.page
+            page.clock.install()
+            with page.expect_response(lambda r: r.url.endswith("/token")) as answered:
+                page.goto(bff.url)
+            assert answered.value.status == 503
+            browser.wait_for_text("#token-state", "text === 'failing'")
+            assert "state-error" in (page.locator("#token-state").get_attribute("class") or "")
+            detail = browser.text("#token-detail")
+            assert "last attempt: GET /token: 503 " in detail
+            assert "next attempt" in detail
+            assert browser.text("#state") == "fetching a token"
+            assert page.evaluate("window.syncDemo.client") is None
         finally:
             bff.close()
 

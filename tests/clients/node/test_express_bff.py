@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +15,7 @@ import jwt
 import pytest
 
 from support.bff import error_of
+from support.browser import PAGE, PROVIDER_DIST, chromium
 from support.clients import env_for
 from support.configs import POLICY_TOML, config_text
 from support.constants import API_SECRET, BFF_ID, ROOT, SERVICE_A, SERVICE_C
@@ -30,6 +33,20 @@ import {{ createApp }} from "{APP.as_uri()}";
 import {{ clientFromEnv }} from "{APP.parent.parent.parent.joinpath("src/client.js").as_uri()}";
 const authenticate = (req) => req.get("x-authenticated-user") ?? null;
 const server = createApp(clientFromEnv(), authenticate).listen(Number(process.env.PORT), "127.0.0.1", () => {{
+  process.stdout.write(`listening on ${{server.address().port}}\\n`);
+}});
+"""
+
+
+# The example app with the browser token provider's test page beside /token: the provider against the real route.
+PROVIDER_PAGE_APP = f"""
+import {{ createApp }} from "{APP.as_uri()}";
+import {{ clientFromEnv }} from "{APP.parent.parent.parent.joinpath("src/client.js").as_uri()}";
+import {{ anonymousSessions, sessionSecret }} from "{APP.parent.joinpath("session.js").as_uri()}";
+const app = createApp(clientFromEnv(), anonymousSessions(sessionSecret()));
+app.get("/", (req, res) => res.type("html").send({json.dumps(PAGE)}));
+app.get("/provider.js", (req, res) => res.sendFile({json.dumps(str(PROVIDER_DIST))}));
+const server = app.listen(Number(process.env.PORT), "127.0.0.1", () => {{
   process.stdout.write(`listening on ${{server.address().port}}\\n`);
 }});
 """
@@ -87,6 +104,11 @@ def express(pki: Pki, tmp_path: Path, leak_watch: LeakWatch) -> Iterator[StartAp
         app.stop()
 
 
+def rfc3339(seconds: int) -> str:
+    """A JWT time claim as the Python BFF writes times."""
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
 def claims(token: str) -> dict[str, Any]:
     """The token's payload, its signature verified with the secret only synctoken holds."""
     return jwt.decode(token, API_SECRET, algorithms=["HS256"])
@@ -102,8 +124,14 @@ class TestIdentity:
         assert response.status_code == 200
         assert response.headers["cache-control"] == "no-store"
         body = response.json()
-        assert set(body) == {"identity", "token"}
+        assert set(body) == {"identity", "token", "expires_at", "refresh_after"}
         assert body["identity"].startswith("anon-")
+        # The Python BFF's times, which the browser's token provider reads: exp, and a refresh_after before it.
+        issued = claims(body["token"])
+        assert body["expires_at"] == rfc3339(issued["exp"])
+        refresh_after = dt.datetime.fromisoformat(body["refresh_after"]).timestamp()
+        assert issued["nbf"] < refresh_after < issued["exp"]
+        assert body["refresh_after"].endswith("Z")
         assert claims(body["token"])["grants"] == {
             "identity": body["identity"],
             "data_sync": {"service_sid": SERVICE_A},
@@ -246,6 +274,35 @@ class TestRefusals:
         assert response.status_code == 429
         assert error_of(response) == {"code": "RESOURCE_EXHAUSTED", "reason": "RATE_LIMITED", "message": RATE_LIMITED}
         assert int(response.headers["retry-after"]) >= 1
+
+
+class TestBrowserProvider:
+    """The browser's token provider (clients/browser) runs on the example's /token as on the Python BFF's."""
+
+    @pytest.mark.slow
+    def test_provider_fetches_and_refreshes(
+        self, express: StartApp, shared_server: RunningServer, tmp_path: Path, leak_watch: LeakWatch
+    ) -> None:
+        """In Chromium the provider gets a token, is fresh, and fetches the next one past refresh_after."""
+        script = tmp_path / "provider-page.mjs"
+        script.write_text(PROVIDER_PAGE_APP, encoding="utf-8")
+        app = express(shared_server.port, script=script)
+        with chromium(tmp_path / "profile") as context:
+            page = context.new_page()
+            page.clock.install()
+            with page.expect_response(lambda r: r.url.endswith("/token")) as answered:
+                page.goto(app.url)
+            first = answered.value.json()
+            leak_watch.tokens.add(first["token"])
+            page.wait_for_function("window.seen !== undefined && window.seen.tokens.length === 1")
+            assert page.evaluate("window.provider.state") == "fresh"
+            assert page.evaluate("window.seen.tokens[0]") == first["token"]
+            due = dt.datetime.fromisoformat(first["refresh_after"]).timestamp() * 1000
+            with page.expect_response(lambda r: r.url.endswith("/token")) as refreshed:
+                page.clock.run_for(int(due - page.evaluate("Date.now()")) + 2000)
+            leak_watch.tokens.add(refreshed.value.json()["token"])
+            page.wait_for_function("window.seen.tokens.length === 2 && window.provider.state === 'fresh'")
+            assert claims(page.evaluate("window.seen.tokens[1]"))["grants"]["identity"] == first["identity"]
 
 
 class TestReadme:

@@ -29,12 +29,14 @@ export function createApp(synctoken, authenticate) {
       return refuse(res, 401, "NO_USER", "sign in first", "UNAUTHENTICATED");
     }
     try {
-      const { token } = await synctoken.issueToken({
+      const { token, expiresAt, refreshAfter } = await synctoken.issueToken({
         identity,
         // Empty: the caller's default Sync service from synctoken's policy.
         sync: { serviceSid: process.env.TWILIO_SYNC_SERVICE_SID ?? "", endpointId: device },
       });
-      res.send({ identity, token });
+      // The Python BFF's shape: the browser's token provider (clients/browser) refreshes at refresh_after.
+      const times = { expires_at: rfc3339(expiresAt), refresh_after: rfc3339(refreshAfter) };
+      res.send({ identity, token, ...times });
     } catch (error) {
       const answer = browserAnswer(error);
       const { code, reason, message } = answer.refusal;
@@ -52,6 +54,12 @@ export function createApp(synctoken, authenticate) {
     }
   });
   return app;
+}
+
+// A protobuf Timestamp as the Python BFF writes times: whole seconds (rounded down: refresh_after may only move
+// earlier), UTC, Z.
+function rfc3339(timestamp) {
+  return new Date(Number(timestamp.seconds) * 1000).toISOString().replace(".000Z", "Z");
 }
 
 function refuse(res, status, reason, message, code = "INVALID_ARGUMENT") {

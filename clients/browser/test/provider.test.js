@@ -1,0 +1,221 @@
+// The provider against an injected fetch and clock: when it fetches, what it reports, how it fails.
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import { tokenProvider } from "../src/provider.js";
+import { MAX_BACKOFF_MS, RETRY_AFTER_JITTER } from "../src/schedule.js";
+import { FakeClock, FakeEndpoint, httpDate, settle } from "./fakes.js";
+
+/** A provider on a fake clock and endpoint, recording every state, token and sign-out. */
+function start(endpoint, clock, extra = {}) {
+  const seen = { states: [], tokens: [], signedOut: 0, errors: [] };
+  const provider = tokenProvider({
+    fetch: endpoint.fetch,
+    now: clock.now,
+    timers: clock.timers,
+    random: () => 0.5,
+    window: null,
+    document: null,
+    shareAcrossTabs: false,
+    onState: (state, info) => {
+      seen.states.push(state);
+      seen.errors.push(info.error);
+    },
+    onToken: (token) => seen.tokens.push(token),
+    onSignedOut: () => (seen.signedOut += 1),
+    ...extra,
+  });
+  return { provider, seen };
+}
+
+describe("tokenProvider", { timeout: 10_000 }, () => {
+  it("fetches at once, then again at refresh_after", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" });
+    const { provider, seen } = start(endpoint, clock);
+    assert.equal(await provider.token(), "one");
+    assert.equal(provider.state, "fresh");
+    await clock.advance(59_999);
+    assert.equal(endpoint.calls, 1);
+    await clock.advance(1);
+    assert.equal(endpoint.calls, 2);
+    assert.deepEqual(seen.tokens, ["one", "two"]);
+    assert.deepEqual(seen.states, ["refreshing", "fresh", "refreshing", "fresh"]);
+    provider.stop();
+  });
+
+  it("runs on the BFF's clock when the browser's is ahead", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock);
+    // The BFF's clock is an hour behind: its Date and its times say so.
+    const bffNow = () => clock.now() - 3_600_000;
+    endpoint.queue.push(() =>
+      Response.json(
+        {
+          identity: "a",
+          token: "one",
+          refresh_after: new Date(bffNow() + 60_000),
+          expires_at: new Date(bffNow() + 120_000),
+        },
+        { headers: { Date: httpDate(bffNow()) } },
+      ),
+    );
+    const { provider } = start(endpoint, clock);
+    await provider.token();
+    assert.equal(provider.state, "fresh");
+    await clock.advance(30_000);
+    assert.equal(endpoint.calls, 1);
+    provider.stop();
+  });
+
+  it("fetches before handing out a token that expired while timers did not run", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "old" }).ok({ token: "new" });
+    const { provider } = start(endpoint, clock);
+    await provider.token();
+    await settle();
+    await clock.jump(3 * 3_600_000);
+    assert.equal(provider.state, "expired");
+    assert.equal(await provider.token(), "new");
+    assert.equal(endpoint.calls, 2);
+    provider.stop();
+  });
+
+  it("shares one fetch between every caller", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" });
+    const { provider } = start(endpoint, clock);
+    const tokens = await Promise.all(Array.from({ length: 10 }, () => provider.token()));
+    assert.deepEqual(new Set(tokens), new Set(["one"]));
+    assert.equal(endpoint.calls, 1);
+    provider.stop();
+  });
+
+  it("tells onSignedOut once on 401, and does not retry", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).refuse(401, {}, "NO_USER");
+    const { provider, seen } = start(endpoint, clock);
+    await assert.rejects(provider.token(), { name: "TokenError", status: 401, reason: "NO_USER" });
+    await assert.rejects(provider.token(), { status: 401 });
+    await clock.advance(3_600_000);
+    assert.equal(endpoint.calls, 1);
+    assert.equal(seen.signedOut, 1);
+    assert.equal(provider.state, "signed_out");
+    // Signed in again: refresh() tries once more.
+    endpoint.ok({ token: "back" });
+    await provider.refresh();
+    assert.equal(await provider.token(), "back");
+    provider.stop();
+  });
+
+  it("surfaces 400 and 403 without retrying", async () => {
+    for (const status of [400, 403]) {
+      const clock = new FakeClock();
+      const endpoint = new FakeEndpoint(clock).refuse(status);
+      const { provider, seen } = start(endpoint, clock);
+      await assert.rejects(provider.token(), { status });
+      await clock.advance(3_600_000);
+      assert.equal(endpoint.calls, 1);
+      assert.equal(provider.state, "failing");
+      assert.equal(provider.error.status, status);
+      assert.equal(seen.states.at(-1), "failing");
+      assert.equal(seen.errors.at(-1).status, status);
+      provider.stop();
+    }
+  });
+
+  it("retries a 503 after its Retry-After, within the jitter", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).refuse(503, { "Retry-After": "10" }).ok({ token: "one" });
+    const { provider } = start(endpoint, clock);
+    const token = provider.token();
+    await settle();
+    assert.equal(provider.state, "failing");
+    await clock.advance(9_999);
+    assert.equal(endpoint.calls, 1);
+    await clock.advance(10_000 * RETRY_AFTER_JITTER);
+    assert.equal(endpoint.calls, 2);
+    assert.equal(await token, "one");
+    provider.stop();
+  });
+
+  it("backs off exponentially without Retry-After, capped at five minutes", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock);
+    for (let i = 0; i < 12; i++) endpoint.refuse(429);
+    const { provider } = start(endpoint, clock, { random: () => 0.999 });
+    const gaps = [];
+    let last = clock.now();
+    let calls = 0;
+    while (endpoint.calls < 12) {
+      await clock.advance(1000);
+      if (endpoint.calls !== calls) {
+        gaps.push(clock.now() - last);
+        last = clock.now();
+        calls = endpoint.calls;
+      }
+    }
+    // 1 s, 2 s, 4 s ... (times 0.999, to the second above) then never more than five minutes.
+    assert.deepEqual(gaps.slice(0, 5), [1000, 2000, 4000, 8000, 16_000]);
+    assert.ok(gaps.every((gap) => gap <= MAX_BACKOFF_MS));
+    // The cap is reached (0.999 of it, to the second).
+    assert.ok(gaps.at(-1) >= MAX_BACKOFF_MS - 1000);
+    provider.stop();
+  });
+
+  it("says the token expired while a retry waits past exp", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ refreshIn: 60_000, expiresIn: 70_000 });
+    endpoint.refuse(503, { "Retry-After": "60" });
+    const { provider, seen } = start(endpoint, clock, { random: () => 0 });
+    await provider.token();
+    await clock.advance(60_000);
+    assert.equal(provider.state, "stale");
+    await clock.advance(10_000);
+    assert.equal(provider.state, "expired");
+    assert.equal(seen.states.at(-1), "expired");
+    assert.equal(endpoint.calls, 2);
+    provider.stop();
+  });
+
+  it("retries a network error when the browser is back online", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).networkError().ok({ token: "one" });
+    const win = new EventTarget();
+    const { provider } = start(endpoint, clock, { window: win, random: () => 0.999 });
+    await settle();
+    assert.equal(provider.state, "failing");
+    assert.equal(provider.error.status, 0);
+    win.dispatchEvent(new Event("online"));
+    assert.equal(await provider.token(), "one");
+    assert.equal(endpoint.calls, 2);
+    provider.stop();
+  });
+
+  it("refreshes when the page becomes visible after its timer was held back", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" });
+    const doc = Object.assign(new EventTarget(), { visibilityState: "hidden" });
+    const { provider, seen } = start(endpoint, clock, { document: doc });
+    await provider.token();
+    await settle();
+    await clock.jump(90_000);
+    doc.dispatchEvent(new Event("visibilitychange"));
+    await settle();
+    assert.equal(endpoint.calls, 1, "a hidden page waits for its timer");
+    doc.visibilityState = "visible";
+    doc.dispatchEvent(new Event("visibilitychange"));
+    await settle();
+    assert.equal(endpoint.calls, 2);
+    assert.deepEqual(seen.tokens, ["one", "two"]);
+    provider.stop();
+  });
+
+  it("rejects waiting callers when stopped", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).refuse(503);
+    const { provider } = start(endpoint, clock);
+    const token = provider.token();
+    provider.stop();
+    await assert.rejects(token, { name: "ProviderStoppedError" });
+  });
+});
