@@ -87,13 +87,14 @@ class TestCors:
 
     @pytest.mark.parametrize("origin", ALLOWED)
     def test_allowed_origin_gets_credentialed_cors(self, bff: Bff, origin: str) -> None:
-        """An allowed origin is echoed with credentials, on the token and on a refusal alike."""
+        """An allowed origin is echoed with credentials, and sees Date and Retry-After, on a token and a refusal alike."""
         for response in (
             bff.token(headers={"origin": origin}),
             bff.token(headers={"origin": origin}, device="x" * 300),
         ):
             assert response.headers["access-control-allow-origin"] == origin
             assert response.headers["access-control-allow-credentials"] == "true"
+            assert response.headers["access-control-expose-headers"] == "Date, Retry-After"
             assert "origin" in vary(response)
 
     @pytest.mark.parametrize("origin", LOOKALIKES)
@@ -103,6 +104,7 @@ class TestCors:
         assert response.status_code == httpx.codes.OK  # served, but the browser will not show it to that page
         assert "access-control-allow-origin" not in response.headers
         assert "access-control-allow-credentials" not in response.headers
+        assert "access-control-expose-headers" not in response.headers
         assert "origin" in vary(response)
 
     def test_no_origin_still_varies(self, bff: Bff) -> None:

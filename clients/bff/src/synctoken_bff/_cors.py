@@ -17,6 +17,7 @@ from synctoken_bff._errors import error_body
 
 # How long a browser may reuse a preflight answer; Chromium caps it at 2 hours anyway.
 _MAX_AGE_SECONDS = 600
+_EXPOSED = "Date, Retry-After"
 
 
 class Cors:
@@ -37,6 +38,9 @@ class Cors:
         if origin is not None:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Allow-Credentials"] = "true"
+            # Neither is CORS-safelisted, and the browser token provider needs both: Date to read
+            # refresh_after on the BFF's clock, Retry-After to wait as long as a 429 or 503 says.
+            response.headers["Access-Control-Expose-Headers"] = _EXPOSED
 
     def preflight(self, request: Request) -> Response:
         """The answer to OPTIONS /token: the go-ahead for a GET without extra headers from an allowed origin only."""
