@@ -199,6 +199,8 @@ class CallerCertRules:
             raise CallerUnauthenticated(svid.TOO_MANY_INTERMEDIATES, (reading.caller_id,))
         if self.source is CallerIdSource.SPIFFE:
             self.check_trust_domain(reading.trust_domain, reading.caller_id)
+            if self.anchors is not None and not self.anchors().vouches_for(reading.trust_domain, leaf[0], chain):
+                raise CallerUnauthenticated(svid.NOT_FROM_ITS_TRUST_DOMAIN, (reading.caller_id,))
         return reading.caller_id
 
     def check_trust_domain(self, trust_domain: str, caller_id: str, *, forwarded: bool = False) -> None:

@@ -89,3 +89,22 @@ def test_unparsable_federated_bundle(pki: Pki) -> None:
     answer.federated_bundles["spiffe://partner.example"] = b"not a certificate"
     with pytest.raises(ValueError, match="does not parse"):
         svid_material(answer, now())
+
+
+def test_bundles_kept_per_trust_domain(pki: Pki) -> None:
+    """Each bundle's CAs are kept under its trust domain, for the caller-id check to use that one's only."""
+    svid = issue_svid(pki.ca, SERVER_ID, server=True)
+    partner = CertificateAuthority("partner CA")
+    material, _, _ = svid_material(response(svid, {"partner.example": partner.cert_pem}), now())
+    assert material.anchors.by_trust_domain == {
+        "example.org": frozenset({pem_to_der(pki.ca.cert_pem)}),
+        "partner.example": frozenset({pem_to_der(partner.cert_pem)}),
+    }
+
+
+def test_federated_bundle_for_the_own_trust_domain_is_refused(pki: Pki) -> None:
+    """A 'federated' bundle under the SVID's own trust domain would be rival CAs for our IDs: the answer is unusable."""
+    svid = issue_svid(pki.ca, SERVER_ID, server=True)
+    rival = CertificateAuthority("rival CA")
+    with pytest.raises(ValueError, match=r"^a federated bundle is for the X509-SVID.s own trust domain example\.org$"):
+        svid_material(response(svid, {TRUST_DOMAIN: rival.cert_pem}), now())
