@@ -217,6 +217,13 @@ class TestFromEnv:
                 ),
             ),
             (
+                {"SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET": "unix:run/agent.sock"},
+                (
+                    "SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET must name a Unix socket as unix:///path/to/agent.sock, "
+                    "not 'unix:run/agent.sock'"
+                ),
+            ),
+            (
                 {"SYNCTOKEN_SERVER_SPIFFE_ID": "spiffe://example.org"},
                 (
                     "SYNCTOKEN_SERVER_SPIFFE_ID must be a workload's SPIFFE ID such as "
