@@ -40,6 +40,10 @@ NOT_FROM_ITS_TRUST_DOMAIN = (
     "its certificate does not chain to a CA of its own trust domain's bundle (a trust domain's CA vouches for that "
     "trust domain's IDs only)"
 )
+DNS_NOT_FROM_OWN_TRUST_DOMAIN = (
+    "its certificate does not chain to a CA of the server's own trust domain's bundle (a federated trust domain's "
+    "CA does not vouch for DNS names)"
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,9 @@ class TrustAnchors:
     The handshake verifies a chain against every bundle at once; SPIFFE trusts each bundle for its own trust
     domain only, so a caller's chain must also lead to a CA of the bundle of the trust domain it names
     (`vouches_for`): else a federated partner's CA could sign certificates naming our own workloads."""
+    own_trust_domain: str = field(default="", compare=False)
+    """The server's SVID's trust domain, with by_trust_domain: the one whose CAs vouch for callers named by a
+    DNS SAN (a DNS name belongs to no trust domain, and a partner's CA must not name our DNS callers)."""
 
     @classmethod
     def from_pem(cls, bundle: bytes) -> TrustAnchors:

@@ -251,7 +251,10 @@ def svid_material(
     except TlsFileError as exc:
         raise ValueError(f"the X509-SVID cannot serve: {exc.problem}") from None
     material = dataclasses.replace(
-        material, anchors=dataclasses.replace(material.anchors, by_trust_domain=by_trust_domain)
+        material,
+        anchors=dataclasses.replace(
+            material.anchors, by_trust_domain=by_trust_domain, own_trust_domain=svid.spiffe_id.trust_domain.name
+        ),
     )
     return material, str(svid.spiffe_id), sorted(str(b.trust_domain) for b in bundles)
 

@@ -23,7 +23,7 @@ from cryptography import x509
 
 from support.calls import ALICE, SteadyLoad
 from support.configs import POLICY_TOML, SECRET_ENV, WriteConfig, config_text, spiffe_tls
-from support.constants import BFF_ID, SYNCTOKEN, TRUST_DOMAIN
+from support.constants import BFF_ID, DNS_CALLER, SYNCTOKEN, TRUST_DOMAIN
 from support.logcapture import LeakWatch
 from support.pki import Pki
 from support.probes import probe
@@ -202,6 +202,20 @@ def test_federated_ca_cannot_name_a_caller_of_another_trust_domain(
     assert served.call(pki.clients["bff"]) == grpc.StatusCode.OK
     expected = grpc.StatusCode.OK if identity else grpc.StatusCode.UNAUTHENTICATED
     assert served.call(partner) == expected
+
+
+def test_federated_ca_cannot_name_a_dns_caller(
+    workload_agent: WorkloadAgent, pki: Pki, start_served: StartServed
+) -> None:
+    """With identity.source = "dns_san", only the server's own trust domain's CAs vouch for DNS names."""
+    partner_ca = CertificateAuthority(f"{PARTNER} CA")
+    impostor = partner_ca.issue(LeafSpec("billing", dns_names=(DNS_CALLER,)))
+    workload_agent.start(SvidSet((server_svid(pki),), federated={PARTNER: partner_ca.cert_pem}))
+    service = f"IS{'a' * 32}"
+    policy = f'[[callers]]\nid = "{DNS_CALLER}"\nsync_services = ["{service}"]\ndefault_sync_service = "{service}"\n'
+    served = start_served(identity='[identity]\nsource = "dns_san"\n', policy=policy)
+    assert served.call(impostor) == grpc.StatusCode.UNAUTHENTICATED
+    assert served.call(pki.clients["dns_only"]) == grpc.StatusCode.OK
 
 
 def test_agent_restart_while_serving(

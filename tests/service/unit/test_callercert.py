@@ -365,8 +365,18 @@ class TestEachBundleForItsOwnTrustDomain:
         anchors = dataclasses.replace(
             svid.TrustAnchors.of(cas),
             by_trust_domain={"example.org": frozenset(ders[:1]), "partner.example": frozenset(ders[1:])},
+            own_trust_domain="example.org",
         )
         return CallerCertRules(SPIFFE, frozenset({"example.org", "partner.example"}), lambda: anchors)
+
+    def test_dns_callers_by_the_own_trust_domain_only(self) -> None:
+        """In dns_san mode a DNS name is vouched for by the server's own trust domain's CAs, not a partner's."""
+        rules = dataclasses.replace(self.rules(), source=DNS_SAN, trust_domains=frozenset())
+        ours = self.OURS.issue(LeafSpec("billing", dns_names=(DNS_CALLER,)))
+        assert rules.caller_id(auth_context(ours.cert_pem)) == DNS_CALLER
+        with pytest.raises(CallerUnauthenticated) as caught:
+            rules.caller_id(auth_context(self.PARTNER.issue(LeafSpec("billing", dns_names=(DNS_CALLER,))).cert_pem))
+        assert caught.value.message.endswith(svid.DNS_NOT_FROM_OWN_TRUST_DOMAIN)
 
     def test_own_and_partner_callers(self) -> None:
         """Each trust domain's CA names its own workloads, directly or through an intermediate it signed."""
