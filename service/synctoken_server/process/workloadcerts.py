@@ -249,7 +249,7 @@ def svid_material(
     try:
         material = tlsfiles.check(None, (), chain_pem, key_pem, ca_pem, now=now)
     except TlsFileError as exc:
-        raise ValueError(f"the X509-SVID cannot serve: {exc.problem}") from None
+        raise ValueError(f"the X509-SVID cannot serve: {_in_svid_words(exc)}") from None
     material = dataclasses.replace(
         material,
         anchors=dataclasses.replace(
@@ -257,6 +257,14 @@ def svid_material(
         ),
     )
     return material, str(svid.spiffe_id), sorted(str(b.trust_domain) for b in bundles)
+
+
+def _in_svid_words(exc: TlsFileError) -> str:
+    """tlsfiles.check's problem, said of the SVID's key or certificate rather than of files that do not exist."""
+    part = "key" if exc.key == tlsfiles.KEY_KEY else "certificate"
+    problem = exc.problem.replace(f"the first certificate in {tlsfiles.CERT_KEY}", "its certificate")
+    # "a DSA key cannot be used; ..." reads after a colon, "expired at ..." and "does not match ..." without.
+    return f"its {part}: {problem}" if problem.startswith(("a ", "an ")) else f"its {part} {problem}"
 
 
 async def connect(settings: WorkloadApiSettings | None) -> WorkloadApiSource | None:
