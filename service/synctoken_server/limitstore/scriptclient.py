@@ -37,6 +37,8 @@ import hiredis
 from synctoken_server.policy.limitbackend import RedisSettings
 
 CLIENT_NAME = "synctoken"
+_INCOMPLETE = object()
+"""What the reader returns while no whole reply is buffered: not False, which `#f` (RESP3) is read as."""
 
 
 class ResponseError(Exception):
@@ -49,7 +51,7 @@ class _Pipeline(asyncio.Protocol):
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._reader = hiredis.Reader(replyError=ResponseError)
+        self._reader = hiredis.Reader(replyError=ResponseError, notEnoughData=_INCOMPLETE)
         self._waiting: deque[tuple[asyncio.Future[object], float, float]] = deque()
         """(future, when written, deadline) per request not yet answered, oldest first; loop.time() seconds."""
         self._watchdog: asyncio.TimerHandle | None = None
@@ -63,7 +65,7 @@ class _Pipeline(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         try:
-            while (reply := self._reader.gets()) is not False:
+            while (reply := self._reader.gets()) is not _INCOMPLETE:
                 waiter = self._waiting.popleft()[0]
                 if waiter.done():  # timed out or cancelled: the reply keeps the order, nothing more
                     continue
@@ -71,8 +73,9 @@ class _Pipeline(asyncio.Protocol):
                     waiter.set_exception(reply)
                 else:
                     waiter.set_result(reply)
-        except (hiredis.ProtocolError, IndexError) as exc:
-            # Bytes that are not RESP, or a reply nobody asked for: the order is lost with them.
+        except (hiredis.ProtocolError, TypeError, IndexError) as exc:
+            # Bytes that are not RESP (or a map hiredis cannot build: TypeError), or a reply nobody asked
+            # for: the order is lost with them.
             self.abort(ConnectionError(f"Redis sent what the protocol does not allow ({type(exc).__name__})"))
             return
         self._last_reply = self._loop.time()
