@@ -37,6 +37,8 @@ import hiredis
 from synctoken_server.policy.limitbackend import RedisSettings
 
 CLIENT_NAME = "synctoken"
+MAX_REPLY_BYTES = 1 << 20
+"""More than any reply this client asks for (a script's few values, an error's text): a longer one is hostile."""
 _INCOMPLETE = object()
 """What the reader returns while no whole reply is buffered: not False, which `#f` (RESP3) is read as."""
 
@@ -77,6 +79,10 @@ class _Pipeline(asyncio.Protocol):
             # Bytes that are not RESP (or a map hiredis cannot build: TypeError), or a reply nobody asked
             # for: the order is lost with them.
             self.abort(ConnectionError(f"Redis sent what the protocol does not allow ({type(exc).__name__})"))
+            return
+        if self._reader.len() > MAX_REPLY_BYTES:
+            # Unbounded otherwise, even once nobody waits for the reply (the stalled rule needs a waiting call).
+            self.abort(ConnectionError(f"Redis sent a reply longer than {MAX_REPLY_BYTES} bytes"))
             return
         self._last_reply = self._loop.time()
 

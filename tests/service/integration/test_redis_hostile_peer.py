@@ -14,6 +14,9 @@ from synctoken_server.policy.limitbackend import RedisSettings
 Answer = Callable[[list[list[bytes]], asyncio.StreamWriter], Awaitable[None]]
 """What the peer does with the script calls it has read (each a command's arguments)."""
 
+HUGE_REPLY_CAP = 256 << 20
+"""The most a streaming peer sends before the test gives up on the client closing the connection."""
+
 
 async def peer(answer: Answer, calls: int) -> asyncio.Server:
     """A TCP server on loopback: +OK to the opening commands, then `answer` once `calls` script calls came."""
@@ -67,6 +70,41 @@ class TestHostilePeer:
                 server.close()
 
         assert asyncio.run(run()) == [False, b"second"]
+
+    def test_an_endless_reply_closes_the_connection(self) -> None:
+        """A reply that never ends is not buffered without bound, even when no call waits for it any more."""
+        sent = 0
+        finished = asyncio.Event()
+
+        async def answer(_scripts: list[list[bytes]], writer: asyncio.StreamWriter) -> None:
+            nonlocal sent
+            writer.write(b"$2\r\nok\r\n$1000000000\r\n")
+            chunk = b"x" * 65536
+            try:
+                while sent < HUGE_REPLY_CAP:
+                    writer.write(chunk)
+                    await writer.drain()
+                    sent += len(chunk)
+            finally:
+                finished.set()
+
+        async def run() -> None:
+            server = await peer(answer, calls=2)
+            ours = client_for(server, timeout_ms=200)
+            try:
+                first, second = await asyncio.gather(
+                    ours.run(["first"], []), ours.run(["second"], []), return_exceptions=True
+                )
+                assert first == b"ok"
+                assert isinstance(second, ConnectionError | TimeoutError)
+                # Nothing waits now: only the client's own limit can stop the peer before the test's cap.
+                await asyncio.wait_for(finished.wait(), 30)
+            finally:
+                await ours.close()
+                server.close()
+
+        asyncio.run(run())
+        assert sent < HUGE_REPLY_CAP, "the client kept reading a reply without end"
 
     def test_a_reply_hiredis_cannot_build_fails_the_calls_quietly(self) -> None:
         """A map keyed by a list (TypeError in hiredis) fails the waiting calls, with no asyncio 'Fatal error'."""
