@@ -591,6 +591,16 @@ class TestBreaker:
         assert breaker.is_closed
         assert breaker.allows(2.0)
 
+    def test_an_abandoned_probe_hands_the_probe_on(self) -> None:
+        """A probe that ends without an answer (cancelled) lets the next caller probe, and the breaker stays open."""
+        breaker = Breaker(failures=1, cooldown=1.0)
+        breaker.failed(0.0)
+        assert breaker.allows(1.0)
+        breaker.abandoned()
+        assert not breaker.is_closed
+        assert breaker.allows(1.0)
+        assert not breaker.allows(1.0)
+
 
 class TestMilliseconds:
     """Short timeouts in the config: 50ms or 2s."""
