@@ -20,8 +20,9 @@ cost about 35,000 instructions per call): one watchdog per connection fires at
 the oldest deadline and fails whatever has passed its own with TimeoutError.
 A request given up (timed out, or its RPC cancelled) keeps its place: its
 reply is read and dropped when it comes. A connection that has answered
-nothing since a timed-out request was written is stalled (a hung Redis, a
-dead peer) and closed, so the next call opens a new one.
+nothing since a request now past its deadline was written (its caller given
+up or not) is stalled (a hung Redis, a dead peer) and closed, so the next
+call opens a new one.
 """
 
 from __future__ import annotations
@@ -122,11 +123,12 @@ class _Pipeline(asyncio.Protocol):
         now = self._loop.time()
         stalled = False
         soonest: float | None = None
+        # Requests given up (their RPC cancelled) count too: when every caller gives up before the
+        # timeout, a dead connection must still be found dead, or it would be kept for good.
         for waiter, written, deadline in self._waiting:
-            if waiter.done():
-                continue
             if deadline <= now:
-                waiter.set_exception(TimeoutError())
+                if not waiter.done():
+                    waiter.set_exception(TimeoutError())
                 stalled = stalled or self._last_reply < written
             elif soonest is None or deadline < soonest:
                 soonest = deadline

@@ -18,8 +18,11 @@ HUGE_REPLY_CAP = 256 << 20
 """The most a streaming peer sends before the test gives up on the client closing the connection."""
 
 
-async def peer(answer: Answer, calls: int) -> asyncio.Server:
-    """A TCP server on loopback: +OK to the opening commands, then `answer` once `calls` script calls came."""
+async def peer(answer: Answer, calls: int, hung_up: asyncio.Event | None = None) -> asyncio.Server:
+    """A TCP server on loopback: +OK to the opening commands, then `answer` once `calls` script calls came.
+
+    `hung_up` is set when the client closes the connection.
+    """
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = hiredis.Reader()
@@ -38,6 +41,8 @@ async def peer(answer: Answer, calls: int) -> asyncio.Server:
             pass
         finally:
             writer.close()
+            if hung_up is not None:
+                hung_up.set()
 
     return await asyncio.start_server(serve, "127.0.0.1", 0)
 
@@ -127,3 +132,28 @@ class TestHostilePeer:
 
         asyncio.run(run())
         assert [context["message"] for context in reported if "data_received" in str(context["message"])] == []
+
+
+async def never(_scripts: list[list[bytes]], _writer: asyncio.StreamWriter) -> None:
+    """Answer nothing: a hung Redis, or a connection to one that moved away without a reset."""
+
+
+def test_a_connection_whose_calls_were_all_cancelled_is_still_judged_stalled() -> None:
+    """Calls cancelled before their deadline (RPC deadlines shorter than the timeout) still get a dead connection closed."""
+
+    async def run() -> None:
+        hung_up = asyncio.Event()
+        server = await peer(never, calls=1, hung_up=hung_up)
+        ours = client_for(server, timeout_ms=200)
+        try:
+            call = asyncio.create_task(ours.run(["first"], []))
+            await asyncio.sleep(0.05)  # written, and waiting for the reply that never comes
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await asyncio.wait_for(hung_up.wait(), 5)
+        finally:
+            await ours.close()
+            server.close()
+
+    asyncio.run(run())
