@@ -517,6 +517,12 @@ class TestRedisConfig:
                 "limits.redis.url: the URL holds a password",
             ),
             ("http://127.0.0.1:6379/0", "", "", "limits.redis.url: 'http://127.0.0.1:6379/0' is not a URL like"),
+            (
+                "redis://limits@127.0.0.1:6379/0",
+                "",
+                "",
+                "redis.password_file: missing: the URL names the user 'limits'",
+            ),
             ("redis://127.0.0.1:6379/x", "", "", "the database is a number"),
             ("unix://host/path", "", "", "a unix socket URL is unix:///absolute/path"),
             ("unix:///run/redis.sock?timeout=1", "", "", "the only query a unix socket URL may have is ?db=N"),
