@@ -517,6 +517,12 @@ class TestRedisConfig:
                 "limits.redis.url: the URL holds a password",
             ),
             ("http://127.0.0.1:6379/0", "", "", "limits.redis.url: 'http://127.0.0.1:6379/0' is not a URL like"),
+            (
+                "redis://limits@127.0.0.1:6379/0",
+                "",
+                "",
+                "redis.password_file: missing: the URL names the user 'limits'",
+            ),
             ("redis://127.0.0.1:6379/x", "", "", "the database is a number"),
             ("unix://host/path", "", "", "a unix socket URL is unix:///absolute/path"),
             ("unix:///run/redis.sock?timeout=1", "", "", "the only query a unix socket URL may have is ?db=N"),
@@ -590,6 +596,16 @@ class TestBreaker:
         assert breaker.succeeded()
         assert breaker.is_closed
         assert breaker.allows(2.0)
+
+    def test_an_abandoned_probe_hands_the_probe_on(self) -> None:
+        """A probe that ends without an answer (cancelled) lets the next caller probe, and the breaker stays open."""
+        breaker = Breaker(failures=1, cooldown=1.0)
+        breaker.failed(0.0)
+        assert breaker.allows(1.0)
+        breaker.abandoned()
+        assert not breaker.is_closed
+        assert breaker.allows(1.0)
+        assert not breaker.allows(1.0)
 
 
 class TestMilliseconds:
