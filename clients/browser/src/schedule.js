@@ -80,11 +80,13 @@ export function backoffDelay(attempts, random) {
  * @param {number} random a number in [0, 1)
  */
 export function retryTime(at, attempts, retryAfterMs, random) {
+  const backoff = backoffDelay(attempts, random);
   if (retryAfterMs !== null) {
-    // Never sooner than the server asked; a little later, by a different amount in each tab.
-    return at + Math.min(MAX_BACKOFF_MS, retryAfterMs) * (1 + RETRY_AFTER_JITTER * random);
+    // Never sooner than the server asked; a little later, by a different amount in each tab. Nor sooner than
+    // the backoff: a Retry-After of 0 or a date already past (or a skewed clock) must not make a retry loop.
+    return at + Math.max(backoff, Math.min(MAX_BACKOFF_MS, retryAfterMs) * (1 + RETRY_AFTER_JITTER * random));
   }
-  return at + backoffDelay(attempts, random);
+  return at + backoff;
 }
 
 /**

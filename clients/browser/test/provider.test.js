@@ -219,3 +219,25 @@ describe("tokenProvider", { timeout: 10_000 }, () => {
     await assert.rejects(token, { name: "ProviderStoppedError" });
   });
 });
+
+describe("tokenProvider against odd answers", { timeout: 10_000 }, () => {
+  it("backs off when Retry-After says now or a moment already past, instead of asking again at once", async () => {
+    for (const retryAfter of ["0", httpDate(Date.UTC(2020, 0, 1)), "x 1"]) {
+      const clock = new FakeClock();
+      const endpoint = new FakeEndpoint(clock);
+      for (let i = 0; i < 5; i++) endpoint.refuse(503, { "Retry-After": retryAfter });
+      endpoint.ok({ token: "one" });
+      const { provider } = start(endpoint, clock);
+      await settle();
+      assert.equal(endpoint.calls, 1, retryAfter);
+      // random 0.5: half of the backoff's cap, 1 s then 2 s.
+      await clock.advance(500);
+      assert.equal(endpoint.calls, 2, retryAfter);
+      await clock.advance(999);
+      assert.equal(endpoint.calls, 2, retryAfter);
+      await clock.advance(1);
+      assert.equal(endpoint.calls, 3, retryAfter);
+      provider.stop();
+    }
+  });
+});

@@ -71,6 +71,10 @@ describe("retryTime", { timeout: 10_000 }, () => {
   it("caps a Retry-After longer than the backoff's cap", () => {
     assert.equal(retryTime(T0, 1, 3_600_000, 0), T0 + MAX_BACKOFF_MS);
   });
+  it("backs off when Retry-After is shorter than the backoff (0, a past date)", () => {
+    assert.equal(retryTime(T0, 3, 0, 0.5), T0 + 2000);
+    assert.equal(retryTime(T0, 3, 1000, 0.5), T0 + 2000);
+  });
   it("backs off without Retry-After", () => {
     assert.equal(retryTime(T0, 3, null, 0.25), T0 + 1000);
   });
