@@ -127,8 +127,9 @@ export function nextStep({ now, grant, failure }) {
   } else if (grant === null) {
     return { action: "fetch", delay: 0 };
   } else {
-    // Due at refresh_after, but never sooner than MIN_REFRESH_MS after the last token came.
-    const due = Math.max(grant.refreshAt, grant.receivedAt + MIN_REFRESH_MS);
+    // Due at refresh_after (or exp, should a BFF send a refresh_after later than that), but never sooner than
+    // MIN_REFRESH_MS after the last token came.
+    const due = Math.max(Math.min(grant.refreshAt, grant.expiresAt), grant.receivedAt + MIN_REFRESH_MS);
     if (now >= due) return { action: "fetch", delay: 0 };
     moments.push(due);
   }

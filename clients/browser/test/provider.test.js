@@ -241,3 +241,16 @@ describe("tokenProvider against odd answers", { timeout: 10_000 }, () => {
     }
   });
 });
+
+describe("tokenProvider against odd grants", { timeout: 10_000 }, () => {
+  it("fetches by exp when refresh_after comes after it, instead of leaving the token dead until then", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one", refreshIn: 600_000, expiresIn: 120_000 }).ok();
+    const { provider } = start(endpoint, clock);
+    await provider.token();
+    await clock.advance(120_000);
+    assert.equal(endpoint.calls, 2);
+    assert.equal(provider.state, "fresh");
+    provider.stop();
+  });
+});

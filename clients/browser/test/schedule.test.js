@@ -103,6 +103,13 @@ describe("nextStep", { timeout: 10_000 }, () => {
     assert.equal(nextStep({ now: T0, grant: grant(-1, 300_000), failure: null }).action, "fetch");
     assert.equal(nextStep({ now: T0, grant: grant(-7_200_000, -3_600_000), failure: null }).action, "fetch");
   });
+  it("is due at exp when refresh_after is later", () => {
+    assert.deepEqual(nextStep({ now: T0, grant: grant(600_000, 120_000), failure: null }), {
+      action: "wait",
+      delay: 120_000,
+    });
+    assert.equal(nextStep({ now: T0 + 120_000, grant: grant(600_000, 120_000), failure: null }).action, "fetch");
+  });
   it("leaves MIN_REFRESH_MS after the last token, whatever refresh_after says", () => {
     const justNow = grant(-1000, 300_000, 1000);
     assert.deepEqual(nextStep({ now: T0, grant: justNow, failure: null }), {
