@@ -147,7 +147,7 @@ export function tokenProvider(options = {}) {
       })
       .catch((/** @type {unknown} */ error) => {
         // Only a bug gets here (fetchOnce handles every answer): fail softly, with backoff.
-        fail("retry", new TokenError(0, `token refresh failed: ${String(error)}`), null);
+        if (!stopped) fail("retry", new TokenError(0, `token refresh failed: ${String(error)}`), null);
       })
       .finally(() => {
         inflight = null;
@@ -170,9 +170,12 @@ export function tokenProvider(options = {}) {
         ...options.init,
       });
     } catch {
+      if (stopped) return;
       return fail("retry", new TokenError(0, "the token endpoint could not be reached"), null, true);
     }
     const answer = await readAnswer(response, url, now());
+    // Stopped while the answer came: it is nobody's (and the channel to the other tabs is closed).
+    if (stopped) return;
     if ("grant" in answer) {
       accept(answer.grant, "fetch");
       tabs.publish({ type: "token", grant: answer.grant });

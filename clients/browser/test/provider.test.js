@@ -254,3 +254,47 @@ describe("tokenProvider against odd grants", { timeout: 10_000 }, () => {
     provider.stop();
   });
 });
+
+describe("tokenProvider.stop", { timeout: 10_000 }, () => {
+  it("with a fetch in flight: its answer reaches nobody, and nothing fails after", async () => {
+    for (const answer of ["ok", "503"]) {
+      const clock = new FakeClock();
+      const endpoint = new FakeEndpoint(clock);
+      let release;
+      const held = new Promise((resolve) => (release = resolve));
+      endpoint.queue.push(async () => {
+        await held;
+        if (answer !== "ok") return new Response("", { status: 503 });
+        return Response.json({ identity: "a", token: "late", ...times(clock) });
+      });
+      const unhandled = [];
+      const onUnhandled = (error) => unhandled.push(error);
+      process.on("unhandledRejection", onUnhandled);
+      // Sharing across tabs: the channel is open until stop() closes it.
+      const { provider, seen } = start(endpoint, clock, {
+        shareAcrossTabs: true,
+        url: `/token-stop-${answer}`,
+        platform: { BroadcastChannel },
+      });
+      await settle();
+      assert.equal(endpoint.calls, 1);
+      const states = seen.states.length;
+      provider.stop();
+      release();
+      await settle();
+      await clock.advance(3_600_000);
+      process.off("unhandledRejection", onUnhandled);
+      assert.deepEqual(unhandled, [], answer);
+      assert.equal(seen.states.length, states, `${answer}: no state after stop`);
+      assert.deepEqual(seen.tokens, [], answer);
+      assert.equal(endpoint.calls, 1, answer);
+    }
+  });
+});
+
+function times(clock) {
+  return {
+    refresh_after: new Date(clock.now() + 60_000).toISOString(),
+    expires_at: new Date(clock.now() + 120_000).toISOString(),
+  };
+}
