@@ -100,12 +100,29 @@ export function tokenProvider(options = {}) {
     if (next === state && error === reportedError) return;
     state = next;
     reportedError = error;
-    options.onState?.(next, {
+    tell(options.onState, next, {
       error,
       retryAt: failure?.kind === "retry" ? failure.retryAt : null,
       refreshAt: grant?.refreshAt ?? null,
       expiresAt: grant?.expiresAt ?? null,
     });
+  }
+
+  /**
+   * Call one of the app's hooks. A throw is the app's bug, not the provider's: it is reported as uncaught, and
+   * the provider carries on (a throw from onState in the middle of accepting a token would lose the token).
+   * @template {unknown[]} A
+   * @param {((...args: A) => void) | undefined} hook
+   * @param {A} args
+   */
+  function tell(hook, ...args) {
+    try {
+      hook?.(...args);
+    } catch (error) {
+      queueMicrotask(() => {
+        throw error;
+      });
+    }
   }
 
   /** Act now or set the timer for the next moment something changes. */
@@ -203,16 +220,8 @@ export function tokenProvider(options = {}) {
     const ready = waiters;
     waiters = [];
     for (const waiter of ready) waiter.resolve(fresh.token);
-    for (const listener of listeners) {
-      try {
-        listener(fresh.token, info);
-      } catch (error) {
-        // The app's bug, not the provider's: reported as uncaught, and the other listeners still get the token.
-        queueMicrotask(() => {
-          throw error;
-        });
-      }
-    }
+    // Each listener gets the token even if one before it throws.
+    for (const listener of listeners) tell(listener, fresh.token, info);
   }
 
   /**
@@ -244,7 +253,7 @@ export function tokenProvider(options = {}) {
     for (const waiter of ready) waiter.reject(failure.error);
     if (failure.kind === "signed_out" && !signedOutTold) {
       signedOutTold = true;
-      options.onSignedOut?.(failure.error);
+      tell(options.onSignedOut, failure.error);
     }
   }
 

@@ -298,3 +298,43 @@ function times(clock) {
     expires_at: new Date(clock.now() + 120_000).toISOString(),
   };
 }
+
+describe("tokenProvider with an app whose hooks throw", { timeout: 10_000 }, () => {
+  it("keeps refreshing and signing out, and reports each throw as uncaught", async () => {
+    const thrown = [];
+    const original = globalThis.queueMicrotask;
+    // The provider rethrows an app's error from a microtask (uncaught, as the browser reports it): caught here.
+    globalThis.queueMicrotask = (task) =>
+      original(() => {
+        try {
+          task();
+        } catch (error) {
+          thrown.push(error.message);
+        }
+      });
+    try {
+      const clock = new FakeClock();
+      const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" }).refuse(401);
+      const fail = (what) => () => {
+        throw new Error(what);
+      };
+      const { provider, seen } = start(endpoint, clock, {
+        onState: fail("onState"),
+        onSignedOut: fail("onSignedOut"),
+      });
+      assert.equal(await provider.token(), "one");
+      await clock.advance(60_000);
+      assert.equal(await provider.token(), "two");
+      await clock.advance(60_000);
+      assert.equal(provider.state, "signed_out");
+      await assert.rejects(provider.token(), { status: 401 });
+      await clock.advance(3_600_000);
+      assert.equal(endpoint.calls, 3);
+      assert.deepEqual(seen.tokens, ["one", "two"]);
+      assert.ok(thrown.includes("onState") && thrown.includes("onSignedOut"), String(thrown));
+      provider.stop();
+    } finally {
+      globalThis.queueMicrotask = original;
+    }
+  });
+});
