@@ -3,7 +3,7 @@
 // this module does the fetching, the timers, the browser's events and the bookkeeping.
 import { isGrant, readAnswer } from "./answer.js";
 import { ProviderStoppedError, TokenError } from "./errors.js";
-import { grantState, nextStep, retryTime } from "./schedule.js";
+import { FETCH_TIMEOUT_MS, grantState, nextStep, retryTime } from "./schedule.js";
 import { connectTabs } from "./tabs.js";
 
 /** setTimeout's largest delay; a longer one fires at once. */
@@ -34,7 +34,8 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
  * @property {(error: TokenError) => void} [onSignedOut] once when the BFF answers 401 (again only after a token
  * came, or after `refresh()`)
  * @property {typeof fetch} [fetch]
- * @property {RequestInit} [init] extra fetch options (e.g. credentials: "include" for a BFF on another origin)
+ * @property {RequestInit} [init] extra fetch options (e.g. credentials: "include" for a BFF on another origin;
+ * a `signal` of the app's replaces the provider's, which aborts a fetch after FETCH_TIMEOUT_MS and on stop())
  * @property {boolean} [shareAcrossTabs] one fetch for all tabs of the origin (default true)
  * @property {() => number} [now] the clock (default Date.now)
  * @property {() => number} [random] in [0, 1) (default Math.random)
@@ -67,6 +68,8 @@ export function tokenProvider(options = {}) {
   let refreshing = false;
   /** @type {ReturnType<typeof setTimeout> | undefined} */
   let timer;
+  /** @type {AbortController | null} the fetch in flight's */
+  let aborter = null;
   let stopped = false;
   let signedOutTold = false;
   /** @type {State | null} */
@@ -176,6 +179,20 @@ export function tokenProvider(options = {}) {
   }
 
   async function fetchOnce() {
+    // Aborted by stop(), or when no answer (headers and body) came within FETCH_TIMEOUT_MS.
+    const controller = new AbortController();
+    aborter = controller;
+    const deadline = timers.setTimeout(() => controller.abort(), FETCH_TIMEOUT_MS);
+    try {
+      await fetchAndRead(controller.signal);
+    } finally {
+      timers.clearTimeout(deadline);
+      aborter = null;
+    }
+  }
+
+  /** @param {AbortSignal} signal */
+  async function fetchAndRead(signal) {
     /** @type {Response} */
     let response;
     try {
@@ -184,6 +201,7 @@ export function tokenProvider(options = {}) {
         cache: "no-store",
         credentials: "same-origin",
         headers: { Accept: "application/json" },
+        signal,
         ...options.init,
       });
     } catch {
@@ -346,6 +364,7 @@ export function tokenProvider(options = {}) {
       if (stopped) return;
       stopped = true;
       timers.clearTimeout(timer);
+      aborter?.abort();
       win?.removeEventListener?.("online", onOnline);
       win?.removeEventListener?.("focus", wake);
       win?.removeEventListener?.("pageshow", onPageShow);

@@ -9,6 +9,11 @@ export const MAX_BACKOFF_MS = 5 * 60 * 1000;
 export const BASE_BACKOFF_MS = 1000;
 /** Retry-After is honoured, then stretched by up to this fraction: tabs told the same do not return together. */
 export const RETRY_AFTER_JITTER = 0.2;
+/**
+ * The longest a fetch may take before it counts as a network error: a connection that died while the laptop
+ * slept can leave a fetch with no answer and no error, holding the tabs' lock, and so every tab's refresh.
+ */
+export const FETCH_TIMEOUT_MS = 30_000;
 /** The least time between two fetches that succeeded: whatever the clocks say, the BFF is not hammered. */
 export const MIN_REFRESH_MS = 5000;
 

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { tokenProvider } from "../src/provider.js";
-import { MAX_BACKOFF_MS, RETRY_AFTER_JITTER } from "../src/schedule.js";
+import { FETCH_TIMEOUT_MS, MAX_BACKOFF_MS, RETRY_AFTER_JITTER } from "../src/schedule.js";
 import { FakeClock, FakeEndpoint, httpDate, settle } from "./fakes.js";
 
 /** A provider on a fake clock and endpoint, recording every state, token and sign-out. */
@@ -336,5 +336,47 @@ describe("tokenProvider with an app whose hooks throw", { timeout: 10_000 }, () 
     } finally {
       globalThis.queueMicrotask = original;
     }
+  });
+});
+
+describe("tokenProvider against a fetch that never answers", { timeout: 10_000 }, () => {
+  it("gives up on it after FETCH_TIMEOUT_MS, as on a network error, and tries again", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock);
+    const signals = [];
+    // A connection that died in a sleep: no answer and no error, until the provider aborts it.
+    endpoint.queue.push(() => new Promise(() => {}));
+    endpoint.fetch = (url, init) => {
+      endpoint.calls += 1;
+      signals.push(init.signal);
+      const next = endpoint.queue.shift();
+      if (!next) throw new Error("no answer queued");
+      return new Promise((resolve, reject) => {
+        init.signal?.addEventListener("abort", () => reject(new DOMException("aborted", "AbortError")));
+        Promise.resolve(next()).then(resolve, reject);
+      });
+    };
+    endpoint.ok({ token: "one" });
+    const { provider } = start(endpoint, clock, { fetch: (...args) => endpoint.fetch(...args) });
+    await settle();
+    await clock.advance(FETCH_TIMEOUT_MS - 1);
+    assert.equal(endpoint.calls, 1);
+    assert.equal(provider.state, "refreshing");
+    await clock.advance(1);
+    assert.equal(provider.error?.status, 0);
+    await clock.advance(1000);
+    assert.equal(endpoint.calls, 2);
+    assert.equal(await provider.token(), "one");
+    provider.stop();
+  });
+
+  it("aborts the fetch in flight when stopped", async () => {
+    const clock = new FakeClock();
+    let signal = null;
+    const { provider } = start({ fetch: (url, init) => ((signal = init.signal), new Promise(() => {})) }, clock);
+    await settle();
+    assert.equal(signal?.aborted, false);
+    provider.stop();
+    assert.equal(signal.aborted, true);
   });
 });
