@@ -3,7 +3,7 @@
 // this module does the fetching, the timers, the browser's events and the bookkeeping.
 import { isGrant, readAnswer } from "./answer.js";
 import { ProviderStoppedError, TokenError } from "./errors.js";
-import { FETCH_TIMEOUT_MS, grantState, nextStep, retryTime } from "./schedule.js";
+import { FETCH_TIMEOUT_MS, grantState, nextStep, rebaseFailure, retryTime } from "./schedule.js";
 import { connectTabs } from "./tabs.js";
 
 /** setTimeout's largest delay; a longer one fires at once. */
@@ -132,6 +132,7 @@ export function tokenProvider(options = {}) {
   function schedule() {
     if (stopped) return;
     timers.clearTimeout(timer);
+    failure = rebaseFailure(failure, now());
     const step = nextStep({ now: now(), grant, failure });
     if (inflight || step.action === "fetch") {
       // Straight to "refreshing", not through "stale" first.

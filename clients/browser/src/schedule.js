@@ -95,6 +95,19 @@ export function retryTime(at, attempts, retryAfterMs, random) {
 }
 
 /**
+ * The failure with its times moved back by as much as the clock was set back since: a retry never waits longer
+ * than was decided when it failed.
+ * @template {Failure} F
+ * @param {F | null} failure
+ * @param {number} now
+ * @returns {F | null} the same failure, unless the clock was set back
+ */
+export function rebaseFailure(failure, now) {
+  if (failure === null || now >= failure.at) return failure;
+  return { ...failure, at: now, retryAt: now + (failure.retryAt - failure.at) };
+}
+
+/**
  * The token's state at `now`, when no fetch is in flight and nothing failed for good.
  * @param {Grant | null} grant
  * @param {number} now
@@ -130,6 +143,10 @@ export function nextStep({ now, grant, failure }) {
     if (now >= failure.retryAt) return { action: "fetch", delay: 0 };
     moments.push(failure.retryAt);
   } else if (grant === null) {
+    return { action: "fetch", delay: 0 };
+  } else if (now < grant.receivedAt) {
+    // A clock set back since the token came: its times on this clock no longer say when it expires. A new
+    // token's do (and its receivedAt ends this).
     return { action: "fetch", delay: 0 };
   } else {
     // Due at refresh_after (or exp, should a BFF send a refresh_after later than that), but never sooner than

@@ -380,3 +380,35 @@ describe("tokenProvider against a fetch that never answers", { timeout: 10_000 }
     assert.equal(signal.aborted, true);
   });
 });
+
+describe("tokenProvider when the clock jumps backwards", { timeout: 10_000 }, () => {
+  it("fetches a token again at the next look at the clock, as its times on this clock no longer hold", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" });
+    const { provider } = start(endpoint, clock);
+    await provider.token();
+    // Set back an hour: the token would look fresh for an hour more than it lives.
+    await clock.jump(-3_600_000);
+    provider.check();
+    await settle();
+    assert.equal(endpoint.calls, 2);
+    assert.equal(await provider.token(), "two");
+    assert.equal(provider.state, "fresh");
+    provider.stop();
+  });
+
+  it("does not stretch a retry's wait by the jump", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).refuse(503, { "Retry-After": "10" }).ok({ token: "one" });
+    const { provider } = start(endpoint, clock, { random: () => 0 });
+    await settle();
+    await clock.jump(-3_600_000);
+    provider.check();
+    await clock.advance(9_999);
+    assert.equal(endpoint.calls, 1, "Retry-After still holds");
+    await clock.advance(1);
+    assert.equal(endpoint.calls, 2);
+    assert.equal(await provider.token(), "one");
+    provider.stop();
+  });
+});

@@ -10,6 +10,7 @@ import {
   grantState,
   nextStep,
   parseRetryAfter,
+  rebaseFailure,
   retryTime,
 } from "../src/schedule.js";
 
@@ -130,10 +131,25 @@ describe("nextStep", { timeout: 10_000 }, () => {
       delay: 90_000,
     });
   });
+  it("fetches when the clock was set back since the token came", () => {
+    assert.equal(nextStep({ now: T0 - 3_600_000, grant: grant(60_000, 120_000, 0), failure: null }).action, "fetch");
+  });
   it("does nothing by itself after 401 or 400/403", () => {
     for (const kind of ["signed_out", "fatal"]) {
       const failure = { kind, at: T0, retryAt: Infinity, attempts: 1 };
       assert.equal(nextStep({ now: T0, grant: null, failure }).action, "idle");
     }
+  });
+});
+
+describe("rebaseFailure", { timeout: 10_000 }, () => {
+  it("moves a failure's times back with a clock set back, and leaves them otherwise", () => {
+    const failure = retry(4000);
+    assert.equal(rebaseFailure(failure, T0 + 1), failure);
+    assert.equal(rebaseFailure(null, T0), null);
+    const rebased = rebaseFailure(failure, T0 - 3_600_000);
+    assert.equal(rebased.retryAt - rebased.at, 4000);
+    assert.equal(rebased.at, T0 - 3_600_000);
+    assert.deepEqual(nextStep({ now: T0 - 3_600_000, grant: null, failure: rebased }), { action: "wait", delay: 4000 });
   });
 });
