@@ -68,7 +68,7 @@ export function tokenProvider(options = {}) {
   let refreshing = false;
   /** @type {ReturnType<typeof setTimeout> | undefined} */
   let timer;
-  /** @type {AbortController | null} the fetch in flight's */
+  /** @type {{ abort: () => void } | null} ends the fetch in flight and its deadline */
   let aborter = null;
   let stopped = false;
   let signedOutTold = false;
@@ -182,8 +182,8 @@ export function tokenProvider(options = {}) {
   async function fetchOnce() {
     // Aborted by stop(), or when no answer (headers and body) came within FETCH_TIMEOUT_MS.
     const controller = new AbortController();
-    aborter = controller;
     const deadline = timers.setTimeout(() => controller.abort(), FETCH_TIMEOUT_MS);
+    aborter = { abort: () => (timers.clearTimeout(deadline), controller.abort()) };
     try {
       await fetchAndRead(controller.signal);
     } finally {

@@ -378,6 +378,8 @@ describe("tokenProvider against a fetch that never answers", { timeout: 10_000 }
     assert.equal(signal?.aborted, false);
     provider.stop();
     assert.equal(signal.aborted, true);
+    // A fetch that ignores its signal still leaves no timer behind.
+    assert.equal(clock.pending.size, 0);
   });
 });
 
