@@ -3,7 +3,9 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { tokenProvider } from "../src/provider.js";
 import { FETCH_TIMEOUT_MS, MAX_BACKOFF_MS, RETRY_AFTER_JITTER } from "../src/schedule.js";
-import { FakeClock, FakeEndpoint, httpDate, settle } from "./fakes.js";
+import { FakeClock, FakeEndpoint, grantBody, httpDate, settle } from "./fakes.js";
+
+const T0 = Date.UTC(2026, 0, 1, 12, 0, 0);
 
 /** A provider on a fake clock and endpoint, recording every state, token and sign-out. */
 function start(endpoint, clock, extra = {}) {
@@ -243,6 +245,27 @@ describe("tokenProvider against odd answers", { timeout: 10_000 }, () => {
 });
 
 describe("tokenProvider against odd grants", { timeout: 10_000 }, () => {
+  it("takes a 200 that is not a grant as a failure worth a retry, with backoff", async () => {
+    const { token, ...noToken } = grantBody(T0);
+    const { refresh_after, ...noRefreshAfter } = grantBody(T0);
+    const bodies = ["{not json", "null", JSON.stringify(noToken), JSON.stringify(noRefreshAfter)];
+    for (const body of bodies) {
+      const clock = new FakeClock(T0);
+      const endpoint = new FakeEndpoint(clock);
+      endpoint.queue.push(() => new Response(body, { status: 200, headers: { "Content-Type": "application/json" } }));
+      endpoint.ok({ token: "one" });
+      const { provider, seen } = start(endpoint, clock);
+      await settle();
+      assert.equal(endpoint.calls, 1, body);
+      assert.equal(provider.state, "failing", body);
+      assert.equal(provider.error.status, 200, body);
+      await clock.advance(500);
+      assert.equal(await provider.token(), "one", body);
+      assert.ok(!seen.errors.some((error) => error?.message.includes(String(token))), body);
+      provider.stop();
+    }
+  });
+
   it("fetches by exp when refresh_after comes after it, instead of leaving the token dead until then", async () => {
     const clock = new FakeClock();
     const endpoint = new FakeEndpoint(clock).ok({ token: "one", refreshIn: 600_000, expiresIn: 120_000 }).ok();

@@ -71,6 +71,9 @@ describe("retryTime", { timeout: 10_000 }, () => {
   });
   it("caps a Retry-After longer than the backoff's cap", () => {
     assert.equal(retryTime(T0, 1, 3_600_000, 0), T0 + MAX_BACKOFF_MS);
+    // 400 digits: Infinity seconds, still five minutes (and the jitter).
+    const huge = retryTime(T0, 1, parseRetryAfter("9".repeat(400), T0), 0.5);
+    assert.equal(huge, T0 + MAX_BACKOFF_MS * (1 + RETRY_AFTER_JITTER / 2));
   });
   it("backs off when Retry-After is shorter than the backoff (0, a past date)", () => {
     assert.equal(retryTime(T0, 3, 0, 0.5), T0 + 2000);
