@@ -235,24 +235,29 @@ class TestBrowserProviderExample:
     """The page's lines under "The browser token provider" use the package's real exports."""
 
     def test_lines_bundle(self, tmp_path: Path) -> None:
-        """esbuild bundles the printed lines with the package and twilio-sync: every name they import exists."""
+        """esbuild bundles the printed lines with the package as a checkout installs it (nothing built) and twilio-sync."""
         [code] = blocks(section("### The browser token provider"), "js")
         assert "tokenProvider(" in code
         assert "bindSyncClient(provider, SyncClient" in code
+        # A page's project with the package installed from a fresh checkout: package.json and src/, not dist/
+        # (built, and ignored by git), resolved through package.json's exports as a bundler does.
+        installed = tmp_path / "node_modules/@synctoken/browser"
+        shutil.copytree(ROOT / "clients/browser/src", installed / "src")
+        shutil.copyfile(ROOT / "clients/browser/package.json", installed / "package.json")
+        (tmp_path / "node_modules/twilio-sync").symlink_to(ROOT / "node_modules/twilio-sync")
+        (tmp_path / "page.js").write_text(code, encoding="utf-8")
         result = subprocess.run(
             [
                 str(ROOT / "node_modules/.bin/esbuild"),
+                "page.js",
                 "--bundle",
                 "--format=esm",
                 "--target=es2022",
                 "--platform=browser",
                 "--log-level=warning",
-                # As if installed: the package by its name, from its source.
-                "--alias:@synctoken/browser=./clients/browser/src/index.js",
-                f"--outfile={tmp_path / 'page.js'}",
+                "--outfile=out/page.js",
             ],
-            input=code,
-            cwd=ROOT,
+            cwd=tmp_path,
             capture_output=True,
             text=True,
             timeout=120,
@@ -260,7 +265,7 @@ class TestBrowserProviderExample:
         )
         assert result.returncode == 0, result.stderr
         assert result.stderr == ""
-        assert "function tokenProvider" in (tmp_path / "page.js").read_text(encoding="utf-8")
+        assert "function tokenProvider" in (tmp_path / "out/page.js").read_text(encoding="utf-8")
 
 
 class TestBffExample:

@@ -16,6 +16,11 @@ from synctoken_server.audit import logs
 from synctoken_server.audit.linesink import LineSink
 
 
+def callers(sink: LogSink, identity: str) -> list[str]:
+    """The caller of each IssueToken audit record for `identity`, in order."""
+    return [r["caller_id"] for r in sink.records() if r["event"] == "token.decision" and r.get("identity") == identity]
+
+
 class LogSink(io.RawIOBase):
     """Where every in-process server's log lines go: kept in memory for assertions and the leak check."""
 

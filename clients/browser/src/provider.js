@@ -3,7 +3,7 @@
 // this module does the fetching, the timers, the browser's events and the bookkeeping.
 import { isGrant, readAnswer } from "./answer.js";
 import { ProviderStoppedError, TokenError } from "./errors.js";
-import { grantState, nextStep, retryTime } from "./schedule.js";
+import { FETCH_TIMEOUT_MS, grantState, nextStep, rebaseFailure, retryTime } from "./schedule.js";
 import { connectTabs } from "./tabs.js";
 
 /** setTimeout's largest delay; a longer one fires at once. */
@@ -34,7 +34,8 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
  * @property {(error: TokenError) => void} [onSignedOut] once when the BFF answers 401 (again only after a token
  * came, or after `refresh()`)
  * @property {typeof fetch} [fetch]
- * @property {RequestInit} [init] extra fetch options (e.g. credentials: "include" for a BFF on another origin)
+ * @property {RequestInit} [init] extra fetch options (e.g. credentials: "include" for a BFF on another origin;
+ * a `signal` of the app's replaces the provider's, which aborts a fetch after FETCH_TIMEOUT_MS and on stop())
  * @property {boolean} [shareAcrossTabs] one fetch for all tabs of the origin (default true)
  * @property {() => number} [now] the clock (default Date.now)
  * @property {() => number} [random] in [0, 1) (default Math.random)
@@ -67,6 +68,8 @@ export function tokenProvider(options = {}) {
   let refreshing = false;
   /** @type {ReturnType<typeof setTimeout> | undefined} */
   let timer;
+  /** @type {{ abort: () => void } | null} ends the fetch in flight and its deadline */
+  let aborter = null;
   let stopped = false;
   let signedOutTold = false;
   /** @type {State | null} */
@@ -100,7 +103,7 @@ export function tokenProvider(options = {}) {
     if (next === state && error === reportedError) return;
     state = next;
     reportedError = error;
-    options.onState?.(next, {
+    tell(options.onState, next, {
       error,
       retryAt: failure?.kind === "retry" ? failure.retryAt : null,
       refreshAt: grant?.refreshAt ?? null,
@@ -108,10 +111,28 @@ export function tokenProvider(options = {}) {
     });
   }
 
+  /**
+   * Call one of the app's hooks. A throw is the app's bug, not the provider's: it is reported as uncaught, and
+   * the provider carries on (a throw from onState in the middle of accepting a token would lose the token).
+   * @template {unknown[]} A
+   * @param {((...args: A) => void) | undefined} hook
+   * @param {A} args
+   */
+  function tell(hook, ...args) {
+    try {
+      hook?.(...args);
+    } catch (error) {
+      queueMicrotask(() => {
+        throw error;
+      });
+    }
+  }
+
   /** Act now or set the timer for the next moment something changes. */
   function schedule() {
     if (stopped) return;
     timers.clearTimeout(timer);
+    failure = rebaseFailure(failure, now());
     const step = nextStep({ now: now(), grant, failure });
     if (inflight || step.action === "fetch") {
       // Straight to "refreshing", not through "stale" first.
@@ -147,7 +168,7 @@ export function tokenProvider(options = {}) {
       })
       .catch((/** @type {unknown} */ error) => {
         // Only a bug gets here (fetchOnce handles every answer): fail softly, with backoff.
-        fail("retry", new TokenError(0, `token refresh failed: ${String(error)}`), null);
+        if (!stopped) fail("retry", new TokenError(0, `token refresh failed: ${String(error)}`), null);
       })
       .finally(() => {
         inflight = null;
@@ -159,6 +180,20 @@ export function tokenProvider(options = {}) {
   }
 
   async function fetchOnce() {
+    // Aborted by stop(), or when no answer (headers and body) came within FETCH_TIMEOUT_MS.
+    const controller = new AbortController();
+    const deadline = timers.setTimeout(() => controller.abort(), FETCH_TIMEOUT_MS);
+    aborter = { abort: () => (timers.clearTimeout(deadline), controller.abort()) };
+    try {
+      await fetchAndRead(controller.signal);
+    } finally {
+      timers.clearTimeout(deadline);
+      aborter = null;
+    }
+  }
+
+  /** @param {AbortSignal} signal */
+  async function fetchAndRead(signal) {
     /** @type {Response} */
     let response;
     try {
@@ -167,12 +202,16 @@ export function tokenProvider(options = {}) {
         cache: "no-store",
         credentials: "same-origin",
         headers: { Accept: "application/json" },
+        signal,
         ...options.init,
       });
     } catch {
+      if (stopped) return;
       return fail("retry", new TokenError(0, "the token endpoint could not be reached"), null, true);
     }
     const answer = await readAnswer(response, url, now());
+    // Stopped while the answer came: it is nobody's (and the channel to the other tabs is closed).
+    if (stopped) return;
     if ("grant" in answer) {
       accept(answer.grant, "fetch");
       tabs.publish({ type: "token", grant: answer.grant });
@@ -200,16 +239,8 @@ export function tokenProvider(options = {}) {
     const ready = waiters;
     waiters = [];
     for (const waiter of ready) waiter.resolve(fresh.token);
-    for (const listener of listeners) {
-      try {
-        listener(fresh.token, info);
-      } catch (error) {
-        // The app's bug, not the provider's: reported as uncaught, and the other listeners still get the token.
-        queueMicrotask(() => {
-          throw error;
-        });
-      }
-    }
+    // Each listener gets the token even if one before it throws.
+    for (const listener of listeners) tell(listener, fresh.token, info);
   }
 
   /**
@@ -241,7 +272,7 @@ export function tokenProvider(options = {}) {
     for (const waiter of ready) waiter.reject(failure.error);
     if (failure.kind === "signed_out" && !signedOutTold) {
       signedOutTold = true;
-      options.onSignedOut?.(failure.error);
+      tell(options.onSignedOut, failure.error);
     }
   }
 
@@ -334,6 +365,7 @@ export function tokenProvider(options = {}) {
       if (stopped) return;
       stopped = true;
       timers.clearTimeout(timer);
+      aborter?.abort();
       win?.removeEventListener?.("online", onOnline);
       win?.removeEventListener?.("focus", wake);
       win?.removeEventListener?.("pageshow", onPageShow);

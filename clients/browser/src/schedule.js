@@ -9,6 +9,11 @@ export const MAX_BACKOFF_MS = 5 * 60 * 1000;
 export const BASE_BACKOFF_MS = 1000;
 /** Retry-After is honoured, then stretched by up to this fraction: tabs told the same do not return together. */
 export const RETRY_AFTER_JITTER = 0.2;
+/**
+ * The longest a fetch may take before it counts as a network error: a connection that died while the laptop
+ * slept can leave a fetch with no answer and no error, holding the tabs' lock, and so every tab's refresh.
+ */
+export const FETCH_TIMEOUT_MS = 30_000;
 /** The least time between two fetches that succeeded: whatever the clocks say, the BFF is not hammered. */
 export const MIN_REFRESH_MS = 5000;
 
@@ -80,11 +85,26 @@ export function backoffDelay(attempts, random) {
  * @param {number} random a number in [0, 1)
  */
 export function retryTime(at, attempts, retryAfterMs, random) {
+  const backoff = backoffDelay(attempts, random);
   if (retryAfterMs !== null) {
-    // Never sooner than the server asked; a little later, by a different amount in each tab.
-    return at + Math.min(MAX_BACKOFF_MS, retryAfterMs) * (1 + RETRY_AFTER_JITTER * random);
+    // Never sooner than the server asked; a little later, by a different amount in each tab. Nor sooner than
+    // the backoff: a Retry-After of 0 or a date already past (or a skewed clock) must not make a retry loop.
+    return at + Math.max(backoff, Math.min(MAX_BACKOFF_MS, retryAfterMs) * (1 + RETRY_AFTER_JITTER * random));
   }
-  return at + backoffDelay(attempts, random);
+  return at + backoff;
+}
+
+/**
+ * The failure with its times moved back by as much as the clock was set back since: a retry never waits longer
+ * than was decided when it failed.
+ * @template {Failure} F
+ * @param {F | null} failure
+ * @param {number} now
+ * @returns {F | null} the same failure, unless the clock was set back
+ */
+export function rebaseFailure(failure, now) {
+  if (failure === null || now >= failure.at) return failure;
+  return { ...failure, at: now, retryAt: now + (failure.retryAt - failure.at) };
 }
 
 /**
@@ -124,9 +144,14 @@ export function nextStep({ now, grant, failure }) {
     moments.push(failure.retryAt);
   } else if (grant === null) {
     return { action: "fetch", delay: 0 };
+  } else if (now < grant.receivedAt) {
+    // A clock set back since the token came: its times on this clock no longer say when it expires. A new
+    // token's do (and its receivedAt ends this).
+    return { action: "fetch", delay: 0 };
   } else {
-    // Due at refresh_after, but never sooner than MIN_REFRESH_MS after the last token came.
-    const due = Math.max(grant.refreshAt, grant.receivedAt + MIN_REFRESH_MS);
+    // Due at refresh_after (or exp, should a BFF send a refresh_after later than that), but never sooner than
+    // MIN_REFRESH_MS after the last token came.
+    const due = Math.max(Math.min(grant.refreshAt, grant.expiresAt), grant.receivedAt + MIN_REFRESH_MS);
     if (now >= due) return { action: "fetch", delay: 0 };
     moments.push(due);
   }

@@ -2,8 +2,10 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { tokenProvider } from "../src/provider.js";
-import { MAX_BACKOFF_MS, RETRY_AFTER_JITTER } from "../src/schedule.js";
-import { FakeClock, FakeEndpoint, httpDate, settle } from "./fakes.js";
+import { FETCH_TIMEOUT_MS, MAX_BACKOFF_MS, RETRY_AFTER_JITTER } from "../src/schedule.js";
+import { FakeClock, FakeEndpoint, grantBody, httpDate, settle } from "./fakes.js";
+
+const T0 = Date.UTC(2026, 0, 1, 12, 0, 0);
 
 /** A provider on a fake clock and endpoint, recording every state, token and sign-out. */
 function start(endpoint, clock, extra = {}) {
@@ -217,5 +219,221 @@ describe("tokenProvider", { timeout: 10_000 }, () => {
     const token = provider.token();
     provider.stop();
     await assert.rejects(token, { name: "ProviderStoppedError" });
+  });
+});
+
+describe("tokenProvider against odd answers", { timeout: 10_000 }, () => {
+  it("backs off when Retry-After says now or a moment already past, instead of asking again at once", async () => {
+    for (const retryAfter of ["0", httpDate(Date.UTC(2020, 0, 1)), "x 1"]) {
+      const clock = new FakeClock();
+      const endpoint = new FakeEndpoint(clock);
+      for (let i = 0; i < 5; i++) endpoint.refuse(503, { "Retry-After": retryAfter });
+      endpoint.ok({ token: "one" });
+      const { provider } = start(endpoint, clock);
+      await settle();
+      assert.equal(endpoint.calls, 1, retryAfter);
+      // random 0.5: half of the backoff's cap, 1 s then 2 s.
+      await clock.advance(500);
+      assert.equal(endpoint.calls, 2, retryAfter);
+      await clock.advance(999);
+      assert.equal(endpoint.calls, 2, retryAfter);
+      await clock.advance(1);
+      assert.equal(endpoint.calls, 3, retryAfter);
+      provider.stop();
+    }
+  });
+});
+
+describe("tokenProvider against odd grants", { timeout: 10_000 }, () => {
+  it("takes a 200 that is not a grant as a failure worth a retry, with backoff", async () => {
+    const { token, ...noToken } = grantBody(T0);
+    const { refresh_after, ...noRefreshAfter } = grantBody(T0);
+    const bodies = ["{not json", "null", JSON.stringify(noToken), JSON.stringify(noRefreshAfter)];
+    for (const body of bodies) {
+      const clock = new FakeClock(T0);
+      const endpoint = new FakeEndpoint(clock);
+      endpoint.queue.push(() => new Response(body, { status: 200, headers: { "Content-Type": "application/json" } }));
+      endpoint.ok({ token: "one" });
+      const { provider, seen } = start(endpoint, clock);
+      await settle();
+      assert.equal(endpoint.calls, 1, body);
+      assert.equal(provider.state, "failing", body);
+      assert.equal(provider.error.status, 200, body);
+      await clock.advance(500);
+      assert.equal(await provider.token(), "one", body);
+      assert.ok(!seen.errors.some((error) => error?.message.includes(String(token))), body);
+      provider.stop();
+    }
+  });
+
+  it("fetches by exp when refresh_after comes after it, instead of leaving the token dead until then", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one", refreshIn: 600_000, expiresIn: 120_000 }).ok();
+    const { provider } = start(endpoint, clock);
+    await provider.token();
+    await clock.advance(120_000);
+    assert.equal(endpoint.calls, 2);
+    assert.equal(provider.state, "fresh");
+    provider.stop();
+  });
+});
+
+describe("tokenProvider.stop", { timeout: 10_000 }, () => {
+  it("with a fetch in flight: its answer reaches nobody, and nothing fails after", async () => {
+    for (const answer of ["ok", "503"]) {
+      const clock = new FakeClock();
+      const endpoint = new FakeEndpoint(clock);
+      let release;
+      const held = new Promise((resolve) => (release = resolve));
+      endpoint.queue.push(async () => {
+        await held;
+        if (answer !== "ok") return new Response("", { status: 503 });
+        return Response.json({ identity: "a", token: "late", ...times(clock) });
+      });
+      const unhandled = [];
+      const onUnhandled = (error) => unhandled.push(error);
+      process.on("unhandledRejection", onUnhandled);
+      // Sharing across tabs: the channel is open until stop() closes it.
+      const { provider, seen } = start(endpoint, clock, {
+        shareAcrossTabs: true,
+        url: `/token-stop-${answer}`,
+        platform: { BroadcastChannel },
+      });
+      await settle();
+      assert.equal(endpoint.calls, 1);
+      const states = seen.states.length;
+      provider.stop();
+      release();
+      await settle();
+      await clock.advance(3_600_000);
+      process.off("unhandledRejection", onUnhandled);
+      assert.deepEqual(unhandled, [], answer);
+      assert.equal(seen.states.length, states, `${answer}: no state after stop`);
+      assert.deepEqual(seen.tokens, [], answer);
+      assert.equal(endpoint.calls, 1, answer);
+    }
+  });
+});
+
+function times(clock) {
+  return {
+    refresh_after: new Date(clock.now() + 60_000).toISOString(),
+    expires_at: new Date(clock.now() + 120_000).toISOString(),
+  };
+}
+
+describe("tokenProvider with an app whose hooks throw", { timeout: 10_000 }, () => {
+  it("keeps refreshing and signing out, and reports each throw as uncaught", async () => {
+    const thrown = [];
+    const original = globalThis.queueMicrotask;
+    // The provider rethrows an app's error from a microtask (uncaught, as the browser reports it): caught here.
+    globalThis.queueMicrotask = (task) =>
+      original(() => {
+        try {
+          task();
+        } catch (error) {
+          thrown.push(error.message);
+        }
+      });
+    try {
+      const clock = new FakeClock();
+      const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" }).refuse(401);
+      const fail = (what) => () => {
+        throw new Error(what);
+      };
+      const { provider, seen } = start(endpoint, clock, {
+        onState: fail("onState"),
+        onSignedOut: fail("onSignedOut"),
+      });
+      assert.equal(await provider.token(), "one");
+      await clock.advance(60_000);
+      assert.equal(await provider.token(), "two");
+      await clock.advance(60_000);
+      assert.equal(provider.state, "signed_out");
+      await assert.rejects(provider.token(), { status: 401 });
+      await clock.advance(3_600_000);
+      assert.equal(endpoint.calls, 3);
+      assert.deepEqual(seen.tokens, ["one", "two"]);
+      assert.ok(thrown.includes("onState") && thrown.includes("onSignedOut"), String(thrown));
+      provider.stop();
+    } finally {
+      globalThis.queueMicrotask = original;
+    }
+  });
+});
+
+describe("tokenProvider against a fetch that never answers", { timeout: 10_000 }, () => {
+  it("gives up on it after FETCH_TIMEOUT_MS, as on a network error, and tries again", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock);
+    const signals = [];
+    // A connection that died in a sleep: no answer and no error, until the provider aborts it.
+    endpoint.queue.push(() => new Promise(() => {}));
+    endpoint.fetch = (url, init) => {
+      endpoint.calls += 1;
+      signals.push(init.signal);
+      const next = endpoint.queue.shift();
+      if (!next) throw new Error("no answer queued");
+      return new Promise((resolve, reject) => {
+        init.signal?.addEventListener("abort", () => reject(new DOMException("aborted", "AbortError")));
+        Promise.resolve(next()).then(resolve, reject);
+      });
+    };
+    endpoint.ok({ token: "one" });
+    const { provider } = start(endpoint, clock, { fetch: (...args) => endpoint.fetch(...args) });
+    await settle();
+    await clock.advance(FETCH_TIMEOUT_MS - 1);
+    assert.equal(endpoint.calls, 1);
+    assert.equal(provider.state, "refreshing");
+    await clock.advance(1);
+    assert.equal(provider.error?.status, 0);
+    await clock.advance(1000);
+    assert.equal(endpoint.calls, 2);
+    assert.equal(await provider.token(), "one");
+    provider.stop();
+  });
+
+  it("aborts the fetch in flight when stopped", async () => {
+    const clock = new FakeClock();
+    let signal = null;
+    const { provider } = start({ fetch: (url, init) => ((signal = init.signal), new Promise(() => {})) }, clock);
+    await settle();
+    assert.equal(signal?.aborted, false);
+    provider.stop();
+    assert.equal(signal.aborted, true);
+    // A fetch that ignores its signal still leaves no timer behind.
+    assert.equal(clock.pending.size, 0);
+  });
+});
+
+describe("tokenProvider when the clock jumps backwards", { timeout: 10_000 }, () => {
+  it("fetches a token again at the next look at the clock, as its times on this clock no longer hold", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" });
+    const { provider } = start(endpoint, clock);
+    await provider.token();
+    // Set back an hour: the token would look fresh for an hour more than it lives.
+    await clock.jump(-3_600_000);
+    provider.check();
+    await settle();
+    assert.equal(endpoint.calls, 2);
+    assert.equal(await provider.token(), "two");
+    assert.equal(provider.state, "fresh");
+    provider.stop();
+  });
+
+  it("does not stretch a retry's wait by the jump", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).refuse(503, { "Retry-After": "10" }).ok({ token: "one" });
+    const { provider } = start(endpoint, clock, { random: () => 0 });
+    await settle();
+    await clock.jump(-3_600_000);
+    provider.check();
+    await clock.advance(9_999);
+    assert.equal(endpoint.calls, 1, "Retry-After still holds");
+    await clock.advance(1);
+    assert.equal(endpoint.calls, 2);
+    assert.equal(await provider.token(), "one");
+    provider.stop();
   });
 });

@@ -10,6 +10,7 @@ import {
   grantState,
   nextStep,
   parseRetryAfter,
+  rebaseFailure,
   retryTime,
 } from "../src/schedule.js";
 
@@ -70,6 +71,13 @@ describe("retryTime", { timeout: 10_000 }, () => {
   });
   it("caps a Retry-After longer than the backoff's cap", () => {
     assert.equal(retryTime(T0, 1, 3_600_000, 0), T0 + MAX_BACKOFF_MS);
+    // 400 digits: Infinity seconds, still five minutes (and the jitter).
+    const huge = retryTime(T0, 1, parseRetryAfter("9".repeat(400), T0), 0.5);
+    assert.equal(huge, T0 + MAX_BACKOFF_MS * (1 + RETRY_AFTER_JITTER / 2));
+  });
+  it("backs off when Retry-After is shorter than the backoff (0, a past date)", () => {
+    assert.equal(retryTime(T0, 3, 0, 0.5), T0 + 2000);
+    assert.equal(retryTime(T0, 3, 1000, 0.5), T0 + 2000);
   });
   it("backs off without Retry-After", () => {
     assert.equal(retryTime(T0, 3, null, 0.25), T0 + 1000);
@@ -99,6 +107,13 @@ describe("nextStep", { timeout: 10_000 }, () => {
     assert.equal(nextStep({ now: T0, grant: grant(-1, 300_000), failure: null }).action, "fetch");
     assert.equal(nextStep({ now: T0, grant: grant(-7_200_000, -3_600_000), failure: null }).action, "fetch");
   });
+  it("is due at exp when refresh_after is later", () => {
+    assert.deepEqual(nextStep({ now: T0, grant: grant(600_000, 120_000), failure: null }), {
+      action: "wait",
+      delay: 120_000,
+    });
+    assert.equal(nextStep({ now: T0 + 120_000, grant: grant(600_000, 120_000), failure: null }).action, "fetch");
+  });
   it("leaves MIN_REFRESH_MS after the last token, whatever refresh_after says", () => {
     const justNow = grant(-1000, 300_000, 1000);
     assert.deepEqual(nextStep({ now: T0, grant: justNow, failure: null }), {
@@ -119,10 +134,25 @@ describe("nextStep", { timeout: 10_000 }, () => {
       delay: 90_000,
     });
   });
+  it("fetches when the clock was set back since the token came", () => {
+    assert.equal(nextStep({ now: T0 - 3_600_000, grant: grant(60_000, 120_000, 0), failure: null }).action, "fetch");
+  });
   it("does nothing by itself after 401 or 400/403", () => {
     for (const kind of ["signed_out", "fatal"]) {
       const failure = { kind, at: T0, retryAt: Infinity, attempts: 1 };
       assert.equal(nextStep({ now: T0, grant: null, failure }).action, "idle");
     }
+  });
+});
+
+describe("rebaseFailure", { timeout: 10_000 }, () => {
+  it("moves a failure's times back with a clock set back, and leaves them otherwise", () => {
+    const failure = retry(4000);
+    assert.equal(rebaseFailure(failure, T0 + 1), failure);
+    assert.equal(rebaseFailure(null, T0), null);
+    const rebased = rebaseFailure(failure, T0 - 3_600_000);
+    assert.equal(rebased.retryAt - rebased.at, 4000);
+    assert.equal(rebased.at, T0 - 3_600_000);
+    assert.deepEqual(nextStep({ now: T0 - 3_600_000, grant: null, failure: rebased }), { action: "wait", delay: 4000 });
   });
 });

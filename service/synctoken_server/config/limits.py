@@ -113,6 +113,13 @@ def _redis(r: TomlReader, table: Mapping[str, Any], on_failure: OnBackendFailure
     settings = _url(r, table)
     paths = _tls_files(r, table, tls=settings.tls)
     password = _password(r, table)
+    if settings.username is not None and password is None:
+        # AUTH needs a password: without one the client would not log in, and Redis would serve it
+        # as its default user, not the one the URL names.
+        raise r.fail(
+            f"{key}.password_file",
+            f"missing: the URL names the user {settings.username!r}, and Redis logs a user in only with its password",
+        )
     password_file = r.path(table["password_file"]) if password is not None else None
     timeout = _milliseconds(r, table, "timeout", _DEFAULT_TIMEOUT, _TIMEOUT_MS)
     cooldown = _milliseconds(r, table, "breaker_cooldown", _DEFAULT_COOLDOWN, _COOLDOWN_MS)

@@ -140,6 +140,7 @@ class RedisLimiter:
         now = self._clock()
         if not self._breaker.allows(now):
             return self._fallback(local, caller_id, identity, digest, now)
+        probe = not self._breaker.is_closed
         named = digest(identity)
         caller_key, identity_key = self.keys(caller_id, named)
         keys: list[str] = []
@@ -154,6 +155,12 @@ class RedisLimiter:
         except _FAILURES as exc:
             self._answered(started, exc)
             return self._fallback(local, caller_id, identity, digest, self._clock())
+        except BaseException:
+            # Cancelled (the RPC went away): no verdict on Redis, but a probe left unfinished would keep
+            # every later call from Redis for good.
+            if probe:
+                self._breaker.abandoned()
+            raise
         self._answered(started, None)
         if not refused:
             return None

@@ -20,8 +20,9 @@ cost about 35,000 instructions per call): one watchdog per connection fires at
 the oldest deadline and fails whatever has passed its own with TimeoutError.
 A request given up (timed out, or its RPC cancelled) keeps its place: its
 reply is read and dropped when it comes. A connection that has answered
-nothing since a timed-out request was written is stalled (a hung Redis, a
-dead peer) and closed, so the next call opens a new one.
+nothing since a request now past its deadline was written (its caller given
+up or not) is stalled (a hung Redis, a dead peer) and closed, so the next
+call opens a new one.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ import hiredis
 from synctoken_server.policy.limitbackend import RedisSettings
 
 CLIENT_NAME = "synctoken"
+MAX_REPLY_BYTES = 1 << 20
+"""More than any reply this client asks for (a script's few values, an error's text): a longer one is hostile."""
+_INCOMPLETE = object()
+"""What the reader returns while no whole reply is buffered: not False, which `#f` (RESP3) is read as."""
 
 
 class ResponseError(Exception):
@@ -49,7 +54,7 @@ class _Pipeline(asyncio.Protocol):
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._reader = hiredis.Reader(replyError=ResponseError)
+        self._reader = hiredis.Reader(replyError=ResponseError, notEnoughData=_INCOMPLETE)
         self._waiting: deque[tuple[asyncio.Future[object], float, float]] = deque()
         """(future, when written, deadline) per request not yet answered, oldest first; loop.time() seconds."""
         self._watchdog: asyncio.TimerHandle | None = None
@@ -63,7 +68,7 @@ class _Pipeline(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         try:
-            while (reply := self._reader.gets()) is not False:
+            while (reply := self._reader.gets()) is not _INCOMPLETE:
                 waiter = self._waiting.popleft()[0]
                 if waiter.done():  # timed out or cancelled: the reply keeps the order, nothing more
                     continue
@@ -71,9 +76,14 @@ class _Pipeline(asyncio.Protocol):
                     waiter.set_exception(reply)
                 else:
                     waiter.set_result(reply)
-        except (hiredis.ProtocolError, IndexError) as exc:
-            # Bytes that are not RESP, or a reply nobody asked for: the order is lost with them.
+        except (hiredis.ProtocolError, TypeError, IndexError) as exc:
+            # Bytes that are not RESP (or a map hiredis cannot build: TypeError), or a reply nobody asked
+            # for: the order is lost with them.
             self.abort(ConnectionError(f"Redis sent what the protocol does not allow ({type(exc).__name__})"))
+            return
+        if self._reader.len() > MAX_REPLY_BYTES:
+            # Unbounded otherwise, even once nobody waits for the reply (the stalled rule needs a waiting call).
+            self.abort(ConnectionError(f"Redis sent a reply longer than {MAX_REPLY_BYTES} bytes"))
             return
         self._last_reply = self._loop.time()
 
@@ -113,11 +123,12 @@ class _Pipeline(asyncio.Protocol):
         now = self._loop.time()
         stalled = False
         soonest: float | None = None
+        # Requests given up (their RPC cancelled) count too: when every caller gives up before the
+        # timeout, a dead connection must still be found dead, or it would be kept for good.
         for waiter, written, deadline in self._waiting:
-            if waiter.done():
-                continue
             if deadline <= now:
-                waiter.set_exception(TimeoutError())
+                if not waiter.done():
+                    waiter.set_exception(TimeoutError())
                 stalled = stalled or self._last_reply < written
             elif soonest is None or deadline < soonest:
                 soonest = deadline

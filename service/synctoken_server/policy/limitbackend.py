@@ -128,6 +128,10 @@ class Breaker:
         self._open_until = None
         return True
 
+    def abandoned(self) -> None:
+        """Record that the probe ended without an answer (its RPC was cancelled): the next caller probes."""
+        self._probing = False
+
     def failed(self, now: float) -> bool:
         """Record a failed call; return whether that opened the breaker (from closed)."""
         self._failed += 1

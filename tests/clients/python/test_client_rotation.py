@@ -34,8 +34,9 @@ from support.clients import (
 )
 from support.constants import BFF_ID, SERVICE_B
 from support.inprocess import RunningServer
-from support.logcapture import LeakWatch, LogSink
+from support.logcapture import LeakWatch, LogSink, callers
 from support.pki import Pki
+from support.waiting import wait_for
 from synctoken.client import AsyncTokenClient, CertificateFilesError, SynctokenError, TokenClient
 from synctoken.client._channel import Generations
 from synctoken.client._credentials import CertificateFiles, TlsFiles
@@ -107,20 +108,6 @@ class Rotation:
 def rotate(pki: Pki, files: RotatingFiles, rotation: str) -> Rotation:
     """Replace the files the `rotation` way."""
     return Rotation(rotation, files, fresh_pair(pki))
-
-
-def callers(sink: LogSink, identity: str) -> list[str]:
-    """The caller of each IssueToken audit record for `identity`, in order."""
-    return [r["caller_id"] for r in sink.records() if r["event"] == "token.decision" and r.get("identity") == identity]
-
-
-def wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
-    """Poll until `condition` holds; fail after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not true within {seconds}s")
-        time.sleep(0.02)
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:

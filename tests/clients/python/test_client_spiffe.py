@@ -25,8 +25,9 @@ from support.clients import ROTATED_ID, AsyncDriver, Driver, bare_env, client_kw
 from support.configs import config_text, spiffe_tls
 from support.constants import BFF_ID, SERVICE_B
 from support.inprocess import RunningServer, ServerHarness
-from support.logcapture import LeakWatch, LogSink
+from support.logcapture import LeakWatch, LogSink, callers
 from support.pki import Pki
+from support.waiting import wait_for
 from support.workloadagent import Svid, SvidSet, WorkloadAgent, issue_svid
 from synctoken.client import (
     AsyncTokenClient,
@@ -83,20 +84,6 @@ def serve_certificate(harness: ServerHarness, pki: Pki, directory: Path, svid: S
     text = text.replace(str(pki.directory / "server.pem"), str(cert))
     text = text.replace(str(pki.directory / "server-key.pem"), str(key))
     return harness.start(text)
-
-
-def callers(sink: LogSink, identity: str) -> list[str]:
-    """The caller of each IssueToken audit record for `identity`, in order."""
-    return [r["caller_id"] for r in sink.records() if r["event"] == "token.decision" and r.get("identity") == identity]
-
-
-def wait_for(condition: Callable[[], bool], seconds: float = 15) -> None:
-    """Poll until `condition` holds; fail after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not true within {seconds}s")
-        time.sleep(0.02)
 
 
 class TestFirstFetch:

@@ -1,0 +1,159 @@
+"""The request path's Redis client (limitstore/scriptclient.py) against a peer at the Redis URL that is not Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import hiredis
+import pytest
+
+from synctoken_server.limitstore.scriptclient import ScriptClient
+from synctoken_server.policy.limitbackend import RedisSettings
+
+Answer = Callable[[list[list[bytes]], asyncio.StreamWriter], Awaitable[None]]
+"""What the peer does with the script calls it has read (each a command's arguments)."""
+
+HUGE_REPLY_CAP = 256 << 20
+"""The most a streaming peer sends before the test gives up on the client closing the connection."""
+
+
+async def peer(answer: Answer, calls: int, hung_up: asyncio.Event | None = None) -> asyncio.Server:
+    """A TCP server on loopback: +OK to the opening commands, then `answer` once `calls` script calls came.
+
+    `hung_up` is set when the client closes the connection.
+    """
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = hiredis.Reader()
+        scripts: list[list[bytes]] = []
+        while len(scripts) < calls and (data := await reader.read(65536)):
+            parser.feed(data)
+            while (command := parser.gets()) is not False:
+                if command[0] in (b"EVALSHA", b"EVAL"):
+                    scripts.append(command)
+                else:
+                    writer.write(b"+OK\r\n")
+        try:
+            await answer(scripts, writer)
+            await reader.read()  # until the client closes
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            if hung_up is not None:
+                hung_up.set()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+def client_for(server: asyncio.Server, timeout_ms: int) -> ScriptClient:
+    """A script client whose settings name the peer."""
+    port = server.sockets[0].getsockname()[1]
+    settings = RedisSettings(url=f"redis://127.0.0.1:{port}/0", host="127.0.0.1", port=port, timeout_ms=timeout_ms)
+    return ScriptClient(settings, "return 1")
+
+
+class TestHostilePeer:
+    """Whatever the peer sends, each call gets the reply to its own request or an error, never another's."""
+
+    def test_a_resp3_false_reply_keeps_the_order(self) -> None:
+        """A `#f` reply (what hiredis reads as False) is the first call's reply, not a gap that shifts the next one's."""
+
+        async def answer(scripts: list[list[bytes]], writer: asyncio.StreamWriter) -> None:
+            assert [script[3] for script in scripts] == [b"first", b"second"]
+            writer.write(b"#f\r\n$6\r\nsecond\r\n")
+            await writer.drain()
+
+        async def run() -> list[object]:
+            server = await peer(answer, calls=2)
+            ours = client_for(server, timeout_ms=2000)
+            try:
+                return list(await asyncio.gather(ours.run(["first"], []), ours.run(["second"], [])))
+            finally:
+                await ours.close()
+                server.close()
+
+        assert asyncio.run(run()) == [False, b"second"]
+
+    def test_an_endless_reply_closes_the_connection(self) -> None:
+        """A reply that never ends is not buffered without bound, even when no call waits for it any more."""
+        sent = 0
+        finished = asyncio.Event()
+
+        async def answer(_scripts: list[list[bytes]], writer: asyncio.StreamWriter) -> None:
+            nonlocal sent
+            writer.write(b"$2\r\nok\r\n$1000000000\r\n")
+            chunk = b"x" * 65536
+            try:
+                while sent < HUGE_REPLY_CAP:
+                    writer.write(chunk)
+                    await writer.drain()
+                    sent += len(chunk)
+            finally:
+                finished.set()
+
+        async def run() -> None:
+            server = await peer(answer, calls=2)
+            ours = client_for(server, timeout_ms=200)
+            try:
+                first, second = await asyncio.gather(
+                    ours.run(["first"], []), ours.run(["second"], []), return_exceptions=True
+                )
+                assert first == b"ok"
+                assert isinstance(second, ConnectionError | TimeoutError)
+                # Nothing waits now: only the client's own limit can stop the peer before the test's cap.
+                await asyncio.wait_for(finished.wait(), 30)
+            finally:
+                await ours.close()
+                server.close()
+
+        asyncio.run(run())
+        assert sent < HUGE_REPLY_CAP, "the client kept reading a reply without end"
+
+    def test_a_reply_hiredis_cannot_build_fails_the_calls_quietly(self) -> None:
+        """A map keyed by a list (TypeError in hiredis) fails the waiting calls, with no asyncio 'Fatal error'."""
+        reported: list[dict[str, object]] = []
+
+        async def answer(_scripts: list[list[bytes]], writer: asyncio.StreamWriter) -> None:
+            writer.write(b"%1\r\n*1\r\n:1\r\n:2\r\n")
+            await writer.drain()
+
+        async def run() -> None:
+            asyncio.get_running_loop().set_exception_handler(lambda _, context: reported.append(context))
+            server = await peer(answer, calls=1)
+            ours = client_for(server, timeout_ms=2000)
+            try:
+                with pytest.raises(ConnectionError, match="protocol does not allow"):
+                    await ours.run(["first"], [])
+            finally:
+                await ours.close()
+                server.close()
+
+        asyncio.run(run())
+        assert [context["message"] for context in reported if "data_received" in str(context["message"])] == []
+
+
+async def never(_scripts: list[list[bytes]], _writer: asyncio.StreamWriter) -> None:
+    """Answer nothing: a hung Redis, or a connection to one that moved away without a reset."""
+
+
+def test_a_connection_whose_calls_were_all_cancelled_is_still_judged_stalled() -> None:
+    """Calls cancelled before their deadline (RPC deadlines shorter than the timeout) still get a dead connection closed."""
+
+    async def run() -> None:
+        hung_up = asyncio.Event()
+        server = await peer(never, calls=1, hung_up=hung_up)
+        ours = client_for(server, timeout_ms=200)
+        try:
+            call = asyncio.create_task(ours.run(["first"], []))
+            await asyncio.sleep(0.05)  # written, and waiting for the reply that never comes
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await asyncio.wait_for(hung_up.wait(), 5)
+        finally:
+            await ours.close()
+            server.close()
+
+    asyncio.run(run())
