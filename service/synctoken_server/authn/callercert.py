@@ -199,7 +199,17 @@ class CallerCertRules:
             raise CallerUnauthenticated(svid.TOO_MANY_INTERMEDIATES, (reading.caller_id,))
         if self.source is CallerIdSource.SPIFFE:
             self.check_trust_domain(reading.trust_domain, reading.caller_id)
+        if self.anchors is not None:
+            self._check_bundle(self.anchors(), reading, leaf[0], chain)
         return reading.caller_id
+
+    def _check_bundle(self, anchors: svid.TrustAnchors, reading: NamedCaller, leaf: bytes, chain: bytes) -> None:
+        """With the Workload API's bundles: the caller's chain leads to the bundle that may vouch for its id."""
+        if self.source is CallerIdSource.SPIFFE:
+            if not anchors.vouches_for(reading.trust_domain, leaf, chain):
+                raise CallerUnauthenticated(svid.NOT_FROM_ITS_TRUST_DOMAIN, (reading.caller_id,))
+        elif not anchors.vouches_for(anchors.own_trust_domain, leaf, chain):
+            raise CallerUnauthenticated(svid.DNS_NOT_FROM_OWN_TRUST_DOMAIN, (reading.caller_id,))
 
     def check_trust_domain(self, trust_domain: str, caller_id: str, *, forwarded: bool = False) -> None:
         """Raise CallerUnauthenticated unless `trust_domain` (of `caller_id`) is one of identity.trust_domains."""

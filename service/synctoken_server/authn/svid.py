@@ -9,10 +9,13 @@ signed, and ignores a path length set on the trusted CA itself).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 
 E = TypeVar("E", bound=x509.ExtensionType)
@@ -33,6 +36,14 @@ ISSUER_IS_WORKLOAD = (
 )
 OUTSIDE_VALIDITY = "its certificate has expired or is not valid yet (a resumed TLS session is checked too)"
 TOO_MANY_INTERMEDIATES = "it presented more intermediate CA certificates than the path length of client_ca_file allows"
+NOT_FROM_ITS_TRUST_DOMAIN = (
+    "its certificate does not chain to a CA of its own trust domain's bundle (a trust domain's CA vouches for that "
+    "trust domain's IDs only)"
+)
+DNS_NOT_FROM_OWN_TRUST_DOMAIN = (
+    "its certificate does not chain to a CA of the server's own trust domain's bundle (a federated trust domain's "
+    "CA does not vouch for DNS names)"
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,15 @@ class TrustAnchors:
     max_intermediates: int | None
     """None when some CA sets no path length. BoringSSL does not enforce a
     trust anchor's own path length, so it is enforced here."""
+    by_trust_domain: Mapping[str, frozenset[bytes]] | None = field(default=None, compare=False)
+    """The Workload API's bundles: trust domain name -> its CAs (DER). None for client_ca_file, which names none.
+
+    The handshake verifies a chain against every bundle at once; SPIFFE trusts each bundle for its own trust
+    domain only, so a caller's chain must also lead to a CA of the bundle of the trust domain it names
+    (`vouches_for`): else a federated partner's CA could sign certificates naming our own workloads."""
+    own_trust_domain: str = field(default="", compare=False)
+    """The server's SVID's trust domain, with by_trust_domain: the one whose CAs vouch for callers named by a
+    DNS SAN (a DNS name belongs to no trust domain, and a partner's CA must not name our DNS callers)."""
 
     @classmethod
     def from_pem(cls, bundle: bytes) -> TrustAnchors:
@@ -74,6 +94,16 @@ class TrustAnchors:
             None if any(limit is None for limit in limits) else max(limit for limit in limits if limit is not None)
         )
         return cls(frozenset(ca.public_bytes(Encoding.DER) for ca in cas), allowed)
+
+    def vouches_for(self, trust_domain: str, leaf_pem: bytes, chain_pem: bytes) -> bool:
+        """Whether the bundle of `trust_domain` holds a CA that the verified leaf chains to (always, without bundles).
+
+        `chain_pem` is the rest of the chain the client presented, as for read_presented.
+        """
+        if self.by_trust_domain is None:
+            return True
+        authorities = self.by_trust_domain.get(trust_domain)
+        return authorities is not None and _chains_to(leaf_pem, chain_pem, authorities)
 
     def too_many_intermediates(self, issuers: frozenset[bytes]) -> bool:
         """True when the client presented more intermediates (certificates that are not anchors) than allowed."""
@@ -106,6 +136,40 @@ def read_presented(leaf_pem: bytes, chain_pem: bytes) -> PresentedCertificate:
         valid_from=leaf.not_valid_before_utc.timestamp(),
         valid_until=leaf.not_valid_after_utc.timestamp(),
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _chains_to(leaf_pem: bytes, chain_pem: bytes, authorities: frozenset[bytes]) -> bool:
+    # The handshake checked the chain's signatures, dates and constraints against the union of the bundles;
+    # this only asks at whose CA a chain of signatures from the leaf, through the certificates the client
+    # presented, can end. Certificates the client added beside its path (another trust domain's genuine
+    # intermediate, say) lead nowhere unless they signed the certificate below them. Pure, so cached like
+    # read_caller; each presented certificate is tried as an issuer once.
+    try:
+        leaf = x509.load_pem_x509_certificate(leaf_pem)
+        presented = x509.load_pem_x509_certificates(chain_pem) if chain_pem else []
+        cas = [x509.load_der_x509_certificate(der) for der in authorities]
+    except _UNDECODABLE:
+        return False
+    unused = [c for c in presented if c != leaf]
+    below = [leaf]
+    while below:
+        cert = below.pop()
+        if any(_signed(cert, ca) for ca in cas):
+            return True
+        issuers = [c for c in unused if _signed(cert, c)]
+        unused = [c for c in unused if c not in issuers]
+        below += issuers
+    return False
+
+
+def _signed(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether `issuer` signed `cert` (its name is cert's issuer name and its key verifies the signature)."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def _leaf_defect(extensions: x509.Extensions) -> str | None:

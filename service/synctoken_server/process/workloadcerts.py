@@ -10,7 +10,8 @@ connection: a rotation pushed by the agent needs no restart and fails no call.
 While serving, a broken stream (the agent restarting, its socket gone) or an unusable answer is logged
 (`workload_api.stream_error`) and counted (synctoken_workload_api_errors_total, by kind), the last good
 set is kept, and the stream is opened again after a capped, jittered backoff. Which callers get in is
-still `identity.trust_domains`'s and the policy's decision: a bundle only lets a chain verify.
+still `identity.trust_domains`'s and the policy's decision: a bundle only lets a chain verify, and only
+for IDs of its own trust domain (the caller-id check makes sure the chain leads to that one's CAs).
 
 The stream is read in the server's event loop with grpc.aio rather than py-spiffe's X509Source (a
 thread): that one stops for good on the first answer it cannot parse, and retries without telling.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import random
 from collections.abc import Callable
@@ -225,6 +227,14 @@ def svid_material(
         bundles += [X509Bundle.parse_raw(TrustDomain(td), der) for td, der in response.federated_bundles.items()]
     except PySpiffeError as exc:
         raise ValueError(f"the X509-SVID or a bundle does not parse: {exc}") from None
+    # Each bundle vouches for its own trust domain's IDs only (TrustAnchors.by_trust_domain). A federated
+    # bundle under the SVID's own trust domain would be a second, rival set of CAs for it: refused, not merged.
+    by_trust_domain = {
+        b.trust_domain.name: frozenset(ca.public_bytes(serialization.Encoding.DER) for ca in b.x509_authorities)
+        for b in bundles
+    }
+    if len(by_trust_domain) < len(bundles):
+        raise ValueError(f"a federated bundle is for the X509-SVID's own trust domain {svid.spiffe_id.trust_domain}")
     # One PEM of every CA, in a fixed order: the same bundles make the same bytes (see same_contents).
     authorities = sorted(
         {ca.public_bytes(serialization.Encoding.DER): ca for b in bundles for ca in b.x509_authorities}.items()
@@ -239,8 +249,22 @@ def svid_material(
     try:
         material = tlsfiles.check(None, (), chain_pem, key_pem, ca_pem, now=now)
     except TlsFileError as exc:
-        raise ValueError(f"the X509-SVID cannot serve: {exc.problem}") from None
+        raise ValueError(f"the X509-SVID cannot serve: {_in_svid_words(exc)}") from None
+    material = dataclasses.replace(
+        material,
+        anchors=dataclasses.replace(
+            material.anchors, by_trust_domain=by_trust_domain, own_trust_domain=svid.spiffe_id.trust_domain.name
+        ),
+    )
     return material, str(svid.spiffe_id), sorted(str(b.trust_domain) for b in bundles)
+
+
+def _in_svid_words(exc: TlsFileError) -> str:
+    """tlsfiles.check's problem, said of the SVID's key or certificate rather than of files that do not exist."""
+    part = "key" if exc.key == tlsfiles.KEY_KEY else "certificate"
+    problem = exc.problem.replace(f"the first certificate in {tlsfiles.CERT_KEY}", "its certificate")
+    # "a DSA key cannot be used; ..." reads after a colon, "expired at ..." and "does not match ..." without.
+    return f"its {part}: {problem}" if problem.startswith(("a ", "an ")) else f"its {part} {problem}"
 
 
 async def connect(settings: WorkloadApiSettings | None) -> WorkloadApiSource | None:

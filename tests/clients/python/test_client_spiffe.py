@@ -8,6 +8,7 @@ also the agent's bundle for example.org).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import re
 import subprocess
@@ -122,6 +123,25 @@ class TestFirstFetch:
             TokenClient.from_spiffe("localhost:1", endpoint_socket=f"unix://{socket}", first_svid_timeout=0.3)
         assert str(caught.value).startswith(f"no SPIFFE Workload API socket at {socket} within 0.3 s")
 
+    def test_federated_bundle_for_the_own_trust_domain_not_used(self, pki: Pki, workload_agent: WorkloadAgent) -> None:
+        """A 'federated' bundle under the SVID's own trust domain would replace the bundle the server is trusted by."""
+        rival = CertificateAuthority("rival CA for example.org")
+        workload_agent.start(SvidSet((bff_svid(pki),), federated={"example.org": rival.cert_pem}))
+        with pytest.raises(WorkloadApiTimeoutError) as caught:
+            TokenClient.from_spiffe("localhost:1", endpoint_socket=workload_agent.address, first_svid_timeout=1)
+        assert (
+            "(last seen: an update was not used: a federated bundle is for this workload's own trust domain "
+            "example.org)" in str(caught.value)
+        )
+
+    def test_expired_svid_not_used(self, pki: Pki, workload_agent: WorkloadAgent) -> None:
+        """An SVID past its validity is not put to use (every handshake would fail): the wait ends saying so."""
+        long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+        expired = issue_svid(pki.ca, BFF_ID, not_before=long_ago, not_after=long_ago + dt.timedelta(days=1))
+        workload_agent.start(SvidSet((expired,)))
+        with pytest.raises(WorkloadApiTimeoutError, match=r"last seen: an update was not used: the X509-SVID "):
+            TokenClient.from_spiffe("localhost:1", endpoint_socket=workload_agent.address, first_svid_timeout=1)
+
     def test_without_the_extra(self) -> None:
         """Without py-spiffe, from_spiffe raises an ImportError naming the extra; the client itself imports."""
         probe = (
@@ -181,6 +201,13 @@ class TestFromEnv:
                 (
                     "SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET must name a Unix socket as unix:///path/to/agent.sock, "
                     "not 'unix://host/agent.sock'"
+                ),
+            ),
+            (
+                {"SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET": "unix:run/agent.sock"},
+                (
+                    "SYNCTOKEN_SPIFFE_ENDPOINT_SOCKET must name a Unix socket as unix:///path/to/agent.sock, "
+                    "not 'unix:run/agent.sock'"
                 ),
             ),
             (

@@ -23,7 +23,7 @@ from cryptography import x509
 
 from support.calls import ALICE, SteadyLoad
 from support.configs import POLICY_TOML, SECRET_ENV, WriteConfig, config_text, spiffe_tls
-from support.constants import SYNCTOKEN, TRUST_DOMAIN
+from support.constants import BFF_ID, DNS_CALLER, SYNCTOKEN, TRUST_DOMAIN
 from support.logcapture import LeakWatch
 from support.pki import Pki
 from support.probes import probe
@@ -182,6 +182,40 @@ def test_federated_bundle_outside_trust_domains_lets_no_caller_in(
     served = start_served()
     assert served.process.wait_for_records("tls.loaded")[0]["client_cas"] == 2
     assert served.call(partner) == grpc.StatusCode.UNAUTHENTICATED  # as for any caller outside trust_domains
+
+
+@pytest.mark.parametrize("identity", [None, BOTH_DOMAINS], ids=["own domain trusted", "both domains trusted"])
+def test_federated_ca_cannot_name_a_caller_of_another_trust_domain(
+    workload_agent: WorkloadAgent, pki: Pki, start_served: StartServed, identity: str | None
+) -> None:
+    """A federated trust domain's CA that signs a certificate naming one of our workloads gets no caller in.
+
+    SPIFFE trusts each bundle for its own trust domain only: the partner's CA vouches for spiffe://partner.example
+    IDs, never for spiffe://example.org ones, whichever trust domains identity.trust_domains accepts.
+    """
+    partner_ca = CertificateAuthority(f"{PARTNER} CA")
+    impostor = partner_ca.issue(LeafSpec("bff", uris=(BFF_ID,)))
+    partner = partner_ca.issue(LeafSpec("partner bff", uris=(PARTNER_CALLER,)))
+    workload_agent.start(SvidSet((server_svid(pki),), federated={PARTNER: partner_ca.cert_pem}))
+    served = start_served(identity=identity, policy=PARTNER_POLICY if identity else POLICY_TOML)
+    assert served.call(impostor) == grpc.StatusCode.UNAUTHENTICATED
+    assert served.call(pki.clients["bff"]) == grpc.StatusCode.OK
+    expected = grpc.StatusCode.OK if identity else grpc.StatusCode.UNAUTHENTICATED
+    assert served.call(partner) == expected
+
+
+def test_federated_ca_cannot_name_a_dns_caller(
+    workload_agent: WorkloadAgent, pki: Pki, start_served: StartServed
+) -> None:
+    """With identity.source = "dns_san", only the server's own trust domain's CAs vouch for DNS names."""
+    partner_ca = CertificateAuthority(f"{PARTNER} CA")
+    impostor = partner_ca.issue(LeafSpec("billing", dns_names=(DNS_CALLER,)))
+    workload_agent.start(SvidSet((server_svid(pki),), federated={PARTNER: partner_ca.cert_pem}))
+    service = f"IS{'a' * 32}"
+    policy = f'[[callers]]\nid = "{DNS_CALLER}"\nsync_services = ["{service}"]\ndefault_sync_service = "{service}"\n'
+    served = start_served(identity='[identity]\nsource = "dns_san"\n', policy=policy)
+    assert served.call(impostor) == grpc.StatusCode.UNAUTHENTICATED
+    assert served.call(pki.clients["dns_only"]) == grpc.StatusCode.OK
 
 
 def test_agent_restart_while_serving(

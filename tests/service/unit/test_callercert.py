@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -345,3 +346,70 @@ class TestValidityOnEveryCall:
         with pytest.raises(CallerUnauthenticated) as caught:
             TestCallerCertRules.SPIFFE_RULES.caller_id(auth_context(pki.clients["expired"].cert_pem))
         assert caught.value.message == f"client certificate has no acceptable caller id: {svid.OUTSIDE_VALIDITY}"
+
+
+class TestEachBundleForItsOwnTrustDomain:
+    """With the Workload API's bundles, a caller's chain must lead to a CA of the trust domain its ID names."""
+
+    OURS = CertificateAuthority("example.org CA", path_length=1)
+    PARTNER = CertificateAuthority("partner.example CA", path_length=1)
+    INTERMEDIATE = OURS.issue(
+        LeafSpec("example.org intermediate", uris=("spiffe://example.org",), ca=True, key_cert_sign=True)
+    )
+
+    @classmethod
+    def rules(cls) -> CallerCertRules:
+        """Both trust domains accepted as callers, each with its own bundle, as svid_material builds them."""
+        cas = [x509.load_pem_x509_certificate(ca.cert_pem) for ca in (cls.OURS, cls.PARTNER)]
+        ders = [ca.public_bytes(Encoding.DER) for ca in cas]
+        anchors = dataclasses.replace(
+            svid.TrustAnchors.of(cas),
+            by_trust_domain={"example.org": frozenset(ders[:1]), "partner.example": frozenset(ders[1:])},
+            own_trust_domain="example.org",
+        )
+        return CallerCertRules(SPIFFE, frozenset({"example.org", "partner.example"}), lambda: anchors)
+
+    def test_dns_callers_by_the_own_trust_domain_only(self) -> None:
+        """In dns_san mode a DNS name is vouched for by the server's own trust domain's CAs, not a partner's."""
+        rules = dataclasses.replace(self.rules(), source=DNS_SAN, trust_domains=frozenset())
+        ours = self.OURS.issue(LeafSpec("billing", dns_names=(DNS_CALLER,)))
+        assert rules.caller_id(auth_context(ours.cert_pem)) == DNS_CALLER
+        with pytest.raises(CallerUnauthenticated) as caught:
+            rules.caller_id(auth_context(self.PARTNER.issue(LeafSpec("billing", dns_names=(DNS_CALLER,))).cert_pem))
+        assert caught.value.message.endswith(svid.DNS_NOT_FROM_OWN_TRUST_DOMAIN)
+
+    def test_own_and_partner_callers(self) -> None:
+        """Each trust domain's CA names its own workloads, directly or through an intermediate it signed."""
+        rules = self.rules()
+        partner = "spiffe://partner.example/ns/web/sa/bff"
+        assert rules.caller_id(auth_context(self.OURS.issue(LeafSpec("bff", uris=(BFF_ID,))).cert_pem)) == BFF_ID
+        through = self.OURS.issue(LeafSpec("bff", uris=(BFF_ID,)), issuer=self.INTERMEDIATE)
+        assert rules.caller_id(auth_context(through.cert_pem)) == BFF_ID
+        assert rules.caller_id(auth_context(self.PARTNER.issue(LeafSpec("p", uris=(partner,))).cert_pem)) == partner
+
+    def test_partner_ca_cannot_name_our_workload(self) -> None:
+        """The partner's CA signing a certificate for one of our IDs names nobody."""
+        impostor = self.PARTNER.issue(LeafSpec("bff", uris=(BFF_ID,)))
+        with pytest.raises(CallerUnauthenticated) as caught:
+            self.rules().caller_id(auth_context(impostor.cert_pem))
+        assert caught.value.message.endswith(svid.NOT_FROM_ITS_TRUST_DOMAIN)
+
+    def test_our_intermediate_presented_beside_the_path_does_not_help(self) -> None:
+        """Our genuine (public) intermediate sent along with a partner-signed leaf signed nothing of it."""
+        impostor = self.PARTNER.issue(LeafSpec("bff", uris=(BFF_ID,)))
+        context = auth_context(impostor.cert_pem + self.INTERMEDIATE.cert_pem)
+        assert "x509_pem_cert_chain" in context
+        with pytest.raises(CallerUnauthenticated):
+            self.rules().caller_id(context)
+
+    def test_a_trust_domain_without_a_bundle(self) -> None:
+        """A trust domain accepted as callers but with no bundle from the agent vouches for nobody."""
+        ours = x509.load_pem_x509_certificate(self.OURS.cert_pem)
+        anchors = dataclasses.replace(
+            svid.TrustAnchors.of([ours]), by_trust_domain={"example.org": frozenset({ours.public_bytes(Encoding.DER)})}
+        )
+        rules = CallerCertRules(SPIFFE, frozenset({"example.org", "partner.example"}), lambda: anchors)
+        partner = self.PARTNER.issue(LeafSpec("p", uris=("spiffe://partner.example/ns/web/sa/bff",)))
+        with pytest.raises(CallerUnauthenticated) as caught:
+            rules.caller_id(auth_context(partner.cert_pem))
+        assert caught.value.message.endswith(svid.NOT_FROM_ITS_TRUST_DOMAIN)

@@ -12,7 +12,7 @@ from spiffe._proto import workload_pb2
 from support.constants import TRUST_DOMAIN
 from support.pki import Pki
 from support.workloadagent import Svid, issue_svid, pem_to_der
-from synctoken_server.dev.pki import CertificateAuthority
+from synctoken_server.dev.pki import CertificateAuthority, KeyPair
 from synctoken_server.process.workloadcerts import svid_material
 
 SERVER_ID = f"spiffe://{TRUST_DOMAIN}/synctoken"
@@ -67,7 +67,7 @@ def test_same_bundles_same_bytes(pki: Pki) -> None:
                     pki.ca, SERVER_ID, not_before=now() - dt.timedelta(days=2), not_after=now() - dt.timedelta(days=1)
                 )
             ),
-            "the X509-SVID cannot serve: expired at",
+            "the X509-SVID cannot serve: its certificate expired at",
         ),
         (
             lambda pki: response(issue_svid(pki.ca, SERVER_ID, crl_sign=True)),
@@ -89,3 +89,30 @@ def test_unparsable_federated_bundle(pki: Pki) -> None:
     answer.federated_bundles["spiffe://partner.example"] = b"not a certificate"
     with pytest.raises(ValueError, match="does not parse"):
         svid_material(answer, now())
+
+
+def test_bundles_kept_per_trust_domain(pki: Pki) -> None:
+    """Each bundle's CAs are kept under its trust domain, for the caller-id check to use that one's only."""
+    svid = issue_svid(pki.ca, SERVER_ID, server=True)
+    partner = CertificateAuthority("partner CA")
+    material, _, _ = svid_material(response(svid, {"partner.example": partner.cert_pem}), now())
+    assert material.anchors.by_trust_domain == {
+        "example.org": frozenset({pem_to_der(pki.ca.cert_pem)}),
+        "partner.example": frozenset({pem_to_der(partner.cert_pem)}),
+    }
+
+
+def test_federated_bundle_for_the_own_trust_domain_is_refused(pki: Pki) -> None:
+    """A 'federated' bundle under the SVID's own trust domain would be rival CAs for our IDs: the answer is unusable."""
+    svid = issue_svid(pki.ca, SERVER_ID, server=True)
+    rival = CertificateAuthority("rival CA")
+    with pytest.raises(ValueError, match=r"^a federated bundle is for the X509-SVID.s own trust domain example\.org$"):
+        svid_material(response(svid, {TRUST_DOMAIN: rival.cert_pem}), now())
+
+
+def test_key_of_another_certificate_said_in_the_answers_words(pki: Pki) -> None:
+    """A key that does not match its SVID is said so, without naming tls.cert_file (there are no files)."""
+    svid, other = (issue_svid(pki.ca, SERVER_ID, server=True) for _ in range(2))
+    mismatched = Svid(SERVER_ID, KeyPair(svid.pair.cert_pem, other.pair.key_pem), svid.bundle_pem)
+    with pytest.raises(ValueError, match=r"^the X509-SVID cannot serve: its key does not match its certificate$"):
+        svid_material(response(mismatched), now())

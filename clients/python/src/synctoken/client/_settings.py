@@ -125,8 +125,14 @@ def socket_path(endpoint: str, what: str) -> str:
     Raise ValueError naming `what` otherwise: py-spiffe speaks to Unix sockets only.
     """
     scheme, _, rest = endpoint.partition(":")
-    # unix:///path and unix:/path name the same file; unix://host/path names a host, which a Unix socket has not.
-    if scheme != "unix" or (rest.startswith("//") and not rest.startswith("///")) or not rest.strip("/"):
+    # unix:///path and unix:/path name the same file; unix://host/path names a host, which a Unix socket has not,
+    # and unix:path is relative, which the standard does not allow (and which the server refuses too).
+    if (
+        scheme != "unix"
+        or not rest.startswith("/")
+        or (rest.startswith("//") and not rest.startswith("///"))
+        or not rest.strip("/")
+    ):
         raise ValueError(f"{what} must name a Unix socket as unix:///path/to/agent.sock, not {endpoint!r}")
     return "/" + rest.lstrip("/")
 

@@ -194,9 +194,18 @@ class WorkloadCertificates:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ):
             raise ValueError("the X509-SVID's key does not match its certificate")
+        expires = svid.leaf.not_valid_after_utc
+        if expires.timestamp() <= time.time():
+            # Every handshake with it would fail; the one in use, if any, is no worse. (A not-yet-valid one is
+            # used: this host's clock may be behind the agent's and the server's.)
+            raise ValueError(f"the X509-SVID {svid.spiffe_id} expired at {expires:%Y-%m-%dT%H:%M:%SZ}")
         own = svid.spiffe_id.trust_domain
         wanted = TrustDomain(self._server_trust_domain) if self._server_trust_domain else own
-        bundles = {own: first.bundle} | {TrustDomain(td): der for td, der in response.federated_bundles.items()}
+        federated = {TrustDomain(td): der for td, der in response.federated_bundles.items()}
+        if own in federated:
+            # It would silently replace the own bundle, the CAs the server of our own trust domain is trusted by.
+            raise ValueError(f"a federated bundle is for this workload's own trust domain {own.name}")
+        bundles = {own: first.bundle} | federated
         if wanted not in bundles:
             raise ValueError(
                 f"no bundle for the trust domain {wanted.name} of the expected server SPIFFE ID: the agent's "
@@ -213,7 +222,7 @@ class WorkloadCertificates:
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             ),
         )
-        return _Svid(material, str(svid.spiffe_id), svid.leaf.serial_number, svid.leaf.not_valid_after_utc.timestamp())
+        return _Svid(material, str(svid.spiffe_id), svid.leaf.serial_number, expires.timestamp())
 
     def _failed(self, why: str) -> None:
         # Once per distinct error: an agent away for an hour writes one line, not one per retry.
