@@ -286,11 +286,16 @@ class TestWhatThePageShows:
             with page.expect_response(lambda r: r.url.endswith("/token")) as answered:
                 page.goto(bff.url)
             assert answered.value.status == 503
-            browser.wait_for_text("#token-state", "text === 'failing'")
-            assert "state-error" in (page.locator("#token-state").get_attribute("class") or "")
-            detail = browser.text("#token-detail")
-            assert "last attempt: GET /token: 503 " in detail
-            assert "next attempt" in detail
+            # One look at the state, its colour and the detail together: the clock runs, and a retry (full
+            # jitter, possibly within milliseconds) turns the state to refreshing between two separate looks.
+            page.wait_for_function(
+                """() => {
+                  const state = document.querySelector('#token-state');
+                  const detail = document.querySelector('#token-detail').textContent;
+                  return state.textContent === 'failing' && state.classList.contains('state-error')
+                    && detail.includes('last attempt: GET /token: 503 ') && detail.includes('next attempt');
+                }"""
+            )
             assert browser.text("#state") == "fetching a token"
             assert page.evaluate("window.syncDemo.client") is None
         finally:
