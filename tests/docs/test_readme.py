@@ -23,7 +23,7 @@ from support.configs import WriteConfig
 from support.constants import API_KEY_SID, BFF_ID, ROOT, SYNCTOKEN
 from support.inprocess import RunningServer
 from support.logcapture import LeakWatch
-from support.pki import Pki
+from support.pki import Pki, presented_certificate
 from support.processes import Process, free_port
 from support.readme import README, blocks, section
 from support.workloadagent import SvidSet, WorkloadAgent, issue_svid
@@ -412,15 +412,7 @@ class TestTryTheReferenceConfig:
 
 def peer_serial(port: int, ca: Path) -> str:
     """The serial of the certificate the server presents on a new connection."""
-    context = ssl.create_default_context(cafile=ca)
-    context.set_alpn_protocols(["h2"])
-    with (
-        socket.create_connection(("localhost", port), timeout=10) as raw,
-        context.wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return f"{x509.load_der_x509_certificate(der).serial_number:X}"
+    return f"{presented_certificate(port, ca.read_text(), host='localhost').serial_number:X}"
 
 
 def handshake_fails(port: int, ca: Path, cert: Path, key: Path) -> bool:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 
 from support.constants import BFF_ID, CHAT_ADMIN_ID, CHAT_WORKER_ID, DNS_CALLER, STRANGER_ID, TRUST_DOMAIN
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
@@ -31,6 +34,23 @@ class Pki:
     def files(self, client: str) -> tuple[Path, Path]:
         """Paths of `client`'s certificate and key, for grpcurl."""
         return self.directory / f"{client}.pem", self.directory / f"{client}-key.pem"
+
+
+def presented_certificate(
+    port: int, ca_pem: str, client: tuple[Path, Path] | None = None, host: str = "127.0.0.1"
+) -> x509.Certificate:
+    """The certificate a TLS server on `host`:`port` presents on a new connection (verified against `ca_pem`)."""
+    context = ssl.create_default_context(cadata=ca_pem)
+    if client is not None:
+        context.load_cert_chain(*client)
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
 
 
 def _uri_san_der(uri: bytes) -> bytes:

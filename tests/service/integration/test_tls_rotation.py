@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import socket
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from support.configs import config_text
 from support.constants import BFF_ID
 from support.files import replace_file, rewrite_in_place
 from support.logcapture import LeakWatch
-from support.pki import Pki
+from support.pki import Pki, presented_certificate
 from support.processes import Process, free_port, serve
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
@@ -71,16 +69,8 @@ class Rotating:
 
     def peer_serial(self) -> str:
         """The serial of the certificate the server presents on a new connection."""
-        context = ssl.create_default_context(cadata=self.pki.ca.cert_pem.decode())
-        context.load_cert_chain(*self.pki.files("bff"))
-        context.set_alpn_protocols(["h2"])
-        with (
-            socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw,
-            context.wrap_socket(raw, server_hostname="localhost") as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-        assert der is not None
-        return f"{x509.load_der_x509_certificate(der).serial_number:X}"
+        certificate = presented_certificate(self.port, self.pki.ca.cert_pem.decode(), self.pki.files("bff"))
+        return f"{certificate.serial_number:X}"
 
     def reloaded(self, count: int = 1) -> dict[str, object]:
         """Wait for the `count`-th tls.reloaded line and return it."""

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import socket
-import ssl
 import subprocess
 import urllib.request
 from collections.abc import Callable
@@ -19,13 +17,12 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
 
 from support.calls import ALICE, SteadyLoad
 from support.configs import POLICY_TOML, SECRET_ENV, WriteConfig, config_text, spiffe_tls
 from support.constants import BFF_ID, DNS_CALLER, SYNCTOKEN, TRUST_DOMAIN
 from support.logcapture import LeakWatch
-from support.pki import Pki
+from support.pki import Pki, presented_certificate
 from support.probes import probe
 from support.processes import START_TIMEOUT, Process, free_port, serve
 from support.workloadagent import Svid, SvidSet, WorkloadAgent, issue_svid
@@ -61,16 +58,7 @@ class Served:
 
     def presented_serial(self) -> int:
         """The serial of the certificate the server presents on a new connection."""
-        context = ssl.create_default_context(cadata=self.pki.ca.cert_pem.decode())
-        context.load_cert_chain(*self.pki.files("bff"))
-        context.set_alpn_protocols(["h2"])
-        with (
-            socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw,
-            context.wrap_socket(raw, server_hostname="localhost") as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-        assert der is not None
-        return x509.load_der_x509_certificate(der).serial_number
+        return presented_certificate(self.port, self.pki.ca.cert_pem.decode(), self.pki.files("bff")).serial_number
 
     def call(self, pair: KeyPair) -> grpc.StatusCode:
         """One IssueToken on a new connection, presenting `pair`; the status it ends with."""
