@@ -1,8 +1,8 @@
 """The stack's ceiling: a gRPC server with synctoken's flavour and TLS set-up, whose one RPC does nothing.
 
-Same grpc.aio server, same options, same mTLS credentials (client certificate
-required), same raw-bytes handler registration; the handler returns an empty
-message at once.
+Same grpc.aio server on the same event loop (uvloop), same options, same mTLS
+credentials (client certificate required), same raw-bytes handler
+registration; the handler returns an empty message at once.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import uvloop
 
 # This module alone: importing the rest of synctoken would add its libraries to the ceiling's memory.
 from synctoken_server.serveroptions import ServerTimeouts, server_options
@@ -51,7 +52,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--pki", type=Path, required=True, help="folder with ca.pem, server.pem, server-key.pem")
     args = parser.parse_args()
-    asyncio.run(_serve(args.port, args.pki))
+    # The loop synctoken serve runs on (process/running.py's new_event_loop), named here, not imported:
+    # running.py would bring the rest of synctoken with it.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(args.port, args.pki))
 
 
 if __name__ == "__main__":

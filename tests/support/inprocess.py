@@ -22,15 +22,16 @@ from synctoken_server.config.schema import Config, load_config
 from synctoken_server.policy.limits import MAX_BUCKETS
 from synctoken_server.policy.rules import Grant
 from synctoken_server.process import workloadcerts
+from synctoken_server.process.running import new_event_loop
 from synctoken_server.process.server import TokenServer
 from synctoken_server.tokens.minting import Minter, TokenTimes
 
 
 class RunningServer:
-    """A real TokenServer on 127.0.0.1, its asyncio loop in a background thread."""
+    """A real TokenServer on 127.0.0.1, on the loop `synctoken serve` runs (uvloop), in a background thread."""
 
     def __init__(self, config: Config, audit_log: AuditLog | None = None, max_buckets: int = MAX_BUCKETS) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-server-loop", daemon=True)
         self._thread.start()
         self._server = self._call(self._start(config, audit_log, max_buckets))

@@ -32,6 +32,7 @@ import hashlib
 import ssl
 from collections import deque
 from collections.abc import Sequence
+from typing import cast
 
 import hiredis
 
@@ -40,6 +41,8 @@ from synctoken_server.policy.limitbackend import RedisSettings
 CLIENT_NAME = "synctoken"
 MAX_REPLY_BYTES = 1 << 20
 """More than any reply this client asks for (a script's few values, an error's text): a longer one is hostile."""
+CLOCK_SLACK = 0.001
+"""uvloop's clock and timers count whole milliseconds: a timer may fire up to 1 ms before its time by loop.time()."""
 _INCOMPLETE = object()
 """What the reader returns while no whole reply is buffered: not False, which `#f` (RESP3) is read as."""
 
@@ -55,20 +58,23 @@ class _Pipeline(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader(replyError=ResponseError, notEnoughData=_INCOMPLETE)
-        self._waiting: deque[tuple[asyncio.Future[object], float, float]] = deque()
-        """(future, when written, deadline) per request not yet answered, oldest first; loop.time() seconds."""
+        self._waiting: deque[tuple[asyncio.Future[object], int, float]] = deque()
+        """(future, replies read before it was written, deadline by loop.time()) per request waiting, oldest first."""
         self._watchdog: asyncio.TimerHandle | None = None
-        self._last_reply = 0.0
+        self._replies = 0
+        """Replies read so far. A count, not a time: uvloop's clock counts whole milliseconds, so a reply and
+        the next write can share a timestamp, and "no reply since" would be lost in the tie."""
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - stream connections only
-        self._transport = transport
+        # Not an isinstance check: uvloop's transports implement asyncio.Transport without deriving from it.
+        self._transport = cast("asyncio.Transport", transport)
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         try:
             while (reply := self._reader.gets()) is not _INCOMPLETE:
+                self._replies += 1
                 waiter = self._waiting.popleft()[0]
                 if waiter.done():  # timed out or cancelled: the reply keeps the order, nothing more
                     continue
@@ -85,7 +91,6 @@ class _Pipeline(asyncio.Protocol):
             # Unbounded otherwise, even once nobody waits for the reply (the stalled rule needs a waiting call).
             self.abort(ConnectionError(f"Redis sent a reply longer than {MAX_REPLY_BYTES} bytes"))
             return
-        self._last_reply = self._loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -105,7 +110,7 @@ class _Pipeline(asyncio.Protocol):
         if self.closed or self._transport is None:
             waiter.set_exception(ConnectionError("the connection to Redis is closed"))
             return waiter
-        self._waiting.append((waiter, self._loop.time(), deadline))
+        self._waiting.append((waiter, self._replies, deadline))
         self._transport.write(packed)
         if self._watchdog is None:
             self._watchdog = self._loop.call_at(deadline, self._expire)
@@ -120,16 +125,18 @@ class _Pipeline(asyncio.Protocol):
     def _expire(self) -> None:
         """Fail each request past its deadline; close a stalled connection; watch the next deadline."""
         self._watchdog = None
-        now = self._loop.time()
+        # With the slack, a timer that fired early fails its requests now, instead of re-arming for a
+        # deadline less than a millisecond away, which uvloop would fire at once, again and again.
+        now = self._loop.time() + CLOCK_SLACK
         stalled = False
         soonest: float | None = None
         # Requests given up (their RPC cancelled) count too: when every caller gives up before the
         # timeout, a dead connection must still be found dead, or it would be kept for good.
-        for waiter, written, deadline in self._waiting:
+        for waiter, replies_then, deadline in self._waiting:
             if deadline <= now:
                 if not waiter.done():
                     waiter.set_exception(TimeoutError())
-                stalled = stalled or self._last_reply < written
+                stalled = stalled or self._replies == replies_then
             elif soonest is None or deadline < soonest:
                 soonest = deadline
         if stalled:

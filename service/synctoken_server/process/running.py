@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import structlog
+import uvloop
 
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import Config, load_config
@@ -85,7 +86,20 @@ def run_one(
     killer), the worker drains and stops as on SIGTERM, instead of serving an
     old config on the shared port beside whatever replaces it.
     """
-    return asyncio.run(_serve(config, path, workers=workers, on_ready=on_ready, parent=parent))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(_serve(config, path, workers=workers, on_ready=on_ready, parent=parent))
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The loop every server process runs on: uvloop's.
+
+    Not asyncio's own: its selector loop is Python code that runs on every
+    wake-up (each batch of gRPC completions, each Redis reply); uvloop's is C.
+    Measured with bench.instructions: 894,000 -> 688,000 instructions per
+    IssueToken, and the Redis check's extra 102,000 -> 60,000. grpc.aio binds
+    its completion queue to whichever loop runs it.
+    """
+    return uvloop.new_event_loop()
 
 
 async def _watch_parent(parent: int, signals: asyncio.Queue[signal.Signals]) -> None:
@@ -134,6 +148,7 @@ async def _serve(
         identity_source=config.caller_id_source.value,
         callers=len(config.policy),
         open_file_limit=open_files,
+        event_loop=type(loop).__module__.partition(".")[0],
     )
     if on_ready is not None:
         on_ready(server.port)

@@ -70,8 +70,15 @@ class TestDev:
         assert claims["iss"] == devenv.DEV_API_KEY_SID
         assert claims["grants"] == {"identity": "alice", "data_sync": {"service_sid": devenv.DEV_SYNC_SERVICE_SID}}
         assert process.terminate() == 0
-        events = [r["event"] for r in process.records()]
-        assert events == ["tls.loaded", "server.started", "token.decision", "server.stopping", "server.stopped"]
+        records = process.records()
+        assert [r["event"] for r in records] == [
+            "tls.loaded",
+            "server.started",
+            "token.decision",
+            "server.stopping",
+            "server.stopped",
+        ]
+        assert records[1]["event_loop"] == "uvloop"
         assert (tmp_path / "dev" / devenv.CLIENT_KEY).stat().st_mode & 0o077 == 0
 
     def test_dev_uses_real_credentials_when_set(
@@ -223,7 +230,10 @@ class TestWorkers:
             channel.close()
         assert process.terminate() == 0
         records = process.records()
-        assert sorted(r["worker"] for r in records if r["event"] == "server.started") == [0, 1]
+        started = [r for r in records if r["event"] == "server.started"]
+        assert sorted(r["worker"] for r in started) == [0, 1]
+        # Each worker runs its own loop, and each one is uvloop (running.py says why).
+        assert [r["event_loop"] for r in started] == ["uvloop", "uvloop"]
         assert sum(r["event"] == "server.stopped" for r in records) == 2
         assert sum(r.get("outcome") == "issued" for r in records) == 6
         assert {r["worker"] for r in records if r["event"] == "token.decision"} <= {0, 1}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from support import serverloop
 from support.redisserver import RedisServer
 from synctoken_server.limitstore.redisbuckets import RedisLimiter
 from synctoken_server.metrics import Metrics
@@ -67,6 +68,6 @@ def test_a_cancelled_probe_lets_the_next_call_probe(redis_server: RedisServer) -
             redis_server.resume()
             await limiter.close()
 
-    assert asyncio.run(run()), "the breaker stayed open after Redis came back"
+    assert serverloop.run(run()), "the breaker stayed open after Redis came back"
     stored = redis_server.keys()
     assert any(key.endswith(":caller") for key in stored), stored

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
@@ -10,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from support import serverloop
 from support.logcapture import LeakWatch, LogSink
 from synctoken_server.limitstore.redisbuckets import RedisLimiter
 from synctoken_server.metrics import Metrics
@@ -69,7 +69,7 @@ def test_an_echoed_password_is_left_out_of_the_log(echoing_peer: int, log_sink: 
             finally:
                 await limiter.close()
 
-    asyncio.run(two_calls())
+    serverloop.run(two_calls())
     failures = [r for r in log_sink.records(start) if r["event"] == "rate_limit.backend_failed"]
     assert len(failures) == 2
     for record in failures:

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 import hiredis
 import pytest
 
+from support import serverloop
 from synctoken_server.limitstore.scriptclient import ScriptClient
 from synctoken_server.policy.limitbackend import RedisSettings
 
@@ -74,7 +75,7 @@ class TestHostilePeer:
                 await ours.close()
                 server.close()
 
-        assert asyncio.run(run()) == [False, b"second"]
+        assert serverloop.run(run()) == [False, b"second"]
 
     def test_an_endless_reply_closes_the_connection(self) -> None:
         """A reply that never ends is not buffered without bound, even when no call waits for it any more."""
@@ -108,7 +109,7 @@ class TestHostilePeer:
                 await ours.close()
                 server.close()
 
-        asyncio.run(run())
+        serverloop.run(run())
         assert sent < HUGE_REPLY_CAP, "the client kept reading a reply without end"
 
     def test_a_reply_hiredis_cannot_build_fails_the_calls_quietly(self) -> None:
@@ -130,7 +131,7 @@ class TestHostilePeer:
                 await ours.close()
                 server.close()
 
-        asyncio.run(run())
+        serverloop.run(run())
         assert [context["message"] for context in reported if "data_received" in str(context["message"])] == []
 
 
@@ -156,4 +157,4 @@ def test_a_connection_whose_calls_were_all_cancelled_is_still_judged_stalled() -
             await ours.close()
             server.close()
 
-    asyncio.run(run())
+    serverloop.run(run())

@@ -11,6 +11,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from support import serverloop
 from support.redisserver import RedisServer
 from synctoken_server.limitstore.redisbuckets import GCRA_SCRIPT
 from synctoken_server.limitstore.scriptclient import CLIENT_NAME, ResponseError, ScriptClient
@@ -78,7 +79,7 @@ class TestParityWithRedisPy:
                 await theirs.aclose()
             return mine, reference_replies
 
-        mine, theirs = asyncio.run(both())
+        mine, theirs = serverloop.run(both())
         assert [[reply[0].replace(b"ours", b"theirs"), *reply[1:]] for reply in mine] == theirs  # type: ignore[index]
         assert theirs[1] == [b"theirs", "é-ü".encode(), 2, 42]
         assert redis_server.client().get("ours") == redis_server.client().get("theirs") == b"2"
@@ -99,7 +100,7 @@ class TestParityWithRedisPy:
                 await theirs.aclose()
             return str(mine.value), str(reference_error.value)
 
-        mine, theirs = asyncio.run(both())
+        mine, theirs = serverloop.run(both())
         # redis-py turns the error code into its exception class (ERR: ResponseError) and drops it from the text.
         assert mine == "ERR " + theirs == "ERR the script refuses x"
 
@@ -119,7 +120,7 @@ class TestParityWithRedisPy:
                 await theirs.aclose()
             return mine, reference_replies
 
-        mine, theirs = asyncio.run(both())
+        mine, theirs = serverloop.run(both())
         assert [reply[0] for reply in mine] == [reply[0] for reply in theirs] == [0, 0, 0, 1]  # type: ignore[index]
         # The wait differs by the microseconds between the two runs, nothing more.
         assert abs(mine[3][1] - theirs[3][1]) < 5_000_000  # type: ignore[index]
@@ -141,7 +142,7 @@ class TestParityWithRedisPy:
             finally:
                 await ours.close()
 
-        asyncio.run(run())
+        serverloop.run(run())
         assert redis.Redis(host="127.0.0.1", port=redis_server.port, db=3).get("in-db-3") == b"1"
         assert admin.get("in-db-3") is None
 
@@ -159,7 +160,7 @@ class TestParityWithRedisPy:
                 await ours.close()
             return [first, second, third]
 
-        assert [reply[2] for reply in asyncio.run(run())] == [1, 2, 3]  # type: ignore[index]
+        assert [reply[2] for reply in serverloop.run(run())] == [1, 2, 3]  # type: ignore[index]
         stats = redis_server.client().info("commandstats")
         assert stats["cmdstat_eval"]["calls"] == 2  # the first call and the one after the flush
         assert stats["cmdstat_evalsha"]["calls"] == 3
@@ -178,7 +179,7 @@ class TestPipeline:
             finally:
                 await ours.close()
 
-        replies = asyncio.run(run())
+        replies = serverloop.run(run())
         assert [reply[1] for reply in replies] == [str(i).encode() for i in range(200)]  # type: ignore[index]
         assert [reply[3] for reply in replies] == [2 * i for i in range(200)]  # type: ignore[index]
 
@@ -193,7 +194,7 @@ class TestPipeline:
             finally:
                 await ours.close()
 
-        asyncio.run(run())
+        serverloop.run(run())
 
     def test_a_stalled_connection_is_replaced(self, redis_server: RedisServer) -> None:
         """A call past its timeout on a connection that answered nothing since is failed and the connection closed."""
@@ -210,7 +211,7 @@ class TestPipeline:
                 await ours.close()
 
         before = connections(redis_server)
-        assert asyncio.run(run()) == b"next"
+        assert serverloop.run(run()) == b"next"
         # The first, the one that replaced it, and the looking client's own.
         assert connections(redis_server) == before + 3
 
@@ -233,7 +234,7 @@ class TestPipeline:
                 await ours.close()
             return waits
 
-        waits = asyncio.run(run())
+        waits = serverloop.run(run())
         assert all(0.09 <= wait < 2.0 for wait in waits), waits  # asyncio may fire a timer a tick early
 
     def test_a_late_reply_is_dropped_on_a_live_connection(self, redis_server: RedisServer) -> None:
@@ -258,5 +259,5 @@ class TestPipeline:
                 await ours.close()
 
         before = connections(redis_server)
-        assert asyncio.run(run()) == [b"1", b"3", b"4"]
+        assert serverloop.run(run()) == [b"1", b"3", b"4"]
         assert connections(redis_server) == before + 2  # one connection throughout, and the looking client's
