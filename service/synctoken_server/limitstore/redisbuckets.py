@@ -23,7 +23,10 @@ Every call is bounded (`timeout`, connecting included) and never retried
 waits for Redis at most that long. A circuit breaker
 (policy/limitbackend.py) stops calling a Redis that keeps failing; meanwhile,
 and for any failed call, `on_backend_failure` decides: this process's share
-of the limit in its local buckets, no limit, or a refusal.
+of the limit in its local buckets, no limit, or a refusal. A connection that
+stalls or breaks, or an opening that fails, after every call waiting on it has
+given up (its RPC cancelled first) is one failure too: else, with RPC
+deadlines shorter than the timeout, the breaker would never open.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ class RedisLimiter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
-        self._client = ScriptClient(settings, GCRA_SCRIPT)
+        self._client = ScriptClient(settings, GCRA_SCRIPT, unheard=self._failed)
         self._local = local
         """The local buckets, used only while Redis cannot answer (on_backend_failure = local)."""
         self._metrics = metrics
@@ -181,6 +184,11 @@ class RedisLimiter:
         self._failing = False
 
     def _failed(self, exc: BaseException) -> None:
+        """A failed call, or a failure no call was left to hear: counted, told to the breaker, logged.
+
+        The second (every caller had given up first, as with RPC deadlines shorter than the timeout)
+        comes from the script client, for a connection or an opening that failed.
+        """
         kind, problem = _describe(exc, self._settings.timeout_ms, self._settings.password)
         self._metrics.backend_errors.labels(kind).inc()
         opened = self._breaker.failed(self._clock())

@@ -31,7 +31,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import hiredis
 
@@ -50,6 +50,11 @@ class ResponseError(Exception):
 
 class _Pipeline(asyncio.Protocol):
     """One connection: requests written in order, replies matched to them in the same order."""
+
+    unheard: Callable[[Exception], None] | None = None
+    """Told when the connection fails with requests waiting but none of their callers left to hear it (every
+    one given up): the failure must still count. Set once the connection is introduced; until then, failing
+    is the opening's, which ScriptClient reports."""
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -94,10 +99,14 @@ class _Pipeline(asyncio.Protocol):
             self._watchdog = None
         failure = exc if isinstance(exc, ConnectionError | TimeoutError) else None
         failure = failure or ConnectionError(f"the connection to Redis closed ({exc or 'by the server'})")
+        given_up = bool(self._waiting)
         while self._waiting:
             waiter = self._waiting.popleft()[0]
             if not waiter.done():
                 waiter.set_exception(failure)
+                given_up = False
+        if given_up and self.unheard is not None:
+            self.unheard(failure)
 
     def send(self, packed: bytes, deadline: float) -> asyncio.Future[object]:
         """Write one packed command; the future gets its reply, or TimeoutError once `deadline` (loop.time()) passed."""
@@ -125,17 +134,36 @@ class _Pipeline(asyncio.Protocol):
         soonest: float | None = None
         # Requests given up (their RPC cancelled) count too: when every caller gives up before the
         # timeout, a dead connection must still be found dead, or it would be kept for good.
-        for waiter, written, deadline in self._waiting:
+        for _, written, deadline in self._waiting:
             if deadline <= now:
-                if not waiter.done():
-                    waiter.set_exception(TimeoutError())
                 stalled = stalled or self._last_reply < written
             elif soonest is None or deadline < soonest:
                 soonest = deadline
         if stalled:
+            # Every caller still waiting hears it from connection_lost, or, with none left, `unheard` does.
             self.abort(TimeoutError("Redis answered nothing within the timeout"))
-        elif soonest is not None:
+            return
+        for waiter, _, deadline in self._waiting:
+            if deadline <= now and not waiter.done():
+                waiter.set_exception(TimeoutError())
+        if soonest is not None:
             self._watchdog = self._loop.call_at(soonest, self._expire)
+
+    def watch(self, deadline: float) -> None:
+        """Make the watchdog fire by `deadline` too: for a request sent later than others with earlier deadlines.
+
+        `send` sets the watchdog only on an idle connection, which holds as long as each request's deadline
+        is no earlier than those written before it: true of every first attempt (same timeout, written at
+        once), not of a NOSCRIPT retry or of a call that waited for an opening, which call this after `send`.
+        Such a request, unanswered at its deadline, judges the connection stalled as any other does, after
+        less than a whole timeout of silence: a cost of those rare paths, never of the usual one.
+        """
+        if self.closed:
+            return
+        if self._watchdog is None or self._watchdog.when() > deadline:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._watchdog = self._loop.call_at(deadline, self._expire)
 
 
 class ScriptClient:
@@ -146,13 +174,20 @@ class ScriptClient:
     and ResponseError for an error reply.
     """
 
-    def __init__(self, settings: RedisSettings, script: str) -> None:
+    def __init__(
+        self, settings: RedisSettings, script: str, unheard: Callable[[Exception], None] | None = None
+    ) -> None:
+        """`unheard` is told of each failure no caller was left to hear (see _Pipeline.unheard)."""
         self._settings = settings
+        self._unheard = unheard
         self._timeout = settings.timeout_ms / 1000
         self._script = script.encode()
         self._sha = hashlib.sha1(self._script, usedforsecurity=False).hexdigest().encode()
         self._pipeline: _Pipeline | None = None
         self._opening: asyncio.Task[_Pipeline] | None = None
+        self._closed = False
+        self._joined = 0
+        """Calls waiting for the opening: with none, its failure is `unheard`'s."""
 
     async def run(self, keys: Sequence[str], args: Sequence[str]) -> object:
         """The script's reply for `keys` and `args` (EVAL once when Redis does not know the script yet)."""
@@ -163,16 +198,22 @@ class ScriptClient:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         # A restarted or flushed Redis: EVAL runs the script and caches it for the EVALSHAs after.
-        return await self._request(deadline, b"EVAL", self._script, len(keys), *keys, *args)
+        return await self._late_request(deadline, b"EVAL", self._script, len(keys), *keys, *args)
 
     async def ping(self) -> None:
         """Open the connection if needed (AUTH, SELECT) and ask PING: what start-up checks."""
         await self._request(asyncio.get_running_loop().time() + self._timeout, b"PING")
 
     async def close(self) -> None:
-        """Close the connection, failing whatever still waits on it."""
-        if self._opening is not None:
-            self._opening.cancel()
+        """Close the connection, failing whatever still waits on it; later calls fail at once (shutdown)."""
+        self._closed = True
+        opening = self._opening
+        if opening is not None:
+            opening.cancel()
+            # Cancelling is not enough: an opening that has just finished has a connection nobody took yet.
+            await asyncio.gather(opening, return_exceptions=True)
+            if not opening.cancelled() and opening.exception() is None:
+                opening.result().abort()
         if self._pipeline is not None:
             self._pipeline.abort()
             self._pipeline = None
@@ -180,18 +221,50 @@ class ScriptClient:
     async def _request(self, deadline: float, *command: bytes | str | int) -> object:
         pipeline = self._pipeline
         if pipeline is None or pipeline.closed:
-            pipeline = await self._connected(deadline)
+            return await self._late_request(deadline, *command)
         return await pipeline.send(_pack(command), deadline)
 
+    async def _late_request(self, deadline: float, *command: bytes | str | int) -> object:
+        """A request that may have waited (for an opening, or for NOSCRIPT): still bounded by its own deadline."""
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline:
+            raise TimeoutError  # not written at all: Redis would run it for a caller already told no
+        pipeline = self._pipeline
+        if pipeline is None or pipeline.closed:
+            pipeline = await self._connected(deadline)
+        waiter = pipeline.send(_pack(command), deadline)
+        pipeline.watch(deadline)
+        return await waiter
+
     async def _connected(self, deadline: float) -> _Pipeline:
-        if self._opening is None or self._opening.done():
+        if self._closed:
+            raise ConnectionError("the Redis client is closed")
+        opening = self._opening
+        bound: float | None = deadline
+        if opening is None or opening.done():
             # One opening shared by every call that finds no connection, bounded by the deadline of the
-            # call that started it: the calls that join it later have later deadlines of their own.
-            self._opening = asyncio.create_task(self._open(deadline))
-            # Its failure reaches the callers still waiting; with none left, it is read here, not reported as lost.
-            self._opening.add_done_callback(lambda task: task.cancelled() or task.exception())
-        self._pipeline = await asyncio.shield(self._opening)
-        return self._pipeline
+            # call that started it (so that call waits for its end: a later one never joins a finished
+            # opening's failure); a call that joins it waits at most until its own deadline.
+            opening = self._opening = asyncio.create_task(self._open(deadline))
+            opening.add_done_callback(self._opened)
+            bound = None
+        self._joined += 1
+        try:
+            async with asyncio.timeout_at(bound):
+                pipeline = await asyncio.shield(opening)
+        finally:
+            self._joined -= 1
+        if self._closed:  # closed while this call waited: the connection is close()'s to end, not to keep
+            raise ConnectionError("the Redis client is closed")
+        return pipeline
+
+    def _opened(self, opening: asyncio.Task[_Pipeline]) -> None:
+        # Run before any joined call resumes (the first of the task's callbacks), so `_joined` still counts
+        # the calls about to hear the failure. Read here in any case: not reported by asyncio as never read.
+        if opening.cancelled() or (failure := opening.exception()) is None:
+            return
+        if self._joined == 0 and self._unheard is not None and not self._closed and isinstance(failure, Exception):
+            self._unheard(failure)
 
     async def _open(self, deadline: float) -> _Pipeline:
         settings = self._settings
@@ -213,6 +286,10 @@ class ScriptClient:
             except BaseException:
                 pipeline.abort()
                 raise
+        # Kept here, not by the calls that wait for it: when every one of them has given up, the next
+        # call uses it rather than opening another and leaving this one open for good.
+        pipeline.unheard = self._unheard
+        self._pipeline = pipeline
         return pipeline
 
 
