@@ -44,8 +44,40 @@ _INCOMPLETE = object()
 """What the reader returns while no whole reply is buffered: not False, which `#f` (RESP3) is read as."""
 
 
+REDIS_ERROR_CODES = frozenset(
+    {
+        "ERR", "WRONGPASS", "NOAUTH", "NOPERM", "NOPROTO", "LOADING", "BUSY", "MASTERDOWN", "MISCONF",
+        "READONLY", "OOM", "NOREPLICAS", "WRONGTYPE", "EXECABORT", "NOSCRIPT", "CROSSSLOT", "CLUSTERDOWN",
+        "TRYAGAIN", "MOVED", "ASK",
+    }
+)  # fmt: skip
+"""The error codes (an error reply's first word) Redis and Valkey answer with: the only words of a reply
+to the opening commands that are kept."""
+AUTH_REFUSALS = ("NOAUTH", "WRONGPASS", "ERR AUTH", "ERR invalid password")
+"""How Redis (7: WRONGPASS, NOAUTH; 6: ERR AUTH ... without any password configured; < 6) starts a refused login."""
+
+
 class ResponseError(Exception):
     """An error reply from Redis (WRONGPASS, NOSCRIPT, ERR ...); its text is Redis's."""
+
+
+class OpeningRefused(ResponseError):
+    """An error reply to AUTH, SELECT or CLIENT SETNAME, known by its code and the command alone.
+
+    Whatever answers at the URL may quote the command it refused, the password
+    with it, in any form (quoted, escaped, cut anywhere, as the code itself):
+    so nothing of the reply's text is kept but a code Redis uses, and whether
+    it refused the login. Structural, not a search for the password.
+    """
+
+    def __init__(self, command: str, reply: ResponseError) -> None:
+        text = str(reply)
+        word = text.split(" ", 1)[0]
+        self.code: str | None = word if word in REDIS_ERROR_CODES else None
+        """None: a first word Redis does not use."""
+        self.command = command
+        self.refused_login = self.code is not None and text.startswith(AUTH_REFUSALS)
+        super().__init__(f"{self.code or 'an unknown error code'} in reply to {command}")
 
 
 class _Pipeline(asyncio.Protocol):
@@ -295,8 +327,12 @@ class ScriptClient:
 
 async def _introduce(pipeline: _Pipeline, settings: RedisSettings, deadline: float) -> None:
     """AUTH, SELECT and CLIENT SETNAME, pipelined; the first error reply is raised (after every reply came)."""
-    opening = [pipeline.send(_pack(command), deadline) for command in _opening_commands(settings)]
-    for reply in await asyncio.gather(*opening, return_exceptions=True):
+    commands = _opening_commands(settings)
+    opening = [pipeline.send(_pack(command), deadline) for _, command in commands]
+    replies = await asyncio.gather(*opening, return_exceptions=True)
+    for (name, _), reply in zip(commands, replies, strict=True):
+        if isinstance(reply, ResponseError):
+            raise OpeningRefused(name, reply) from None  # its text, the password maybe, not even as the cause
         if isinstance(reply, BaseException):
             raise reply
 
@@ -307,14 +343,15 @@ def _pack(command: tuple[bytes | str | int, ...]) -> bytes:
     return packed
 
 
-def _opening_commands(settings: RedisSettings) -> list[tuple[bytes | str | int, ...]]:
-    commands: list[tuple[bytes | str | int, ...]] = []
+def _opening_commands(settings: RedisSettings) -> list[tuple[str, tuple[bytes | str | int, ...]]]:
+    """Each opening command by its name (what errors say: never its arguments) and in full."""
+    commands: list[tuple[str, tuple[bytes | str | int, ...]]] = []
     if settings.password is not None:
         user = (settings.username,) if settings.username else ()
-        commands.append(("AUTH", *user, settings.password))
+        commands.append(("AUTH", ("AUTH", *user, settings.password)))
     if settings.db:
-        commands.append(("SELECT", settings.db))
-    commands.append(("CLIENT", "SETNAME", CLIENT_NAME))
+        commands.append(("SELECT", ("SELECT", settings.db)))
+    commands.append(("CLIENT SETNAME", ("CLIENT", "SETNAME", CLIENT_NAME)))
     return commands
 
 
