@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 
 import hiredis
 
+from synctoken_server.limitstore.connecting import Connector
 from synctoken_server.policy.limitbackend import RedisSettings
 
 CLIENT_NAME = "synctoken"
@@ -212,6 +212,7 @@ class ScriptClient:
         """`unheard` is told of each failure no caller was left to hear (see _Pipeline.unheard)."""
         self._settings = settings
         self._unheard = unheard
+        self._connector = Connector(settings)
         self._timeout = settings.timeout_ms / 1000
         self._script = script.encode()
         self._sha = hashlib.sha1(self._script, usedforsecurity=False).hexdigest().encode()
@@ -300,19 +301,8 @@ class ScriptClient:
 
     async def _open(self, deadline: float) -> _Pipeline:
         settings = self._settings
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout_at(deadline):
-            if settings.unix_socket:
-                _, pipeline = await loop.create_unix_connection(_Pipeline, settings.unix_socket)
-            else:
-                context = _tls_context(settings) if settings.tls else None
-                _, pipeline = await loop.create_connection(
-                    _Pipeline,
-                    settings.host,
-                    settings.port,
-                    ssl=context,
-                    server_hostname=settings.host if context else None,
-                )
+            pipeline = await self._connector.connect(_Pipeline)
             try:
                 await _introduce(pipeline, settings, deadline)
             except BaseException:
@@ -353,11 +343,3 @@ def _opening_commands(settings: RedisSettings) -> list[tuple[str, tuple[bytes | 
         commands.append(("SELECT", ("SELECT", settings.db)))
     commands.append(("CLIENT SETNAME", ("CLIENT", "SETNAME", CLIENT_NAME)))
     return commands
-
-
-def _tls_context(settings: RedisSettings) -> ssl.SSLContext:
-    """Verified TLS: the CA file (or the system's CAs), the host name checked, a client certificate if given."""
-    context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
-    if settings.cert_file is not None:
-        context.load_cert_chain(settings.cert_file, settings.key_file)
-    return context

@@ -182,6 +182,18 @@ class TestPipeline:
         assert [reply[1] for reply in replies] == [str(i).encode() for i in range(200)]  # type: ignore[index]
         assert [reply[3] for reply in replies] == [2 * i for i in range(200)]  # type: ignore[index]
 
+    def test_a_host_name_is_looked_up(self, redis_server: RedisServer) -> None:
+        """A URL naming a host (localhost) reaches the Redis listening on one of its addresses (127.0.0.1)."""
+
+        async def run() -> object:
+            ours = ScriptClient(settings_for(redis_server, host="localhost"), ECHO_SCRIPT)
+            try:
+                return await ours.run(["named"], ["a", "1"])
+            finally:
+                await ours.close()
+
+        assert asyncio.run(run()) == [b"named", b"a", 1, 2]
+
     def test_one_connection_named(self, redis_server: RedisServer) -> None:
         """The calls share one connection, which CLIENT LIST shows by the client's name."""
 
