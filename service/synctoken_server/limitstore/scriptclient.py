@@ -162,12 +162,13 @@ class _Pipeline(asyncio.Protocol):
         """Fail each request past its deadline; close a stalled connection; watch the next deadline."""
         self._watchdog = None
         now = self._loop.time()
-        stalled = False
+        stalled = late = False
         soonest: float | None = None
         # Requests given up (their RPC cancelled) count too: when every caller gives up before the
         # timeout, a dead connection must still be found dead, or it would be kept for good.
         for _, written, deadline in self._waiting:
             if deadline <= now:
+                late = True
                 stalled = stalled or self._last_reply < written
             elif soonest is None or deadline < soonest:
                 soonest = deadline
@@ -175,7 +176,7 @@ class _Pipeline(asyncio.Protocol):
             # Every caller still waiting hears it from connection_lost, or, with none left, `unheard` does.
             self.abort(TimeoutError("Redis answered nothing within the timeout"))
             return
-        for waiter, _, deadline in self._waiting:
+        for waiter, _, deadline in self._waiting if late else ():
             if deadline <= now and not waiter.done():
                 waiter.set_exception(TimeoutError())
         if soonest is not None:
@@ -296,7 +297,12 @@ class ScriptClient:
         # the calls about to hear the failure. Read here in any case: not reported by asyncio as never read.
         if opening.cancelled() or (failure := opening.exception()) is None:
             return
-        if self._joined == 0 and self._unheard is not None and not self._closed and isinstance(failure, Exception):
+        if self._joined == 0 and isinstance(failure, Exception):
+            self._lost(failure)
+
+    def _lost(self, failure: Exception) -> None:
+        """A failure no call was left to hear, for `unheard`; none once closed: close() ends what it finds."""
+        if self._unheard is not None and not self._closed:
             self._unheard(failure)
 
     async def _open(self, deadline: float) -> _Pipeline:
@@ -310,7 +316,7 @@ class ScriptClient:
                 raise
         # Kept here, not by the calls that wait for it: when every one of them has given up, the next
         # call uses it rather than opening another and leaving this one open for good.
-        pipeline.unheard = self._unheard
+        pipeline.unheard = self._lost
         self._pipeline = pipeline
         return pipeline
 

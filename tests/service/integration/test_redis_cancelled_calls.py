@@ -194,3 +194,23 @@ def test_a_connection_lost_under_calls_given_up_is_a_failure() -> None:
     asyncio.run(run())
     assert errors(metrics, "connection") == 1
     assert errors(metrics, "timeout") == 0
+
+
+def test_closing_under_calls_given_up_is_no_failure(redis_server: RedisServer) -> None:
+    """Shutdown closing a connection whose waiting calls had all given up counts no failure: the client closed it."""
+    settings = RedisSettings(url=redis_server.url, host="127.0.0.1", port=redis_server.port, timeout_ms=60_000)
+    metrics = Metrics()
+
+    async def run() -> None:
+        limiter = RedisLimiter(settings, RateLimiter(time.monotonic), metrics)
+        try:
+            assert await limiter.check(LIMITS, LIMITS, CALLER, "alice", identity_digest) is None
+            redis_server.pause()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(limiter.check(LIMITS, LIMITS, CALLER, "alice", identity_digest), RPC_DEADLINE)
+        finally:
+            await limiter.close()
+            redis_server.resume()
+
+    asyncio.run(run())
+    assert [errors(metrics, kind) for kind in ("timeout", "connection", "auth", "error")] == [0, 0, 0, 0]
