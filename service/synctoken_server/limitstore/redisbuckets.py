@@ -23,7 +23,10 @@ Every call is bounded (`timeout`, connecting included) and never retried
 waits for Redis at most that long. A circuit breaker
 (policy/limitbackend.py) stops calling a Redis that keeps failing; meanwhile,
 and for any failed call, `on_backend_failure` decides: this process's share
-of the limit in its local buckets, no limit, or a refusal.
+of the limit in its local buckets, no limit, or a refusal. A connection that
+stalls or breaks, or an opening that fails, after every call waiting on it has
+given up (its RPC cancelled first) is one failure too: else, with RPC
+deadlines shorter than the timeout, the breaker would never open.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from collections.abc import Callable
 
 import structlog
 
-from synctoken_server.limitstore.scriptclient import ResponseError, ScriptClient
+from synctoken_server.limitstore.scriptclient import AUTH_REFUSALS, OpeningRefused, ResponseError, ScriptClient
 from synctoken_server.metrics import Metrics
 from synctoken_server.policy.limitbackend import BackendUnavailable, Breaker, OnBackendFailure, RedisSettings
 from synctoken_server.policy.limits import CallerLimits, OverLimit, RateLimiter
@@ -82,7 +85,7 @@ class RedisLimiter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
-        self._client = ScriptClient(settings, GCRA_SCRIPT)
+        self._client = ScriptClient(settings, GCRA_SCRIPT, unheard=self._failed)
         self._local = local
         """The local buckets, used only while Redis cannot answer (on_backend_failure = local)."""
         self._metrics = metrics
@@ -181,6 +184,11 @@ class RedisLimiter:
         self._failing = False
 
     def _failed(self, exc: BaseException) -> None:
+        """A failed call, or a failure no call was left to hear: counted, told to the breaker, logged.
+
+        The second (every caller had given up first, as with RPC deadlines shorter than the timeout)
+        comes from the script client, for a connection or an opening that failed.
+        """
         kind, problem = _describe(exc, self._settings.timeout_ms, self._settings.password)
         self._metrics.backend_errors.labels(kind).inc()
         opened = self._breaker.failed(self._clock())
@@ -229,9 +237,10 @@ def _pair(reply: object) -> tuple[int, int]:
 def _describe(exc: BaseException, timeout_ms: int, password: str | None) -> tuple[str, str]:
     """A bounded `kind` label for the error counter, and what happened in words (never a password).
 
-    The words quote the reply of whatever answered at the URL, and a peer that is not Redis (or a proxy)
-    may echo the command it could not parse: redis-py's HELLO 3 AUTH <user> <password>. A text holding
-    the password's start (Redis itself cuts each echoed argument at 128 characters) is left out whole.
+    A reply to the opening commands (AUTH among them) is only ever its error code (OpeningRefused):
+    whatever answers at the URL may quote the command it refused, escaped or cut in any way. Other
+    replies are quoted, and as a second net a text holding the password's start (Redis itself cuts
+    each echoed argument at 128 characters) is left out whole.
     """
     kind, problem = _classify(exc, timeout_ms)
     if password and password[:_ECHO_PREFIX] in problem:
@@ -239,18 +248,20 @@ def _describe(exc: BaseException, timeout_ms: int, password: str | None) -> tupl
     return kind, problem
 
 
-_AUTH_REFUSALS = ("NOAUTH", "WRONGPASS", "ERR AUTH", "ERR invalid password")
-"""How Redis (7: WRONGPASS, NOAUTH; 6: ERR AUTH ... without any password configured; < 6) starts a refused login."""
+_CREDENTIALS = "Redis refused the credentials: check limits.redis.password_file and the URL's user name"
 
 
 def _classify(exc: BaseException, timeout_ms: int) -> tuple[str, str]:
-    if isinstance(exc, ResponseError) and str(exc).startswith(
-        ("NOAUTH", "WRONGPASS", "ERR AUTH", "ERR invalid password")
-    ):
-        return "auth", (
-            "Redis refused the credentials: check limits.redis.password_file and the URL's user name "
-            f"({type(exc).__name__}: {exc})"
+    if isinstance(exc, OpeningRefused):
+        if exc.refused_login:
+            return "auth", f"{_CREDENTIALS} ({exc})"
+        code = exc.code or "an error code Redis does not use"
+        return (
+            "error",
+            f"Redis refused {exc.command} ({code}; the rest of its reply is left out: it may quote the command)",
         )
+    if isinstance(exc, ResponseError) and str(exc).startswith(AUTH_REFUSALS):
+        return "auth", f"{_CREDENTIALS} ({type(exc).__name__}: {exc})"
     if isinstance(exc, TimeoutError):
         return "timeout", f"no answer within {timeout_ms}ms"
     if isinstance(exc, OSError):

@@ -158,3 +158,71 @@ def test_a_connection_whose_calls_were_all_cancelled_is_still_judged_stalled() -
             server.close()
 
     serverloop.run(run())
+    serverloop.run(run())
+
+
+NOSCRIPT_AFTER = 1.0
+"""Seconds the peer waits before its NOSCRIPT: the call that gets it has this much less of its timeout left."""
+RETRY_TIMEOUT_MS = 2000
+CHECK_AFTER_DEADLINE = 0.5
+"""When the test looks, after the retrying call's deadline and before the other call's (a loop timer, not a timing goal)."""
+
+
+async def noscript_peer(later: str) -> asyncio.Server:
+    """First connection: +OK to the opening; NOSCRIPT_AFTER after two script calls, the first's reply, NOSCRIPT
+    to the second, then bytes that are not RESP (so the client closes it). Later connections: `later`, either
+    "silent" (nothing at all, the opening included) or "introduce" (+OK to the opening, nothing to scripts).
+    """
+    accepted = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        first = accepted == 1
+        parser = hiredis.Reader()
+        scripts = 0
+        try:
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    if command[0] in (b"EVALSHA", b"EVAL"):
+                        scripts += 1
+                    elif first or later == "introduce":
+                        writer.write(b"+OK\r\n")
+                if first and scripts == 2:
+                    await asyncio.sleep(NOSCRIPT_AFTER)
+                    writer.write(b"$5\r\nfirst\r\n-NOSCRIPT No matching script.\r\n?\r\n")
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("later", ["silent", "introduce"])
+def test_a_noscript_retry_ends_by_its_own_deadline(later: str) -> None:
+    """A call's EVAL after NOSCRIPT, on the connection another call is opening, fails by its own deadline."""
+
+    async def run() -> None:
+        server = await noscript_peer(later)
+        ours = client_for(server, timeout_ms=RETRY_TIMEOUT_MS)
+
+        async def other() -> None:
+            assert await ours.run(["first"], []) == b"first"
+            # The connection is closed now: this call opens the next one, with a deadline later than the retry's.
+            await ours.run(["next"], [])
+
+        try:
+            opener = asyncio.create_task(other())
+            retrying = asyncio.create_task(ours.run(["retried"], []))
+            await asyncio.sleep(RETRY_TIMEOUT_MS / 1000 + CHECK_AFTER_DEADLINE)
+            assert retrying.done(), "the retry outlasted its call's deadline, waiting on another call's"
+            assert isinstance(retrying.exception(), TimeoutError)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(opener, 10)
+        finally:
+            await ours.close()
+            server.close()
+
+    serverloop.run(run())

@@ -183,6 +183,18 @@ class TestPipeline:
         assert [reply[1] for reply in replies] == [str(i).encode() for i in range(200)]  # type: ignore[index]
         assert [reply[3] for reply in replies] == [2 * i for i in range(200)]  # type: ignore[index]
 
+    def test_a_host_name_is_looked_up(self, redis_server: RedisServer) -> None:
+        """A URL naming a host (localhost) reaches the Redis listening on one of its addresses (127.0.0.1)."""
+
+        async def run() -> object:
+            ours = ScriptClient(settings_for(redis_server, host="localhost"), ECHO_SCRIPT)
+            try:
+                return await ours.run(["named"], ["a", "1"])
+            finally:
+                await ours.close()
+
+        assert serverloop.run(run()) == [b"named", b"a", 1, 2]
+
     def test_one_connection_named(self, redis_server: RedisServer) -> None:
         """The calls share one connection, which CLIENT LIST shows by the client's name."""
 
@@ -261,3 +273,52 @@ class TestPipeline:
         before = connections(redis_server)
         assert serverloop.run(run()) == [b"1", b"3", b"4"]
         assert connections(redis_server) == before + 2  # one connection throughout, and the looking client's
+
+
+CLOSE_SWEEP_TICKS = 60
+"""Loop iterations to sweep close() across: more than an opening on loopback takes, so one lands after it."""
+DISCONNECT_WAIT = 5.0
+"""How long Redis gets to see a closed connection go: a bounded wait, not a timing goal."""
+
+
+class TestClose:
+    """close() is for shutdown: it leaves no connection open, an opening under way included."""
+
+    def test_close_during_an_opening_leaves_no_connection(self, redis_server: RedisServer) -> None:
+        """close() at every step of an opening (the one call's opening done or not): no connection stays open."""
+
+        async def close_after(ticks: int) -> bool:
+            ours = ScriptClient(settings_for(redis_server), ECHO_SCRIPT)
+            call = asyncio.ensure_future(ours.ping())
+            for _ in range(ticks):
+                await asyncio.sleep(0)
+            answered = call.done()
+            await ours.close()
+            await asyncio.gather(call, return_exceptions=True)
+            return answered
+
+        async def sweep() -> None:
+            for ticks in range(CLOSE_SWEEP_TICKS):
+                if await close_after(ticks):  # opened and answered before close(): every step swept
+                    return
+            pytest.fail(f"the opening took more than {CLOSE_SWEEP_TICKS} loop iterations")
+
+        serverloop.run(sweep())
+        deadline = time.monotonic() + DISCONNECT_WAIT
+        while CLIENT_NAME in names(redis_server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert CLIENT_NAME not in names(redis_server), "a connection opened during close() is still open"
+
+    def test_calls_after_close_fail_without_connecting(self, redis_server: RedisServer) -> None:
+        """After close(), a call fails at once with ConnectionError and opens no connection."""
+
+        async def run() -> None:
+            ours = ScriptClient(settings_for(redis_server), ECHO_SCRIPT)
+            await ours.run(["k"], ["a", "1"])
+            await ours.close()
+            before = connections(redis_server)
+            with pytest.raises(ConnectionError, match="closed"):
+                await ours.run(["k"], ["a", "1"])
+            assert connections(redis_server) == before + 1  # the looking client's own only
+
+        serverloop.run(run())
