@@ -1,15 +1,16 @@
 """How the script client reaches Redis: a unix socket, or TCP (TLS included) after one name lookup at a time.
 
 Why not `loop.create_connection(host=<name>)`: it looks the name up with
-getaddrinfo in asyncio's default executor, and a lookup outlives the opening
-that asked for it (a timeout cancels the wait, not the thread). With a resolver
-that hangs (glibc gives up after timeout x attempts per name server: 30 s with
-three servers and its defaults), each opening, one per breaker cool-down once
-the breaker is open, would leave one more worker stuck until all of that
-executor's few workers (min(32, CPUs + 4)) were: config reloads and
+getaddrinfo in a thread, and a lookup outlives the opening that asked for it
+(a timeout cancels the wait, not the thread). With a resolver that hangs
+(glibc gives up after timeout x attempts per name server: 30 s with three
+servers and its defaults), each opening, one per breaker cool-down once the
+breaker is open, would leave one more thread stuck until all of the pool's
+were: on uvloop, libuv's pool of 4 (UV_THREADPOOL_SIZE); on asyncio's loop,
+its default executor (min(32, CPUs + 4)), where config reloads and
 certificate refreshes (asyncio.to_thread) would queue behind them. Here an
 opening that finds a lookup still running waits for that one instead of
-starting another, so a hung resolver holds one worker per process at most.
+starting another, so a hung resolver holds one thread per process at most.
 An IP address in the URL is never looked up.
 """
 

@@ -7,13 +7,15 @@ is one of these.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 import uvloop
@@ -23,6 +25,8 @@ from synctoken_server.config.schema import Config, load_config
 from synctoken_server.process import workloadcerts
 from synctoken_server.process.reloading import ConfigReloader
 from synctoken_server.process.server import TokenServer
+
+T = TypeVar("T")
 
 EXIT_CONFIG = 2
 EXIT_START = 3
@@ -115,12 +119,21 @@ async def _serve(
 ) -> int:
     log = structlog.get_logger("synctoken")
     open_files = raise_open_file_limit()
+    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    # From the first moment: a stop while the first SVID is awaited (up to first_svid_timeout) or while
+    # the port binds is still a clean stop, not a death by SIGTERM or a KeyboardInterrupt's traceback.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, signals.put_nowait, signum)
     try:
         # Before the port is bound: a server without a certificate must not take calls (or a balancer's probes).
-        workload_api = await workloadcerts.connect(config.workload_api)
+        workload_api = await _unless_stopped(workloadcerts.connect(config.workload_api), signals)
     except workloadcerts.WorkloadApiUnavailable as exc:
         print(f"synctoken: cannot start: {exc}", file=sys.stderr)  # noqa: T201 - start-up failure, for the operator
         return EXIT_START
+    if isinstance(workload_api, signal.Signals):
+        log.info("server.stopped_before_start", signal=workload_api.name)
+        return 0
     try:
         server = TokenServer(config, reuse_port=workers > 1, workers=workers, workload_api=workload_api)
     except OSError as exc:
@@ -128,10 +141,6 @@ async def _serve(
         return EXIT_START
     for warning in config.warnings:
         log.warning("config.warning", problem=warning)
-    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, signals.put_nowait, signum)
     await server.start()
     reloader = ConfigReloader(path, server, config)
     loop.add_signal_handler(signal.SIGHUP, reloader.request)
@@ -172,6 +181,28 @@ async def _serve(
         await server.stop(drain_delay=0, grace=0)
     log.info("server.stopped")
     return 0
+
+
+async def _unless_stopped(
+    starting: Coroutine[Any, Any, T], signals: asyncio.Queue[signal.Signals]
+) -> T | signal.Signals:
+    """What `starting` returns, or the stop signal that came first (`starting` is then cancelled)."""
+    started = asyncio.ensure_future(starting)
+    stop = asyncio.ensure_future(signals.get())
+    try:
+        await asyncio.wait((started, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Each still running is cancelled (a signal, or this task cancelled): nothing outlives the start.
+        for waiting in (started, stop):
+            waiting.cancel()
+    signalled = stop.done() and not stop.cancelled()
+    if signalled and not started.done():
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await started  # its own clean-up, the Workload API stream's closing included
+        return stop.result()
+    if signalled:  # both at once: started, and the signal is the running server's to act on
+        signals.put_nowait(stop.result())
+    return started.result()
 
 
 def _metrics_address(listen: str | None, port: int | None) -> str | None:

@@ -272,5 +272,9 @@ async def connect(settings: WorkloadApiSettings | None) -> WorkloadApiSource | N
     if settings is None:
         return None
     source = WorkloadApiSource(settings)
-    await source.first()
+    try:
+        await source.first()
+    except asyncio.CancelledError:
+        await source.close()  # a stop signal during the wait: no stream left open as the process ends
+        raise
     return source

@@ -236,6 +236,25 @@ class TestWorkersAfterTheParent:
             assert time.monotonic() < deadline, "a worker outlived its parent"
             time.sleep(0.1)
 
+    def test_a_killed_worker_stops_the_others(self, pki: Pki, start: Start, tmp_path: Path) -> None:
+        """SIGKILL to one worker: the parent says so, the other worker drains and stops, and the status is 4."""
+        log = tmp_path / "out.jsonl"
+        with log.open("wb") as out:
+            proc, port = start(out, 'drain_delay = "0s"\ngrace = "1s"', 2)
+            wait_for_health(pki, port, SERVING)
+            deadline = time.monotonic() + START_TIMEOUT
+            while log.read_text().count('"server.started"') < 2:
+                assert time.monotonic() < deadline, "the workers did not start"
+                time.sleep(0.1)
+            [launched] = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "workers.started"]
+            os.kill(launched["pids"][0], signal.SIGKILL)
+            assert proc.wait(timeout=START_TIMEOUT) == running.EXIT_WORKER_DIED
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        [exited] = [r for r in records if r["event"] == "workers.worker_exited"]
+        assert (exited["worker"], exited["exitcode"]) == (0, -signal.SIGKILL)
+        assert [r["worker"] for r in records if r["event"] == "server.stopped"] == [1]
+        assert not any(Path(f"/proc/{pid}").exists() for pid in launched["pids"])
+
     def test_sigterm_to_the_process_group_drains(self, pki: Pki, start: Start, tmp_path: Path) -> None:
         """SIGTERM to the whole group (as systemd sends it) reaches each worker twice, and still drains."""
         log = tmp_path / "out.jsonl"

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import hiredis
 import pytest
 
 from support import serverloop
+from support.pki import Pki
 from synctoken_server.limitstore.scriptclient import ScriptClient
 from synctoken_server.policy.limitbackend import RedisSettings
 
@@ -226,3 +230,74 @@ def test_a_noscript_retry_ends_by_its_own_deadline(later: str) -> None:
             server.close()
 
     serverloop.run(run())
+
+
+TLS_ATTEMPTS = 20
+
+
+def open_files() -> int:
+    """How many file descriptors this process has open."""
+    return sum(1 for _ in Path("/proc/self/fd").iterdir())
+
+
+async def tls_peer(behaviour: str, pki: Pki, accepted: list[asyncio.StreamWriter]) -> asyncio.Server:
+    """What answers a rediss:// URL on 127.0.0.2: silent, not TLS at all, or TLS with a certificate for 127.0.0.1.
+
+    Each connection's writer goes to `accepted`, for the test to end what the client left open.
+    """
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        if behaviour == "not TLS":
+            writer.write(b"-ERR not TLS\r\n" * 64)
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the client closes
+        writer.close()
+
+    context = None
+    if behaviour == "another name":
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(pki.directory / "server.pem", pki.directory / "server-key.pem")  # 127.0.0.1's
+    return await asyncio.start_server(serve, "127.0.0.2", 0, ssl=context)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "failure"),
+    [("silent", TimeoutError), ("not TLS", ssl.SSLError), ("another name", ssl.SSLCertVerificationError)],
+)
+def test_a_tls_peer_that_fails_the_handshake(pki: Pki, behaviour: str, failure: type[Exception]) -> None:
+    """rediss:// on uvloop's TLS: a stalled, garbled or misnamed handshake fails each call, leaks no socket, logs nothing."""
+    reported: list[dict[str, object]] = []
+
+    async def run() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: reported.append(context))
+        accepted: list[asyncio.StreamWriter] = []
+        server = await tls_peer(behaviour, pki, accepted)
+        port = server.sockets[0].getsockname()[1]
+        settings = RedisSettings(
+            url=f"rediss://127.0.0.2:{port}/0", host="127.0.0.2", port=port, timeout_ms=200, tls=True,
+            ca_file=pki.directory / "ca.pem",
+        )  # fmt: skip
+        ours = ScriptClient(settings, "return 1")
+        try:
+            async with asyncio.timeout(30):  # a bound on the test, far above 21 calls of 200 ms
+                with pytest.raises(failure):
+                    await ours.run(["k"], [])  # the loop's own files (libuv's spare descriptor) open with the first
+                settled = open_files()
+                for _ in range(TLS_ATTEMPTS):
+                    with pytest.raises(failure):
+                        await ours.run(["k"], [])
+            # The peer's ends close as it reads each close: a bounded wait for that, then no more open than before.
+            for _ in range(100):
+                if open_files() <= settled:
+                    break
+                await asyncio.sleep(0.05)
+            assert open_files() <= settled
+        finally:
+            await ours.close()
+            server.close()
+            for writer in accepted:
+                writer.transport.abort()
+
+    serverloop.run(run())
+    assert reported == []

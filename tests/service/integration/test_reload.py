@@ -109,6 +109,17 @@ class TestGoodConfig:
         assert (reloaded["trigger"], reloaded["callers"]) == ("SIGHUP", 3)
         assert server.issue(ASK_FOR_C)
 
+    def test_a_sighup_flood(self, start: Start) -> None:
+        """3000 SIGHUPs at once: the new policy is served, nothing on stderr, and SIGTERM still stops with status 0."""
+        server = start(NO_WATCH)
+        replace_file(server.path, server.text(GAINS_C, NO_WATCH).encode())
+        for _ in range(3000):
+            server.hang_up()
+        server.process.wait_for_records("config.reloaded")
+        assert server.issue(ASK_FOR_C)
+        assert server.process.terminate() == 0
+        assert server.process.stderr_path.read_text() == ""
+
     @pytest.mark.parametrize("write", [replace_file, rewrite_in_place], ids=["os.replace", "in place"])
     def test_file_change(self, start: Start, write: Write) -> None:
         """A changed config file is picked up by itself."""

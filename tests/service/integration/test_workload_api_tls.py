@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
 import subprocess
 import urllib.request
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from support.logcapture import LeakWatch
 from support.pki import Pki, presented_certificate
 from support.probes import probe
 from support.processes import START_TIMEOUT, Process, free_port, serve
+from support.waiting import wait_for
 from support.workloadagent import Svid, SvidSet, WorkloadAgent, issue_svid
 from synctoken.v1 import token_service_pb2_grpc
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
@@ -293,6 +295,24 @@ def test_silent_agent_fails_the_start_within_the_timeout(
         "within 2s (tls.first_svid_timeout): the agent accepted the stream but sent no X509-SVID\n"
     )
     assert workload_agent.status().opened >= 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_while_the_first_svid_is_awaited(
+    workload_agent: WorkloadAgent, pki: Pki, write_config: WriteConfig, leak_watch: LeakWatch, signum: signal.Signals
+) -> None:
+    """SIGTERM or SIGINT before the agent answers: a clean stop (status 0, one log line), no traceback, no kill."""
+    workload_agent.start(SvidSet((server_svid(pki),)), silent=True)
+    config = write_config(config_text(pki, tls=spiffe_tls(workload_agent.address, first_svid_timeout="60s")))
+    process = Process(["serve", "--config", str(config)], config.parent, leak_watch, os.environ | SECRET_ENV)
+    try:
+        wait_for(lambda: workload_agent.status().opened >= 1)  # the first fetch is under way
+        process.proc.send_signal(signum)
+        assert process.proc.wait(timeout=START_TIMEOUT) == 0, process.stderr_path.read_text()
+    finally:
+        process.proc.kill()
+    assert [(r["event"], r.get("signal")) for r in process.records()] == [("server.stopped_before_start", signum.name)]
+    assert process.stderr_path.read_text() == ""
 
 
 def test_no_agent_fails_the_start(workload_agent: WorkloadAgent, pki: Pki, write_config: WriteConfig) -> None:
