@@ -234,9 +234,23 @@ def topologies(pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[
         topology.stop()
 
 
-def haproxy_clients(topology: Topology) -> list[TokenClient]:
-    """One client per replica through HAProxy: leastconn gives each connection its own replica."""
-    return [topology.client(f"127.0.0.1:{topology.balancer.port}") for _ in range(REPLICAS)]
+def haproxy_clients(topology: Topology, leak_watch: LeakWatch) -> list[TokenClient]:
+    """One client per replica through HAProxy, each connected by a first call: checked, not assumed.
+
+    leastconn gives a new connection the replica with the fewest; connecting the clients one call at a
+    time, each to a replica none of the others holds, is what the tests' per-replica figures rely on.
+    """
+    clients: list[TokenClient] = []
+    for _ in range(REPLICAS):
+        client = topology.client(f"127.0.0.1:{topology.balancer.port}")
+        before = topology.decisions()
+        leak_watch.tokens.add(client.issue_token("alice").token)
+        after = topology.decisions()
+        clients.append(client)
+        assert sum(after[name] > before[name] for name in after) == 1, (before, after)
+    served = {name for name, count in topology.decisions().items() if count}
+    assert len(served) == REPLICAS, served
+    return clients
 
 
 @pytest.mark.slow
@@ -246,7 +260,10 @@ class TestGlobalLimit:
     def test_caller_and_identity_limits(self, topologies: Made, leak_watch: LeakWatch) -> None:
         """Through HAProxy and through the balancing client, per caller and per identity: burst + rate x time."""
         topology = topologies("").start(haproxy=True)
-        routes = {"haproxy": haproxy_clients(topology), "balancing client": [topology.client(topology.direct_target())]}
+        routes = {
+            "haproxy": haproxy_clients(topology, leak_watch),
+            "balancing client": [topology.client(topology.direct_target())],
+        }
         try:
             for route, clients in routes.items():
                 for kind, identity, rate, burst in (
@@ -288,7 +305,7 @@ class TestRedisAway:
     def test_hung_redis(self, topologies: Made, leak_watch: LeakWatch) -> None:
         """SIGSTOP: each call waits at most the timeout, the replicas together grant about one limit (replicas = 3)."""
         topology = topologies(f"replicas = {REPLICAS}").start(haproxy=True)
-        clients = haproxy_clients(topology)
+        clients = haproxy_clients(topology, leak_watch)
         try:
             topology.shared.pause()
             # Calls until every replica's breaker is open: those that meet the hung Redis wait its timeout.
