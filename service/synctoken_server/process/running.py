@@ -90,8 +90,13 @@ def run_one(
     killer), the worker drains and stops as on SIGTERM, instead of serving an
     old config on the shared port beside whatever replaces it.
     """
+    return run_on_server_loop(_serve(config, path, workers=workers, on_ready=on_ready, parent=parent))
+
+
+def run_on_server_loop(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, on the loop every server process runs on (new_event_loop)."""
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(_serve(config, path, workers=workers, on_ready=on_ready, parent=parent))
+        return runner.run(main)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
