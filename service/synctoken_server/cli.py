@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -241,5 +242,13 @@ def _serve(path: Path, on_ready: Callable[[int], None] | None = None, workers: i
 
 
 def run() -> None:
-    """Console-script wrapper: exit with main's status."""
-    sys.exit(main())
+    """Console-script wrapper: exit with main's status.
+
+    Ctrl-C before a server's loop takes SIGINT over (while the config is read,
+    say) ends with 130, as a shell reports an interrupt, not with a traceback.
+    """
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        status = 128 + signal.SIGINT
+    sys.exit(status)

@@ -21,12 +21,17 @@ from support.logcapture import LeakWatch
 
 START_TIMEOUT = 30
 
-_WITH_LIMITS = """
-import ast, os, resource, sys
+# Sets rlimits and gives SIGINT back its default action, then execs synctoken. A pytest started from
+# a non-interactive shell's background job has SIGINT ignored; children inherit that, and Python then
+# installs no KeyboardInterrupt handler, so a test of what Ctrl-C does would see the signal vanish.
+_LAUNCHER = """
+import ast, os, resource, signal, sys
 for which, limit in ast.literal_eval(sys.argv[1]).items():
     soft, hard = limit if isinstance(limit, tuple) else (limit, resource.getrlimit(which)[1])
     resource.setrlimit(which, (soft, hard))
-os.execv(sys.argv[2], sys.argv[2:])
+if sys.argv[2] == "sigint":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.execv(sys.argv[3], sys.argv[3:])
 """
 
 
@@ -40,15 +45,20 @@ class Process:
         watch: LeakWatch,
         env: dict[str, str] | None = None,
         limits: Mapping[int, int | tuple[int, int]] | None = None,
+        *,
+        sigint: bool = False,
     ) -> None:
-        """`limits`: rlimits to start with, each a soft limit or (soft, hard) (synctoken raises soft to hard)."""
+        """`limits`: rlimits to start with, each a soft limit or (soft, hard) (synctoken raises soft to hard).
+
+        `sigint`: start with SIGINT's default action, as from an interactive shell, whatever pytest's is.
+        """
         self.stdout_path = log_dir / "stdout.jsonl"
         self.stderr_path = log_dir / "stderr.txt"
         watch.log_files += [self.stdout_path, self.stderr_path]
         command = [SYNCTOKEN, *args]
-        if limits:
-            # A launcher lowers the limits, then execs synctoken: preexec_fn is unsafe in this threaded process.
-            command = [sys.executable, "-c", _WITH_LIMITS, repr(limits), *command]
+        if limits or sigint:
+            # A launcher execs synctoken after its changes: preexec_fn is unsafe in this threaded process.
+            command = [sys.executable, "-c", _LAUNCHER, repr(dict(limits or {})), "sigint" if sigint else "-", *command]
         with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
             self.proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=log_dir, env=env)
 

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -201,6 +202,31 @@ class TestServe:
         processes.append(process)
         assert process.proc.wait(timeout=START_TIMEOUT) == 2
         assert process.stderr_path.read_text() == f"synctoken: config error: {path}: server.listen: must be a string\n"
+
+    @pytest.mark.parametrize("args", [["serve", "--config"], ["check-config"]], ids=["serve", "check-config"])
+    def test_ctrl_c_while_the_config_loads(
+        self, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process], args: list[str]
+    ) -> None:
+        """Ctrl-C before the server runs (its config still being read) exits 130, as a shell says, with no traceback."""
+        fifo = tmp_path / "synctoken.toml"
+        os.mkfifo(fifo)  # a config that is never finished: the read blocks until the signal
+        process = Process([*args, str(fifo)], tmp_path, leak_watch, sigint=True)
+        processes.append(process)
+        deadline = time.monotonic() + START_TIMEOUT
+        writer = None
+        while writer is None:  # a write end opens only once synctoken has the file open to read
+            assert process.proc.poll() is None, process.stderr_path.read_text()
+            assert time.monotonic() < deadline, "synctoken never opened its config"
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.05)
+        try:
+            process.proc.send_signal(signal.SIGINT)
+            assert process.proc.wait(timeout=START_TIMEOUT) == 128 + signal.SIGINT
+        finally:
+            os.close(writer)
+        assert process.stderr_path.read_text() == ""
 
 
 class TestWorkers:
