@@ -240,3 +240,48 @@ def configure(stream: BinaryIO | None = None, *, worker: int | None = None) -> N
         logger_factory=LineLoggerFactory(sink),
         cache_logger_on_first_use=True,
     )
+    _route_standard_logging(sink, worker, console=console)
+
+
+def _route_standard_logging(sink: LineSink, worker: int | None, *, console: bool) -> None:
+    """Send the standard library's log records (asyncio's, gRPC's) into the same output, the same way.
+
+    Without this, a record such as asyncio's "Task exception was never retrieved"
+    reaches stderr as free text through logging's last resort: neither JSON nor
+    one line. Warnings and above, as logging's default; each record says its `logger`.
+    """
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if console
+        else structlog.processors.JSONRenderer(serializer=lambda value, **_: json_dumps(value).decode())
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared_processors(worker)],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            renderer,
+            *([_escape_console_line] if console else []),  # type: ignore[list-item]
+        ],
+    )
+    handler = _LineHandler(LineLogger(sink, strict=False))
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _LineHandler)]:  # configure again: one handler
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+class _LineHandler(logging.Handler):
+    """A logging handler that writes each formatted record as one line, never raising (as LineLogger)."""
+
+    def __init__(self, line_logger: LineLogger) -> None:
+        super().__init__()
+        self._line_logger = line_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record; a record that cannot be formatted is reported by logging, as any handler's."""
+        try:
+            self._line_logger.msg(self.format(record))
+        except Exception:  # noqa: BLE001 - logging's own contract: handleError, never raise into the caller
+            self.handleError(record)

@@ -219,6 +219,68 @@ class TestAuditLineParity:
         assert not shown.lstrip().startswith("{")
 
 
+# As the console script starts: library warnings silenced before any import, then the logs configured.
+_UNRETRIEVED_TASK_EXCEPTION = """
+import gc, sys
+from synctoken._quiet import quiet_library_warnings
+quiet_library_warnings()
+from synctoken_server.audit import logs
+from synctoken_server.process import running
+logs.configure(worker=int(sys.argv[1]) if len(sys.argv) > 1 else None)
+
+async def fails():
+    raise ValueError("line one\\nline two")
+
+async def main():
+    task = running.asyncio.ensure_future(fails())
+    await running.asyncio.sleep(0)
+    del task  # never awaited: asyncio's logger reports its exception when it is collected
+    gc.collect()
+
+running.run_on_server_loop(main())
+"""
+
+
+class TestStandardLogging:
+    """Records of the standard library's loggers (asyncio's, gRPC's) come out as synctoken's own lines."""
+
+    @pytest.mark.parametrize("worker", [None, 2])
+    def test_asyncio_record_is_one_json_line(self, worker: int | None) -> None:
+        """An exception no task retrieved, on the server's event loop: one JSON record, nothing on stderr."""
+        args = [] if worker is None else [str(worker)]
+        result = subprocess.run(
+            [sys.executable, "-c", _UNRETRIEVED_TASK_EXCEPTION, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert result.stderr == ""
+        [line] = result.stdout.splitlines()
+        record = json.loads(line)
+        assert record["event"].startswith("Task exception was never retrieved")
+        assert record["logger"] == "asyncio"
+        assert record["level"] == "error"
+        assert record["exception"].startswith("Traceback (most recent call last):")
+        assert record["exception"].rstrip().endswith("ValueError: line one\nline two")
+        assert record.get("worker") == worker
+        assert "timestamp" in record
+
+    def test_on_a_terminal_one_escaped_line(self) -> None:
+        """With stdout on a TTY the record goes through the console renderer, newlines and all escaped."""
+        leader, follower = pty.openpty()
+        try:
+            subprocess.run([sys.executable, "-c", _UNRETRIEVED_TASK_EXCEPTION], stdout=follower, timeout=60, check=True)
+            os.close(follower)
+            shown = os.read(leader, 65536).decode()
+        finally:
+            os.close(leader)
+        [line] = shown.splitlines()
+        assert "Task exception was never retrieved" in line
+        assert "ValueError: line one\\x0aline two" in line
+        assert "[error" in line
+
+
 class TestLineBreaks:
     """Characters that line-splitting readers take as line ends are escaped."""
 
