@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from support.configs import POLICY_TOML, SECRET_ENV, WriteConfig, config_text
 from support.constants import ACCOUNT_SID, API_KEY_SID, API_SECRET, SERVICE_A, SERVICE_B
-from support.pki import Pki
+from support.pki import Pki, openssl
 from synctoken_server.authn.callercert import CallerIdSource
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
@@ -601,13 +599,6 @@ class TestSecretsPyJwtRefuses:
     def test_check_secret(self, secret: str, refused: bool) -> None:
         """check_secret refuses what PyJWT's HS256 key check refuses (PEM markers hold a space, so the loader's whitespace rule meets those first)."""
         assert (check_secret(secret) is not None) is refused
-
-
-def openssl(*args: str) -> None:
-    """Run the openssl command: it makes keys that cryptography cannot (RSA-PSS, rare curves)."""
-    command = shutil.which("openssl")
-    assert command is not None, "openssl is required (Debian's openssl package; make test installs it)"
-    subprocess.run([command, *args], check=True, capture_output=True, timeout=60)
 
 
 class TestKeysOnlyOpensslMakes:

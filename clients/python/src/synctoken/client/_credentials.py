@@ -16,7 +16,9 @@ that were checked.
 
 from __future__ import annotations
 
+import base64
 import logging
+import re
 import ssl
 import threading
 import time
@@ -27,7 +29,12 @@ from typing import Protocol
 
 import grpc
 
+from synctoken.client._clientkeys import CLIENT_KEYS, unusable_key
+
 _log = logging.getLogger("synctoken.client")
+
+# A PEM block: its label and its base64 body.
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
 
 DEFAULT_CHECK_INTERVAL = 1.0
 """Seconds between looks at the files: three stat calls, on a call that comes after it."""
@@ -76,6 +83,8 @@ def load(files: TlsFiles) -> TlsMaterial:
     material = _read(files)
     _check_certificates(files.ca_file, material.ca_pem)
     _check_certificates(files.cert_file, material.cert_pem)
+    # First: gRPC's limits are what the message should say, where OpenSSL would only say it refuses the pair.
+    _check_key_kind(files, material)
     _check_pair(files)
     # load_cert_chain read the files again, by path: they must not have changed since our read.
     if _read(files) != material:
@@ -236,3 +245,16 @@ def _check_pair(files: TlsFiles) -> None:
         raise CertificateFilesError(f"{files.key_file} holds no whole PEM private key") from None
     except OSError as exc:
         raise CertificateFilesError(f"cannot read {exc.filename}: {exc.strerror}") from None
+
+
+def _check_key_kind(files: TlsFiles, material: TlsMaterial) -> None:
+    certificates = [
+        base64.b64decode(body) for label, body in _PEM_BLOCK.findall(material.cert_pem) if label == b"CERTIFICATE"
+    ]
+    if not certificates:
+        return  # _check_certificates took other labels (X509 CERTIFICATE): OpenSSL and gRPC judge those alone
+    keys = {label: base64.b64decode(body) for label, body in _PEM_BLOCK.findall(material.key_pem)}
+    # The first certificate is the client's own. A PKCS#8 key names its algorithm; another format has the certificate's.
+    problem = unusable_key(certificates[0], keys.get(b"PRIVATE KEY"))
+    if problem:
+        raise CertificateFilesError(f"{files.key_file} holds {problem}; {CLIENT_KEYS}")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import grpc
 
+from synctoken.client._clientkeys import CLIENT_KEYS, unusable_key
 from synctoken.client._credentials import TlsMaterial, WorkloadApiTimeoutError
 from synctoken.client._settings import socket_path
 
@@ -222,6 +223,13 @@ class _SvidStream:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ):
             raise ValueError("the X509-SVID's key does not match its certificate")
+        # As gRPC will get it: PKCS#8, re-encoded, whatever the agent sent.
+        pkcs8 = svid.private_key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        unusable = unusable_key(svid.leaf.public_bytes(serialization.Encoding.DER), pkcs8)
+        if unusable:
+            raise ValueError(f"the X509-SVID {svid.spiffe_id} has {unusable}; {CLIENT_KEYS}")
         expires = svid.leaf.not_valid_after_utc
         if expires.timestamp() <= time.time():
             # Every handshake with it would fail; the one in use, if any, is no worse. (A not-yet-valid one is
