@@ -17,6 +17,7 @@ that were checked.
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 import re
 import ssl
@@ -248,13 +249,21 @@ def _check_pair(files: TlsFiles) -> None:
 
 
 def _check_key_kind(files: TlsFiles, material: TlsMaterial) -> None:
-    certificates = [
-        base64.b64decode(body) for label, body in _PEM_BLOCK.findall(material.cert_pem) if label == b"CERTIFICATE"
-    ]
-    if not certificates:
-        return  # _check_certificates took other labels (X509 CERTIFICATE): OpenSSL and gRPC judge those alone
-    keys = {label: base64.b64decode(body) for label, body in _PEM_BLOCK.findall(material.key_pem)}
     # The first certificate is the client's own. A PKCS#8 key names its algorithm; another format has the certificate's.
-    problem = unusable_key(certificates[0], keys.get(b"PRIVATE KEY"))
+    certificate = _first_block(material.cert_pem, b"CERTIFICATE")
+    if certificate is None:
+        return  # _check_pair, and gRPC, judge what this cannot read
+    problem = unusable_key(certificate, _first_block(material.key_pem, b"PRIVATE KEY"))
     if problem:
         raise CertificateFilesError(f"{files.key_file} holds {problem}; {CLIENT_KEYS}")
+
+
+def _first_block(pem: bytes, label: bytes) -> bytes | None:
+    """The DER of the first PEM block with `label`; None if there is none, or it is not base64."""
+    for found, body in _PEM_BLOCK.findall(pem):
+        if found == label:
+            try:
+                return base64.b64decode(body)
+            except binascii.Error:
+                return None
+    return None
