@@ -139,7 +139,8 @@ class _SvidStream:
         self._stop = threading.Event()
         self.first = threading.Event()
         """Set once the first usable SVID is in `svid`."""
-        self._lock = threading.Lock()
+        # Re-entrant: stop() may run as a finalizer, in whichever thread a collection happens, this one's too.
+        self._lock = threading.RLock()
         self._rpc: grpc.RpcContext | None = None
         self.error: str | None = None
         """The last problem seen, while it lasts (None once a good update arrives)."""
@@ -176,6 +177,10 @@ class _SvidStream:
                     if self._take(response):
                         backoff = FIRST_BACKOFF
                 why = "the agent ended the stream"
+            except ValueError:  # gRPC's word for a closed channel: stop() ran since the loop's check
+                if self._stop.is_set():
+                    return
+                raise
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     return
