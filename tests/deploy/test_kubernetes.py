@@ -255,6 +255,22 @@ class TestAvailability:
         assert policy["spec"]["egress"] == []
         assert {"Ingress", "Egress"} == set(policy["spec"]["policyTypes"])
 
+    @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+    def test_network_policy_peers_are_as_written(self, kustomization: str) -> None:
+        """The policy admits callers and Prometheus by their own labels: no transformer added synctoken's to them."""
+        policy = the(rendered(kustomization), "NetworkPolicy")
+        peers = {rule["ports"][0]["port"]: rule["from"] for rule in policy["spec"]["ingress"]}
+        assert peers == {
+            "grpc": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"synctoken.io/caller": "true"}}}],
+            "metrics": [
+                {
+                    "namespaceSelector": {"matchLabels": {"synctoken.io/monitoring": "true"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                }
+            ],
+        }
+        assert policy["spec"]["egress"] == []
+
 
 class TestPrometheus:
     """The PodMonitor scrapes the metrics port; every alert reads a metric that exists."""
