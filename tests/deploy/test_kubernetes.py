@@ -3,77 +3,54 @@
 Rendered with kubectl's built-in kustomize and validated with
 kubernetes-validate against the oldest and newest Kubernetes versions
 supported; then the objects are read and checked against synctoken's own
-config loader's reading of the ConfigMap they mount.
+config loader's reading of the ConfigMap they mount (with the TOML fragment
+of each component an overlay uses appended, as the README says to).
+The components' own additions are tested in test_kubernetes_components.py.
 """
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from support.constants import ROOT
+from support.kubernetes import (
+    KUBERNETES,
+    NEWEST,
+    OLDEST,
+    OPERATOR_KINDS,
+    Obj,
+    in_pod,
+    pod_config,
+    rendered,
+    rendered_text,
+    the,
+    unvalidated_kinds,
+    validate,
+)
 from support.pki import Pki
-from synctoken_server.config.schema import Config, load_config
+from synctoken_server.config.schema import Config
 from synctoken_server.serveroptions import split_listen
 
-KUBERNETES = ROOT / "deploy" / "kubernetes"
-BIN = Path(sys.executable).parent
-KUBECTL = str(BIN / "kubectl")
-VALIDATE = str(BIN / "kubernetes-validate")
-OLDEST, NEWEST = "1.30.0", "1.37.0"
-"""The Kubernetes versions supported: 1.30 is the oldest whose native sidecars (spiffe-helper) are on by default."""
-KUSTOMIZATIONS = ["base", "overlays/csi-driver-spiffe", "overlays/spiffe-helper", "overlays/prometheus-operator"]
-OPERATOR_KINDS = {"PodMonitor", "PrometheusRule"}
-"""The Prometheus Operator's kinds: no schema ships for them, so they are checked by hand below."""
-PEAK_RSS_MIB = 71
-"""The benchmark's peak RSS for one synctoken process (README, Results 2026-11-29: 68 / 69 / 71 MiB)."""
-
-Obj = dict[str, Any]
-
-
-@cache
-def rendered_text(kustomization: str) -> str:
-    """`kubectl kustomize` of one kustomization, as YAML text."""
-    result = subprocess.run(
-        [KUBECTL, "kustomize", str(KUBERNETES / kustomization)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def rendered(kustomization: str) -> list[Obj]:
-    """The objects one kustomization renders to."""
-    return [o for o in yaml.safe_load_all(rendered_text(kustomization)) if o]
-
-
-def the(objects: list[Obj], kind: str, name: str = "synctoken") -> Obj:
-    """The one object of `kind` named `name`."""
-    [found] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
-    return found
-
-
-def validate(path: Path, version: str) -> subprocess.CompletedProcess[str]:
-    """kubernetes-validate --strict on the file, for one Kubernetes version."""
-    return subprocess.run(
-        [VALIDATE, "--strict", "--quiet", "-k", version, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+KUSTOMIZATIONS = [
+    "base",
+    "overlays/csi-driver-spiffe",
+    "overlays/spiffe-helper",
+    "overlays/prometheus-operator",
+    "overlays/redis-limits",
+    "overlays/otlp-tracing",
+]
+PEAK_RSS_MIB = max(
+    figures["server_peak_rss_mib"]
+    for figures in json.loads((ROOT / "bench" / "results" / "results.json").read_text(encoding="utf-8"))["summary"][
+        "synctoken"
+    ].values()
+)
+"""The committed benchmark's peak RSS for one synctoken process, at any concurrency (the README's sizing)."""
 
 
 @pytest.mark.parametrize("version", [OLDEST, NEWEST])
@@ -84,9 +61,7 @@ def test_renders_and_validates(kustomization: str, version: str, tmp_path: Path)
     path.write_text(rendered_text(kustomization), encoding="utf-8")
     result = validate(path, version)
     assert result.returncode == 0, result.stdout + result.stderr
-    # Only the operator's kinds go unvalidated; any other unknown kind would be a typo.
-    unknown = set(re.findall(r"Couldn't find schema for kind (\w+)", result.stdout + result.stderr))
-    assert unknown <= OPERATOR_KINDS
+    assert unvalidated_kinds(result) <= OPERATOR_KINDS
 
 
 def test_validation_is_strict(tmp_path: Path) -> None:
@@ -98,23 +73,15 @@ def test_validation_is_strict(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def mounted_config(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Config:
-    """The base ConfigMap's synctoken.toml, loaded by synctoken's own loader with its /etc/synctoken files in place."""
-    root = tmp_path_factory.mktemp("pod")
-    text = the(rendered("base"), "ConfigMap", "synctoken-config")["data"]["synctoken.toml"]
-    for source, target in (("server.pem", "tls/tls.crt"), ("server-key.pem", "tls/tls.key"), ("ca.pem", "tls/ca.crt")):
-        (root / target).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(pki.directory / source, root / target)
-    for target in ("twilio/api-secret", "audit/identity-hash-key"):
-        (root / target).parent.mkdir(parents=True, exist_ok=True)
-        (root / target).write_text("k" * 64 + "\n", encoding="utf-8")
-        (root / target).chmod(0o600)
-    path = root / "config" / "synctoken.toml"
-    path.parent.mkdir()
-    path.write_text(text.replace("/etc/synctoken/", f"{root}/"), encoding="utf-8")
-    config = load_config(path, environ={})
-    assert config.warnings == ()
-    return config
+def mounted_configs(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Config]:
+    """Each kustomization's config (its ConfigMap and its components' fragments), loaded by synctoken's own loader."""
+    return {k: pod_config(KUBERNETES / k, tmp_path_factory.mktemp("pod"), pki) for k in KUSTOMIZATIONS}
+
+
+@pytest.fixture(scope="module")
+def mounted_config(mounted_configs: dict[str, Config]) -> Config:
+    """The base ConfigMap's synctoken.toml, loaded with its /etc/synctoken files in place."""
+    return mounted_configs["base"]
 
 
 def pod_specs() -> Iterator[tuple[str, Obj]]:
@@ -188,18 +155,17 @@ class TestAgainstTheConfig:
         assert pod["terminationGracePeriodSeconds"] >= timeouts.drain_delay + timeouts.grace + 5
 
     @pytest.mark.parametrize(("kustomization", "pod"), list(pod_specs()), ids=KUSTOMIZATIONS)
-    def test_every_file_is_mounted(self, mounted_config: Config, kustomization: str, pod: Obj) -> None:
+    def test_every_file_is_mounted(self, mounted_configs: dict[str, Config], kustomization: str, pod: Obj) -> None:
         """The config is a directory mount (subPath would never update); every file it names is under a mount."""
+        mounted_config = mounted_configs[kustomization]
         [synctoken] = pod["containers"]
         mounts = {m["mountPath"]: m for m in synctoken["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
         config_path = synctoken["args"][synctoken["args"].index("--config") + 1]
         assert str(Path(config_path).parent) in mounts
         assert not [m for m in synctoken["volumeMounts"] if "subPath" in m]
-        root = next(p for p, _ in mounted_config.files if p.name == "synctoken.toml").parent.parent
         for path, _ in mounted_config.files:
-            in_pod = "/etc/synctoken/" + str(path.relative_to(root))
-            mount = mounts[str(Path(in_pod).parent)]
+            mount = mounts[str(Path(in_pod(mounted_config, path)).parent)]
             assert mount["readOnly"] is True
             volume = volumes[mount["name"]]
             assert {"configMap", "secret", "csi", "emptyDir"} & volume.keys(), volume
@@ -248,6 +214,22 @@ class TestAvailability:
         assert admitted == {"grpc", "metrics"}
         assert policy["spec"]["egress"] == []
         assert {"Ingress", "Egress"} == set(policy["spec"]["policyTypes"])
+
+    @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+    def test_network_policy_peers_are_as_written(self, kustomization: str) -> None:
+        """The policy admits callers and Prometheus by their own labels: no transformer added synctoken's to them."""
+        policy = the(rendered(kustomization), "NetworkPolicy")
+        peers = {rule["ports"][0]["port"]: rule["from"] for rule in policy["spec"]["ingress"]}
+        assert peers == {
+            "grpc": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"synctoken.io/caller": "true"}}}],
+            "metrics": [
+                {
+                    "namespaceSelector": {"matchLabels": {"synctoken.io/monitoring": "true"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                }
+            ],
+        }
+        assert policy["spec"]["egress"] == []
 
 
 class TestPrometheus:

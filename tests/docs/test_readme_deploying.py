@@ -49,3 +49,15 @@ def test_sizing_table_follows_the_manifests() -> None:
     for tokens, replicas in rows:
         needed = max(hpa["spec"]["minReplicas"], math.ceil(int(tokens.replace(",", "")) / per_pod))
         assert int(replicas) == min(needed, hpa["spec"]["maxReplicas"])
+
+
+def test_every_kustomization_is_in_the_table() -> None:
+    """Each overlay and component under deploy/kubernetes has a row in the Kubernetes section's table of paths."""
+    text = section("### Kubernetes")
+    # The first cell's directories: `base/`, `overlays/x/`, `components/x/` (paths in the pod start with /).
+    first_cells = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| `")]
+    rows = {m for cell in first_cells for m in re.findall(r"`([a-z-]+/(?:[a-z-]+/)?)`", cell)}
+    kubernetes = ROOT / "deploy" / "kubernetes"
+    directories = {f"{p.parent.relative_to(kubernetes)}/" for p in kubernetes.glob("*/**/kustomization.yaml")}
+    assert "components/redis-limits/" in directories
+    assert directories == rows

@@ -38,7 +38,7 @@ os.execv(sys.argv[3], sys.argv[3:])
 class Process:
     """A synctoken subprocess whose stdout (the JSON log) goes to a file the leak check reads."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - each is one independent way a test starts the process
         self,
         args: list[str],
         log_dir: Path,
@@ -47,10 +47,12 @@ class Process:
         limits: Mapping[int, int | tuple[int, int]] | None = None,
         *,
         sigint: bool = False,
+        wrapper: list[str] | None = None,
     ) -> None:
         """`limits`: rlimits to start with, each a soft limit or (soft, hard) (synctoken raises soft to hard).
 
         `sigint`: start with SIGINT's default action, as from an interactive shell, whatever pytest's is.
+        `wrapper`: a command that runs synctoken's command line (its arguments follow), e.g. in a namespace.
         """
         self.stdout_path = log_dir / "stdout.jsonl"
         self.stderr_path = log_dir / "stderr.txt"
@@ -59,6 +61,7 @@ class Process:
         if limits or sigint:
             # A launcher execs synctoken after its changes: preexec_fn is unsafe in this threaded process.
             command = [sys.executable, "-c", _LAUNCHER, repr(dict(limits or {})), "sigint" if sigint else "-", *command]
+        command = [*(wrapper or []), *command]
         with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
             self.proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=log_dir, env=env)
 

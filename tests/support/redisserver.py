@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -78,7 +79,9 @@ class RedisServer:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
-                self.client().ping()
+                self._accepts_unix_connections()
+                with self.client() as client:
+                    client.ping()
             except (redis.ConnectionError, OSError):
                 if self.proc.poll() is not None:
                     stderr = self.proc.stderr.read().decode() if self.proc.stderr else ""
@@ -89,6 +92,12 @@ class RedisServer:
                 time.sleep(0.02)
             else:
                 return
+
+    def _accepts_unix_connections(self) -> None:
+        """On a unix socket, raise OSError until it accepts: redis-py 5.0.1 leaks the socket of a failed connect."""
+        if self.socket_path is not None:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.connect(str(self.socket_path))
 
     def client(self) -> redis.Redis:
         """A plain client for looking at what the server holds."""

@@ -1,4 +1,4 @@
-"""`[audit]`: the identity hash key, read into `audit.privacy.IdentityHasher`; also for `synctoken audit-hash`."""
+"""`[audit]`: the identity hash key, read into `synctoken.audithash.IdentityHasher`; also for `synctoken audit-hash`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from synctoken_server.audit.privacy import MIN_KEY_BYTES, IdentityHasher
+from synctoken.audithash import MIN_KEY_BYTES, IdentityHasher, key_in_file
 from synctoken_server.config.reader import ConfigError, TomlReader
 
 KEYS = frozenset({"identity_hash_key_file"})
@@ -26,8 +26,8 @@ def read_audit(r: TomlReader, data: Mapping[str, Any]) -> IdentityHasher | None:
 
 
 def key_from_file(r: TomlReader, key: str, raw: bytes) -> bytes:
-    """The key in a key file's bytes: all of them but one final newline (`openssl rand -hex 32 > file` adds one)."""
-    secret = raw.removesuffix(b"\n").removesuffix(b"\r")
+    """The key in a key file's bytes, checked: at least MIN_KEY_BYTES."""
+    secret = key_in_file(raw)
     if len(secret) < MIN_KEY_BYTES:
         raise r.fail(key, f"the key in the file it names is {len(secret)} bytes; use at least {MIN_KEY_BYTES}")
     return secret

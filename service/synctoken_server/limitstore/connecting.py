@@ -1,15 +1,17 @@
 """How the script client reaches Redis: a unix socket, or TCP (TLS included) after one name lookup at a time.
 
 Why not `loop.create_connection(host=<name>)`: it looks the name up with
-getaddrinfo in a thread, and a lookup outlives the opening that asked for it
-(a timeout cancels the wait, not the thread). With a resolver that hangs
-(glibc gives up after timeout x attempts per name server: 30 s with three
-servers and its defaults), each opening, one per breaker cool-down once the
-breaker is open, would leave one more thread stuck until all of the pool's
-were: on uvloop, libuv's pool of 4 (UV_THREADPOOL_SIZE); on asyncio's loop,
-its default executor (min(32, CPUs + 4)), where config reloads and
-certificate refreshes (asyncio.to_thread) would queue behind them. Here an
-opening that finds a lookup still running waits for that one instead of
+getaddrinfo in a pool thread, and a lookup outlives the opening that asked
+for it (a timeout cancels the wait, not the thread). With a resolver that
+hangs (glibc gives up after timeout x attempts per name server: 30 s with
+three servers and its defaults), each opening, one per breaker cool-down once
+the breaker is open, would leave one more pool thread stuck until all of the
+pool's were: on uvloop, libuv's pool of 4 (UV_THREADPOOL_SIZE); on asyncio's
+loop, its default executor, where config reloads and certificate refreshes
+(asyncio.to_thread) would queue behind them, and which the process joins as it
+exits, so a stop would wait for the resolver. Here a lookup runs in a daemon
+thread of its own, which neither holds a pool thread nor delays the exit, and
+an opening that finds a lookup still running waits for that one instead of
 starting another, so a hung resolver holds one thread per process at most.
 An IP address in the URL is never looked up.
 """
@@ -17,9 +19,12 @@ An IP address in the URL is never looked up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import ipaddress
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -84,8 +89,31 @@ class Connector:
 
 
 async def _look_up(host: str, port: int) -> list[_Address]:
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [(family, kind, proto, address) for family, kind, proto, _, address in infos]
+    loop = asyncio.get_running_loop()
+    found: asyncio.Future[list[_Address]] = loop.create_future()
+
+    def look_up() -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            outcome = functools.partial(_settle, found, [], exc)
+        else:
+            addresses: list[_Address] = [(family, kind, proto, address) for family, kind, proto, _, address in infos]
+            outcome = functools.partial(_settle, found, addresses, None)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is stopping, nobody waits
+            loop.call_soon_threadsafe(outcome)
+
+    threading.Thread(target=look_up, name="synctoken-redis-lookup", daemon=True).start()
+    return await found
+
+
+def _settle(found: asyncio.Future[list[_Address]], addresses: list[_Address], failure: OSError | None) -> None:
+    if found.done():
+        return
+    if failure is None:
+        found.set_result(addresses)
+    else:
+        found.set_exception(failure)
 
 
 def _tls_context(settings: RedisSettings) -> ssl.SSLContext:

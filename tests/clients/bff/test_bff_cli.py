@@ -16,7 +16,7 @@ from support.inprocess import RunningServer
 from support.logcapture import LeakWatch
 from support.pki import Pki
 from support.processes import START_TIMEOUT, free_port
-from synctoken_bff._identityhash import IdentityHasher
+from synctoken.audithash import IdentityHasher
 
 HASH_KEY = b"bff-cli-audit-key-" + b"y" * 20
 

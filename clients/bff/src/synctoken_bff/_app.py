@@ -17,10 +17,10 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from synctoken.audithash import IdentityHasher
 from synctoken.client import Cause, IssuedToken, SynctokenError
 from synctoken_bff._cors import Cors
 from synctoken_bff._errors import Refusal, error_body, error_response, mapping_for
-from synctoken_bff._identityhash import IdentityHasher
 from synctoken_bff._session import AnonymousSessions
 from synctoken_bff._settings import ENV_SESSION_SECRET_FILE, ENV_SYNC_SERVICE_SID, ENV_TOKEN_TTL, Settings
 from synctoken_bff._tracing import middleware, trace_id

@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from synctoken.audithash import MIN_KEY_BYTES
 from synctoken_bff._addresslimit import NewIdentityLimit
 from synctoken_bff._durations import parse_duration
-from synctoken_bff._identityhash import MIN_KEY_BYTES, key_from_file
+from synctoken_bff._identityhash import key_from_file
 from synctoken_bff._origins import exact_origin
 
 ENV_SESSION_SECRET_FILE = "BFF_SESSION_SECRET_FILE"  # noqa: S105 - a variable's name, not a secret
