@@ -9,25 +9,20 @@ as weak).
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, x25519
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from support.clients import RotatingFiles
 from support.constants import BFF_ID
 from support.inprocess import RunningServer
-from support.pki import Pki, issue_with_key, openssl
+from support.pki import Pki, issue_with_key
 from support.waiting import wait_for
 from support.workloadagent import Svid, SvidSet, WorkloadAgent
 from synctoken.client import CertificateFilesError, TokenClient, WorkloadApiTimeoutError
-from synctoken.client._clientkeys import unusable_key
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1.token_service_pb2_grpc import TokenServiceStub
 from synctoken_server.dev.pki import KeyPair, LeafSpec
@@ -37,8 +32,7 @@ USABLE = ["rsa-2048", "ecdsa-p256", "ecdsa-p384"]
 REFUSED = {
     "ecdsa-p521": "an ECDSA key on curve secp521r1, which gRPC cannot present",
     "ecdsa-secp256k1": "an ECDSA key on curve secp256k1, which gRPC cannot present",
-    # A curve the client has no name for: its OID.
-    "ecdsa-brainpoolp256r1": "an ECDSA key on curve 1.3.36.3.3.2.8.1.1.7, which gRPC cannot present",
+    "ecdsa-brainpoolp256r1": "an ECDSA key on curve brainpoolP256r1, which gRPC cannot present",
     "ed25519": "an Ed25519 key, which gRPC cannot present",
     "ed448": "an Ed448 key, which gRPC cannot present",
     "dsa": "a DSA key, which gRPC cannot present",
@@ -120,6 +114,14 @@ class TestKeyFiles:
             wait_for(lambda: client.whoami().caller_id == BFF_ID and refusal in caplog.text)
             assert [r.levelno for r in caplog.records if refusal in r.getMessage()] == [logging.WARNING]
 
+    def test_key_block_not_base64(self, pki: Pki, tmp_path: Path) -> None:
+        """A key file whose PEM body is not base64: the usual refusal of the pair, not a crash in the key check."""
+        pair = bff_pair(pki, "ecdsa-p256", tmp_path)
+        broken = KeyPair(pair.cert_pem, b"-----BEGIN PRIVATE KEY-----\nabc\n-----END PRIVATE KEY-----\n")
+        written = files(pki, tmp_path, broken)
+        with pytest.raises(CertificateFilesError, match=r"holds no whole PEM private key$"):
+            TokenClient("localhost:1", **written.kwargs())
+
 
 def svid(pki: Pki, kind: str, directory: Path) -> Svid:
     """The BFF's X509-SVID with a key of `kind`, as the agent hands it out."""
@@ -173,53 +175,3 @@ class TestSvidKeys:
         lines = [r.getMessage() for r in caplog.records if refusal in r.getMessage()]
         assert len(lines) == 1
         assert f"the certificate in use stays ({BFF_ID}, serial {good.serial:x})" in lines[0]
-
-
-class TestKeyReader:
-    """The DER reader behind the refusals, on what the handshake tests above do not reach."""
-
-    def test_algorithm_without_a_name(self, pki: Pki) -> None:
-        """A certificate for an X25519 key (an algorithm the client has no name for): named by its OID."""
-        ca_key = serialization.load_pem_private_key(pki.ca.key_pem, password=None)
-        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-        now = dt.datetime.now(dt.UTC)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x25519")])
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(x25519.X25519PrivateKey.generate().public_key())
-            .serial_number(1)
-            .not_valid_before(now)
-            .not_valid_after(now + dt.timedelta(days=1))
-            .sign(ca_key, hashes.SHA256())
-        )
-        assert unusable_key(certificate.public_bytes(serialization.Encoding.DER), None) == (
-            "a key of algorithm 1.3.101.110, which gRPC cannot present"
-        )
-
-    def test_explicit_curve_parameters(self, tmp_path: Path) -> None:
-        """An EC key given by its curve's parameters rather than its name is refused, whatever the curve."""
-        key, certificate = tmp_path / "explicit-key.pem", tmp_path / "explicit.der"
-        openssl("ecparam", "-name", "prime256v1", "-param_enc", "explicit", "-genkey", "-noout", "-out", str(key))
-        openssl("req", "-new", "-x509", "-key", str(key), "-subj", "/CN=explicit", "-days", "1",
-                "-outform", "DER", "-out", str(certificate))  # fmt: skip
-        assert unusable_key(certificate.read_bytes(), None) == (
-            "an ECDSA key with explicit curve parameters, which gRPC cannot present"
-        )
-
-    def test_unreadable_der_left_to_grpc(self, pki: Pki, tmp_path: Path) -> None:
-        """DER the reader cannot follow (cut short) refuses nothing: OpenSSL and gRPC judge it."""
-        der = x509.load_pem_x509_certificate(bff_pair(pki, "ed25519", tmp_path).cert_pem).public_bytes(
-            serialization.Encoding.DER
-        )
-        assert unusable_key(der, None) == "an Ed25519 key, which gRPC cannot present"
-        assert unusable_key(der[:40], None) == ""
-
-    def test_key_block_not_base64(self, pki: Pki, tmp_path: Path) -> None:
-        """A key file whose PEM body is not base64: the usual refusal of the pair, not a crash in the reader."""
-        pair = bff_pair(pki, "ecdsa-p256", tmp_path)
-        broken = KeyPair(pair.cert_pem, b"-----BEGIN PRIVATE KEY-----\nabc\n-----END PRIVATE KEY-----\n")
-        written = files(pki, tmp_path, broken)
-        with pytest.raises(CertificateFilesError, match=r"holds no whole PEM private key$"):
-            TokenClient("localhost:1", **written.kwargs())

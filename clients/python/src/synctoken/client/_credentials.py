@@ -6,20 +6,18 @@ cheaply (one stat per file, at most every `check_interval` seconds) and returns
 a new pair only when it loads and its key matches its certificate; a pair caught
 half-written is logged and skipped, and the one in use stays in use.
 
-Matching needs an X.509 parser, and the client depends on no crypto library
-beyond grpcio: the standard library's `ssl` is OpenSSL, and its
-`SSLContext.load_cert_chain` refuses a key that does not match its certificate.
-It reads paths, not bytes, so the files are read before and after it and the
-pair is used only if both reads agree: the bytes handed to gRPC are the bytes
-that were checked.
+The key's kind is judged by cryptography, with the server's rule
+(synctoken.tlskeys: what gRPC can present). The pair is matched by the
+standard library's `ssl`, which is OpenSSL: its `SSLContext.load_cert_chain`
+refuses a key that does not match its certificate, and says when a key is
+encrypted. It reads paths, not bytes, so the files are read before and after
+it and the pair is used only if both reads agree: the bytes handed to gRPC are
+the bytes that were checked.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
-import re
 import ssl
 import threading
 import time
@@ -29,13 +27,15 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
-from synctoken.client._clientkeys import CLIENT_KEYS, unusable_key
+from synctoken.tlskeys import USABLE_KEYS, unusable_key
 
 _log = logging.getLogger("synctoken.client")
 
-# A PEM block: its label and its base64 body.
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
+CLIENT_KEYS = f"a client presents {USABLE_KEYS}"
 
 DEFAULT_CHECK_INTERVAL = 1.0
 """Seconds between looks at the files: three stat calls, on a call that comes after it."""
@@ -249,21 +249,13 @@ def _check_pair(files: TlsFiles) -> None:
 
 
 def _check_key_kind(files: TlsFiles, material: TlsMaterial) -> None:
-    # The first certificate is the client's own. A PKCS#8 key names its algorithm; another format has the certificate's.
-    certificate = _first_block(material.cert_pem, b"CERTIFICATE")
-    if certificate is None:
-        return  # _check_pair, and gRPC, judge what this cannot read
-    problem = unusable_key(certificate, _first_block(material.key_pem, b"PRIVATE KEY"))
+    # The first certificate is the client's own. What cryptography cannot load (an encrypted or broken key, a
+    # certificate that is not PEM) is left to _check_pair and _check_certificates, whose messages say so.
+    try:
+        certificate = x509.load_pem_x509_certificates(material.cert_pem)[0]
+        key = serialization.load_pem_private_key(material.key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return
+    problem = unusable_key(key, certificate, material.key_pem)
     if problem:
         raise CertificateFilesError(f"{files.key_file} holds {problem}; {CLIENT_KEYS}")
-
-
-def _first_block(pem: bytes, label: bytes) -> bytes | None:
-    """The DER of the first PEM block with `label`; None if there is none, or it is not base64."""
-    for found, body in _PEM_BLOCK.findall(pem):
-        if found == label:
-            try:
-                return base64.b64decode(body)
-            except binascii.Error:
-                return None
-    return None

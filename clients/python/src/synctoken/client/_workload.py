@@ -1,6 +1,6 @@
 """The client's certificate from the SPIFFE Workload API: the agent's X509-SVID stream, kept as PEM for gRPC.
 
-Needs the extra `synctoken-api[spiffe]` (py-spiffe, which brings cryptography):
+Needs the extra `synctoken-api[spiffe]` (py-spiffe):
 only `from_spiffe` imports this module. py-spiffe parses and checks each SVID
 (the X509-SVID leaf rules) and bundle; the stream itself is read here rather
 than by py-spiffe's X509Source, which retries the errors an agent that is away
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import grpc
 
-from synctoken.client._clientkeys import CLIENT_KEYS, unusable_key
-from synctoken.client._credentials import TlsMaterial, WorkloadApiTimeoutError
+from synctoken.client._credentials import CLIENT_KEYS, TlsMaterial, WorkloadApiTimeoutError
 from synctoken.client._settings import socket_path
+from synctoken.tlskeys import unusable_key
 
 with warnings.catch_warnings():
     # cryptography deprecates DSA, which py-spiffe names when it is imported; nothing here uses DSA, and the
@@ -228,11 +228,9 @@ class _SvidStream:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ):
             raise ValueError("the X509-SVID's key does not match its certificate")
-        # As gRPC will get it: PKCS#8, re-encoded, whatever the agent sent.
-        pkcs8 = svid.private_key.private_bytes(
-            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        unusable = unusable_key(svid.leaf.public_bytes(serialization.Encoding.DER), pkcs8)
+        # No key_pem: gRPC gets the key re-encoded by cryptography, whatever the agent sent (an RSA-PSS key as
+        # plain RSA), so only the certificate can make it RSA-PSS.
+        unusable = unusable_key(svid.private_key, svid.leaf)
         if unusable:
             raise ValueError(f"the X509-SVID {svid.spiffe_id} has {unusable}; {CLIENT_KEYS}")
         expires = svid.leaf.not_valid_after_utc
