@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import socket
 import ssl
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from support.constants import BFF_ID, CHAT_ADMIN_ID, CHAT_WORKER_ID, DNS_CALLER, STRANGER_ID, TRUST_DOMAIN
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
@@ -132,3 +138,57 @@ def build_pki(directory: Path) -> Pki:
     for name, pair in clients.items():
         pair.write(*(directory / f"{name}.pem", directory / f"{name}-key.pem"))
     return Pki(ca=ca, directory=directory, server=server, clients=clients)
+
+
+KEY_KINDS: dict[str, Callable[[], CertificateIssuerPrivateKeyTypes]] = {
+    "rsa-1024": lambda: rsa.generate_private_key(65537, 1024),  # noqa: S505 - a weak key, on purpose
+    "rsa-2048": lambda: rsa.generate_private_key(65537, 2048),
+    "ecdsa-p256": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "ecdsa-p384": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "ecdsa-p521": lambda: ec.generate_private_key(ec.SECP521R1()),
+    "ecdsa-secp256k1": lambda: ec.generate_private_key(ec.SECP256K1()),
+    "ecdsa-brainpoolp256r1": lambda: ec.generate_private_key(ec.BrainpoolP256R1()),
+    "ed25519": ed25519.Ed25519PrivateKey.generate,
+    "ed448": ed448.Ed448PrivateKey.generate,
+    "dsa": lambda: dsa.generate_private_key(2048),
+}
+"""Keys cryptography makes, by a name for test ids; openssl makes the RSA-PSS ones (issue_with_key)."""
+
+
+def openssl(*args: str) -> None:
+    """Run the openssl command: it makes keys that cryptography cannot (RSA-PSS, rare curves)."""
+    command = shutil.which("openssl")
+    assert command is not None, "openssl is required (Debian's openssl package; make test installs it)"
+    subprocess.run([command, *args], check=True, capture_output=True, timeout=60)
+
+
+def issue_with_key(ca: CertificateAuthority, spec: LeafSpec, kind: str, directory: Path) -> KeyPair:
+    """A leaf certificate for `spec` from `ca`, with a new key of `kind`, as PKCS#8.
+
+    `kind`: a KEY_KINDS name, or two that openssl makes: "rsa-pss" (an RSA-PSS
+    key and certificate; of `spec`, only its name and URIs are used) and
+    "rsa-pss-key-rsa-certificate" (an RSA-PSS key file beside an ordinary RSA
+    certificate for the same key, which cryptography writes).
+    """
+    if kind in KEY_KINDS:
+        return ca.issue(spec, key=KEY_KINDS[kind]())
+    key_path = directory / "pss-key.pem"
+    openssl("genpkey", "-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key_path))
+    key_pem = key_path.read_bytes()
+    if kind == "rsa-pss-key-rsa-certificate":
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        assert isinstance(key, rsa.RSAPrivateKey)  # cryptography reads an RSA-PSS key as plain RSA
+        return KeyPair(ca.issue(spec, key=key).cert_pem, key_pem)
+    assert kind == "rsa-pss", f"no key kind {kind!r}"
+    ca_path, ca_key_path, request, cert = (directory / n for n in ("ca.pem", "ca-key.pem", "pss.csr", "pss.pem"))
+    ca_path.write_bytes(ca.cert_pem)
+    ca_key_path.write_bytes(ca.key_pem)
+    ca_key_path.chmod(0o600)
+    names = ",".join(f"URI:{uri}" for uri in spec.uris)
+    openssl("req", "-new", "-key", str(key_path), "-subj", f"/CN={spec.common_name}", "-out", str(request),
+            "-addext", f"subjectAltName={names}", "-addext", "extendedKeyUsage=clientAuth",
+            "-addext", "keyUsage=critical,digitalSignature", "-addext", "basicConstraints=critical,CA:FALSE")  # fmt: skip
+    serial = hex(x509.random_serial_number())
+    openssl("x509", "-req", "-in", str(request), "-CA", str(ca_path), "-CAkey", str(ca_key_path),
+            "-set_serial", serial, "-copy_extensions", "copyall", "-days", "1", "-out", str(cert))  # fmt: skip
+    return KeyPair(cert.read_bytes(), key_pem)

@@ -18,9 +18,8 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import PublicKeyAlgorithmOID
 
+from synctoken.tlskeys import USABLE_KEYS, unusable_key
 from synctoken_server.authn.svid import TrustAnchors
 from synctoken_server.durations import format_utc
 from synctoken_server.filestamps import Stamps
@@ -29,12 +28,8 @@ CERT_KEY = "tls.cert_file"
 KEY_KEY = "tls.key_file"
 CA_KEY = "tls.client_ca_file"
 
-_MIN_RSA_BITS = 2048
-# What gRPC's TLS (BoringSSL) can serve with, found by trying: P-521 and
-# Ed25519 keys load but every handshake fails; Ed448, DSA, P-224 and
-# secp256k1 keys make the port fail to bind.
-_SERVER_CURVES = frozenset({"secp256r1", "secp384r1"})
-SERVER_KEYS = "gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys"
+# What gRPC's TLS can present is one rule for the server and its clients (synctoken.tlskeys).
+SERVER_KEYS = f"gRPC serves {USABLE_KEYS}"
 # Certificate blocks only: a chain file may also hold the key, which the count must not include.
 _CERTIFICATE_BEGIN = re.compile(rb"-----BEGIN (?:X509 )?CERTIFICATE-----")
 
@@ -111,9 +106,9 @@ def check(
         raise TlsFileError(KEY_KEY, f"is a kind of key that cannot be used; {SERVER_KEYS}") from None
     except (ValueError, TypeError):
         raise TlsFileError(KEY_KEY, "is not an unencrypted PEM private key") from None
-    unusable = _unusable_server_key(key, chain[0])
+    unusable = unusable_key(key, chain[0], key_pem)
     if unusable:
-        raise TlsFileError(KEY_KEY, f"{unusable}; {SERVER_KEYS}")
+        raise TlsFileError(KEY_KEY, f"holds {unusable}; {SERVER_KEYS}")
     try:
         matches = key.public_key() == chain[0].public_key()
     except UnsupportedAlgorithm:
@@ -147,10 +142,10 @@ def check(
 def grpc_can_serve(material: ServerTlsMaterial) -> bool:
     """Whether gRPC itself accepts the set: bind a throwaway server on a loopback port with it.
 
-    The checks above know what BoringSSL refuses today (Ed448, DSA, an RSA-PSS
-    certificate); this asks BoringSSL, for what they do not know (an RSA-PSS
-    key file beside an ordinary RSA certificate, say), so that such a set is
-    a config error rather than a server that cannot listen.
+    The checks above know what BoringSSL refuses today (synctoken.tlskeys:
+    Ed448, DSA, RSA-PSS, ...); this asks BoringSSL, for what they do not know
+    (whatever a later gRPC refuses), so that such a set is a config error
+    rather than a server that cannot listen.
     """
     executor = futures.ThreadPoolExecutor(max_workers=1)
     server = grpc.server(executor, options=[("grpc.so_reuseport", 0)])
@@ -179,15 +174,3 @@ def _certificates(key: str, pem: bytes) -> list[x509.Certificate]:
     if len(certificates) != len(_CERTIFICATE_BEGIN.findall(pem)):
         raise TlsFileError(key, "holds a PEM block that does not parse (a file caught half-written?)")
     return certificates
-
-
-def _unusable_server_key(key: object, certificate: x509.Certificate) -> str:
-    if isinstance(key, rsa.RSAPrivateKey):
-        # An RSA-PSS key loads as an RSA key, but BoringSSL will not serve with it.
-        if certificate.public_key_algorithm_oid == PublicKeyAlgorithmOID.RSASSA_PSS:
-            return "an RSA-PSS key cannot be used"
-        return "" if key.key_size >= _MIN_RSA_BITS else f"a {key.key_size}-bit RSA key is too weak"
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return "" if key.curve.name in _SERVER_CURVES else f"an ECDSA key on curve {key.curve.name} cannot be used"
-    kind = type(key).__name__.removeprefix("_").removesuffix("PrivateKey")
-    return f"an {kind} key cannot be used" if kind[:1] in "AEIOU" else f"a {kind} key cannot be used"

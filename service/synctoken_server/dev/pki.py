@@ -14,6 +14,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 _ONE_DAY = dt.timedelta(days=1)
@@ -114,12 +115,15 @@ class CertificateAuthority:
         """When the CA certificate expires: nothing it signs is trusted after that."""
         return self._cert.not_valid_after_utc
 
-    def issue(self, spec: LeafSpec, *, issuer: KeyPair | None = None) -> KeyPair:
+    def issue(
+        self, spec: LeafSpec, *, issuer: KeyPair | None = None, key: CertificateIssuerPrivateKeyTypes | None = None
+    ) -> KeyPair:
         """Sign a new leaf certificate described by `spec`.
 
         With `issuer`, that certificate's key signs instead of the CA's, and the
         new certificate's PEM is followed by the issuer's chain, as a client
         presents it: to make chains through a workload or an intermediate.
+        `key` is the new certificate's key (default: a new P-256 key).
         """
         signer_name, signer_key, chain_pem = self._name, self._key, b""
         if issuer is not None:
@@ -128,7 +132,8 @@ class CertificateAuthority:
             if not isinstance(loaded, ec.EllipticCurvePrivateKey):
                 raise TypeError("issue() makes EC keys only")
             signer_key, chain_pem = loaded, issuer.cert_pem
-        key = ec.generate_private_key(ec.SECP256R1())
+        if key is None:
+            key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in spec.dns_names]
         sans += [x509.UniformResourceIdentifier(u) for u in spec.uris]

@@ -16,9 +16,20 @@ from support.inprocess import RunningServer
 from support.pki import Pki
 
 CLIENT_PACKAGE = ROOT / "clients" / "python"
-# What `pip install ./clients/python` may bring: its own dependencies and theirs.
-ALLOWED = {"synctoken-api", "grpcio", "protobuf", "googleapis-common-protos", "typing-extensions", "pip", "setuptools"}
-SERVER_ONLY = ["synctoken_server", "twilio", "cryptography", "structlog", "spiffe", "orjson", "grpc_status"]
+# What `pip install ./clients/python` may bring: its own dependencies and theirs (cffi and pycparser: cryptography's).
+ALLOWED = {
+    "synctoken-api",
+    "grpcio",
+    "protobuf",
+    "googleapis-common-protos",
+    "cryptography",
+    "cffi",
+    "pycparser",
+    "typing-extensions",
+    "pip",
+    "setuptools",
+}
+SERVER_ONLY = ["synctoken_server", "twilio", "structlog", "spiffe", "orjson", "grpc_status"]
 
 _PROBE = """
 import importlib.metadata, importlib.util, json, sys

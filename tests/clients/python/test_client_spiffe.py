@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import logging
 import re
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -466,3 +468,56 @@ class TestRotationUnderLoad:
         assert failures == []
         seen = callers(log_sink, identity)
         assert (seen[0], seen[-1]) == (BFF_ID, ROTATED_ID)
+
+
+def workload_threads() -> set[threading.Thread]:
+    """The threads that read a Workload API stream for a client, now."""
+    return {t for t in threading.enumerate() if t.name == "synctoken-workload-api"}
+
+
+class TestUnclosedClient:
+    """A client dropped without close() is collected, and its Workload API stream and thread end with it."""
+
+    def test_blocking_client(self, pki: Pki, workload_agent: WorkloadAgent, shared_server: RunningServer) -> None:
+        """TokenClient used, then every reference dropped: after gc.collect() its thread ends and the stream closes."""
+        workload_agent.start(SvidSet((bff_svid(pki),)))
+        before = workload_threads()
+        client = TokenClient.from_spiffe(f"127.0.0.1:{shared_server.port}", endpoint_socket=workload_agent.address)
+        assert client.whoami().caller_id == BFF_ID
+        assert workload_agent.status().streams == 1
+        started, dropped = workload_threads() - before, weakref.ref(client)
+        del client
+        self.assert_stream_ended(dropped, started, workload_agent)
+
+    def test_asyncio_client(self, pki: Pki, workload_agent: WorkloadAgent, shared_server: RunningServer) -> None:
+        """AsyncTokenClient used in a loop that ends, never closed: collected, its thread ends and the stream closes."""
+        workload_agent.start(SvidSet((bff_svid(pki),)))
+        before = workload_threads()
+
+        async def use() -> weakref.ref[AsyncTokenClient]:
+            client = AsyncTokenClient.from_spiffe(
+                f"127.0.0.1:{shared_server.port}", endpoint_socket=workload_agent.address
+            )
+            assert (await client.whoami()).caller_id == BFF_ID
+            started.update(workload_threads() - before)
+            assert workload_agent.status().streams == 1
+            return weakref.ref(client)
+
+        started: set[threading.Thread] = set()
+        dropped = asyncio.run(use())
+        self.assert_stream_ended(dropped, started, workload_agent)
+
+    @staticmethod
+    def assert_stream_ended(
+        dropped: weakref.ref[TokenClient] | weakref.ref[AsyncTokenClient],
+        started: set[threading.Thread],
+        agent: WorkloadAgent,
+    ) -> None:
+        """The client is gone after a collection; then so are its one thread and its one stream."""
+        assert len(started) == 1, f"the client started {len(started)} Workload API threads"
+        (thread,) = started
+        gc.collect()
+        assert dropped() is None, "something still holds the client"
+        thread.join(timeout=STREAM_SECONDS)
+        assert not thread.is_alive(), "the dropped client's Workload API thread still runs"
+        wait_for(lambda: agent.status().streams == 0)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import shutil
-import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,12 @@ from cryptography.x509.oid import NameOID
 
 from support.configs import POLICY_TOML, SECRET_ENV, WriteConfig, config_text
 from support.constants import ACCOUNT_SID, API_KEY_SID, API_SECRET, SERVICE_A, SERVICE_B
-from support.pki import Pki
+from support.pki import Pki, openssl
 from synctoken_server.authn.callercert import CallerIdSource
+from synctoken_server.config import tlsfiles
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import load_config
+from synctoken_server.config.tlsfiles import ServerTlsFiles
 from synctoken_server.tokens.minting import check_secret
 
 
@@ -449,6 +450,17 @@ def self_signed(key: PrivateKey, directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def rsa_pss_key_beside_rsa_certificate(directory: Path) -> tuple[Path, Path]:
+    """An RSA-PSS key file (openssl's) and an ordinary self-signed RSA certificate for the same key."""
+    key_path = directory / "pss-key.pem"
+    openssl("genpkey", "-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key_path))
+    key_path.chmod(0o600)
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)  # cryptography reads an RSA-PSS key as plain RSA
+    cert_path, _ = self_signed(key, directory)
+    return key_path, cert_path
+
+
 PrivateKey = (
     ed448.Ed448PrivateKey
     | ed25519.Ed25519PrivateKey
@@ -464,12 +476,18 @@ class TestServerKeyTypes:
     @pytest.mark.parametrize(
         ("make_key", "problem"),
         [
-            (ed448.Ed448PrivateKey.generate, "an Ed448 key cannot be used"),
-            (ed25519.Ed25519PrivateKey.generate, "an Ed25519 key cannot be used"),
-            (lambda: dsa.generate_private_key(2048), "a DSA key cannot be used"),
-            (lambda: ec.generate_private_key(ec.SECP521R1()), "an ECDSA key on curve secp521r1 cannot be used"),
-            (lambda: ec.generate_private_key(ec.SECP256K1()), "an ECDSA key on curve secp256k1 cannot be used"),
-            (lambda: rsa.generate_private_key(65537, 1024), "a 1024-bit RSA key is too weak"),  # noqa: S505 - on purpose
+            (ed448.Ed448PrivateKey.generate, "an Ed448 key, which gRPC cannot present"),
+            (ed25519.Ed25519PrivateKey.generate, "an Ed25519 key, which gRPC cannot present"),
+            (lambda: dsa.generate_private_key(2048), "a DSA key, which gRPC cannot present"),
+            (
+                lambda: ec.generate_private_key(ec.SECP521R1()),
+                "an ECDSA key on curve secp521r1, which gRPC cannot present",
+            ),
+            (
+                lambda: ec.generate_private_key(ec.SECP256K1()),
+                "an ECDSA key on curve secp256k1, which gRPC cannot present",
+            ),
+            (lambda: rsa.generate_private_key(65537, 1024), "a 1024-bit RSA key, too weak"),  # noqa: S505 - on purpose
         ],
     )
     def test_refused(
@@ -481,7 +499,7 @@ class TestServerKeyTypes:
         text = text.replace(str(pki.directory / "server-key.pem"), str(key_path))
         expect_error(
             write_config(text),
-            f"tls.key_file: {problem}; gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys",
+            f"tls.key_file: holds {problem}; gRPC serves RSA keys of 2048 bits or more and ECDSA keys on P-256 or P-384",
         )
 
     @pytest.mark.parametrize(
@@ -603,13 +621,6 @@ class TestSecretsPyJwtRefuses:
         assert (check_secret(secret) is not None) is refused
 
 
-def openssl(*args: str) -> None:
-    """Run the openssl command: it makes keys that cryptography cannot (RSA-PSS, rare curves)."""
-    command = shutil.which("openssl")
-    assert command is not None, "openssl is required (Debian's openssl package; make test installs it)"
-    subprocess.run([command, *args], check=True, capture_output=True, timeout=60)
-
-
 class TestKeysOnlyOpensslMakes:
     """Keys cryptography loads oddly or not at all are config errors too, never a traceback or "cannot listen"."""
 
@@ -623,7 +634,8 @@ class TestKeysOnlyOpensslMakes:
         text = text.replace(str(pki.directory / "server-key.pem"), str(key))
         expect_error(
             write_config(text),
-            "tls.key_file: an RSA-PSS key cannot be used; gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys",
+            "tls.key_file: holds an RSA-PSS key, which gRPC cannot present; "
+            "gRPC serves RSA keys of 2048 bits or more and ECDSA keys on P-256 or P-384",
         )
 
     def test_curve_cryptography_does_not_know(self, pki: Pki, write_config: WriteConfig, tmp_path: Path) -> None:
@@ -635,7 +647,7 @@ class TestKeysOnlyOpensslMakes:
         expect_error(
             write_config(text),
             "tls.key_file: is a kind of key that cannot be used; "
-            "gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys",
+            "gRPC serves RSA keys of 2048 bits or more and ECDSA keys on P-256 or P-384",
         )
 
     def test_nul_in_secret_file_name(self, pki: Pki, write_config: WriteConfig) -> None:
@@ -650,20 +662,24 @@ class TestKeysOnlyOpensslMakes:
         )
 
     def test_rsa_pss_key_beside_an_rsa_certificate(self, pki: Pki, write_config: WriteConfig, tmp_path: Path) -> None:
-        """An RSA-PSS key file with an ordinary RSA certificate for the same key: gRPC is asked, and refuses."""
-        key_path, cert_path = tmp_path / "pss-key.pem", tmp_path / "rsa.pem"
-        openssl("genpkey", "-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key_path))
-        key_path.chmod(0o600)
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        assert isinstance(key, rsa.RSAPrivateKey)
-        cert_path, _ = self_signed(key, tmp_path)
+        """An RSA-PSS key file with an ordinary RSA certificate for the same key: named from the file's PKCS#8."""
+        key_path, cert_path = rsa_pss_key_beside_rsa_certificate(tmp_path)
         text = replaced(pki, str(pki.directory / "server.pem"), str(cert_path))
         text = text.replace(str(pki.directory / "server-key.pem"), str(key_path))
         expect_error(
             write_config(text),
-            "tls.key_file: gRPC refused this key and certificate; "
-            "gRPC serves RSA (2048 bits or more) and ECDSA P-256 or P-384 keys",
+            "tls.key_file: holds an RSA-PSS key, which gRPC cannot present; "
+            "gRPC serves RSA keys of 2048 bits or more and ECDSA keys on P-256 or P-384",
         )
+
+    def test_grpc_asked_for_what_the_checks_pass(self, pki: Pki, tmp_path: Path) -> None:
+        """grpc_can_serve binds with the set: the suite's pair serves, and BoringSSL refuses an RSA-PSS key file."""
+        files = ServerTlsFiles(pki.directory / "server.pem", pki.directory / "server-key.pem", pki.directory / "ca.pem")
+        material = tlsfiles.read(files, (), dt.datetime.now(dt.UTC))
+        assert tlsfiles.grpc_can_serve(material)
+        key_path, cert_path = rsa_pss_key_beside_rsa_certificate(tmp_path)
+        pss = replace(material, cert_chain_pem=cert_path.read_bytes(), private_key_pem=key_path.read_bytes())
+        assert not tlsfiles.grpc_can_serve(pss)
 
     def test_client_ca_bundle_with_undecodable_extension(
         self, pki: Pki, write_config: WriteConfig, tmp_path: Path

@@ -6,12 +6,13 @@ cheaply (one stat per file, at most every `check_interval` seconds) and returns
 a new pair only when it loads and its key matches its certificate; a pair caught
 half-written is logged and skipped, and the one in use stays in use.
 
-Matching needs an X.509 parser, and the client depends on no crypto library
-beyond grpcio: the standard library's `ssl` is OpenSSL, and its
-`SSLContext.load_cert_chain` refuses a key that does not match its certificate.
-It reads paths, not bytes, so the files are read before and after it and the
-pair is used only if both reads agree: the bytes handed to gRPC are the bytes
-that were checked.
+The key's kind is judged by cryptography, with the server's rule
+(synctoken.tlskeys: what gRPC can present). The pair is matched by the
+standard library's `ssl`, which is OpenSSL: its `SSLContext.load_cert_chain`
+refuses a key that does not match its certificate, and says when a key is
+encrypted. It reads paths, not bytes, so the files are read before and after
+it and the pair is used only if both reads agree: the bytes handed to gRPC are
+the bytes that were checked.
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from synctoken.tlskeys import USABLE_KEYS, unusable_key
 
 _log = logging.getLogger("synctoken.client")
+
+CLIENT_KEYS = f"a client presents {USABLE_KEYS}"
 
 DEFAULT_CHECK_INTERVAL = 1.0
 """Seconds between looks at the files: three stat calls, on a call that comes after it."""
@@ -76,6 +84,8 @@ def load(files: TlsFiles) -> TlsMaterial:
     material = _read(files)
     _check_certificates(files.ca_file, material.ca_pem)
     _check_certificates(files.cert_file, material.cert_pem)
+    # First: gRPC's limits are what the message should say, where OpenSSL would only say it refuses the pair.
+    _check_key_kind(files, material)
     _check_pair(files)
     # load_cert_chain read the files again, by path: they must not have changed since our read.
     if _read(files) != material:
@@ -236,3 +246,16 @@ def _check_pair(files: TlsFiles) -> None:
         raise CertificateFilesError(f"{files.key_file} holds no whole PEM private key") from None
     except OSError as exc:
         raise CertificateFilesError(f"cannot read {exc.filename}: {exc.strerror}") from None
+
+
+def _check_key_kind(files: TlsFiles, material: TlsMaterial) -> None:
+    # The first certificate is the client's own. What cryptography cannot load (an encrypted or broken key, a
+    # certificate that is not PEM) is left to _check_pair and _check_certificates, whose messages say so.
+    try:
+        certificate = x509.load_pem_x509_certificates(material.cert_pem)[0]
+        key = serialization.load_pem_private_key(material.key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return
+    problem = unusable_key(key, certificate, material.key_pem)
+    if problem:
+        raise CertificateFilesError(f"{files.key_file} holds {problem}; {CLIENT_KEYS}")

@@ -1,6 +1,6 @@
 """The client's certificate from the SPIFFE Workload API: the agent's X509-SVID stream, kept as PEM for gRPC.
 
-Needs the extra `synctoken-api[spiffe]` (py-spiffe, which brings cryptography):
+Needs the extra `synctoken-api[spiffe]` (py-spiffe):
 only `from_spiffe` imports this module. py-spiffe parses and checks each SVID
 (the X509-SVID leaf rules) and bundle; the stream itself is read here rather
 than by py-spiffe's X509Source, which retries the errors an agent that is away
@@ -12,7 +12,10 @@ use, and the stream is opened again after a jittered backoff, doubling from
 
 One daemon thread per client reads the stream, blocked in gRPC; it sets
 `current`, which the clients compare with their channel's at every call (a new
-value opens a new channel for new calls, as a new pair of files does).
+value opens a new channel for new calls, as a new pair of files does). The
+thread holds the stream's state (`_SvidStream`), never the client's
+`WorkloadCertificates`: a client dropped without close() is collected as any
+object is, and a finalizer then ends its stream, so the thread ends too.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ import random
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from synctoken.client._credentials import TlsMaterial, WorkloadApiTimeoutError
+from synctoken.client._credentials import CLIENT_KEYS, TlsMaterial, WorkloadApiTimeoutError
 from synctoken.client._settings import socket_path
+from synctoken.tlskeys import unusable_key
 
 with warnings.catch_warnings():
     # cryptography deprecates DSA, which py-spiffe names when it is imported; nothing here uses DSA, and the
@@ -71,14 +76,6 @@ class WorkloadCertificates:
     """
 
     def __init__(self, endpoint_socket: str, *, server_trust_domain: str | None, first_svid_timeout: float) -> None:
-        self._endpoint = endpoint_socket
-        self._server_trust_domain = server_trust_domain
-        self._stop = threading.Event()
-        self._first = threading.Event()
-        self._lock = threading.Lock()
-        self._stream: grpc.RpcContext | None = None
-        self._error: str | None = None
-        self._svid: _Svid | None = None
         deadline = time.monotonic() + first_svid_timeout
         path = Path(socket_path(endpoint_socket, "the Workload API socket"))
         # An agent that is starting, or restarting, has no socket yet: wait for it within the same bound.
@@ -89,18 +86,18 @@ class WorkloadCertificates:
                     "and is its socket mounted in this container?"
                 )
             time.sleep(0.05)
-        # gRPC's own reconnection backoff grows to 2 minutes; an agent restarting must be seen within seconds.
-        self._channel = grpc.insecure_channel(f"unix:{path}", options=[("grpc.max_reconnect_backoff_ms", 5000)])
-        self._fetch = self._channel.unary_stream(
-            _FETCH_X509_SVID,
-            request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
-            response_deserializer=workload_pb2.X509SVIDResponse.FromString,
-        )
-        self._thread = threading.Thread(target=self._watch, name="synctoken-workload-api", daemon=True)
+        self._stream = _SvidStream(endpoint_socket, path, server_trust_domain)
+        # The thread and the finalizer hold the stream, not self: else this object, and the client holding
+        # it, could never be collected, and a client dropped without close() would stream for ever.
+        self._thread = threading.Thread(target=self._stream.run, name="synctoken-workload-api", daemon=True)
+        self._end_stream = weakref.finalize(self, self._stream.stop)
+        # At exit the daemon thread ends with the process, as it always has: no gRPC calls from atexit.
+        self._end_stream.atexit = False
         self._thread.start()
-        if not self._first.wait(max(0.0, deadline - time.monotonic())) or self._svid is None:
+        stream = self._stream
+        if not stream.first.wait(max(0.0, deadline - time.monotonic())) or stream.svid is None:
             self.close()
-            seen = self._error or "the agent accepted the stream but sent nothing"
+            seen = stream.error or "the agent accepted the stream but sent nothing"
             raise WorkloadApiTimeoutError(
                 f"no usable X509-SVID from the SPIFFE Workload API at {endpoint_socket} within "
                 f"{first_svid_timeout:g} s (last seen: {seen}): is this workload registered with the agent?"
@@ -109,7 +106,7 @@ class WorkloadCertificates:
     @property
     def current(self) -> TlsMaterial:
         """The material new channels use: the last good SVID, kept while the agent is away."""
-        svid = self._svid
+        svid = self._stream.svid
         # Set before the constructor returns, and never unset.
         assert svid is not None  # noqa: S101
         return svid.material
@@ -123,30 +120,67 @@ class WorkloadCertificates:
         return None
 
     def close(self) -> None:
-        """End the stream and its thread; the material in use stays readable."""
-        self._stop.set()
-        with self._lock:
-            stream = self._stream
-        if stream is not None:
-            stream.cancel()
-        self._channel.close()
+        """End the stream and wait for its thread; the material in use stays readable. A second call does nothing."""
+        self._end_stream()  # runs stop() once, whoever calls first: close(), or the collector
         if self._thread is not threading.current_thread():
             self._thread.join(_CLOSE_WAIT)
 
-    def _watch(self) -> None:
+
+class _SvidStream:
+    """The agent's stream and what it last sent: all the reading thread holds.
+
+    `svid` and `error` are written by the thread only, and read by the client's
+    threads (an attribute read: atomic, no lock needed).
+    """
+
+    def __init__(self, endpoint: str, path: Path, server_trust_domain: str | None) -> None:
+        self._endpoint = endpoint
+        self._server_trust_domain = server_trust_domain
+        self._stop = threading.Event()
+        self.first = threading.Event()
+        """Set once the first usable SVID is in `svid`."""
+        # Re-entrant: stop() may run as a finalizer, in whichever thread a collection happens, this one's too.
+        self._lock = threading.RLock()
+        self._rpc: grpc.RpcContext | None = None
+        self.error: str | None = None
+        """The last problem seen, while it lasts (None once a good update arrives)."""
+        self.svid: _Svid | None = None
+        # gRPC's own reconnection backoff grows to 2 minutes; an agent restarting must be seen within seconds.
+        self._channel = grpc.insecure_channel(f"unix:{path}", options=[("grpc.max_reconnect_backoff_ms", 5000)])
+        self._fetch = self._channel.unary_stream(
+            _FETCH_X509_SVID,
+            request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
+            response_deserializer=workload_pb2.X509SVIDResponse.FromString,
+        )
+
+    def stop(self) -> None:
+        """End the stream and close the channel; the thread then returns. Does not wait: it may run in a finalizer."""
+        self._stop.set()
+        with self._lock:
+            rpc = self._rpc
+        if rpc is not None:
+            rpc.cancel()
+        self._channel.close()
+
+    def run(self) -> None:
+        """The thread's loop: read the stream, and open it again after a backoff, until stopped."""
         backoff = FIRST_BACKOFF
         while not self._stop.is_set():
             try:
-                stream = self._fetch(workload_pb2.X509SVIDRequest(), metadata=(HEADER,))
+                rpc = self._fetch(workload_pb2.X509SVIDRequest(), metadata=(HEADER,))
                 with self._lock:
-                    self._stream = stream
-                if self._stop.is_set():  # closed before the stream was recorded
-                    stream.cancel()
+                    self._rpc = rpc
+                if self._stop.is_set():  # stopped before the stream was recorded
+                    rpc.cancel()
                     return
-                for response in stream:
+                for response in rpc:
                     if self._take(response):
                         backoff = FIRST_BACKOFF
                 why = "the agent ended the stream"
+            except ValueError:  # gRPC's word for a closed channel: stop() ran since the loop's check
+                if self._stop.is_set():
+                    return
+                raise
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     return
@@ -163,11 +197,11 @@ class WorkloadCertificates:
         except (PySpiffeError, ValueError) as exc:
             self._failed(f"an update was not used: {exc}")
             return False
-        previous = self._svid
+        previous = self.svid
         if previous is not None and previous.material == svid.material:
             # The same bytes again (the agent re-sends on reconnection): keep the object, so no channel is replaced.
             svid = previous
-            if self._error is not None:
+            if self.error is not None:
                 _log.info("SPIFFE Workload API at %s answers again; the certificate in use stays", self._endpoint)
         elif previous is None or previous.serial != svid.serial:
             _log.info(
@@ -177,9 +211,9 @@ class WorkloadCertificates:
             )
         else:
             _log.info("the Workload API changed the trust bundle; new connections trust the new one")
-        self._svid = svid
-        self._error = None
-        self._first.set()
+        self.svid = svid
+        self.error = None
+        self.first.set()
         return True
 
     def _parse(self, response: workload_pb2.X509SVIDResponse) -> _Svid:
@@ -194,6 +228,11 @@ class WorkloadCertificates:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ):
             raise ValueError("the X509-SVID's key does not match its certificate")
+        # No key_pem: gRPC gets the key re-encoded by cryptography, whatever the agent sent (an RSA-PSS key as
+        # plain RSA), so only the certificate can make it RSA-PSS.
+        unusable = unusable_key(svid.private_key, svid.leaf)
+        if unusable:
+            raise ValueError(f"the X509-SVID {svid.spiffe_id} has {unusable}; {CLIENT_KEYS}")
         expires = svid.leaf.not_valid_after_utc
         if expires.timestamp() <= time.time():
             # Every handshake with it would fail; the one in use, if any, is no worse. (A not-yet-valid one is
@@ -226,8 +265,8 @@ class WorkloadCertificates:
 
     def _failed(self, why: str) -> None:
         # Once per distinct error: an agent away for an hour writes one line, not one per retry.
-        if why != self._error:
-            svid = self._svid
+        if why != self.error:
+            svid = self.svid
             expired = svid is not None and svid.expires <= time.time()
             _log.warning(
                 "SPIFFE Workload API at %s: %s; %s",
@@ -239,7 +278,7 @@ class WorkloadCertificates:
                 if expired
                 else f"the certificate in use stays ({svid.spiffe_id}, serial {svid.serial:x})",
             )
-        self._error = why
+        self.error = why
 
 
 def _pem(certificates: list[x509.Certificate]) -> bytes:
