@@ -119,6 +119,8 @@ def build_pki(directory: Path) -> Pki:
         "ca_true_leaf": ca.issue(LeafSpec("bff", uris=(BFF_ID,), ca=True)),
         "key_cert_sign_leaf": ca.issue(LeafSpec("bff", uris=(BFF_ID,), key_cert_sign=True)),
         "crl_sign_leaf": ca.issue(LeafSpec("bff", uris=(BFF_ID,), crl_sign=True)),
+        # gRPC handshakes with it; synctoken refuses it, as it refuses such a key of its own.
+        "weak_rsa_key": ca.issue(LeafSpec("bff", uris=(BFF_ID,)), key=KEY_KINDS["rsa-1024"]()),
         "issued_by_workload": ca.issue(admin, issuer=workload_ca),
         "issued_by_ca_without_key_cert_sign": ca.issue(admin, issuer=ca_without_key_cert_sign),
         "issued_by_plain_leaf": ca.issue(admin, issuer=chat_worker),

@@ -16,7 +16,11 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
+
+from synctoken import tlskeys
 
 E = TypeVar("E", bound=x509.ExtensionType)
 
@@ -30,6 +34,9 @@ NOT_DECODABLE = "its certificate or the chain it presented cannot be decoded"
 CA_LEAF = "it is a CA certificate (CA:TRUE), not a workload's"
 KEY_CERT_SIGN_LEAF = "its key usage includes keyCertSign, which only a CA certificate may have"
 CRL_SIGN_LEAF = "its key usage includes cRLSign, which only a CA certificate may have"
+WEAK_KEY = (
+    f"its key is an RSA key of fewer than {tlskeys.MIN_RSA_BITS} bits, too weak (callers present {tlskeys.USABLE_KEYS})"
+)
 ISSUER_NOT_CA = "a certificate in the chain it presented is not a CA's (it needs CA:TRUE and keyCertSign)"
 ISSUER_IS_WORKLOAD = (
     "a certificate in the chain it presented names a workload (a SAN other than its trust domain's SPIFFE ID)"
@@ -125,7 +132,11 @@ def read_presented(leaf_pem: bytes, chain_pem: bytes) -> PresentedCertificate:
         sans = _value(extensions, x509.SubjectAlternativeName)
         uris = tuple(sans.get_values_for_type(x509.UniformResourceIdentifier)) if sans else ()
         dns_names = tuple(sans.get_values_for_type(x509.DNSName)) if sans else ()
-        defect = _leaf_defect(extensions) or next(filter(None, map(_issuer_defect, issuers)), None)
+        defect = (
+            _leaf_defect(extensions)
+            or _key_defect(leaf.public_key())
+            or next(filter(None, map(_issuer_defect, issuers)), None)
+        )
     except _UNDECODABLE as exc:
         raise ValueError(NOT_DECODABLE) from exc
     return PresentedCertificate(
@@ -181,6 +192,14 @@ def _leaf_defect(extensions: x509.Extensions) -> str | None:
         return KEY_CERT_SIGN_LEAF
     if usage is not None and usage.crl_sign:
         return CRL_SIGN_LEAF
+    return None
+
+
+def _key_defect(key: PublicKeyTypes) -> str | None:
+    # gRPC handshakes with a 1024-bit RSA key; synctoken's rule for keys (synctoken.tlskeys, which it applies
+    # to its own) refuses one. Other kinds it refuses cannot complete a handshake with gRPC at all.
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < tlskeys.MIN_RSA_BITS:
+        return WEAK_KEY
     return None
 
 

@@ -106,6 +106,14 @@ class TestForgedOrMisissued:
             ),
             ("crl_sign_leaf", "its key usage includes cRLSign, which only a CA certificate may have", BFF_ID),
             (
+                "weak_rsa_key",
+                (
+                    "its key is an RSA key of fewer than 2048 bits, too weak (callers present RSA keys of 2048 bits "
+                    "or more and ECDSA keys on P-256 or P-384)"
+                ),
+                BFF_ID,
+            ),
+            (
                 "issued_by_workload",
                 "a certificate in the chain it presented names a workload (a SAN other than its trust domain's SPIFFE ID)",
                 CHAT_ADMIN_ID,

@@ -162,6 +162,7 @@ class TestReadPresented:
             ("ca_true_leaf", svid.CA_LEAF),
             ("key_cert_sign_leaf", svid.KEY_CERT_SIGN_LEAF),
             ("crl_sign_leaf", svid.CRL_SIGN_LEAF),
+            ("weak_rsa_key", svid.WEAK_KEY),
             ("issued_by_workload", svid.ISSUER_IS_WORKLOAD),
             ("issued_by_workload_under_open_ca", svid.ISSUER_IS_WORKLOAD),
             ("issued_by_ca_without_key_cert_sign", svid.ISSUER_NOT_CA),
