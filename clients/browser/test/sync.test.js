@@ -70,3 +70,42 @@ describe("bindSyncClient", { timeout: 10_000 }, () => {
     tokens.stop();
   });
 });
+
+describe("bindSyncClient's signal", { timeout: 10_000 }, () => {
+  it("unbinds: no token after the abort, and the SDK's events no longer reach the provider", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" }).ok({ token: "three" });
+    const tokens = provider(endpoint, clock);
+    const unbind = new AbortController();
+    const client = await bindSyncClient(tokens, RecordingClient, undefined, { signal: unbind.signal });
+    await clock.advance(60_000);
+    assert.deepEqual(client.updates, ["two"]);
+    unbind.abort();
+    assert.equal(client.listenerCount("tokenExpired"), 0);
+    assert.equal(client.listenerCount("tokenAboutToExpire"), 0);
+    await clock.advance(60_000);
+    assert.deepEqual(client.updates, ["two"]);
+    const calls = endpoint.calls;
+    await clock.jump(3_600_000);
+    client.emit("tokenExpired");
+    await settle();
+    assert.equal(endpoint.calls, calls);
+    tokens.stop();
+  });
+
+  it("aborted before the first token: no client, and the signal's reason", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" });
+    const tokens = provider(endpoint, clock);
+    const unbind = new AbortController();
+    const bound = bindSyncClient(tokens, RecordingClient, undefined, { signal: unbind.signal });
+    unbind.abort(new Error("page left"));
+    await assert.rejects(bound, /page left/);
+    const early = new AbortController();
+    early.abort();
+    await assert.rejects(bindSyncClient(tokens, RecordingClient, undefined, { signal: early.signal }), {
+      name: "AbortError",
+    });
+    tokens.stop();
+  });
+});
