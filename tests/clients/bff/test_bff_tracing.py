@@ -51,11 +51,15 @@ def traced_bff(
         bff.proc.wait()
 
 
-def wait_for(otlp_receiver: OtlpReceiver, service: str, kind: int) -> ReceivedSpan:
-    """The one span of `service` of `kind` for IssueToken or GET /token, once it has arrived."""
+def wait_for(otlp_receiver: OtlpReceiver, service: str, kind: int, trace_id: str | None = None) -> ReceivedSpan:
+    """The one span of `service` of `kind` (in trace `trace_id`, if given) for IssueToken or GET /token, once arrived."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        found = [s for s in otlp_receiver.spans() if s.service == service and s.span.kind == kind]
+        found = [
+            s
+            for s in otlp_receiver.spans()
+            if s.service == service and s.span.kind == kind and trace_id in (None, s.trace_id)
+        ]
         if found:
             [span] = found
             return span
@@ -81,13 +85,8 @@ class TestOneTrace:
         assert claims["grants"]["data_sync"]["endpoint_id"] == DEVICE
         synctoken = wait_for(otlp_receiver, "synctoken", Span.SPAN_KIND_SERVER)
         client = wait_for(otlp_receiver, "synctoken-bff", Span.SPAN_KIND_CLIENT)
-        bff = [
-            s
-            for s in otlp_receiver.spans()
-            if s.service == "synctoken-bff"
-            and s.span.kind == Span.SPAN_KIND_SERVER
-            and s.trace_id == synctoken.trace_id
-        ]
+        # The server span ends after the response went out, so it may come in a later export than the client's.
+        bff = [wait_for(otlp_receiver, "synctoken-bff", Span.SPAN_KIND_SERVER, synctoken.trace_id)]
         assert [s.span.name for s in bff] == ["GET /token"]
         assert client.span.name == ISSUE_SPAN
         assert synctoken.span.name == ISSUE_SPAN
