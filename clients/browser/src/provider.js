@@ -317,11 +317,17 @@ export function tokenProvider(options = {}) {
     wake();
   };
   const onPageShow = (/** @type {Event} */ event) => {
-    if (/** @type {PageTransitionEvent} */ (event).persisted) wake();
+    if (!(/** @type {PageTransitionEvent} */ (event).persisted)) return;
+    tabs.show();
+    wake();
   };
+  // Chrome keeps no page that holds a Web Lock in the back/forward cache: the lock that counts this provider
+  // among the tabs' is let go as the page is hidden, and taken again if it comes back.
+  const onPageHide = () => tabs.hide();
   win?.addEventListener?.("online", onOnline);
   win?.addEventListener?.("focus", wake);
   win?.addEventListener?.("pageshow", onPageShow);
+  win?.addEventListener?.("pagehide", onPageHide);
   doc?.addEventListener?.("visibilitychange", onVisibility);
   doc?.addEventListener?.("resume", wake);
 
@@ -392,6 +398,7 @@ export function tokenProvider(options = {}) {
       win?.removeEventListener?.("online", onOnline);
       win?.removeEventListener?.("focus", wake);
       win?.removeEventListener?.("pageshow", onPageShow);
+      win?.removeEventListener?.("pagehide", onPageHide);
       doc?.removeEventListener?.("visibilitychange", onVisibility);
       doc?.removeEventListener?.("resume", wake);
       tabs.close();

@@ -18,6 +18,8 @@ export const ASK_BOUND_MS = 250;
  * count this provider among the tabs' and ask the others for a fresh token: resolves once one came (through
  * onMessage, as a "token" message), every other provider said it has none, or after ASK_BOUND_MS. Null when
  * there are no tabs to ask (no lock API or channel): nothing to wait for.
+ * @property {() => void} hide let go of the shared lock while the page is hidden in the back/forward cache
+ * @property {() => void} show take it again when the page comes back
  * @property {() => void} close
  */
 
@@ -32,9 +34,15 @@ export function connectTabs(name, onMessage, platform = globalThis, fresh = () =
   const locks = platform.navigator?.locks ?? platform.locks;
   const Channel = platform.BroadcastChannel;
   const channel = Channel ? new Channel(name) : null;
+  const presence = `${name}:tabs`;
   let closed = false;
-  /** @type {(() => void) | null} lets go of the shared lock that says this provider lives */
+  // The shared lock that counts this provider among the tabs': wanted from join() until close(), except while the
+  // page is hidden in the back/forward cache (Chrome keeps no page that holds a lock there).
+  let wanted = false;
+  /** @type {(() => void) | null} lets go of it, while held */
   let leave = null;
+  /** @type {Promise<void> | null} settles once it is held (or refused), while held or asked for */
+  let holding = null;
   /** @type {{ id: string, left: number, done: () => void, timer: unknown } | null} our ask, awaiting answers */
   let ask = null;
 
@@ -71,36 +79,49 @@ export function connectTabs(name, onMessage, platform = globalThis, fresh = () =
       probe.postMessage({ probe: id });
     });
 
+  /** Take the shared lock (if not held or asked for already); settles once held, or refused (an opaque origin). */
+  const present = () => {
+    wanted = true;
+    holding ??= new Promise((settled) => {
+      const granted = () =>
+        new Promise((release) => {
+          leave = () => {
+            leave = null;
+            holding = null;
+            release(undefined);
+          };
+          if (!wanted || closed) leave();
+          settled(undefined);
+        });
+      Promise.resolve()
+        .then(() => locks.request(presence, { mode: "shared" }, granted))
+        .catch(() => {
+          holding = null;
+          settled(undefined);
+        });
+    });
+    return holding;
+  };
+
   /** @type {Tabs["join"]} */
   const join = (timers) => {
     if (!channel || typeof locks?.query !== "function") return null;
-    const presence = `${name}:tabs`;
     return new Promise((resolve) => {
       const done = () => {
         if (ask) timers.clearTimeout(/** @type {any} */ (ask.timer));
         ask = null;
         resolve(undefined);
       };
-      // Held in shared mode until close(): every provider of this name holds it, so the lock manager's list of
-      // holders is the list of providers, the tabs of a crashed page dropped with it.
-      const held = (/** @type {unknown} */ _lock) =>
-        new Promise((release) => {
-          if (closed) return release(undefined);
-          leave = () => release(undefined);
-          locks
-            .query()
-            .then((/** @type {any} */ snapshot) => {
-              const others = (snapshot?.held ?? []).filter((/** @type {any} */ l) => l.name === presence).length - 1;
-              if (closed || others <= 0) return done();
-              const id = `${Math.random()}`;
-              ask = { id, left: others, done, timer: timers.setTimeout(done, ASK_BOUND_MS) };
-              channel.postMessage({ type: "ask", id });
-            })
-            .catch(done);
-        });
-      // A page where locks are refused (an opaque origin) fetches as if alone.
-      Promise.resolve()
-        .then(() => locks.request(presence, { mode: "shared" }, held))
+      present()
+        .then(() => (closed ? null : locks.query()))
+        .then((/** @type {any} */ snapshot) => {
+          const held = (snapshot?.held ?? []).filter((/** @type {any} */ lock) => lock.name === presence).length;
+          const others = held - (leave ? 1 : 0);
+          if (closed || others <= 0) return done();
+          const id = `${Math.random()}`;
+          ask = { id, left: others, done, timer: timers.setTimeout(done, ASK_BOUND_MS) };
+          channel.postMessage({ type: "ask", id });
+        })
         .catch(done);
     });
   };
@@ -110,6 +131,13 @@ export function connectTabs(name, onMessage, platform = globalThis, fresh = () =
       locks ? locks.request(name, { mode: "exclusive" }, async () => (await settle(), task())) : task(),
     publish: (message) => channel?.postMessage(message),
     join,
+    hide: () => {
+      wanted = false;
+      leave?.();
+    },
+    show: () => {
+      if (!closed && channel && typeof locks?.query === "function") present();
+    },
     close: () => {
       closed = true;
       leave?.();

@@ -263,6 +263,43 @@ describe("a tab opened later", { timeout: 10_000 }, () => {
   });
 });
 
+describe("a page hidden in the back/forward cache", { timeout: 10_000 }, () => {
+  it("lets go of its lock on pagehide and takes it again on pageshow", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" });
+    const locks = new QueuedLocks();
+    const platform = browserOf(locks);
+    const win = new EventTarget();
+    const hidden = tokenProvider({
+      url: "/later-g",
+      fetch: endpoint.fetch,
+      now: clock.now,
+      timers: clock.timers,
+      window: win,
+      document: null,
+      platform,
+    });
+    started.push(hidden);
+    await hidden.token();
+    assert.equal((await locks.query()).held.length, 1);
+    win.dispatchEvent(new Event("pagehide"));
+    await settle();
+    assert.deepEqual((await locks.query()).held, []);
+    // Not counted while hidden (it could not answer): a tab opened meanwhile fetches at once.
+    const other = openTab(platform, endpoint, clock, "/later-g");
+    assert.equal(await other.provider.token(), "two");
+    assert.equal(endpoint.calls, 2);
+    const back = new Event("pageshow");
+    Object.defineProperty(back, "persisted", { value: true });
+    win.dispatchEvent(back);
+    await settle();
+    assert.equal((await locks.query()).held.length, 2);
+    hidden.stop();
+    await settle();
+    assert.equal((await locks.query()).held.length, 1);
+  });
+});
+
 function times(clock) {
   return {
     refresh_after: new Date(clock.now() + 60_000).toISOString(),
