@@ -44,14 +44,14 @@ PAGE = """<!doctype html>
 <body>
 <script type="module">
 import { tokenProvider } from "/provider.js";
-const seen = { states: [], tokens: [], signedOut: 0 };
+const seen = { states: [], tokens: [], from: [], signedOut: 0 };
 window.seen = seen;
 window.provider = tokenProvider({
   url: "/token",
   onState: (state, info) => seen.states.push({
     state, at: Date.now(), status: info.error?.status ?? null, retryAt: info.retryAt,
   }),
-  onToken: (token) => seen.tokens.push(token),
+  onToken: (token, info) => { seen.tokens.push(token); seen.from.push(info.from); },
   onSignedOut: () => { seen.signedOut += 1; },
 });
 </script>

@@ -71,6 +71,8 @@ export function tokenProvider(options = {}) {
   /** @type {{ abort: () => void } | null} ends the fetch in flight and its deadline */
   let aborter = null;
   let stopped = false;
+  // Until the other tabs answered whether one holds a fresh token: no fetch of our own meanwhile.
+  let asking = false;
   let signedOutTold = false;
   /** @type {State | null} */
   let state = null;
@@ -85,7 +87,7 @@ export function tokenProvider(options = {}) {
   const tabs =
     options.shareAcrossTabs === false
       ? connectTabs(url, () => {}, {})
-      : connectTabs(`synctoken:${url}`, onTabMessage, options.platform ?? globalThis);
+      : connectTabs(`synctoken:${url}`, onTabMessage, options.platform ?? globalThis, freshGrant);
 
   /** @returns {State} */
   function currentState() {
@@ -131,6 +133,7 @@ export function tokenProvider(options = {}) {
   /** Act now or set the timer for the next moment something changes. */
   function schedule() {
     if (stopped) return;
+    if (asking) return report();
     timers.clearTimeout(timer);
     failure = rebaseFailure(failure, now());
     const step = nextStep({ now: now(), grant, failure });
@@ -276,6 +279,15 @@ export function tokenProvider(options = {}) {
     }
   }
 
+  /**
+   * What this provider answers a tab that asks for a fresh token: its grant, as it was shared when fetched.
+   * Its times need no change: refreshAt and expiresAt are on the browser's clock, which every tab of the browser
+   * reads alike, and receivedAt stays the moment it was fetched, so MIN_REFRESH_MS still counts from the fetch.
+   */
+  function freshGrant() {
+    return !stopped && grantState(grant, now()) === "fresh" ? grant : null;
+  }
+
   /** @param {any} message what another tab published */
   function onTabMessage(message) {
     if (stopped) return;
@@ -305,15 +317,32 @@ export function tokenProvider(options = {}) {
     wake();
   };
   const onPageShow = (/** @type {Event} */ event) => {
-    if (/** @type {PageTransitionEvent} */ (event).persisted) wake();
+    if (!(/** @type {PageTransitionEvent} */ (event).persisted)) return;
+    tabs.show();
+    wake();
   };
+  // Chrome keeps no page that holds a Web Lock in the back/forward cache: the lock that counts this provider
+  // among the tabs' is let go as the page is hidden, and taken again if it comes back.
+  const onPageHide = () => tabs.hide();
   win?.addEventListener?.("online", onOnline);
   win?.addEventListener?.("focus", wake);
   win?.addEventListener?.("pageshow", onPageShow);
+  win?.addEventListener?.("pagehide", onPageHide);
   doc?.addEventListener?.("visibilitychange", onVisibility);
   doc?.addEventListener?.("resume", wake);
 
-  schedule();
+  // A tab opened later takes the others' fresh token rather than fetching its own; a lone tab fetches at once.
+  const joined = tabs.join(timers);
+  if (joined) {
+    asking = true;
+    report();
+    joined.then(() => {
+      asking = false;
+      schedule();
+    });
+  } else {
+    schedule();
+  }
 
   return {
     /**
@@ -369,6 +398,7 @@ export function tokenProvider(options = {}) {
       win?.removeEventListener?.("online", onOnline);
       win?.removeEventListener?.("focus", wake);
       win?.removeEventListener?.("pageshow", onPageShow);
+      win?.removeEventListener?.("pagehide", onPageHide);
       doc?.removeEventListener?.("visibilitychange", onVisibility);
       doc?.removeEventListener?.("resume", wake);
       tabs.close();

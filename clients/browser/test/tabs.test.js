@@ -3,15 +3,29 @@
 import assert from "node:assert/strict";
 import { afterEach, describe, it } from "node:test";
 import { tokenProvider } from "../src/provider.js";
+import { ASK_BOUND_MS } from "../src/tabs.js";
 import { FakeClock, FakeEndpoint, settle } from "./fakes.js";
 
-/** navigator.locks.request's exclusive mode: one holder per name, the rest queued in order. */
+/**
+ * navigator.locks as far as the provider uses it: exclusive mode, one holder per name and the rest queued in order;
+ * shared mode, every request held at once; and query(), the names held.
+ */
 class QueuedLocks {
   constructor() {
     this.tails = new Map();
+    /** @type {Map<number, string>} the shared locks held */
+    this.shared = new Map();
+    this.nextId = 1;
   }
 
-  request(name, _options, task) {
+  request(name, options, task) {
+    if (options?.mode === "shared") {
+      const id = this.nextId++;
+      this.shared.set(id, name);
+      return Promise.resolve()
+        .then(() => task({ name, mode: "shared" }))
+        .finally(() => this.shared.delete(id));
+    }
     const before = this.tails.get(name) ?? Promise.resolve();
     const run = before.then(() => task());
     this.tails.set(
@@ -19,6 +33,10 @@ class QueuedLocks {
       run.catch(() => {}),
     );
     return run;
+  }
+
+  async query() {
+    return { held: [...this.shared.values()].map((name) => ({ name, mode: "shared" })), pending: [] };
   }
 }
 
@@ -104,3 +122,187 @@ describe("tabs", { timeout: 10_000 }, () => {
     stop();
   });
 });
+
+/** One more tab on `platform`, recording the tokens it gets and where each came from. */
+function openTab(platform, endpoint, clock, name) {
+  const record = { tokens: [], from: [] };
+  const provider = tokenProvider({
+    url: name,
+    fetch: endpoint.fetch,
+    now: clock.now,
+    timers: clock.timers,
+    random: () => 0.5,
+    window: null,
+    document: null,
+    platform,
+    onToken: (token, info) => (record.tokens.push(token), record.from.push(info.from)),
+  });
+  started.push(provider);
+  return { provider, record };
+}
+
+function browserOf(locks = new QueuedLocks()) {
+  return { navigator: { locks }, BroadcastChannel };
+}
+
+describe("a tab opened later", { timeout: 10_000 }, () => {
+  it("takes a fresh token from the tabs open before it, making no request", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" });
+    const platform = browserOf();
+    const first = openTab(platform, endpoint, clock, "/later-a");
+    assert.equal(await first.provider.token(), "one");
+    await clock.advance(30_000);
+    const second = openTab(platform, endpoint, clock, "/later-a");
+    const third = openTab(platform, endpoint, clock, "/later-a");
+    assert.deepEqual(await Promise.all([second.provider.token(), third.provider.token()]), ["one", "one"]);
+    assert.equal(endpoint.calls, 1);
+    assert.deepEqual([second.record.from, third.record.from], [["tab"], ["tab"]]);
+    assert.equal(second.provider.state, "fresh");
+    // Its times are the first tab's: due at the same refresh_after, not 60 s after it was opened.
+    endpoint.ok({ token: "two" });
+    await clock.advance(30_000);
+    assert.equal(endpoint.calls, 2);
+    assert.deepEqual([first.record.tokens.at(-1), second.record.tokens.at(-1)], ["two", "two"]);
+  });
+
+  it("fetches when the others' token is past refresh_after: one request", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" });
+    const platform = browserOf();
+    const first = openTab(platform, endpoint, clock, "/later-b");
+    await first.provider.token();
+    await settle();
+    // Timers held back (a background tab): the first still holds a stale token.
+    await clock.jump(61_000);
+    assert.equal(first.provider.state, "stale");
+    const second = openTab(platform, endpoint, clock, "/later-b");
+    assert.equal(await second.provider.token(), "two");
+    await settle();
+    assert.equal(endpoint.calls, 2);
+    assert.deepEqual(second.record.from, ["fetch"]);
+    assert.equal(first.record.tokens.at(-1), "two");
+  });
+
+  it("fetches at once when it is alone, the others stopped, without waiting on the clock", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" });
+    const locks = new QueuedLocks();
+    const platform = browserOf(locks);
+    const first = openTab(platform, endpoint, clock, "/later-c");
+    await settle();
+    assert.equal(endpoint.calls, 1);
+    assert.equal(clock.now(), new FakeClock().now());
+    first.provider.stop();
+    await settle();
+    assert.deepEqual((await locks.query()).held, []);
+    const second = openTab(platform, endpoint, clock, "/later-c");
+    await settle();
+    assert.equal(endpoint.calls, 2);
+    assert.deepEqual(second.record.tokens, ["two"]);
+  });
+
+  it("fetches after ASK_BOUND_MS when a tab that holds the lock does not answer", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" });
+    const locks = new QueuedLocks();
+    // A provider whose page is frozen: it counts among the tabs but says nothing.
+    let release;
+    locks.request("synctoken:/later-d:tabs", { mode: "shared" }, () => new Promise((r) => (release = r)));
+    const tab = openTab(browserOf(locks), endpoint, clock, "/later-d");
+    await clock.advance(ASK_BOUND_MS - 1);
+    assert.equal(endpoint.calls, 0);
+    assert.equal(tab.provider.state, "refreshing");
+    await clock.advance(1);
+    assert.equal(endpoint.calls, 1);
+    assert.equal(await tab.provider.token(), "one");
+    release();
+  });
+
+  it("opened while the first fetches its first token, shares that fetch", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock);
+    const platform = browserOf();
+    // The first's answer is slow: asked meanwhile, it has no token to give, so the second waits its turn.
+    let answer;
+    endpoint.queue.push(() => new Promise((resolve) => (answer = resolve)));
+    const first = openTab(platform, endpoint, clock, "/later-e");
+    await settle();
+    const second = openTab(platform, endpoint, clock, "/later-e");
+    await settle();
+    assert.equal(endpoint.calls, 1);
+    assert.equal(second.provider.state, "refreshing");
+    answer(Response.json({ identity: "a", token: "one", ...times(clock) }));
+    assert.deepEqual(await Promise.all([first.provider.token(), second.provider.token()]), ["one", "one"]);
+    // The second asked while the first had none, then waited its turn under the lock: still one request.
+    assert.equal(endpoint.calls, 1);
+    assert.deepEqual(second.record.from, ["tab"]);
+  });
+
+  it("with shareAcrossTabs false asks nobody and holds no lock", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" });
+    const locks = new QueuedLocks();
+    const platform = browserOf(locks);
+    const first = openTab(platform, endpoint, clock, "/later-f");
+    await first.provider.token();
+    const alone = tokenProvider({
+      url: "/later-f",
+      fetch: endpoint.fetch,
+      now: clock.now,
+      timers: clock.timers,
+      window: null,
+      document: null,
+      platform,
+      shareAcrossTabs: false,
+    });
+    started.push(alone);
+    assert.equal(await alone.token(), "two");
+    assert.equal(endpoint.calls, 2);
+    assert.equal((await locks.query()).held.length, 1);
+  });
+});
+
+describe("a page hidden in the back/forward cache", { timeout: 10_000 }, () => {
+  it("lets go of its lock on pagehide and takes it again on pageshow", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" });
+    const locks = new QueuedLocks();
+    const platform = browserOf(locks);
+    const win = new EventTarget();
+    const hidden = tokenProvider({
+      url: "/later-g",
+      fetch: endpoint.fetch,
+      now: clock.now,
+      timers: clock.timers,
+      window: win,
+      document: null,
+      platform,
+    });
+    started.push(hidden);
+    await hidden.token();
+    assert.equal((await locks.query()).held.length, 1);
+    win.dispatchEvent(new Event("pagehide"));
+    await settle();
+    assert.deepEqual((await locks.query()).held, []);
+    // Not counted while hidden (it could not answer): a tab opened meanwhile fetches at once.
+    const other = openTab(platform, endpoint, clock, "/later-g");
+    assert.equal(await other.provider.token(), "two");
+    assert.equal(endpoint.calls, 2);
+    const back = new Event("pageshow");
+    Object.defineProperty(back, "persisted", { value: true });
+    win.dispatchEvent(back);
+    await settle();
+    assert.equal((await locks.query()).held.length, 2);
+    hidden.stop();
+    await settle();
+    assert.equal((await locks.query()).held.length, 1);
+  });
+});
+
+function times(clock) {
+  return {
+    refresh_after: new Date(clock.now() + 60_000).toISOString(),
+    expires_at: new Date(clock.now() + 120_000).toISOString(),
+  };
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,88 @@ class TestTabs:
         newest = browser.endpoint.issued[-1]
         assert {page.evaluate("window.seen.tokens.at(-1)") for page in pages} == {newest}
         assert {state(page) for page in pages} == {"fresh"}
+
+
+class TestLaterTab:
+    """A tab opened later asks the tabs open before it for their fresh token before it fetches."""
+
+    def test_takes_the_others_fresh_token(self, browser: Browser) -> None:
+        """Opened while the first tab's token is fresh: no request, the same token from "tab", due at the first's refresh_after."""
+        first = browser.open()
+        first.clock.run_for(30_000)
+        second = browser.open()
+        assert browser.endpoint.count() == 1
+        assert seen(second)["tokens"] == seen(first)["tokens"]
+        assert (seen(first)["from"], seen(second)["from"]) == (["fetch"], ["tab"])
+        assert state(second) == "fresh"
+        assert providers_present(second) == 2
+        # The token's times came with it: both fall due together, 60 s after the first fetched.
+        first.clock.run_for(29_000)
+        settle(second)
+        assert (browser.endpoint.count(), len(seen(second)["tokens"])) == (1, 1)
+        first.clock.run_for(2_000)
+        # (How many requests that refresh makes is the turn-taking's business: test_ten_tabs_one_fetch.)
+        wait_for_tokens(first, 2)
+        wait_for_tokens(second, 2)
+        assert {state(first), state(second)} == {"fresh"}
+
+    def test_fetches_when_the_others_token_is_due(self, browser: Browser) -> None:
+        """Opened while the first tab's token is past refresh_after (its timer held back): one request, its token shared back."""
+        first = browser.open()
+        jump(first, 61_000)
+        assert state(first) == "stale"
+        second = browser.open()
+        assert seen(second)["from"] == ["fetch"]
+        wait_for_tokens(first, 2)
+        settle(second)
+        assert browser.endpoint.count() == 2
+        assert seen(first)["tokens"][-1] == seen(second)["tokens"][0] == browser.endpoint.issued[1]
+
+    def test_lone_tab_fetches_once(self, browser: Browser) -> None:
+        """A tab with no other provider open fetches its first token itself, with one request and no wait on the (paused) clock."""
+        page = browser.open()
+        settle(page)
+        assert browser.endpoint.count() == 1
+        assert seen(page)["from"] == ["fetch"]
+        assert [s["state"] for s in seen(page)["states"]] == ["refreshing", "fresh"]
+        assert providers_present(page) == 1
+
+    def test_fetches_after_the_other_stopped(self, browser: Browser) -> None:
+        """Opened after the first tab's provider stopped (its lock let go): it fetches for itself."""
+        first = browser.open()
+        first.evaluate("window.provider.stop()")
+        wait_for_providers(first, 0)
+        second = browser.open()
+        settle(second)
+        assert browser.endpoint.count() == 2
+        assert seen(second)["from"] == ["fetch"]
+        assert seen(second)["tokens"] == [browser.endpoint.issued[1]]
+
+    def test_page_hidden_in_the_back_forward_cache_is_not_counted(self, browser: Browser) -> None:
+        """pagehide lets go of the provider's shared lock (Chrome keeps no page holding one in the back/forward cache); pageshow from the cache takes it again."""
+        page = browser.open()
+        assert providers_present(page) == 1
+        page.evaluate("window.dispatchEvent(new PageTransitionEvent('pagehide', { persisted: true }))")
+        wait_for_providers(page, 0)
+        page.evaluate("window.dispatchEvent(new PageTransitionEvent('pageshow', { persisted: true }))")
+        wait_for_providers(page, 1)
+        assert browser.endpoint.count() == 1
+
+
+def wait_for_providers(page: Page, count: int) -> None:
+    """Wait (bounded) until the lock manager lists `count` providers of /token: a lock let go is let go on the browser's side a moment later."""
+    deadline = time.monotonic() + PAGE_TIMEOUT / 1000
+    while providers_present(page) != count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert providers_present(page) == count
+
+
+def providers_present(page: Page) -> int:
+    """How many providers of /token the browser's lock manager lists (each holds a shared lock while it lives)."""
+    count: int = page.evaluate(
+        "navigator.locks.query().then(q => q.held.filter(l => l.name === 'synctoken:/token:tabs').length)"
+    )
+    return count
 
 
 class TestFailures:
