@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,14 +34,36 @@ STOP_WAIT_S = LOOKUP_HANGS_S / 3
 """A bound on the stop, far below the lookup's hang: a stop that waited for the lookup would exceed it."""
 
 
+SHORT_HANG_S = 2
+"""One lookup's hang where the test outlives it (timeout x attempts 1)."""
+
+
 @pytest.fixture
-def hung_resolv_conf(tmp_path: Path) -> Iterator[Path]:
-    """A resolv.conf whose only name server (on loopback, port 53) receives every query and answers none."""
+def silent_name_server() -> Iterator[None]:
+    """A name server on loopback, port 53, that receives every query and answers none."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind((SILENT_NAME_SERVER, 53))
-        path = tmp_path / "resolv.conf"
-        path.write_text(f"nameserver {SILENT_NAME_SERVER}\noptions timeout:{LOOKUP_HANGS_S // 2} attempts:2\n")
-        yield path
+        yield
+
+
+def _resolv_conf(directory: Path, hang_s: int) -> Path:
+    """A resolv.conf whose only name server is the silent one: each lookup hangs `hang_s` seconds."""
+    path = directory / "resolv.conf"
+    attempts = 2 if hang_s % 2 == 0 and hang_s > SHORT_HANG_S else 1
+    path.write_text(f"nameserver {SILENT_NAME_SERVER}\noptions timeout:{hang_s // attempts} attempts:{attempts}\n")
+    return path
+
+
+def _in_namespace(resolv_conf: Path) -> list[str]:
+    """A command prefix: run the rest in a mount namespace of its own where /etc/resolv.conf is `resolv_conf`."""
+    # sh's "$0" is the resolv.conf, "$@" the command line. unshare -m makes mounts private: none shows outside.
+    return ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv_conf)]
+
+
+@pytest.fixture
+def hung_resolv_conf(tmp_path: Path, silent_name_server: None) -> Path:
+    """A resolv.conf whose lookups hang LOOKUP_HANGS_S seconds, far longer than the test."""
+    return _resolv_conf(tmp_path, LOOKUP_HANGS_S)
 
 
 def test_stop_does_not_wait_for_a_hung_lookup(
@@ -53,17 +77,12 @@ def test_stop_does_not_wait_for_a_hung_lookup(
     )
     path = tmp_path / "synctoken.toml"
     path.write_text(text, encoding="utf-8")
-    # sh's "$0" is the resolv.conf, "$@" synctoken's command line.
-    in_namespace = [
-        "unshare",
-        "-m",
-        "sh",
-        "-c",
-        'mount --bind "$0" /etc/resolv.conf && exec "$@"',
-        str(hung_resolv_conf),
-    ]
     process = Process(
-        ["serve", "--config", str(path)], tmp_path, leak_watch, os.environ | SECRET_ENV, wrapper=in_namespace
+        ["serve", "--config", str(path)],
+        tmp_path,
+        leak_watch,
+        os.environ | SECRET_ENV,
+        wrapper=_in_namespace(hung_resolv_conf),
     )
     processes.append(process)
     process.wait_for_records("server.started")
@@ -74,3 +93,47 @@ def test_stop_does_not_wait_for_a_hung_lookup(
     assert process.proc.wait(timeout=STOP_WAIT_S) == 0
     assert [r["event"] for r in process.records()][-1] == "server.stopped"
     assert process.stderr_path.read_text() == ""
+
+
+# Many openings while one lookup hangs, then the loop closed before the lookup ends, in the namespace.
+_OPENINGS = """
+import asyncio, sys, threading, time
+from synctoken_server.limitstore.connecting import Connector
+from synctoken_server.policy.limitbackend import RedisSettings
+
+def lookups():
+    return [t for t in threading.enumerate() if t.name == "synctoken-redis-lookup"]
+
+async def main():
+    connector = Connector(RedisSettings(url="redis://redis.lookup-hangs.test:6379/0", host="redis.lookup-hangs.test"))
+    async def opening():
+        try:
+            await asyncio.wait_for(connector.connect(asyncio.Protocol), 0.05)
+        except TimeoutError:
+            return "timeout"
+    outcomes = [await opening() for _ in range(10)]
+    outcomes += await asyncio.gather(*(opening() for _ in range(40)))
+    return outcomes, len(lookups())
+
+outcomes, threads = asyncio.run(main())  # closes the loop, the lookup still hung
+print(sorted(set(outcomes)), threads, flush=True)
+deadline = time.monotonic() + float(sys.argv[1])
+while lookups() and time.monotonic() < deadline:
+    time.sleep(0.1)
+print(len(lookups()), flush=True)
+"""
+
+
+def test_one_lookup_thread_and_a_late_end(tmp_path: Path, silent_name_server: None) -> None:
+    """50 openings during one hung lookup share one thread; its end after the loop closed is quiet."""
+    resolv_conf = _resolv_conf(tmp_path, SHORT_HANG_S)
+    result = subprocess.run(
+        [*_in_namespace(resolv_conf), sys.executable, "-c", _OPENINGS, str(SHORT_HANG_S * 5)],
+        capture_output=True,
+        text=True,
+        timeout=SHORT_HANG_S * 10,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    # Every opening timed out waiting; one thread looked the name up; it has ended since, with no loop to tell.
+    assert result.stdout.splitlines() == ["['timeout'] 1", "0"]
