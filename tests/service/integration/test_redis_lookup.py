@@ -39,18 +39,17 @@ SHORT_HANG_S = 2
 
 
 @pytest.fixture
-def silent_name_server() -> Iterator[None]:
-    """A name server on loopback, port 53, that receives every query and answers none."""
+def silent_name_server() -> Iterator[str]:
+    """The address of a name server (on loopback, port 53) that receives every query and answers none."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind((SILENT_NAME_SERVER, 53))
-        yield
+        yield SILENT_NAME_SERVER
 
 
-def _resolv_conf(directory: Path, hang_s: int) -> Path:
-    """A resolv.conf whose only name server is the silent one: each lookup hangs `hang_s` seconds."""
+def _resolv_conf(directory: Path, name_server: str, timeout_s: int, attempts: int) -> Path:
+    """A resolv.conf whose only name server is `name_server`: with the silent one, a lookup hangs timeout x attempts."""
     path = directory / "resolv.conf"
-    attempts = 2 if hang_s % 2 == 0 and hang_s > SHORT_HANG_S else 1
-    path.write_text(f"nameserver {SILENT_NAME_SERVER}\noptions timeout:{hang_s // attempts} attempts:{attempts}\n")
+    path.write_text(f"nameserver {name_server}\noptions timeout:{timeout_s} attempts:{attempts}\n")
     return path
 
 
@@ -61,9 +60,9 @@ def _in_namespace(resolv_conf: Path) -> list[str]:
 
 
 @pytest.fixture
-def hung_resolv_conf(tmp_path: Path, silent_name_server: None) -> Path:
+def hung_resolv_conf(tmp_path: Path, silent_name_server: str) -> Path:
     """A resolv.conf whose lookups hang LOOKUP_HANGS_S seconds, far longer than the test."""
-    return _resolv_conf(tmp_path, LOOKUP_HANGS_S)
+    return _resolv_conf(tmp_path, silent_name_server, LOOKUP_HANGS_S // 2, 2)
 
 
 def test_stop_does_not_wait_for_a_hung_lookup(
@@ -124,9 +123,9 @@ print(len(lookups()), flush=True)
 """
 
 
-def test_one_lookup_thread_and_a_late_end(tmp_path: Path, silent_name_server: None) -> None:
+def test_one_lookup_thread_and_a_late_end(tmp_path: Path, silent_name_server: str) -> None:
     """50 openings during one hung lookup share one thread; its end after the loop closed is quiet."""
-    resolv_conf = _resolv_conf(tmp_path, SHORT_HANG_S)
+    resolv_conf = _resolv_conf(tmp_path, silent_name_server, SHORT_HANG_S, 1)
     result = subprocess.run(
         [*_in_namespace(resolv_conf), sys.executable, "-c", _OPENINGS, str(SHORT_HANG_S * 5)],
         capture_output=True,
