@@ -1,9 +1,9 @@
-"""A Redis named by a host name whose lookup hangs: calls go on, and a stop does not wait for the resolver.
+"""A Redis named by a host name, looked up in a thread of its own: a hung lookup holds one thread and no stop.
 
 The resolver is made to hang for real: `synctoken serve` runs in a mount
 namespace of its own (unshare) whose /etc/resolv.conf names a loopback name
 server that takes every query and answers none. Root only, for the mount and
-for port 53; CI runs as root.
+for port 53 (and to run a lookup as nobody, with no thread to be had); CI runs as root.
 """
 
 from __future__ import annotations
@@ -136,3 +136,33 @@ def test_one_lookup_thread_and_a_late_end(tmp_path: Path, silent_name_server: st
     assert (result.returncode, result.stderr) == (0, "")
     # Every opening timed out waiting; one thread looked the name up; it has ended since, with no loop to tell.
     assert result.stdout.splitlines() == ["['timeout'] 1", "0"]
+
+
+# Threads refused, as when a container's pids limit is reached: nobody's RLIMIT_NPROC at what it runs already.
+_NO_THREADS = """
+import asyncio, os, resource
+from synctoken_server.limitstore.connecting import Connector
+from synctoken_server.policy.limitbackend import RedisSettings
+
+tasks = len(os.listdir("/proc/self/task"))
+resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
+
+async def main():
+    connector = Connector(RedisSettings(url="redis://redis.no-threads.test:6379/0", host="redis.no-threads.test"))
+    try:
+        await connector.connect(asyncio.Protocol)
+    except OSError as exc:  # what the limits count as Redis failing, and fall back from
+        print("OSError", exc)
+
+asyncio.run(main())
+"""
+
+
+def test_no_thread_for_the_lookup_is_a_failed_opening() -> None:
+    """With no thread to be had, the opening fails with OSError (the limits fall back), not RuntimeError."""
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]  # root ignores RLIMIT_NPROC
+    result = subprocess.run(
+        [*as_nobody, sys.executable, "-c", _NO_THREADS], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == "OSError [Errno 11] cannot start a thread to look up redis.no-threads.test\n"
