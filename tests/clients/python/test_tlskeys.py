@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import random
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -127,3 +129,15 @@ def test_unusable_key_takes_a_hostile_key_file(pki: Pki, real_keys: dict[str, by
     for mutant in _mutants(real_keys["rsa-pss"], rng):
         answer = tlskeys.unusable_key(key, certificate, _pem(mutant))
         assert answer in ("", "an RSA-PSS key, which gRPC cannot present"), mutant.hex()
+
+
+def test_import_warns_nothing() -> None:
+    """Importing the rule names no deprecated cryptography class (DSA's): no warning in the programs that use it."""
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", "import synctoken.tlskeys"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
