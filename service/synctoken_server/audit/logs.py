@@ -53,7 +53,8 @@ class LineLogger:
 
     def msg(self, message: str | bytes) -> None:
         """Write one rendered record."""
-        data = message.encode("utf-8") if isinstance(message, str) else message
+        # backslashreplace: a lone surrogate (a file name not in UTF-8) is written escaped, not raised.
+        data = message.encode("utf-8", "backslashreplace") if isinstance(message, str) else message
         if self._strict:
             self._sink.write_line(data)
             return
@@ -198,12 +199,27 @@ def _cut(text: str, limit: int) -> str:
 
 
 def json_dumps(value: Any, **_kwargs: Any) -> bytes:
-    """orjson, with the line-ending characters JSON leaves raw escaped."""
-    data = orjson.dumps(value)
+    """orjson, with the line-ending characters JSON leaves raw escaped, and lone surrogates written as escapes."""
+    try:
+        data = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        # A lone surrogate is no UTF-8, and orjson refuses it: a file name that is not UTF-8 holds one as
+        # Python decodes it. Escaped rather than raised into whatever logged it (a reload, a stop).
+        data = orjson.dumps(_surrogates_escaped(value))
     if b"\xc2" in data or b"\xe2" in data:  # cheap test first: most lines are ASCII
         for raw, escaped in _LINE_BREAKS_UTF8:
             data = data.replace(raw, escaped)
     return data
+
+
+def _surrogates_escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_surrogates_escaped(key): _surrogates_escaped(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_surrogates_escaped(item) for item in value]
+    return value
 
 
 def json_renderer() -> structlog.typing.Processor:
@@ -280,8 +296,25 @@ class _LineHandler(logging.Handler):
         self._line_logger = line_logger
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Write the record; a record that cannot be formatted is reported by logging, as any handler's."""
+        """Write the record; one that cannot be formatted (arguments that do not fit) is said without its arguments.
+
+        Not logging's handleError: it prints a traceback on stderr, free text over
+        many lines, ending with the record's arguments, which may hold anything.
+        """
         try:
-            self._line_logger.msg(self.format(record))
-        except Exception:  # noqa: BLE001 - logging's own contract: handleError, never raise into the caller
-            self.handleError(record)
+            line = self.format(record)
+        except Exception as exc:  # noqa: BLE001 - a handler never raises into the code that logged
+            said = logging.LogRecord(
+                record.name,
+                record.levelno,
+                record.pathname,
+                record.lineno,
+                "log record not formatted (%s): %s",
+                (type(exc).__name__, _cut(str(record.msg), MAX_VALUE_CHARACTERS)),
+                None,
+            )
+            try:
+                line = self.format(said)
+            except Exception:  # noqa: BLE001 - nothing more to say that could be written
+                return
+        self._line_logger.msg(line)

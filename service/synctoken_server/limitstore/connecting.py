@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import ipaddress
 import socket
@@ -103,7 +104,13 @@ async def _look_up(host: str, port: int) -> list[_Address]:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the process is stopping, nobody waits
             loop.call_soon_threadsafe(outcome)
 
-    threading.Thread(target=look_up, name="synctoken-redis-lookup", daemon=True).start()
+    try:
+        threading.Thread(target=look_up, name="synctoken-redis-lookup", daemon=True).start()
+    except RuntimeError as exc:
+        # No thread to be had (a pids limit reached): an opening that failed, which the limits count and
+        # fall back from as from any other, not an error of the call (loop.getaddrinfo, on libuv's pool, never
+        # needed a new thread).
+        raise OSError(errno.EAGAIN, f"cannot start a thread to look up {host}") from exc
     return await found
 
 

@@ -165,7 +165,13 @@ def _stop_all(
 def _worker_main(path: str, index: int, workers: int, output_lock: Lock, torn: Flag, parent: int) -> None:
     # A fresh interpreter: configure logging and load the config here, with
     # the same loader and the same environment as the parent.
-    logs.configure(worker=index)
-    logs.share_output(output_lock, torn)
-    config = load_or_report(Path(path))
-    sys.exit(EXIT_CONFIG if config is None else run_one(config, Path(path), workers=workers, parent=parent))
+    try:
+        logs.configure(worker=index)
+        logs.share_output(output_lock, torn)
+        config = load_or_report(Path(path))
+        status = EXIT_CONFIG if config is None else run_one(config, Path(path), workers=workers, parent=parent)
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C reaches every process of its group, workers included: one still starting
+        # (its loop has not taken SIGINT over) ends as a single server does (cli.run), 130 and no traceback.
+        status = 128 + signal.SIGINT
+    sys.exit(status)

@@ -3,8 +3,8 @@
 Each kind is tried in a real handshake with a synctoken server on loopback,
 from files and from the stand-in Workload API agent. A refused kind is also
 tried in a bare gRPC channel, so that a gRPC that learns to present it makes
-these tests fail, and the refusal can go (RSA-1024 works there: it is refused
-as weak).
+these tests fail, and the refusal can go (RSA-1024 works there: gRPC
+handshakes with it, and the synctoken server refuses the caller as weak).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ REFUSED = {
 }
 """Kinds the client refuses, and how the refusal names them."""
 GRPC_CAN_PRESENT = {"rsa-1024"}
-"""Refused kinds a bare gRPC channel presents all the same: refused as weak, not for gRPC's sake."""
+"""Refused kinds a bare gRPC channel presents all the same: the handshake completes, and the server refuses the
+caller as weak (UNAUTHENTICATED), as the client refuses the key; not for gRPC's sake."""
 
 
 def bff_pair(pki: Pki, kind: str, directory: Path) -> KeyPair:
@@ -94,7 +95,7 @@ class TestKeyFiles:
     def test_refused(self, pki: Pki, tmp_path: Path, shared_server: RunningServer, kind: str, problem: str) -> None:
         """gRPC cannot call with the key (or, for RSA-1024, can); the client refuses it at once, naming the key file."""
         pair = bff_pair(pki, kind, tmp_path)
-        expected = None if kind in GRPC_CAN_PRESENT else grpc.StatusCode.UNAVAILABLE
+        expected = grpc.StatusCode.UNAUTHENTICATED if kind in GRPC_CAN_PRESENT else grpc.StatusCode.UNAVAILABLE
         assert plain_grpc_call(pki, shared_server.port, pair) is expected
         written = files(pki, tmp_path, pair)
         with pytest.raises(CertificateFilesError) as caught:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -30,6 +31,7 @@ from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
 from synctoken_server.authn.callercert import SPIFFE_ID_FORM
 from synctoken_server.dev import devenv
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
+from synctoken_server.process.running import EXIT_WORKER_DIED
 
 
 def without_twilio_env() -> dict[str, str]:
@@ -264,6 +266,45 @@ class TestWorkers:
         assert sum(r.get("outcome") == "issued" for r in records) == 6
         assert {r["worker"] for r in records if r["event"] == "token.decision"} <= {0, 1}
         assert all("worker" in r for r in records if r["event"] == "token.decision")
+
+    def test_ctrl_c_while_workers_read_the_config(
+        self, pki: Pki, tmp_path: Path, leak_watch: LeakWatch, processes: list[Process]
+    ) -> None:
+        """Ctrl-C reaching workers still reading their config: each exits 130 without a traceback, as one server."""
+        fifo = tmp_path / "synctoken.toml"
+        os.mkfifo(fifo)  # the parent reads it whole; then each worker's read blocks until the signal
+        process = Process(
+            ["serve", "--workers", "2", "--config", str(fifo)],
+            tmp_path,
+            leak_watch,
+            os.environ | SECRET_ENV,
+            sigint=True,
+        )
+        processes.append(process)
+        with open(fifo, "w", encoding="utf-8") as parents:  # noqa: PTH123 - a FIFO: opened once the parent reads
+            parents.write(config_text(pki, listen=f"127.0.0.1:{free_port()}"))
+        [started] = process.wait_for_records("workers.started")
+        writer = None
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            # Both workers have the FIFO open (a writer keeps their reads blocked): none is still importing.
+            while not all(_has_open(pid, fifo) for pid in started["pids"]):
+                assert process.proc.poll() is None, process.stderr_path.read_text()
+                assert time.monotonic() < deadline, "the workers never opened their config"
+                if writer is None:
+                    with contextlib.suppress(OSError):
+                        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                time.sleep(0.05)
+            # As a terminal's Ctrl-C reaches them; the parent is left out, so that it reports the exits.
+            for pid in started["pids"]:
+                os.kill(pid, signal.SIGINT)
+            [exited] = process.wait_for_records("workers.worker_exited")
+        finally:
+            if writer is not None:
+                os.close(writer)  # the parent reads the config again as it stops: an empty one now
+        assert process.proc.wait(timeout=START_TIMEOUT) == EXIT_WORKER_DIED
+        assert exited["exitcode"] == 128 + signal.SIGINT
+        assert process.stderr_path.read_text() == ""
 
     def test_workers_need_a_fixed_port(
         self, pki: Pki, tmp_path: Path, write_config: WriteConfig, leak_watch: LeakWatch, processes: list[Process]
@@ -757,3 +798,11 @@ class TestDevIssue:
                 f"synctoken dev issue: cannot use the CA in {tmp_path / name} (ca.pem, ca-key.pem): {why}\n"
             )
             assert "PRIVATE KEY" not in result.stderr
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    """Whether process `pid` has `path` open (Linux's /proc)."""
+    descriptors = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(OSError):
+        return any(fd.readlink() == path for fd in descriptors.iterdir())
+    return False

@@ -281,6 +281,60 @@ class TestStandardLogging:
         assert "[error" in line
 
 
+# Records that cannot be rendered as they stand: a value holding a lone surrogate (a file name that is not
+# UTF-8, as Python decodes one), a library's message whose arguments do not fit it.
+_UNRENDERABLE = """
+import logging, structlog
+from synctoken._quiet import quiet_library_warnings
+quiet_library_warnings()
+from synctoken_server.audit import logs
+logs.configure()
+structlog.get_logger("synctoken").warning("config.warning", problem="cannot read /etc/\\udcff.toml")
+logging.getLogger("asyncio").error("cannot read %s", "/etc/\\udcff.toml")
+logging.getLogger("grpc").warning("needs two: %s %s", "hunter2-secret-argument")
+"""
+
+
+class TestUnrenderableRecords:
+    """A record that cannot be rendered as it stands is still one line, never an exception or a traceback."""
+
+    def test_one_line_each_and_nothing_on_stderr(self) -> None:
+        """A lone surrogate is written escaped; a message whose arguments do not fit is said without them."""
+        result = subprocess.run(
+            [sys.executable, "-c", _UNRENDERABLE], capture_output=True, text=True, timeout=60, check=True
+        )
+        assert result.stderr == ""
+        config_warning, asyncio_error, grpc_warning = (json.loads(line) for line in result.stdout.splitlines())
+        assert config_warning["problem"] == "cannot read /etc/\\udcff.toml"
+        assert (asyncio_error["event"], asyncio_error["logger"]) == ("cannot read /etc/\\udcff.toml", "asyncio")
+        # Arguments that did not fit the message may hold anything: they are not written.
+        assert "hunter2" not in result.stdout
+        assert grpc_warning["event"] == "log record not formatted (TypeError): needs two: %s %s"
+        assert (grpc_warning["logger"], grpc_warning["level"]) == ("grpc", "warning")
+
+    def test_on_a_terminal_too(self) -> None:
+        """On a TTY (the console renderer) the same records are three lines, the surrogate escaped, no traceback."""
+        leader, follower = pty.openpty()
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", _UNRENDERABLE], stdout=follower, stderr=subprocess.PIPE, timeout=60, check=False
+            )
+            os.close(follower)
+            shown = os.read(leader, 65536).decode()
+        finally:
+            os.close(leader)
+        assert (result.returncode, result.stderr) == (0, b"")
+        lines = shown.splitlines()
+        assert len(lines) == 3
+        assert all("/etc/\\udcff.toml" in line for line in lines[:2])
+        assert "log record not formatted (TypeError)" in lines[2]
+        assert "hunter2" not in shown
+
+    def test_json_dumps_escapes_a_lone_surrogate(self) -> None:
+        """json_dumps (the audit line's and the chain's renderer) writes a lone surrogate as a backslash escape."""
+        assert json.loads(logs.json_dumps({"file": "a\udcffb"})) == {"file": "a\\udcffb"}
+
+
 class TestLineBreaks:
     """Characters that line-splitting readers take as line ends are escaped."""
 

@@ -25,7 +25,7 @@ import binascii
 import re
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x448, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import PublicKeyAlgorithmOID
 
@@ -36,10 +36,12 @@ _CURVES = frozenset({"secp256r1", "secp384r1"})
 _KINDS: tuple[tuple[type, str], ...] = (
     (ed25519.Ed25519PrivateKey, "an Ed25519 key"),
     (ed448.Ed448PrivateKey, "an Ed448 key"),
-    (dsa.DSAPrivateKey, "a DSA key"),
     (x25519.X25519PrivateKey, "an X25519 key"),
     (x448.X448PrivateKey, "an X448 key"),
 )
+# By class name: cryptography (47 on) deprecates the dsa module's classes, and naming one at import would
+# warn in every program that imports this rule (the client's users', the BFF at start).
+_KINDS_BY_NAME = {"DSAPrivateKey": "a DSA key"}
 # The PKCS#8 block of a PEM key file, and the rsassaPss OID as DER (tag, length, contents).
 _PKCS8_PEM = re.compile(rb"-----BEGIN PRIVATE KEY-----(.*?)-----END PRIVATE KEY-----", re.DOTALL)
 _RSASSA_PSS = b"\x06\x09" + bytes.fromhex("2a864886f70d01010a")
@@ -62,7 +64,9 @@ def unusable_key(key: PrivateKeyTypes, certificate: x509.Certificate, key_pem: b
         if key.curve.name in _CURVES:
             return ""
         return f"an ECDSA key on curve {key.curve.name}, which gRPC cannot present"
-    kind = next((name for cls, name in _KINDS if isinstance(key, cls)), f"a {type(key).__name__}")
+    kind = next((name for cls, name in _KINDS if isinstance(key, cls)), None) or _KINDS_BY_NAME.get(
+        type(key).__name__, f"a {type(key).__name__}"
+    )
     return f"{kind}, which gRPC cannot present"
 
 
