@@ -55,6 +55,17 @@ def filling(tmp_path: Path) -> Iterator[FillingFile]:
     file.close()
 
 
+def on_a_terminal(script: str) -> str:
+    """What a Python `script` writes to stdout when stdout is a terminal (a pty)."""
+    leader, follower = pty.openpty()
+    try:
+        subprocess.run([sys.executable, "-c", script], stdout=follower, timeout=60, check=True)
+        os.close(follower)
+        return os.read(leader, 65536).decode()
+    finally:
+        os.close(leader)
+
+
 class TestLineSink:
     """Whole lines or an error."""
 
@@ -206,13 +217,7 @@ class TestAuditLineParity:
             "from synctoken_server.audit import logs; from synctoken_server.audit.record import AuditLog; logs.configure(); "
             "AuditLog().record('token.decision', {'identity': 'a\\x1bb'}, outcome='issued')"
         )
-        leader, follower = pty.openpty()
-        try:
-            subprocess.run([sys.executable, "-c", script], stdout=follower, timeout=60, check=True)
-            os.close(follower)
-            shown = os.read(leader, 65536).decode()
-        finally:
-            os.close(leader)
+        shown = on_a_terminal(script)
         assert "token.decision" in shown
         assert "outcome=issued" in shown
         assert "identity=a\\x1bb" in shown  # escaped by the console path
@@ -268,13 +273,7 @@ class TestStandardLogging:
 
     def test_on_a_terminal_one_escaped_line(self) -> None:
         """With stdout on a TTY the record goes through the console renderer, newlines and all escaped."""
-        leader, follower = pty.openpty()
-        try:
-            subprocess.run([sys.executable, "-c", _UNRETRIEVED_TASK_EXCEPTION], stdout=follower, timeout=60, check=True)
-            os.close(follower)
-            shown = os.read(leader, 65536).decode()
-        finally:
-            os.close(leader)
+        shown = on_a_terminal(_UNRETRIEVED_TASK_EXCEPTION)
         [line] = shown.splitlines()
         assert "Task exception was never retrieved" in line
         assert "ValueError: line one\\x0aline two" in line
