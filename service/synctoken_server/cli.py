@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ from synctoken_server.dev import devenv, devissue
 from synctoken_server.durations import MAX_TTL_SECONDS, format_duration, format_utc
 from synctoken_server.process import running
 from synctoken_server.process import workers as workers_module
-from synctoken_server.process.running import EXIT_CONFIG, EXIT_START
+from synctoken_server.process.running import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_START
 
 DEV_PORT = 50051
 
@@ -250,5 +249,5 @@ def run() -> None:
     try:
         status = main()
     except KeyboardInterrupt:
-        status = 128 + signal.SIGINT
+        status = EXIT_INTERRUPTED
     sys.exit(status)

@@ -31,6 +31,8 @@ T = TypeVar("T")
 EXIT_CONFIG = 2
 EXIT_START = 3
 EXIT_WORKER_DIED = 4
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+"""Ctrl-C before a server's loop took SIGINT over: as a shell reports an interrupted command."""
 
 PARENT_CHECK_SECONDS = 1.0
 """How often a worker checks that its parent is still alive."""

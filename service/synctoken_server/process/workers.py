@@ -26,7 +26,14 @@ from synctoken_server.audit import logs
 from synctoken_server.audit.linesink import Flag, Lock
 from synctoken_server.config.reader import ConfigError
 from synctoken_server.config.schema import Config, load_config
-from synctoken_server.process.running import EXIT_CONFIG, EXIT_START, EXIT_WORKER_DIED, load_or_report, run_one
+from synctoken_server.process.running import (
+    EXIT_CONFIG,
+    EXIT_INTERRUPTED,
+    EXIT_START,
+    EXIT_WORKER_DIED,
+    load_or_report,
+    run_one,
+)
 
 _STOP_MARGIN_SECONDS = 5.0
 """A worker that has not stopped this long after its drain and grace is killed."""
@@ -173,5 +180,5 @@ def _worker_main(path: str, index: int, workers: int, output_lock: Lock, torn: F
     except KeyboardInterrupt:
         # A terminal's Ctrl-C reaches every process of its group, workers included: one still starting
         # (its loop has not taken SIGINT over) ends as a single server does (cli.run), 130 and no traceback.
-        status = 128 + signal.SIGINT
+        status = EXIT_INTERRUPTED
     sys.exit(status)
