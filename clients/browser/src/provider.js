@@ -293,7 +293,10 @@ export function tokenProvider(options = {}) {
     if (stopped) return;
     if (message?.type === "token" && isGrant(message.grant)) {
       if (grant === null || message.grant.expiresAt > grant.expiresAt) {
-        accept(message.grant, "tab");
+        // Its receivedAt is the other tab's reading of the clock. Ours may not have reached it yet (Playwright
+        // moves each page's clock in turn): that is no clock set back since the token came, which nextStep
+        // would answer with a fetch of our own. The token is no newer than our now.
+        accept({ ...message.grant, receivedAt: Math.min(message.grant.receivedAt, now()) }, "tab");
         schedule();
       }
     } else if (message?.type === "failure" && message.failure) {

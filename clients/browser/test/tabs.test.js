@@ -239,6 +239,29 @@ describe("a tab opened later", { timeout: 10_000 }, () => {
     assert.deepEqual(second.record.from, ["tab"]);
   });
 
+  it("whose clock reads earlier than the fetching tab's did, takes its tokens without fetching again", async () => {
+    // Playwright gives each page a clock of its own and moves them one after the other: a tab can hear of a token
+    // fetched at a time its own clock has not reached yet. That is not a clock set back since the token came.
+    const ahead = new FakeClock();
+    const behind = new FakeClock(ahead.now() - 10_000);
+    const endpoint = new FakeEndpoint(ahead).ok({ token: "one" }).ok({ token: "two" });
+    const platform = browserOf();
+    const first = openTab(platform, endpoint, ahead, "/later-h");
+    assert.equal(await first.provider.token(), "one");
+    const second = openTab(platform, endpoint, behind, "/later-h");
+    assert.equal(await second.provider.token(), "one");
+    assert.equal(endpoint.calls, 1);
+    await ahead.advance(61_000);
+    await settle();
+    assert.equal(first.record.tokens.at(-1), "two");
+    assert.equal(endpoint.calls, 2);
+    await behind.advance(61_000);
+    assert.equal(endpoint.calls, 2);
+    assert.deepEqual(second.record.tokens, ["one", "two"]);
+    assert.deepEqual(second.record.from, ["tab", "tab"]);
+    assert.equal(second.provider.state, "fresh");
+  });
+
   it("with shareAcrossTabs false asks nobody and holds no lock", async () => {
     const clock = new FakeClock();
     const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" });
