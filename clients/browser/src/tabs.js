@@ -26,7 +26,7 @@ export const ASK_BOUND_MS = 250;
 /**
  * @param {string} name the lock's and the channel's name: one per token URL
  * @param {(message: any) => void} onMessage what another tab published
- * @param {{ locks?: any, BroadcastChannel?: any }} [platform] the browser's, unless given
+ * @param {{ navigator?: any, locks?: any, BroadcastChannel?: any }} [platform] the browser's, unless given
  * @param {() => object | null} [fresh] this provider's fresh grant, to answer another's ask with
  * @returns {Tabs}
  */
