@@ -46,8 +46,12 @@ PAGE = """<!doctype html>
 import { tokenProvider } from "/provider.js";
 const seen = { states: [], tokens: [], from: [], signedOut: 0 };
 window.seen = seen;
+// ?lag=ms: the provider's clock reads that much behind the page's, as a page's does while Playwright moves the
+// other pages' clocks first.
+const lag = Number(new URLSearchParams(location.search).get("lag") ?? 0);
 window.provider = tokenProvider({
   url: "/token",
+  now: lag ? () => Date.now() - lag : undefined,
   onState: (state, info) => seen.states.push({
     state, at: Date.now(), status: info.error?.status ?? null, retryAt: info.retryAt,
   }),

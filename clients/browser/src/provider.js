@@ -1,66 +1,35 @@
 // The token provider: keeps a token from the BFF's GET /token in memory and a new one coming before it is due,
 // through background tabs, sleep, offline spells and a failing BFF. When to act is decided by schedule.js;
-// this module does the fetching, the timers, the browser's events and the bookkeeping.
-import { isGrant, readAnswer } from "./answer.js";
+// this module keeps the token and the timers, and acts on its fetches' answers (request.js), the other tabs'
+// messages (tabs.js) and the browser's signs of waking (wake.js).
+import { isGrant } from "./answer.js";
 import { ProviderStoppedError, TokenError } from "./errors.js";
-import { FETCH_TIMEOUT_MS, grantState, nextStep, rebaseFailure, retryTime } from "./schedule.js";
+import { resolveOptions } from "./options.js";
+import { stateOf, stateReporter, tell, tokenInfo } from "./report.js";
+import { requestToken } from "./request.js";
+import { grantState, nextStep, rebaseFailure, retryTime } from "./schedule.js";
 import { connectTabs } from "./tabs.js";
+import { listenForWake } from "./wake.js";
 
 /** setTimeout's largest delay; a longer one fires at once. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /**
- * @typedef {"fresh" | "refreshing" | "stale" | "expired" | "signed_out" | "failing"} State
- * fresh: a token before its refresh_after. refreshing: fetching one. stale: past refresh_after, still valid,
- * a retry waits. expired: past exp, a retry waits. signed_out: the BFF answered 401. failing: no usable token
- * and the last attempt failed (400/403: for good, until `refresh()`; else a retry waits).
- *
- * @typedef {object} StateInfo
- * @property {Error | null} error the last failure, while none succeeded since
- * @property {number | null} retryAt when the next attempt starts (browser clock, ms), if one waits
- * @property {number | null} refreshAt when the token falls due (browser clock, ms)
- * @property {number | null} expiresAt when the token expires (browser clock, ms)
- *
- * @typedef {object} TokenInfo
- * @property {string} identity
- * @property {Date} refreshAfter the BFF's refresh_after
- * @property {Date} expiresAt the BFF's expires_at
- * @property {"fetch" | "tab"} from fetched by this provider, or by another tab's and shared
- *
- * @typedef {object} ProviderOptions
- * @property {string} [url] the BFF's token endpoint (default "/token")
- * @property {(token: string, info: TokenInfo) => void} [onToken] each new token, the first included
- * @property {(state: State, info: StateInfo) => void} [onState] each change of state
- * @property {(error: TokenError) => void} [onSignedOut] once when the BFF answers 401 (again only after a token
- * came, or after `refresh()`)
- * @property {typeof fetch} [fetch]
- * @property {RequestInit} [init] extra fetch options (e.g. credentials: "include" for a BFF on another origin;
- * a `signal` of the app's replaces the provider's, which aborts a fetch after FETCH_TIMEOUT_MS and on stop())
- * @property {boolean} [shareAcrossTabs] one fetch for all tabs of the origin (default true)
- * @property {() => number} [now] the clock (default Date.now)
- * @property {() => number} [random] in [0, 1) (default Math.random)
- * @property {{ setTimeout: typeof setTimeout, clearTimeout: typeof clearTimeout }} [timers]
- * @property {EventTarget | null} [window] where online, focus and pageshow fire (default globalThis)
- * @property {EventTarget | null} [document] where visibilitychange and resume fire (default globalThis.document)
- * @property {object} [platform] where navigator.locks and BroadcastChannel come from (default globalThis)
+ * @typedef {import("./report.js").State} State
+ * @typedef {import("./report.js").StateInfo} StateInfo
+ * @typedef {import("./report.js").TokenInfo} TokenInfo
  */
 
 /**
  * A provider of tokens from `url`. It fetches the first at once.
- * @param {ProviderOptions} [options]
+ * @param {import("./options.js").ProviderOptions} [options] (options.js says what each is)
  */
 export function tokenProvider(options = {}) {
-  const url = options.url ?? "/token";
-  const fetchToken = options.fetch ?? globalThis.fetch.bind(globalThis);
-  const now = options.now ?? Date.now;
-  const random = options.random ?? Math.random;
-  const timers = options.timers ?? globalThis;
-  const win = options.window === undefined ? globalThis : options.window;
-  const doc = options.document === undefined ? globalThis.document : options.document;
+  const { url, fetchToken, init, shareAcrossTabs, now, random, timers, win, doc, platform } = resolveOptions(options);
 
   /** @type {import("./answer.js").HeldGrant | null} */
   let grant = null;
-  /** @type {(import("./schedule.js").Failure & { error: TokenError }) | null} */
+  /** @type {(import("./schedule.js").Failure & { error: TokenError, network?: boolean }) | null} */
   let failure = null;
   /** @type {Promise<void> | null} */
   let inflight = null;
@@ -68,66 +37,26 @@ export function tokenProvider(options = {}) {
   let refreshing = false;
   /** @type {ReturnType<typeof setTimeout> | undefined} */
   let timer;
-  /** @type {{ abort: () => void } | null} ends the fetch in flight and its deadline */
+  /** @type {{ abort: () => void } | null} ends the fetch in flight */
   let aborter = null;
   let stopped = false;
   // Until the other tabs answered whether one holds a fresh token: no fetch of our own meanwhile.
   let asking = false;
   let signedOutTold = false;
-  /** @type {State | null} */
-  let state = null;
-  /** @type {Error | null} */
-  let reportedError = null;
+  const reportState = stateReporter(options.onState);
   /** @type {Set<(token: string, info: TokenInfo) => void>} */
   const listeners = new Set();
   /** @type {{ resolve: (token: string) => void, reject: (error: Error) => void }[]} */
   let waiters = [];
   if (options.onToken) listeners.add(options.onToken);
 
-  const tabs =
-    options.shareAcrossTabs === false
-      ? connectTabs(url, () => {}, {})
-      : connectTabs(`synctoken:${url}`, onTabMessage, options.platform ?? globalThis, freshGrant);
+  const tabs = shareAcrossTabs
+    ? connectTabs(`synctoken:${url}`, onTabMessage, platform, freshGrant)
+    : connectTabs(url, () => {}, {});
 
-  /** @returns {State} */
-  function currentState() {
-    if (failure?.kind === "signed_out") return "signed_out";
-    if (refreshing) return "refreshing";
-    const held = grantState(grant, now());
-    if (failure?.kind === "fatal") return held === "fresh" || held === "stale" ? held : "failing";
-    if (held === "none") return failure ? "failing" : "refreshing";
-    return held;
-  }
-
+  /** Tell onState, if the state changed. */
   function report() {
-    const next = currentState();
-    const error = failure?.error ?? null;
-    if (next === state && error === reportedError) return;
-    state = next;
-    reportedError = error;
-    tell(options.onState, next, {
-      error,
-      retryAt: failure?.kind === "retry" ? failure.retryAt : null,
-      refreshAt: grant?.refreshAt ?? null,
-      expiresAt: grant?.expiresAt ?? null,
-    });
-  }
-
-  /**
-   * Call one of the app's hooks. A throw is the app's bug, not the provider's: it is reported as uncaught, and
-   * the provider carries on (a throw from onState in the middle of accepting a token would lose the token).
-   * @template {unknown[]} A
-   * @param {((...args: A) => void) | undefined} hook
-   * @param {A} args
-   */
-  function tell(hook, ...args) {
-    try {
-      hook?.(...args);
-    } catch (error) {
-      queueMicrotask(() => {
-        throw error;
-      });
-    }
+    reportState({ grant, failure, refreshing }, now());
   }
 
   /** Act now or set the timer for the next moment something changes. */
@@ -183,36 +112,15 @@ export function tokenProvider(options = {}) {
   }
 
   async function fetchOnce() {
-    // Aborted by stop(), or when no answer (headers and body) came within FETCH_TIMEOUT_MS.
-    const controller = new AbortController();
-    const deadline = timers.setTimeout(() => controller.abort(), FETCH_TIMEOUT_MS);
-    aborter = { abort: () => (timers.clearTimeout(deadline), controller.abort()) };
+    const request = requestToken({ fetchToken, url, init, timers, now });
+    aborter = request;
+    /** @type {Awaited<typeof request.answer>} */
+    let answer;
     try {
-      await fetchAndRead(controller.signal);
+      answer = await request.answer;
     } finally {
-      timers.clearTimeout(deadline);
       aborter = null;
     }
-  }
-
-  /** @param {AbortSignal} signal */
-  async function fetchAndRead(signal) {
-    /** @type {Response} */
-    let response;
-    try {
-      // no-store: every refresh must reach the BFF, which decides whether its cached token is still good.
-      response = await fetchToken(url, {
-        cache: "no-store",
-        credentials: "same-origin",
-        headers: { Accept: "application/json" },
-        signal,
-        ...options.init,
-      });
-    } catch {
-      if (stopped) return;
-      return fail("retry", new TokenError(0, "the token endpoint could not be reached"), null, true);
-    }
-    const answer = await readAnswer(response, url, now());
     // Stopped while the answer came: it is nobody's (and the channel to the other tabs is closed).
     if (stopped) return;
     if ("grant" in answer) {
@@ -220,7 +128,7 @@ export function tokenProvider(options = {}) {
       tabs.publish({ type: "token", grant: answer.grant });
       return;
     }
-    fail(answer.kind, answer.error, answer.retryAfter);
+    fail(answer.kind, answer.error, answer.retryAfter, answer.network);
   }
 
   /**
@@ -233,12 +141,7 @@ export function tokenProvider(options = {}) {
     refreshing = false;
     report();
     signedOutTold = false;
-    const info = {
-      identity: fresh.identity,
-      refreshAfter: new Date(fresh.refreshAtServer),
-      expiresAt: new Date(fresh.expiresAtServer),
-      from,
-    };
+    const info = tokenInfo(fresh, from);
     const ready = waiters;
     waiters = [];
     for (const waiter of ready) waiter.resolve(fresh.token);
@@ -293,7 +196,11 @@ export function tokenProvider(options = {}) {
     if (stopped) return;
     if (message?.type === "token" && isGrant(message.grant)) {
       if (grant === null || message.grant.expiresAt > grant.expiresAt) {
-        accept(message.grant, "tab");
+        // Its receivedAt is the other tab's reading of the clock. Ours may not have reached it yet (Playwright
+        // moves each page's clock in turn): that is no clock set back since the token came, which nextStep
+        // would answer with a fetch of our own. The token is no newer than our now. (Should the one clock of a
+        // browser be set back, the tab that fetched still holds its receivedAt: it fetches, and we take that.)
+        accept({ ...message.grant, receivedAt: Math.min(message.grant.receivedAt, now()) }, "tab");
         schedule();
       }
     } else if (message?.type === "failure" && message.failure) {
@@ -306,30 +213,18 @@ export function tokenProvider(options = {}) {
     }
   }
 
-  // The browser's signs that timers may have been late (a hidden or frozen tab, a sleeping laptop) or that a
-  // retry may now work: look at the clock again.
   const wake = () => schedule();
-  const onVisibility = () => {
-    if (doc && /** @type {Document} */ (doc).visibilityState !== "hidden") wake();
-  };
-  const onOnline = () => {
-    if (failure?.kind === "retry" && failure.network) failure = { ...failure, retryAt: now() };
-    wake();
-  };
-  const onPageShow = (/** @type {Event} */ event) => {
-    if (!(/** @type {PageTransitionEvent} */ (event).persisted)) return;
-    tabs.show();
-    wake();
-  };
-  // Chrome keeps no page that holds a Web Lock in the back/forward cache: the lock that counts this provider
-  // among the tabs' is let go as the page is hidden, and taken again if it comes back.
-  const onPageHide = () => tabs.hide();
-  win?.addEventListener?.("online", onOnline);
-  win?.addEventListener?.("focus", wake);
-  win?.addEventListener?.("pageshow", onPageShow);
-  win?.addEventListener?.("pagehide", onPageHide);
-  doc?.addEventListener?.("visibilitychange", onVisibility);
-  doc?.addEventListener?.("resume", wake);
+  const stopListening = listenForWake(win, doc, {
+    wake,
+    online: () => {
+      if (failure?.kind === "retry" && failure.network) failure = { ...failure, retryAt: now() };
+      wake();
+    },
+    // Chrome keeps no page that holds a Web Lock in the back/forward cache: the lock that counts this provider
+    // among the tabs' is let go as the page is hidden, and taken again if it comes back.
+    show: () => tabs.show(),
+    hide: () => tabs.hide(),
+  });
 
   // A tab opened later takes the others' fresh token rather than fetching its own; a lone tab fetches at once.
   const joined = tabs.join(timers);
@@ -383,7 +278,7 @@ export function tokenProvider(options = {}) {
     },
     /** @returns {State} */
     get state() {
-      return currentState();
+      return stateOf({ grant, failure, refreshing }, now());
     },
     /** @returns {Error | null} the last failure, while none succeeded since */
     get error() {
@@ -395,12 +290,7 @@ export function tokenProvider(options = {}) {
       stopped = true;
       timers.clearTimeout(timer);
       aborter?.abort();
-      win?.removeEventListener?.("online", onOnline);
-      win?.removeEventListener?.("focus", wake);
-      win?.removeEventListener?.("pageshow", onPageShow);
-      win?.removeEventListener?.("pagehide", onPageHide);
-      doc?.removeEventListener?.("visibilitychange", onVisibility);
-      doc?.removeEventListener?.("resume", wake);
+      stopListening();
       tabs.close();
       listeners.clear();
       const ready = waiters;

@@ -26,7 +26,7 @@ export const ASK_BOUND_MS = 250;
 /**
  * @param {string} name the lock's and the channel's name: one per token URL
  * @param {(message: any) => void} onMessage what another tab published
- * @param {{ locks?: any, BroadcastChannel?: any }} [platform] the browser's, unless given
+ * @param {{ navigator?: any, locks?: any, BroadcastChannel?: any }} [platform] the browser's, unless given
  * @param {() => object | null} [fresh] this provider's fresh grant, to answer another's ask with
  * @returns {Tabs}
  */
@@ -45,6 +45,8 @@ export function connectTabs(name, onMessage, platform = globalThis, fresh = () =
   let holding = null;
   /** @type {{ id: string, left: number, done: () => void, timer: unknown } | null} our ask, awaiting answers */
   let ask = null;
+  // How many messages this provider published: whether a turn under the lock published any.
+  let published = 0;
 
   if (channel) {
     channel.onmessage = (/** @type {MessageEvent} */ event) => {
@@ -61,9 +63,12 @@ export function connectTabs(name, onMessage, platform = globalThis, fresh = () =
     };
   }
 
-  // A message published by the tab that held the lock before us is sent before it let go, but the lock and
-  // the channel are separate pipes, so our turn can come first. A probe through the channel itself, from a
-  // second channel of ours, comes back after whatever was already on its way: then the check is complete.
+  // The lock and the channel are separate pipes: a message a tab sent before it let go of the lock can reach
+  // the others after the release does (Chromium under load: the release overtook a token still leaving the
+  // fetching tab, and the next tab fetched again). A probe through the channel, from a second channel of ours,
+  // comes back only after what we sent before it has gone out to every tab, and after what was on its way to
+  // us. So the tab that published under the lock lets go once its probe came back, and the next holder starts
+  // once its own came back: the token is in by then.
   const settle = () =>
     new Promise((resolve) => {
       if (!Channel) return resolve(undefined);
@@ -126,10 +131,26 @@ export function connectTabs(name, onMessage, platform = globalThis, fresh = () =
     });
   };
 
+  /** @type {Tabs["exclusive"]} */
+  const exclusive = (task) => {
+    if (!locks) return task();
+    return locks.request(name, { mode: "exclusive" }, async () => {
+      await settle();
+      const before = published;
+      try {
+        return await task();
+      } finally {
+        if (published !== before) await settle();
+      }
+    });
+  };
+
   return {
-    exclusive: (task) =>
-      locks ? locks.request(name, { mode: "exclusive" }, async () => (await settle(), task())) : task(),
-    publish: (message) => channel?.postMessage(message),
+    exclusive,
+    publish: (message) => {
+      published += 1;
+      channel?.postMessage(message);
+    },
     join,
     hide: () => {
       wanted = false;

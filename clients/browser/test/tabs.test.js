@@ -123,6 +123,45 @@ describe("tabs", { timeout: 10_000 }, () => {
   });
 });
 
+/**
+ * A BroadcastChannel per tab whose messages leave the tab in order but `delay` turns of the event loop late, as in
+ * Chromium, where a channel's message hops through the renderer's IO thread and a lock's release does not: the
+ * release can reach the other tabs before the message does.
+ */
+function slowChannels() {
+  /** @type {Set<any>} */
+  const open = new Set();
+  return (/** @type {{ delay: number }} */ tab) => {
+    let outbox = Promise.resolve();
+    return class {
+      constructor(name) {
+        this.name = name;
+        this.onmessage = null;
+        open.add(this);
+      }
+      postMessage(data) {
+        const turns = tab.delay;
+        outbox = outbox
+          .then(() => ticks(turns))
+          .then(() => {
+            for (const other of open) {
+              if (other === this || other.name !== this.name) continue;
+              const copy = structuredClone(data);
+              setImmediate(() => open.has(other) && other.onmessage?.({ data: copy }));
+            }
+          });
+      }
+      close() {
+        open.delete(this);
+      }
+    };
+  };
+}
+
+async function ticks(count) {
+  for (let i = 0; i < count; i++) await new Promise((resolve) => setImmediate(resolve));
+}
+
 /** One more tab on `platform`, recording the tokens it gets and where each came from. */
 function openTab(platform, endpoint, clock, name) {
   const record = { tokens: [], from: [] };
@@ -144,6 +183,30 @@ function openTab(platform, endpoint, clock, name) {
 function browserOf(locks = new QueuedLocks()) {
   return { navigator: { locks }, BroadcastChannel };
 }
+
+describe("the tab that fetched", { timeout: 10_000 }, () => {
+  it("lets go of the lock only once its token is on its way to the others, whose turn then makes no request", async () => {
+    const clock = new FakeClock();
+    const endpoint = new FakeEndpoint(clock).ok({ token: "one" }).ok({ token: "two" }).ok({ token: "three" });
+    const locks = new QueuedLocks();
+    const channelOf = slowChannels();
+    const slow = { delay: 0 };
+    const first = openTab({ navigator: { locks }, BroadcastChannel: channelOf(slow) }, endpoint, clock, "/fetched-a");
+    assert.equal(await first.provider.token(), "one");
+    const second = openTab({ navigator: { locks }, BroadcastChannel: channelOf({ delay: 0 }) }, endpoint, clock, "/fetched-a");
+    assert.equal(await second.provider.token(), "one");
+    await settle();
+    // Both past refresh_after, the first in line for the lock; its messages now leave 50 turns late.
+    await clock.jump(61_000);
+    slow.delay = 50;
+    first.provider.check();
+    second.provider.check();
+    await ticks(400);
+    assert.equal(endpoint.calls, 2);
+    assert.deepEqual(second.record.tokens, ["one", "two"]);
+    assert.deepEqual(second.record.from, ["tab", "tab"]);
+  });
+});
 
 describe("a tab opened later", { timeout: 10_000 }, () => {
   it("takes a fresh token from the tabs open before it, making no request", async () => {
@@ -237,6 +300,29 @@ describe("a tab opened later", { timeout: 10_000 }, () => {
     // The second asked while the first had none, then waited its turn under the lock: still one request.
     assert.equal(endpoint.calls, 1);
     assert.deepEqual(second.record.from, ["tab"]);
+  });
+
+  it("whose clock reads earlier than the fetching tab's did, takes its tokens without fetching again", async () => {
+    // Playwright gives each page a clock of its own and moves them one after the other: a tab can hear of a token
+    // fetched at a time its own clock has not reached yet. That is not a clock set back since the token came.
+    const ahead = new FakeClock();
+    const behind = new FakeClock(ahead.now() - 10_000);
+    const endpoint = new FakeEndpoint(ahead).ok({ token: "one" }).ok({ token: "two" });
+    const platform = browserOf();
+    const first = openTab(platform, endpoint, ahead, "/later-h");
+    assert.equal(await first.provider.token(), "one");
+    const second = openTab(platform, endpoint, behind, "/later-h");
+    assert.equal(await second.provider.token(), "one");
+    assert.equal(endpoint.calls, 1);
+    await ahead.advance(61_000);
+    await settle();
+    assert.equal(first.record.tokens.at(-1), "two");
+    assert.equal(endpoint.calls, 2);
+    await behind.advance(61_000);
+    assert.equal(endpoint.calls, 2);
+    assert.deepEqual(second.record.tokens, ["one", "two"]);
+    assert.deepEqual(second.record.from, ["tab", "tab"]);
+    assert.equal(second.provider.state, "fresh");
   });
 
   it("with shareAcrossTabs false asks nobody and holds no lock", async () => {

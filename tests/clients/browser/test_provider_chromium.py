@@ -33,13 +33,13 @@ class Browser:
     console: list[str] = field(default_factory=list)
     pages: list[Page] = field(default_factory=list)
 
-    def open(self) -> Page:
-        """A new tab on the provider's page, once the provider has its first token."""
+    def open(self, clock_lag_ms: int = 0) -> Page:
+        """A new tab on the provider's page, once the provider has its first token; its provider's clock `clock_lag_ms` behind."""
         page = self.context.new_page()
         page.set_default_timeout(PAGE_TIMEOUT)
         page.on("console", self._on_console)
         page.on("pageerror", lambda error: self.console.append(f"pageerror: {error}"))
-        page.goto(self.server.url)
+        page.goto(f"{self.server.url}?lag={clock_lag_ms}" if clock_lag_ms else self.server.url)
         page.wait_for_function("window.seen !== undefined && window.seen.tokens.length === 1")
         self.pages.append(page)
         return page
@@ -201,6 +201,19 @@ class TestTabs:
         newest = browser.endpoint.issued[-1]
         assert {page.evaluate("window.seen.tokens.at(-1)") for page in pages} == {newest}
         assert {state(page) for page in pages} == {"fresh"}
+
+    def test_tab_whose_clock_lags_makes_no_request(self, browser: Browser) -> None:
+        """A tab whose clock reads behind the fetching tab's (Playwright moves each page's clock in turn) takes its tokens and makes no request of its own."""
+        first = browser.open()
+        behind = browser.open(clock_lag_ms=10_000)
+        assert browser.endpoint.count() == 1
+        first.clock.run_for(61_000)
+        wait_for_tokens(behind, 2)
+        settle(behind)
+        assert browser.endpoint.count() == 2
+        assert seen(behind)["tokens"] == browser.endpoint.issued
+        assert seen(behind)["from"] == ["tab", "tab"]
+        assert state(behind) == "fresh"
 
 
 class TestLaterTab:
