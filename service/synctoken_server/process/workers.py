@@ -199,19 +199,21 @@ def _worker_main(path: str, index: int, workers: int, output_lock: Lock, torn: F
     # A fresh interpreter: configure logging and load the config here, with
     # the same loader and the same environment as the parent.
     try:
-        # Spawned with SIGINT blocked (_start_with_sigint_blocked): a Ctrl-C held back
-        # since then is raised here, where it ends the worker as one below.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        logs.configure(worker=index)
-        logs.share_output(output_lock, torn)
-        config = load_or_report(Path(path))
-        status = EXIT_CONFIG if config is None else run_one(config, Path(path), workers=workers, parent=parent)
+        try:
+            # Spawned with SIGINT blocked (_start_with_sigint_blocked): a Ctrl-C held back
+            # since then is raised here, where it ends the worker as one below.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            logs.configure(worker=index)
+            logs.share_output(output_lock, torn)
+            config = load_or_report(Path(path))
+            status = EXIT_CONFIG if config is None else run_one(config, Path(path), workers=workers, parent=parent)
+        finally:
+            # The status is decided: a late Ctrl-C (the parent forwards the group's) changes nothing now.
+            # Ignored, not blocked: a block holds back only this thread, and another (gRPC's) would take
+            # the signal, with SIG_DFL's action once finalization resets the handler.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:
         # A terminal's Ctrl-C reaches every process of its group, workers included: one still starting
         # (its loop has not taken SIGINT over) ends as a single server does (cli.run), 130 and no traceback.
         status = EXIT_INTERRUPTED
-    # The status is decided: a late Ctrl-C (the parent forwards the one the group got) changes nothing now.
-    # Ignored, not blocked: blocking holds back only this thread, and any other (gRPC's) would take it, with
-    # SIG_DFL's action once the interpreter's finalization resets the handler, or a traceback in multiprocessing's exit.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(status)
