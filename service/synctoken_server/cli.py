@@ -73,6 +73,12 @@ def _dev(directory: Path, port: int) -> int:
     except devenv.DevSetupError as exc:
         print(f"synctoken dev: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as exc:  # a full disk, a folder not ours: each file is written whole or not at all
+        print(f"synctoken dev: cannot prepare {exc.filename or directory}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    if env.secret_remade:
+        secret = env.directory / devenv.SECRET_FILE
+        _say(f"synctoken dev: {secret} held no dev secret (empty, or cut short): made a new one")
     _say(f"synctoken dev: throwaway CA, certificates and config in {env.directory}/")
     if env.real_credentials:
         _say("Using TWILIO_ACCOUNT_SID, TWILIO_API_KEY and TWILIO_API_SECRET: tokens are real.")

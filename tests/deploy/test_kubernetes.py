@@ -29,6 +29,7 @@ from support.kubernetes import (
     rendered,
     rendered_text,
     the,
+    unlabelled,
     unvalidated_kinds,
     validate,
 )
@@ -178,6 +179,14 @@ class TestAgainstTheConfig:
         mebibytes = {k: int(v["memory"].removesuffix("Mi")) for k, v in synctoken["resources"].items()}
         assert mebibytes["requests"] > PEAK_RSS_MIB
         assert mebibytes["limits"] >= 2 * PEAK_RSS_MIB
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_object_is_labelled(kustomization: str) -> None:
+    """Every object, the components' and overlays' own included, carries app.kubernetes.io/name: synctoken."""
+    objects = rendered(kustomization)
+    assert objects
+    assert unlabelled(objects) == []
 
 
 class TestAvailability:

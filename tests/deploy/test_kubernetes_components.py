@@ -27,6 +27,7 @@ from support.kubernetes import (
     rendered,
     synctoken_container,
     the,
+    unlabelled,
     unvalidated_kinds,
     validate,
 )
@@ -42,6 +43,17 @@ CLUSTER_DNS: Obj = {
     ],
     "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
 }
+OPENSHIFT_DNS: Obj = {
+    "to": [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "openshift-dns"}},
+            "podSelector": {"matchLabels": {"dns.operator.openshift.io/daemonset-dns": "default"}},
+        }
+    ],
+    "ports": [{"port": 5353, "protocol": "UDP"}, {"port": 5353, "protocol": "TCP"}],
+}
+DNS_PORTS = {(53, "UDP"), (53, "TCP"), (5353, "UDP"), (5353, "TCP")}
+"""CoreDNS's pods answer on 53, OpenShift's on 5353: both rules are there by default."""
 REDIS: Obj = {
     "to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "redis"}}}],
     "ports": [{"port": 6379, "protocol": "TCP"}],
@@ -92,8 +104,8 @@ class TestRedisLimits:
     def test_egress_is_redis_and_dns_only(self) -> None:
         """The component's policy opens Redis's port on Redis's pods and cluster DNS, and nothing else anywhere."""
         objects = rendered("overlays/redis-limits")
-        assert egress_policy(objects, "synctoken-redis")["spec"]["egress"] == [REDIS, CLUSTER_DNS]
-        assert opened(objects) == {(6379, "TCP"), (53, "UDP"), (53, "TCP")}
+        assert egress_policy(objects, "synctoken-redis")["spec"]["egress"] == [REDIS, CLUSTER_DNS, OPENSHIFT_DNS]
+        assert opened(objects) == {(6379, "TCP")} | DNS_PORTS
 
     def test_secret_is_a_read_only_directory(self) -> None:
         """The Secret synctoken-redis is mounted read-only as a directory (every key, so ca.crt too), never subPath."""
@@ -140,8 +152,8 @@ class TestOtlpTracing:
     def test_egress_is_collector_and_dns_only(self) -> None:
         """The component's policy opens OTLP/gRPC's port on the collector's pods and cluster DNS, and nothing else."""
         objects = rendered("overlays/otlp-tracing")
-        assert egress_policy(objects, "synctoken-otlp")["spec"]["egress"] == [COLLECTOR, CLUSTER_DNS]
-        assert opened(objects) == {(4317, "TCP"), (53, "UDP"), (53, "TCP")}
+        assert egress_policy(objects, "synctoken-otlp")["spec"]["egress"] == [COLLECTOR, CLUSTER_DNS, OPENSHIFT_DNS]
+        assert opened(objects) == {(4317, "TCP")} | DNS_PORTS
 
     def test_tracing_reaches_the_opened_port(self, pki: Pki, tmp_path: Path) -> None:
         """With the container's environment the config exports over OTLP/gRPC, to the port the policy opens."""
@@ -176,9 +188,10 @@ def test_components_combine(pki: Pki, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert unvalidated_kinds(result) <= OPERATOR_KINDS
     objects = objects_of(text)
-    assert egress_policy(objects, "synctoken-redis")["spec"]["egress"] == [REDIS, CLUSTER_DNS]
-    assert egress_policy(objects, "synctoken-otlp")["spec"]["egress"] == [COLLECTOR, CLUSTER_DNS]
-    assert opened(objects) == {(6379, "TCP"), (4317, "TCP"), (53, "UDP"), (53, "TCP")}
+    assert egress_policy(objects, "synctoken-redis")["spec"]["egress"] == [REDIS, CLUSTER_DNS, OPENSHIFT_DNS]
+    assert egress_policy(objects, "synctoken-otlp")["spec"]["egress"] == [COLLECTOR, CLUSTER_DNS, OPENSHIFT_DNS]
+    assert opened(objects) == {(6379, "TCP"), (4317, "TCP")} | DNS_PORTS
+    assert unlabelled(objects) == []
     assert {"/etc/synctoken/tls", REDIS_MOUNT} <= mounts_of(objects).keys()
     assert "emptyDir" in volumes_of(objects)["tls"], "the spiffe-helper overlay's volume is kept"
     config = pod_config(directory, tmp_path / "pod", pki)

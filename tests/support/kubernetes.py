@@ -80,6 +80,15 @@ def rendered(kustomization: str) -> list[Obj]:
     return objects_of(rendered_text(kustomization))
 
 
+def unlabelled(objects: list[Obj]) -> list[str]:
+    """Kind/name of each object without the label app.kubernetes.io/name: synctoken, which every one carries."""
+    return [
+        f"{o['kind']}/{o['metadata']['name']}"
+        for o in objects
+        if (o["metadata"].get("labels") or {}).get("app.kubernetes.io/name") != "synctoken"
+    ]
+
+
 def the(objects: list[Obj], kind: str, name: str = "synctoken") -> Obj:
     """The one object of `kind` named `name`."""
     [found] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]

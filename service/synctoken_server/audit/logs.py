@@ -32,7 +32,13 @@ _CONSOLE_ESCAPES = str.maketrans(
     {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
 )
 MAX_VALUE_CHARACTERS = 1024
-"""Longer string values are cut (a refused request may carry 4 KiB of anything); tracebacks are kept whole."""
+"""Longer string values are cut (a refused request may carry 4 KiB of anything); tracebacks as below."""
+
+MAX_TRACEBACK_CHARACTERS = 8192
+"""A traceback (`exception`, a stack) has each line cut at MAX_VALUE_CHARACTERS, and is cut at this many
+characters in all, in its middle: its first frames and its last ones, with the exception's type, are kept."""
+
+_TRACEBACK_KEYS = frozenset({"exception", "stack", "stack_info"})
 
 MAX_ITEMS = 8
 MAX_ITEM_CHARACTERS = 256
@@ -183,8 +189,8 @@ def _truncate_long_values(_logger: Any, _method: str, event_dict: EventDict) -> 
     # On every audit record: the common case (short strings, numbers) costs one type check and one length.
     for key, value in event_dict.items():
         if isinstance(value, str):
-            if len(value) > MAX_VALUE_CHARACTERS and key != "exception":
-                event_dict[key] = _cut(value, MAX_VALUE_CHARACTERS)
+            if len(value) > MAX_VALUE_CHARACTERS:
+                event_dict[key] = _cut_traceback(value) if key in _TRACEBACK_KEYS else _cut(value, MAX_VALUE_CHARACTERS)
         elif isinstance(value, (list, tuple)) and value:
             # Lists too (the SANs a refused certificate offered): at most a few short items.
             kept = [_cut(item, MAX_ITEM_CHARACTERS) if isinstance(item, str) else item for item in value[:MAX_ITEMS]]
@@ -196,6 +202,18 @@ def _truncate_long_values(_logger: Any, _method: str, event_dict: EventDict) -> 
 
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}...[{len(text) - limit} more characters]"
+
+
+def _cut_traceback(text: str) -> str:
+    # A traceback's text comes from outside too: an exception's message (a library's, a peer's bytes) may be
+    # of any length, and a chain of exceptions of any depth. Line by line first, so that a long message keeps
+    # the exception's type; then the middle frames go, which say least about where and what.
+    text = "\n".join(_cut(line, MAX_VALUE_CHARACTERS) for line in text.split("\n"))
+    if len(text) <= MAX_TRACEBACK_CHARACTERS:
+        return text
+    head = MAX_TRACEBACK_CHARACTERS // 4
+    tail = MAX_TRACEBACK_CHARACTERS - head
+    return f"{text[:head]}\n...[{len(text) - head - tail} characters cut]...\n{text[-tail:]}"
 
 
 def json_dumps(value: Any, **_kwargs: Any) -> bytes:

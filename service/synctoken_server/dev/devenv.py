@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -12,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from synctoken_server.config.twilio import ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET
+from synctoken_server.dev import files
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
 
 DEV_TRUST_DOMAIN = "synctoken.test"
@@ -34,6 +38,9 @@ CLIENT_CERT, CLIENT_KEY = "client.pem", "client-key.pem"
 SECRET_FILE = "api_secret"  # noqa: S105 - a file name, not a password
 CONFIG_FILE = "config.toml"
 _PKI_FILES = (CA_FILE, CA_KEY, CLIENTS_CA_FILE, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY)
+_PAIRS = ((CA_FILE, CA_KEY), (SERVER_CERT, SERVER_KEY), (CLIENT_CERT, CLIENT_KEY))
+_DEV_SECRET = re.compile(rb"[0-9a-f]{32}\n")
+"""What dev writes as the secret, the newline last: anything else is a write cut short, or not dev's."""
 _TWILIO_VARIABLES = (ENV_ACCOUNT_SID, ENV_API_KEY, ENV_API_SECRET)
 
 RENEW_MARGIN = dt.timedelta(days=7)
@@ -52,6 +59,8 @@ class DevEnvironment:
     config_path: Path
     real_credentials: bool
     sync_service_sid: str
+    secret_remade: bool = False
+    """The secret file was there but held no dev secret (empty, or cut short by an interrupted run)."""
 
     def grpcurl_command(self, port: int) -> str:
         """The exact grpcurl command that mints a token from this environment."""
@@ -83,22 +92,25 @@ def prepare(
         _make_pki(directory)
     real = bool(given)
     service_sid = env.get(ENV_SYNC_SERVICE_SID) or DEV_SYNC_SERVICE_SID
+    remade = False
     if real:
         # The loader reads the TWILIO_* variables itself; nothing secret is written.
         twilio = "[twilio]\n"
     else:
         secret_path = directory / SECRET_FILE
-        if not secret_path.exists():
-            secret_path.touch(mode=0o600)
-            secret_path.write_text(secrets.token_hex(16) + "\n", encoding="ascii")
+        # Remade, not refused: it signs only tokens Twilio refuses, so nothing of value is lost.
+        remade = secret_path.exists() and not _DEV_SECRET.fullmatch(secret_path.read_bytes())
+        if remade or not secret_path.exists():
+            files.put(secret_path, (secrets.token_hex(16) + "\n").encode("ascii"), 0o600)
         # The current key-list form, so that a dev config copied as a start is not the old one.
         twilio = (
             f'[twilio]\naccount_sid = "{DEV_ACCOUNT_SID}"\n\n'
             f'[[twilio.api_keys]]\nsid = "{DEV_API_KEY_SID}"\nsecret_file = "{SECRET_FILE}"\nactive = true\n'
         )
     config_path = directory / config_name
-    config_path.write_text(_CONFIG_TEMPLATE.format(port=port, twilio=twilio, service=service_sid), encoding="utf-8")
-    return DevEnvironment(directory, config_path, real, service_sid)
+    config = _CONFIG_TEMPLATE.format(port=port, twilio=twilio, service=service_sid)
+    files.put(config_path, config.encode("utf-8"), 0o644)
+    return DevEnvironment(directory, config_path, real, service_sid, secret_remade=remade)
 
 
 def _grpcurl() -> str:
@@ -108,23 +120,29 @@ def _grpcurl() -> str:
 
 
 def _pki_usable(directory: Path, now: dt.datetime) -> bool:
-    # Every handshake fails once a certificate expires, so renew well before.
+    # Every handshake fails once a certificate expires, so renew well before. A file that does not parse,
+    # or a key that is not its certificate's (an earlier run stopped part-way), is remade too.
     if not all((directory / name).exists() for name in _PKI_FILES):
         return False
-    for name in (CA_FILE, SERVER_CERT, CLIENT_CERT):
-        try:
-            certificate = x509.load_pem_x509_certificate((directory / name).read_bytes())
-        except ValueError:
-            return False
-        if not certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc - RENEW_MARGIN:
-            return False
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    try:
+        x509.load_pem_x509_certificates((directory / CLIENTS_CA_FILE).read_bytes())  # one CA, or more in a rotation
+        for cert_name, key_name in _PAIRS:
+            certificate = x509.load_pem_x509_certificate((directory / cert_name).read_bytes())
+            key = serialization.load_pem_private_key((directory / key_name).read_bytes(), password=None)
+            if key.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
+                return False
+            if not certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc - RENEW_MARGIN:
+                return False
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return False
     return True
 
 
 def _make_pki(directory: Path) -> None:
     ca = CertificateAuthority("synctoken dev CA")
     KeyPair(ca.cert_pem, ca.key_pem).write(directory / CA_FILE, directory / CA_KEY)
-    (directory / CLIENTS_CA_FILE).write_bytes(ca.cert_pem)
+    files.put(directory / CLIENTS_CA_FILE, ca.cert_pem, 0o644)
     ca.issue(LeafSpec("localhost", dns_names=("localhost",), ip_addresses=("127.0.0.1", "::1"), server=True)).write(
         directory / SERVER_CERT, directory / SERVER_KEY
     )

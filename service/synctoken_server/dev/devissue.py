@@ -10,7 +10,6 @@ import dataclasses
 import datetime as dt
 import enum
 import ipaddress
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from synctoken_server.authn.callercert import is_dns_name, parse_spiffe_id
+from synctoken_server.dev import files
 from synctoken_server.dev.devenv import CA_FILE, CA_KEY, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
 
@@ -77,8 +77,8 @@ def issue(wanted: Wanted, ca_dir: Path, out: Path, *, force: bool = False) -> Is
     try:
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         # The key first: a client or server watching these files waits for a matching pair.
-        _put(key_path, pair.key_pem, 0o600, replace=force)
-        _put(cert_path, pair.cert_pem, 0o644, replace=force)
+        files.put(key_path, pair.key_pem, 0o600, replace=force)
+        files.put(cert_path, pair.cert_pem, 0o644, replace=force)
     except FileExistsError as exc:  # made between the check above and now
         msg = f"{exc.filename} exists: choose another --out, or add --force to replace it"
         raise IssueError(msg) from None
@@ -170,19 +170,3 @@ def load_ca(ca_dir: Path) -> CertificateAuthority:
         msg = f"the CA in {ca_dir} expired at {ca.not_after:%Y-%m-%d %H:%M} UTC: run `synctoken dev` to renew it"
         raise IssueError(msg)
     return ca
-
-
-def _put(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
-    # Written beside its target, then put in place whole: whoever watches the
-    # target never reads it half-written, and a key is never readable by others.
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-        if replace:
-            temp.replace(path)
-        else:
-            os.link(temp, path)  # unlike a rename, refuses to replace a file that appeared meanwhile
-    finally:
-        temp.unlink(missing_ok=True)

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
+from synctoken_server.dev import files
+
 _ONE_DAY = dt.timedelta(days=1)
 
 
@@ -28,11 +30,9 @@ class KeyPair:
     key_pem: bytes = field(repr=False)
 
     def write(self, cert_path: Path, key_path: Path) -> None:
-        """Write the certificate, and the key readable by its owner only."""
-        cert_path.write_bytes(self.cert_pem)
-        key_path.touch(mode=0o600)
-        key_path.chmod(0o600)
-        key_path.write_bytes(self.key_pem)
+        """Write the certificate, and the key readable by its owner only, each whole or not at all."""
+        files.put(cert_path, self.cert_pem, 0o644)
+        files.put(key_path, self.key_pem, 0o600)
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def _run_workers(path: Path, config: Config, workers: int, metrics_dir: Path | N
     forwarded = 0
     try:
         for process in processes:
-            process.start()
+            _start_with_sigint_blocked(process)
         signal.signal(signal.SIGHUP, lambda signum, _frame: hangups.append(signum))
         log.info("workers.started", workers=workers, pids=[p.pid for p in processes])
         while not stopping.wait(timeout=0.2):
@@ -116,8 +116,18 @@ def _run_workers(path: Path, config: Config, workers: int, metrics_dir: Path | N
             for process in processes:
                 if process.pid is not None:
                     metrics.worker_exited(metrics_dir, process.pid)
-    log.info("workers.stopped", status=status)
+    exitcodes = [process.exitcode for process in processes]
+    status = _interrupted_if_stopped_so(status, exitcodes)
+    log.info("workers.stopped", status=status, exitcodes=exitcodes)
     return status
+
+
+def _interrupted_if_stopped_so(status: int, exitcodes: Sequence[int | None]) -> int:
+    """EXIT_INTERRUPTED for a clean stop in which a worker was interrupted: Ctrl-C came before it ran.
+
+    As a single server says when Ctrl-C comes before it runs (cli.run); a failure's status stays.
+    """
+    return EXIT_INTERRUPTED if status == 0 and EXIT_INTERRUPTED in exitcodes else status
 
 
 def _stop_timeout(path: Path, config: Config) -> float:
@@ -169,14 +179,39 @@ def _stop_all(
             process.join()
 
 
+def _start_with_sigint_blocked(process: multiprocessing.process.BaseProcess) -> None:
+    """Spawn `process` with SIGINT blocked: a Ctrl-C during its interpreter's start waits for _worker_main.
+
+    A spawned child inherits this thread's signal mask through exec (CPython's
+    resource tracker is started the same way, for the same reason). Without
+    it, a terminal's Ctrl-C reaching the worker while Python imports `site`,
+    multiprocessing or synctoken prints a traceback or a "Fatal Python error".
+    Here the signal is only held back until start() returns: on_signal sees it then.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _worker_main(path: str, index: int, workers: int, output_lock: Lock, torn: Flag, parent: int) -> None:
     # A fresh interpreter: configure logging and load the config here, with
     # the same loader and the same environment as the parent.
     try:
-        logs.configure(worker=index)
-        logs.share_output(output_lock, torn)
-        config = load_or_report(Path(path))
-        status = EXIT_CONFIG if config is None else run_one(config, Path(path), workers=workers, parent=parent)
+        try:
+            # Spawned with SIGINT blocked (_start_with_sigint_blocked): a Ctrl-C held back
+            # since then is raised here, where it ends the worker as one below.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            logs.configure(worker=index)
+            logs.share_output(output_lock, torn)
+            config = load_or_report(Path(path))
+            status = EXIT_CONFIG if config is None else run_one(config, Path(path), workers=workers, parent=parent)
+        finally:
+            # The status is decided: a late Ctrl-C (the parent forwards the group's) changes nothing now.
+            # Ignored, not blocked: a block holds back only this thread, and another (gRPC's) would take
+            # the signal, with SIG_DFL's action once finalization resets the handler.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:
         # A terminal's Ctrl-C reaches every process of its group, workers included: one still starting
         # (its loop has not taken SIGINT over) ends as a single server does (cli.run), 130 and no traceback.

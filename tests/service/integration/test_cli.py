@@ -31,7 +31,7 @@ from synctoken.v1 import token_service_pb2, token_service_pb2_grpc
 from synctoken_server.authn.callercert import SPIFFE_ID_FORM
 from synctoken_server.dev import devenv
 from synctoken_server.dev.pki import CertificateAuthority, KeyPair, LeafSpec
-from synctoken_server.process.running import EXIT_WORKER_DIED
+from synctoken_server.process.running import EXIT_INTERRUPTED, EXIT_WORKER_DIED
 
 
 def without_twilio_env() -> dict[str, str]:
@@ -305,6 +305,43 @@ class TestWorkers:
         assert process.proc.wait(timeout=START_TIMEOUT) == EXIT_WORKER_DIED
         assert exited["exitcode"] == 128 + signal.SIGINT
         assert process.stderr_path.read_text() == ""
+
+    @pytest.mark.parametrize("delay", [0.0, 0.1, 0.3, 0.6, 1.0, None])
+    def test_ctrl_c_to_the_group_while_workers_start(
+        self, pki: Pki, tmp_path: Path, write_config: WriteConfig, leak_watch: LeakWatch, delay: float | None
+    ) -> None:
+        """Ctrl-C to the whole group as workers start (imports, config, loop) or serve: no traceback, 130 or 0."""
+        path = write_config(config_text(pki, listen=f"127.0.0.1:{free_port()}"))
+        # setsid: a group of its own, as a terminal's foreground job, so that Ctrl-C reaches every worker.
+        process = Process(
+            ["serve", "--workers", "2", "--config", str(path)],
+            tmp_path,
+            leak_watch,
+            os.environ | SECRET_ENV,
+            sigint=True,
+            wrapper=["setsid"],
+        )
+        try:
+            process.wait_for_records("workers.started")  # the workers spawned: their interpreters start now
+            if delay is None:
+                process.wait_for_records("server.started", count=2)
+            else:  # not a timing assertion: each delay catches the workers at another step of starting
+                time.sleep(delay)
+            os.killpg(process.proc.pid, signal.SIGINT)
+            status = process.proc.wait(timeout=START_TIMEOUT)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.proc.pid, signal.SIGKILL)
+            process.proc.wait(timeout=START_TIMEOUT)
+        assert process.stderr_path.read_text() == ""
+        [stopped] = process.wait_for_records("workers.stopped")
+        # A worker still starting ends 130, one already serving stops cleanly; the parent says 130 if any was starting.
+        assert set(stopped["exitcodes"]) <= {0, EXIT_INTERRUPTED}
+        assert status == stopped["status"] == (EXIT_INTERRUPTED if EXIT_INTERRUPTED in stopped["exitcodes"] else 0)
+        if delay == 0:  # the workers' interpreters are still starting: the Ctrl-C waits for them, then ends them
+            assert stopped["exitcodes"] == [EXIT_INTERRUPTED, EXIT_INTERRUPTED]
+        if delay is None:  # both serve: each stops as a single server stops on Ctrl-C
+            assert stopped["exitcodes"] == [0, 0]
 
     def test_workers_need_a_fixed_port(
         self, pki: Pki, tmp_path: Path, write_config: WriteConfig, leak_watch: LeakWatch, processes: list[Process]

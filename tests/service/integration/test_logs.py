@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import pty
 import re
+import select
 import subprocess
 import sys
 import threading
@@ -56,14 +57,28 @@ def filling(tmp_path: Path) -> Iterator[FillingFile]:
 
 
 def on_a_terminal(script: str) -> str:
-    """What a Python `script` writes to stdout when stdout is a terminal (a pty)."""
+    """What a Python `script` writes to stdout when stdout is a terminal (a pty), read as it is written."""
     leader, follower = pty.openpty()
+    chunks: list[bytes] = []
     try:
-        subprocess.run([sys.executable, "-c", script], stdout=follower, timeout=60, check=True)
-        os.close(follower)
-        return os.read(leader, 65536).decode()
+        with subprocess.Popen([sys.executable, "-c", script], stdout=follower) as process:
+            os.close(follower)
+            follower = -1
+            # Read while it writes: a pty holds a few kilobytes, and a writer beyond that waits for a reader.
+            while select.select([leader], [], [], 60)[0]:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: every writer's end is closed
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            assert process.wait(timeout=60) == 0
     finally:
         os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    return b"".join(chunks).decode()
 
 
 class TestLineSink:
@@ -359,15 +374,88 @@ class TestLineBreaks:
         assert len(escaped.splitlines()) == 1
 
 
+# Real exceptions, with a 5,000-character message and with 40 lines of 500, logged through structlog (as
+# servicer.py's rpc.failed) and through asyncio's logger, with the logs configured as the server configures them.
+_LONG_EXCEPTIONS = """
+import gc, sys
+from synctoken._quiet import quiet_library_warnings
+quiet_library_warnings()
+import structlog
+from synctoken_server.audit import logs
+from synctoken_server.process import running
+logs.configure()
+MESSAGES = {"long": "x" * 5000, "many": "\\n".join(f"{n:03d}" + "y" * 497 for n in range(40))}
+
+async def fails(message):
+    raise ValueError(message)
+
+async def main():
+    for name, message in MESSAGES.items():
+        try:
+            await fails(message)
+        except ValueError:
+            structlog.get_logger("synctoken").exception("rpc.failed", case=name)
+        task = running.asyncio.ensure_future(fails(message))
+        await running.asyncio.sleep(0)
+        del task  # never awaited: asyncio's logger reports its exception when it is collected
+        gc.collect()
+
+running.run_on_server_loop(main())
+"""
+
+
 class TestLongValues:
     """Values are cut at MAX_VALUE_CHARACTERS, so no line is kilobytes of one hostile field."""
 
-    def test_truncated_but_exception_kept(self) -> None:
-        """A long identity is cut and says how much was cut; a traceback is kept whole."""
-        event = {"identity": "x" * 5000, "exception": "y" * 5000, "event": "token.decision"}
+    def test_values_and_tracebacks_cut(self) -> None:
+        """A long identity is cut and says how much was cut; so is each long line of a traceback."""
+        event = {"identity": "x" * 5000, "exception": "Traceback\n" + "y" * 5000, "event": "token.decision"}
         out = logs._truncate_long_values(None, "info", event)
         assert out["identity"] == "x" * logs.MAX_VALUE_CHARACTERS + "...[3976 more characters]"
-        assert out["exception"] == "y" * 5000
+        assert out["exception"] == "Traceback\n" + "y" * logs.MAX_VALUE_CHARACTERS + "...[3976 more characters]"
+
+    def test_long_traceback_keeps_its_ends(self) -> None:
+        """A traceback longer than MAX_TRACEBACK_CHARACTERS loses its middle, says so, and keeps both ends."""
+        lines = [f"line {n:04d} " + "z" * 90 for n in range(1000)]
+        out = logs._truncate_long_values(None, "error", {"stack_info": "\n".join(lines)})["stack_info"]
+        head, cut, tail = out.partition("\n...[")
+        assert head.startswith(lines[0])
+        assert tail.endswith(lines[-1])
+        assert len(head) + len(tail.partition("]...\n")[2]) == logs.MAX_TRACEBACK_CHARACTERS
+        assert cut
+        assert int(tail.partition(" characters cut]")[0]) == len("\n".join(lines)) - logs.MAX_TRACEBACK_CHARACTERS
+
+    def test_real_exceptions_make_bounded_json_lines(self) -> None:
+        """Real exceptions with a huge message, logged by structlog and by asyncio: bounded lines, type and cut said."""
+        result = subprocess.run(
+            [sys.executable, "-c", _LONG_EXCEPTIONS], capture_output=True, text=True, timeout=60, check=True
+        )
+        assert result.stderr == ""
+        ours_long, asyncio_long, ours_many, asyncio_many = (json.loads(line) for line in result.stdout.splitlines())
+        assert (ours_long["event"], ours_long["case"], asyncio_long["logger"]) == ("rpc.failed", "long", "asyncio")
+        for record in (ours_long, asyncio_long):
+            assert record["exception"].startswith("Traceback (most recent call last):")
+            cut = "ValueError: " + "x" * (logs.MAX_VALUE_CHARACTERS - len("ValueError: ")) + "...[3988 more characters]"
+            assert record["exception"].endswith(cut)
+        for record in (ours_many, asyncio_many):
+            exception = record["exception"]
+            assert exception.startswith("Traceback (most recent call last):")
+            assert " characters cut]...\n" in exception
+            assert exception.endswith("039" + "y" * 497)
+            assert len(exception) < logs.MAX_TRACEBACK_CHARACTERS + 40
+        # What the brief measured: a 5,000-character message made a 5.6 KB line; every line is bounded now.
+        assert all(len(line) < 2 * logs.MAX_TRACEBACK_CHARACTERS for line in result.stdout.splitlines())
+        assert max(len(line) for line in result.stdout.splitlines()[:2]) < 2 * logs.MAX_VALUE_CHARACTERS + 1000
+
+    def test_real_exceptions_on_a_terminal(self) -> None:
+        """The console renderer on a TTY writes the same cut tracebacks, one line per record."""
+        shown = on_a_terminal(_LONG_EXCEPTIONS)
+        lines = shown.splitlines()
+        assert len(lines) == 4
+        assert all("ValueError: " + "x" * 100 in line and "...[3988 more characters]" in line for line in lines[:2])
+        assert all(" characters cut]..." in line for line in lines[2:])
+        # Escaped newlines (\x0a) take four characters each: the bound is still a few times the limit, not more.
+        assert all(len(line) < 2 * logs.MAX_TRACEBACK_CHARACTERS for line in lines)
 
 
 def fill(sink: LineSink, line: bytes) -> int:
