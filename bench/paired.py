@@ -19,6 +19,7 @@ from bench.micro import quartiles
 
 SYNCTOKEN = "synctoken"
 REDIS = "synctoken-redis"
+REDIS_UNBATCHED = "synctoken-redis-unbatched"
 TRACED = "synctoken-traced"
 EMPTY = "empty-rpc"
 EXPRESS_GUIDE = "express-guide"
@@ -136,6 +137,25 @@ FIGURES = (
         "redis-server µs/req",
         (REDIS,),
         lambda r: r[REDIS].backend_cpu_ms_per_request * 1000,
+        None,
+        0,
+    ),
+    # No target: the same two figures with batch_window = "0ms", every check written at once.
+    Figure(
+        "redis_unbatched_extra_cpu_us_over_synctoken",
+        "synctoken-redis-unbatched (batch_window 0ms) extra server CPU per request over synctoken, µs",
+        "unbatched µs/req",
+        (REDIS_UNBATCHED, SYNCTOKEN),
+        lambda r: (r[REDIS_UNBATCHED].server_cpu_ms_per_request - r[SYNCTOKEN].server_cpu_ms_per_request) * 1000,
+        None,
+        0,
+    ),
+    Figure(
+        "redis_unbatched_server_cpu_us_per_request",
+        "redis-server's own CPU per request of synctoken-redis-unbatched (batch_window 0ms), µs",
+        "unbatched redis-server µs/req",
+        (REDIS_UNBATCHED,),
+        lambda r: r[REDIS_UNBATCHED].backend_cpu_ms_per_request * 1000,
         None,
         0,
     ),

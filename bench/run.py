@@ -37,6 +37,8 @@ def _systems(workspace: Workspace, workers: int, otlp_endpoint: str) -> list[Sys
         synctoken(workspace, 1),
         # Right after plain synctoken: the pair that prices the Redis check is measured closest in time.
         synctoken_redis(workspace),
+        # The same with every check written at once: what the batch window saves, in the same round.
+        synctoken_redis(workspace, unbatched=True),
         # And the pair that prices tracing, next.
         synctoken_traced(workspace, otlp_endpoint),
         synctoken_guarded(workspace),

@@ -184,18 +184,21 @@ timeout = "5s"
 """
 
 
-def synctoken_redis(workspace: Workspace) -> System:
+def synctoken_redis(workspace: Workspace, *, unbatched: bool = False) -> System:
     """Synctoken serve with the caller and identity limits global, in a loopback Redis the system starts itself.
 
     The limits are far above the load, as for synctoken-guarded: every call runs the Redis
     script and none is refused. Against plain synctoken, this is the cost of the Redis check.
+    `unbatched`: `batch_window = "0ms"`, every check written at once (synctoken-redis-unbatched),
+    beside the default window: what the window saves.
     """
     system = synctoken(workspace, 1)
-    system.name = "synctoken-redis"
+    system.name = "synctoken-redis-unbatched" if unbatched else "synctoken-redis"
     system.redis = RedisProcess(free_port())
     config = Path(system.command[system.command.index("--config") + 1])
     text = config.read_text(encoding="utf-8").replace("[[callers]]\n", f"[[callers]]\n{GUARDED_CALLER}", 1)
-    config.write_text(text + REDIS_LIMITS.format(url=system.redis.url), encoding="utf-8")
+    text += REDIS_LIMITS.format(url=system.redis.url)
+    config.write_text(text + ('batch_window = "0ms"\n' if unbatched else ""), encoding="utf-8")
     return system
 
 

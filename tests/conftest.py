@@ -23,6 +23,7 @@ from support.logcapture import LeakWatch, LogSink
 from support.otlp import OtlpReceiver
 from support.pki import Pki, build_pki
 from support.processes import Process
+from support.redisserver import RedisServer
 from support.workloadagent import WorkloadAgent
 from synctoken.client import AsyncTokenClient, TokenClient
 from synctoken_server.audit import logs
@@ -33,6 +34,14 @@ from synctoken_server.config.schema import load_config
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """The suite's PKI, made once per session (see support.pki.build_pki)."""
     return build_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server on a free loopback port, empty, killed at teardown."""
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.kill()
 
 
 @pytest.fixture

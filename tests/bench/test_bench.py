@@ -21,6 +21,7 @@ from support.constants import ROOT
 SYSTEMS = {
     "synctoken",
     "synctoken-redis",
+    "synctoken-redis-unbatched",
     "synctoken-traced",
     "synctoken-guarded",
     "empty-rpc",
@@ -37,6 +38,8 @@ PAIRED = {
     "redis_extra_cpu_with_redis_us_over_synctoken",
     "redis_server_cpu_us_per_request",
     "redis_p99_over_synctoken_p99",
+    "redis_unbatched_extra_cpu_us_over_synctoken",
+    "redis_unbatched_server_cpu_us_per_request",
     "synctoken_tokens_per_core_s",
     "redis_tokens_per_core_s",
     "tracing_extra_cpu_us_over_synctoken",
@@ -63,7 +66,7 @@ def test_quick_run(tmp_path: Path) -> None:
         assert r["requests"] > 0, r
         assert r["server_cpu_s"] > 0, r
         # Every call of the Redis system ran the script in its own redis-server, whose CPU is counted apart.
-        redis_system = r["system"] == "synctoken-redis"
+        redis_system = r["system"].startswith("synctoken-redis")
         assert (r["backend_calls"] >= r["requests"]) if redis_system else (r["backend_calls"] == 0), r
         assert (r["backend_cpu_s"] > 0) if redis_system else (r["backend_cpu_s"] == 0), r
     paths = ["synctoken_issue_path", "synctoken_issue_path_twilio_minter", "bare_access_token"]

@@ -32,6 +32,7 @@ REDIS_KEYS = frozenset(
         "cert_file",
         "key_file",
         "timeout",
+        "batch_window",
         "breaker_failures",
         "breaker_cooldown",
         "key_prefix",
@@ -43,6 +44,8 @@ BACKENDS = ("local", "redis")
 MAX_REPLICAS = 1000
 _DEFAULT_TIMEOUT = "50ms"
 _TIMEOUT_MS = (1, 5000)
+_DEFAULT_BATCH_WINDOW = "1ms"
+_BATCH_WINDOW_MS = (0, 10)
 _DEFAULT_COOLDOWN = "1s"
 _COOLDOWN_MS = (10, 600_000)
 _MAX_BREAKER_FAILURES = 1000
@@ -122,6 +125,10 @@ def _redis(r: TomlReader, table: Mapping[str, Any], on_failure: OnBackendFailure
         )
     password_file = r.path(table["password_file"]) if password is not None else None
     timeout = _milliseconds(r, table, "timeout", _DEFAULT_TIMEOUT, _TIMEOUT_MS)
+    window = _milliseconds(r, table, "batch_window", _DEFAULT_BATCH_WINDOW, _BATCH_WINDOW_MS)
+    if window and 2 * window >= timeout:
+        # A check waits in the window only with more than twice the window left before its deadline.
+        raise r.fail(f"{key}.batch_window", f"must be less than half of limits.redis.timeout ({timeout}ms), or 0ms")
     cooldown = _milliseconds(r, table, "breaker_cooldown", _DEFAULT_COOLDOWN, _COOLDOWN_MS)
     failures = r.get(table, key, "breaker_failures", int, 3)
     if not 1 <= failures <= _MAX_BREAKER_FAILURES:
@@ -143,6 +150,7 @@ def _redis(r: TomlReader, table: Mapping[str, Any], on_failure: OnBackendFailure
         cert_file=paths.get("cert_file"),
         key_file=paths.get("key_file"),
         timeout_ms=timeout,
+        batch_window_ms=window,
         breaker_failures=failures,
         breaker_cooldown_ms=cooldown,
         key_prefix=prefix,

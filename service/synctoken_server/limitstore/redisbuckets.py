@@ -108,6 +108,7 @@ class RedisLimiter:
             backend="redis",
             url=self._settings.url,
             timeout_ms=self._settings.timeout_ms,
+            batch_window_ms=self._settings.batch_window_ms,
             on_backend_failure=self._settings.on_failure.value,
         )
         started = time.perf_counter()

@@ -35,6 +35,7 @@ from typing import cast
 
 import hiredis
 
+from synctoken_server.limitstore.batching import WriteBatcher
 from synctoken_server.limitstore.connecting import Connector
 from synctoken_server.policy.limitbackend import RedisSettings
 
@@ -91,9 +92,11 @@ class _Pipeline(asyncio.Protocol):
     one given up): the failure must still count. Set once the connection is introduced; until then, failing
     is the opening's, which ScriptClient reports."""
 
-    def __init__(self) -> None:
+    def __init__(self, window_s: float = 0.0) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
+        self._window_s = window_s
+        self._batcher: WriteBatcher | None = None
         self._reader = hiredis.Reader(replyError=ResponseError, notEnoughData=_INCOMPLETE)
         self._waiting: deque[tuple[asyncio.Future[object], int, float]] = deque()
         """(future, replies read before it was written, deadline by loop.time()) per request waiting, oldest first."""
@@ -106,6 +109,7 @@ class _Pipeline(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Not an isinstance check: uvloop's transports implement asyncio.Transport without deriving from it.
         self._transport = cast("asyncio.Transport", transport)
+        self._batcher = WriteBatcher(self._loop, self._window_s, self._transport.write)
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -131,6 +135,8 @@ class _Pipeline(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._batcher is not None:
+            self._batcher.drop()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -145,17 +151,26 @@ class _Pipeline(asyncio.Protocol):
         if given_up and self.unheard is not None:
             self.unheard(failure)
 
-    def send(self, packed: bytes, deadline: float) -> asyncio.Future[object]:
-        """Write one packed command; the future gets its reply, or TimeoutError once `deadline` (loop.time()) passed."""
+    def send(self, packed: bytes, deadline: float, *, batch: bool = False) -> asyncio.Future[object]:
+        """Write one packed command; the future gets its reply, or TimeoutError once `deadline` (loop.time()) passed.
+
+        With `batch`, the command may wait for the batch window (batching.py), if the deadline leaves room.
+        """
         waiter: asyncio.Future[object] = self._loop.create_future()
-        if self.closed or self._transport is None:
+        batcher = self._batcher
+        if self.closed or batcher is None:
             waiter.set_exception(ConnectionError("the connection to Redis is closed"))
             return waiter
         self._waiting.append((waiter, self._replies, deadline))
-        self._transport.write(packed)
+        batcher.write(packed, may_wait=batch and batcher.fits(deadline - self._loop.time()))
         if self._watchdog is None:
             self._watchdog = self._loop.call_at(deadline, self._expire)
         return waiter
+
+    @property
+    def batch_waits(self) -> bool:
+        """Whether a limit check written now would wait for the batch window (batching.py)."""
+        return self._batcher is not None and self._batcher.waits
 
     def abort(self, reason: Exception | None = None) -> None:
         """Close at once; every request still waiting fails."""
@@ -241,6 +256,12 @@ class ScriptClient:
         # A restarted or flushed Redis: EVAL runs the script and caches it for the EVALSHAs after.
         return await self._late_request(deadline, b"EVAL", self._script, len(keys), *keys, *args)
 
+    @property
+    def batch_waits(self) -> bool:
+        """Whether a limit check made now would wait for the batch window; False with no connection."""
+        pipeline = self._pipeline
+        return pipeline is not None and not pipeline.closed and pipeline.batch_waits
+
     async def ping(self) -> None:
         """Open the connection if needed (AUTH, SELECT) and ask PING: what start-up checks."""
         await self._request(asyncio.get_running_loop().time() + self._timeout, b"PING")
@@ -263,7 +284,7 @@ class ScriptClient:
         pipeline = self._pipeline
         if pipeline is None or pipeline.closed:
             return await self._late_request(deadline, *command)
-        return await pipeline.send(_pack(command), deadline)
+        return await pipeline.send(_pack(command), deadline, batch=True)
 
     async def _late_request(self, deadline: float, *command: bytes | str | int) -> object:
         """A request that may have waited (for an opening, or for NOSCRIPT): still bounded by its own deadline."""
@@ -315,7 +336,7 @@ class ScriptClient:
     async def _open(self, deadline: float) -> _Pipeline:
         settings = self._settings
         async with asyncio.timeout_at(deadline):
-            pipeline = await self._connector.connect(_Pipeline)
+            pipeline = await self._connector.connect(lambda: _Pipeline(settings.batch_window_ms / 1000))
             try:
                 await _introduce(pipeline, settings, deadline)
             except BaseException:

@@ -49,6 +49,8 @@ class RedisSettings:
     key_file: Path | None = None
     timeout_ms: int = 50
     """The bound on one call, connecting included: no call waits longer for Redis."""
+    batch_window_ms: int = 1
+    """How long a limit check may wait for others to share its write to Redis (limitstore/batching.py); 0: never."""
     breaker_failures: int = 3
     """This many failed calls in a row open the breaker."""
     breaker_cooldown_ms: int = 1000

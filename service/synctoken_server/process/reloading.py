@@ -208,6 +208,7 @@ def _redis_restart_only(redis: RedisSettings | None) -> dict[str, str]:
         # The file's name: a new password in the same file is read at the restart too.
         **{f"limits.redis.{name}": str(path) if path else "(none)" for name, path in files.items()},
         "limits.redis.timeout": format_milliseconds(redis.timeout_ms),
+        "limits.redis.batch_window": format_milliseconds(redis.batch_window_ms),
         "limits.redis.breaker_failures": str(redis.breaker_failures),
         "limits.redis.breaker_cooldown": format_milliseconds(redis.breaker_cooldown_ms),
         "limits.redis.key_prefix": redis.key_prefix,

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine, Iterator
-from pathlib import Path
+from collections.abc import Coroutine
 from typing import Any
 
 import hiredis
@@ -25,14 +24,6 @@ LIMITS = CallerLimits(caller=Limit(rate=0.01, burst=1000))
 CALLER = "spiffe://example.org/a"
 RECOVERY_WAIT = 5.0
 """How long the test lets the limiter find the resumed Redis again: many cool-downs, not a timing goal."""
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server on a free loopback port, killed at teardown."""
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    server.kill()
 
 
 def test_a_cancelled_probe_lets_the_next_call_probe(redis_server: RedisServer) -> None:

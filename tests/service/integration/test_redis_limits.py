@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -74,14 +74,6 @@ url = "{url or (redis.url if redis else "")}"
 listen = "127.0.0.1:0"
 """
     return config_text(pki, policy=policy)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server on a free loopback port, empty, killed at teardown."""
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    server.kill()
 
 
 def ok_count(client: Client | Callable[[], Client], calls: int, identity: str = "alice") -> int:
@@ -491,6 +483,7 @@ class TestRedisConfig:
         assert '"on_backend_failure": "local"' in result.stdout
         assert '"replicas": 1' in result.stdout
         assert '"timeout": "250ms"' in result.stdout
+        assert '"batch_window": "1ms"' in result.stdout
         assert '"breaker_cooldown": "1s"' in result.stdout
 
     @pytest.mark.parametrize(
@@ -532,6 +525,19 @@ class TestRedisConfig:
             ("redis://127.0.0.1:6379/0", 'timeout = "5m"', "", "limits.redis.timeout: '5m' is not a duration like"),
             ("redis://127.0.0.1:6379/0", 'timeout = "9s"', "", "limits.redis.timeout: 9s is not between 1ms and 5s"),
             ("redis://127.0.0.1:6379/0", "breaker_failures = 0", "", "is not between 1 and 1000"),
+            (
+                "redis://127.0.0.1:6379/0",
+                'batch_window = "11ms"',
+                "",
+                "limits.redis.batch_window: 11ms is not between 0ms and 10ms",
+            ),
+            (
+                "redis://127.0.0.1:6379/0",
+                'timeout = "10ms"\nbatch_window = "5ms"',
+                "",
+                "limits.redis.batch_window: must be less than half of limits.redis.timeout (10ms), or 0ms",
+            ),
+            ("redis://127.0.0.1:6379/0", 'batch_window = "1.5ms"', "", "limits.redis.batch_window: '1.5ms' is not a"),
             ("redis://127.0.0.1:6379/0", 'key_prefix = "a{b}"', "", "limits.redis.key_prefix: must be non-empty"),
             ("redis://127.0.0.1:6379/0", "", 'on_backend_failure = "retry"', "'retry' is not one of local, allow"),
             ("redis://127.0.0.1:6379/0", "", "", "limits.redis.password_file: cannot read the file it names"),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -30,14 +28,6 @@ until (now[1] - start[1]) * 1000000 + (now[2] - start[2]) >= tonumber(ARGV[1])
 return ARGV[2]
 """
 """Keeps Redis busy for ARGV[1] µs, then returns ARGV[2]: a reply later than its caller is willing to wait."""
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server on a free loopback port, empty, killed at teardown."""
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    server.kill()
 
 
 def settings_for(server: RedisServer, **changes: object) -> RedisSettings:
