@@ -486,6 +486,18 @@ class TestRedisConfig:
         assert '"batch_window": "1ms"' in result.stdout
         assert '"breaker_cooldown": "1s"' in result.stdout
 
+    @pytest.mark.parametrize("timeout", ["1ms", "2ms"])
+    def test_a_tight_timeout_alone_still_loads(
+        self, pki: Pki, write_config: Callable[[str], Path], timeout: str
+    ) -> None:
+        """A timeout too short for the default batch window, batch_window not set: loads (as before the window
+        existed), with no window, rather than refusing a key the operator never wrote."""
+        text = limited(pki, None, "rate = 1", url="redis://127.0.0.1:6379/0", redis_keys=f'timeout = "{timeout}"')
+        result = check_config(write_config(text))
+        assert result.returncode == 0, result.stderr
+        assert f'"timeout": "{timeout}"' in result.stdout
+        assert '"batch_window": "0ms"' in result.stdout
+
     @pytest.mark.parametrize(
         ("url", "redis_keys", "limits_keys", "message"),
         [
