@@ -208,3 +208,33 @@ class TestLateRequestInWindow:
                 server.close()
 
         assert serverloop.run(run()) == [1, 1]
+
+
+class TestCancelledWhileHeld:
+    """A check whose call is cancelled while it is held keeps its place: every other reply still goes to its own call."""
+
+    def test_cancel_one_of_the_held(self, redis_server: RedisServer) -> None:
+        """Three checks in one window, the middle one cancelled before the window closes: the others, and a check
+        after them, get their own keys back; the cancelled call raises CancelledError, nothing else."""
+        reported: list[dict[str, object]] = []
+
+        async def run() -> list[object]:
+            asyncio.get_running_loop().set_exception_handler(lambda _, context: reported.append(context))
+            client = ScriptClient(settings_for(redis_server, window_ms=20), ECHO_SCRIPT)
+            try:
+                await client.run(["warm"], [])
+                calls = [asyncio.ensure_future(client.run([f"held-{i}"], [])) for i in range(3)]
+                await asyncio.sleep(0)  # all three in the window now
+                calls[1].cancel()
+                replies = list(await asyncio.gather(*calls, return_exceptions=True))
+                replies.append(await client.run(["after"], []))
+                return replies
+            finally:
+                await client.close()
+
+        first, middle, last, after = serverloop.run(run())
+        assert first == [b"held-0", 1]
+        assert isinstance(middle, asyncio.CancelledError)
+        assert last == [b"held-2", 1]
+        assert after == [b"after", 1]
+        assert reported == []
