@@ -154,9 +154,9 @@ class TestLateRequestInWindow:
     """A request that cannot afford the window (a NOSCRIPT retry near its deadline) is not held by one that is open."""
 
     def test_noscript_retry_does_not_stall_a_healthy_connection(self) -> None:
-        """A NOSCRIPT retry sent while another check's window is open, with less than the window left before its
-        deadline, is written at once: held, it would be unanswered at its deadline and the watchdog would close
-        a connection that answers everything, failing the other check with it."""
+        """A NOSCRIPT retry due before an open window closes is written at once, not judged a stalled connection."""
+        # Held, it would be unanswered at its deadline and the watchdog would close a connection that answers
+        # everything, failing the check whose window it joined with it.
         window_ms, timeout_ms = 100, 400
         first_read = asyncio.Event()
         noscript_now = asyncio.Event()
@@ -214,8 +214,7 @@ class TestCancelledWhileHeld:
     """A check whose call is cancelled while it is held keeps its place: every other reply still goes to its own call."""
 
     def test_cancel_one_of_the_held(self, redis_server: RedisServer) -> None:
-        """Three checks in one window, the middle one cancelled before the window closes: the others, and a check
-        after them, get their own keys back; the cancelled call raises CancelledError, nothing else."""
+        """Of three checks in one window the middle one cancelled: the others and the next get their own replies."""
         reported: list[dict[str, object]] = []
 
         async def run() -> list[object]:

@@ -165,8 +165,7 @@ class TestGlobalLimit:
         assert ok_count(clients, 5, "bob") == 2
 
     def test_concurrent_calls_share_the_burst_exactly(self, harness: ServerHarness, redis_server: RedisServer) -> None:
-        """Calls made all at once on two servers (their checks sharing writes in the batch window) get the burst
-        once in all, exactly, every other call RATE_LIMITED."""
+        """Calls made all at once on two servers (checks sharing writes in the window) get the burst exactly."""
         text = limited(harness.pki, redis_server, "rate = 0.01\nburst = 25")
         one, two = harness.start(text), harness.start(text)
         clients = [harness.client(one, "bff"), harness.client(two, "bff")]
@@ -175,8 +174,7 @@ class TestGlobalLimit:
         assert list(verdicts.values()).count(grpc.StatusCode.OK) == 25
 
     def test_concurrent_calls_get_their_own_verdicts(self, harness: ServerHarness, redis_server: RedisServer) -> None:
-        """Identities whose burst is spent and fresh ones, called all at once on two servers: each call gets its
-        own identity's verdict (a reply matched to another check would flip one)."""
+        """Spent and fresh identities called all at once on two servers: each call gets its own identity's verdict."""
         text = limited(harness.pki, redis_server, "identity_rate = 0.01\nidentity_burst = 1")
         one, two = harness.start(text), harness.start(text)
         clients = [harness.client(one, "bff"), harness.client(two, "bff")]
@@ -541,8 +539,7 @@ class TestRedisConfig:
     def test_batch_window_is_read_and_restart_only(
         self, pki: Pki, write_config: Callable[[str], Path], window: str | None, shown: str
     ) -> None:
-        """batch_window as written (0ms: never wait; unset: 1ms) reaches the Redis settings and is restart-only:
-        the Redis client is made at start, so a reload that changes it says config.restart_required."""
+        """batch_window as written (unset: 1ms) reaches the Redis settings and is restart-only (client made at start)."""
         keys = f"batch_window = {window}" if window else ""
         text = limited(pki, None, "rate = 1", url="redis://127.0.0.1:6379/0", redis_keys=keys)
         config = load_config(write_config(text), environ=SECRET_ENV)
@@ -554,8 +551,7 @@ class TestRedisConfig:
     def test_a_tight_timeout_alone_still_loads(
         self, pki: Pki, write_config: Callable[[str], Path], timeout: str
     ) -> None:
-        """A timeout too short for the default batch window, batch_window not set: loads (as before the window
-        existed), with no window, rather than refusing a key the operator never wrote."""
+        """A timeout too short for the default window, batch_window unset, loads (as before) with a window of 0ms."""
         text = limited(pki, None, "rate = 1", url="redis://127.0.0.1:6379/0", redis_keys=f'timeout = "{timeout}"')
         result = check_config(write_config(text))
         assert result.returncode == 0, result.stderr
