@@ -125,7 +125,10 @@ def _redis(r: TomlReader, table: Mapping[str, Any], on_failure: OnBackendFailure
         )
     password_file = r.path(table["password_file"]) if password is not None else None
     timeout = _milliseconds(r, table, "timeout", _DEFAULT_TIMEOUT, _TIMEOUT_MS)
-    window = _milliseconds(r, table, "batch_window", _DEFAULT_BATCH_WINDOW, _BATCH_WINDOW_MS)
+    # Unset, the window is 0 where the default would not fit the timeout: a timeout valid before the window
+    # existed must not make the config fail over a key the operator never wrote.
+    fits = 2 * parse_milliseconds(_DEFAULT_BATCH_WINDOW) < timeout
+    window = _milliseconds(r, table, "batch_window", _DEFAULT_BATCH_WINDOW if fits else "0ms", _BATCH_WINDOW_MS)
     if window and 2 * window >= timeout:
         # A check waits in the window only with more than twice the window left before its deadline.
         raise r.fail(f"{key}.batch_window", f"must be less than half of limits.redis.timeout ({timeout}ms), or 0ms")

@@ -16,7 +16,7 @@ with one check in it (nobody came, as with a caller that sends one call at a
 time) is lonely; after LONELY_LIMIT lonely windows in a row, checks are
 written at once, and only every PROBE_EVERY-th one opens a window, to notice
 when company comes back. Order is kept: a write while a window is open joins
-it, whatever it is.
+it, whatever it is; one that may not wait closes the window at once.
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ class WriteBatcher:
         """Write `data`, or hold it until the window closes; `may_wait` says whether its caller can afford to."""
         if self._held:
             self._held.append(data)
+            if not may_wait:
+                # Order keeps it behind what is held, but it cannot afford the window (a NOSCRIPT retry with
+                # its deadline near): held, it could be unanswered at its deadline, and the connection, which
+                # answered all it was sent, be closed as stalled. Written now, with what it joined.
+                self.flush()
         elif may_wait and self._window and self._pays():
             self._held.append(data)
             self._timer = self._loop.call_later(self._window, self.flush)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import hiredis
 import pytest
 
 from support import serverloop
@@ -147,3 +148,92 @@ class TestHeldAtClose:
         failure, before, after = serverloop.run(run())
         assert isinstance(failure, ConnectionError)
         assert after == before
+
+
+class TestLateRequestInWindow:
+    """A request that cannot afford the window (a NOSCRIPT retry near its deadline) is not held by one that is open."""
+
+    def test_noscript_retry_does_not_stall_a_healthy_connection(self) -> None:
+        """A NOSCRIPT retry due before an open window closes is written at once, not judged a stalled connection."""
+        # Held, it would be unanswered at its deadline and the watchdog would close a connection that answers
+        # everything, failing the check whose window it joined with it.
+        window_ms, timeout_ms = 100, 400
+        first_read = asyncio.Event()
+        noscript_now = asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # Redis as far as this needs: +OK to the opening, NOSCRIPT to the first EVALSHA when told, :1 after.
+            parser = hiredis.Reader()
+            scripts = 0
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    if command[0] not in (b"EVALSHA", b"EVAL"):
+                        writer.write(b"+OK\r\n")
+                        continue
+                    scripts += 1
+                    if scripts == 1:
+                        first_read.set()
+                        await noscript_now.wait()
+                        writer.write(b"-NOSCRIPT No matching script.\r\n")
+                    else:
+                        writer.write(b":1\r\n")
+            writer.close()
+
+        async def run() -> list[object]:
+            server = await asyncio.start_server(serve, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            settings = RedisSettings(
+                url=f"redis://127.0.0.1:{port}/0",
+                host="127.0.0.1",
+                port=port,
+                timeout_ms=timeout_ms,
+                batch_window_ms=window_ms,
+            )
+            ours = ScriptClient(settings, ECHO_SCRIPT)
+            loop = asyncio.get_running_loop()
+            try:
+                await ours.ping()
+                started = loop.time()
+                first = asyncio.ensure_future(ours.run(["first"], []))
+                await asyncio.wait_for(first_read.wait(), 5)
+                # 60 ms before the first call's deadline: the second opens a window that closes 40 ms after it.
+                await asyncio.sleep(started + (timeout_ms - 60) / 1000 - loop.time())
+                second = asyncio.ensure_future(ours.run(["second"], []))
+                await asyncio.sleep(0)  # the second check is in its window now
+                noscript_now.set()
+                return list(await asyncio.gather(first, second, return_exceptions=True))
+            finally:
+                await ours.close()
+                server.close()
+
+        assert serverloop.run(run()) == [1, 1]
+
+
+class TestCancelledWhileHeld:
+    """A check whose call is cancelled while it is held keeps its place: every other reply still goes to its own call."""
+
+    def test_cancel_one_of_the_held(self, redis_server: RedisServer) -> None:
+        """Of three checks in one window the middle one cancelled: the others and the next get their own replies."""
+        reported: list[dict[str, object]] = []
+
+        async def run() -> list[object]:
+            asyncio.get_running_loop().set_exception_handler(lambda _, context: reported.append(context))
+            client = ScriptClient(settings_for(redis_server, window_ms=20), ECHO_SCRIPT)
+            try:
+                await client.run(["warm"], [])
+                calls = [asyncio.ensure_future(client.run([f"held-{i}"], [])) for i in range(3)]
+                await asyncio.sleep(0)  # all three in the window now
+                calls[1].cancel()
+                replies = list(await asyncio.gather(*calls, return_exceptions=True))
+                replies.append(await client.run(["after"], []))
+                return replies
+            finally:
+                await client.close()
+
+        first, middle, last, after = serverloop.run(run())
+        assert first == [b"held-0", 1]
+        assert isinstance(middle, asyncio.CancelledError)
+        assert last == [b"held-2", 1]
+        assert after == [b"after", 1]
+        assert reported == []

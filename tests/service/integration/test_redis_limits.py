@@ -16,7 +16,7 @@ from google.rpc.error_details_pb2 import QuotaFailure, RetryInfo
 from grpc_status import rpc_status
 
 from support.calls import channel, rpc_error
-from support.configs import config_text
+from support.configs import SECRET_ENV, config_text
 from support.constants import BFF_ID, SERVICE_A
 from support.inprocess import Client, RunningServer, ServerHarness
 from support.logcapture import LeakWatch, LogSink
@@ -25,9 +25,11 @@ from support.processes import Process, check_config, free_port, serve
 from support.redisserver import RedisServer, RedisTls
 from synctoken.v1 import token_service_pb2 as pb
 from synctoken.v1 import token_service_pb2_grpc
+from synctoken_server.config.schema import load_config
 from synctoken_server.durations import format_milliseconds, parse_milliseconds
 from synctoken_server.policy.limitbackend import Breaker
 from synctoken_server.policy.limits import identity_digest
+from synctoken_server.process.reloading import restart_only
 
 SLOW_CALL = 1.0
 """A call while Redis hangs takes its timeout (200 ms there) plus a little; this is far above that, not a timing goal."""
@@ -91,6 +93,28 @@ def ok_count(client: Client | Callable[[], Client], calls: int, identity: str = 
     return granted
 
 
+CONCURRENT_CALLS = 60
+"""Calls made at once: many more than the burst, enough for checks to meet in the batch window."""
+
+
+def concurrent_verdicts(clients: list[Client], identities: list[str]) -> dict[str, grpc.StatusCode]:
+    """One IssueToken call per identity, all started before any is awaited, spread over `clients`: each status."""
+    futures = [
+        (name, clients[i % len(clients)], clients[i % len(clients)].stub.IssueToken.future(request(name), timeout=10))
+        for i, name in enumerate(identities)
+    ]
+    verdicts: dict[str, grpc.StatusCode] = {}
+    for name, client, future in futures:
+        try:
+            response = future.result()
+        except grpc.RpcError as exc:
+            verdicts[name] = exc.code()
+        else:
+            client.watch.tokens.add(response.token)  # for the session's leak check, as Client.issue does
+            verdicts[name] = grpc.StatusCode.OK
+    return verdicts
+
+
 def alternating(*clients: Client) -> Callable[[], Client]:
     """Each call to the next client in turn."""
     turn = iter(range(1_000_000))
@@ -139,6 +163,31 @@ class TestGlobalLimit:
         clients = alternating(harness.client(one, "bff"), harness.client(two, "bff"))
         assert ok_count(clients, 5, "alice") == 2
         assert ok_count(clients, 5, "bob") == 2
+
+    def test_concurrent_calls_share_the_burst_exactly(self, harness: ServerHarness, redis_server: RedisServer) -> None:
+        """Calls made all at once on two servers (checks sharing writes in the window) get the burst exactly."""
+        text = limited(harness.pki, redis_server, "rate = 0.01\nburst = 25")
+        one, two = harness.start(text), harness.start(text)
+        clients = [harness.client(one, "bff"), harness.client(two, "bff")]
+        verdicts = concurrent_verdicts(clients, [f"user-{i}" for i in range(CONCURRENT_CALLS)])
+        assert set(verdicts.values()) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, verdicts
+        assert list(verdicts.values()).count(grpc.StatusCode.OK) == 25
+
+    def test_concurrent_calls_get_their_own_verdicts(self, harness: ServerHarness, redis_server: RedisServer) -> None:
+        """Spent and fresh identities called all at once on two servers: each call gets its own identity's verdict."""
+        text = limited(harness.pki, redis_server, "identity_rate = 0.01\nidentity_burst = 1")
+        one, two = harness.start(text), harness.start(text)
+        clients = [harness.client(one, "bff"), harness.client(two, "bff")]
+        half = CONCURRENT_CALLS // 2
+        for i in range(half):
+            assert ok_count(clients[i % 2], 1, f"spent-{i}") == 1
+        identities = [name for i in range(half) for name in (f"spent-{i}", f"fresh-{i}")]
+        verdicts = concurrent_verdicts(clients, identities)
+        expected = {
+            name: grpc.StatusCode.RESOURCE_EXHAUSTED if name.startswith("spent") else grpc.StatusCode.OK
+            for name in identities
+        }
+        assert verdicts == expected
 
     def test_retry_info_and_subjects(self, harness: ServerHarness, redis_server: RedisServer) -> None:
         """A refusal says which limit, by the identity's digest, and how long until a token: Redis's time."""
@@ -485,6 +534,29 @@ class TestRedisConfig:
         assert '"timeout": "250ms"' in result.stdout
         assert '"batch_window": "1ms"' in result.stdout
         assert '"breaker_cooldown": "1s"' in result.stdout
+
+    @pytest.mark.parametrize(("window", "shown"), [('"0ms"', "0ms"), ('"4ms"', "4ms"), (None, "1ms")])
+    def test_batch_window_is_read_and_restart_only(
+        self, pki: Pki, write_config: Callable[[str], Path], window: str | None, shown: str
+    ) -> None:
+        """batch_window as written (unset: 1ms) reaches the Redis settings and is restart-only (client made at start)."""
+        keys = f"batch_window = {window}" if window else ""
+        text = limited(pki, None, "rate = 1", url="redis://127.0.0.1:6379/0", redis_keys=keys)
+        config = load_config(write_config(text), environ=SECRET_ENV)
+        assert config.limits_backend is not None
+        assert format_milliseconds(config.limits_backend.batch_window_ms) == shown
+        assert restart_only(config)["limits.redis.batch_window"] == shown
+
+    @pytest.mark.parametrize("timeout", ["1ms", "2ms"])
+    def test_a_tight_timeout_alone_still_loads(
+        self, pki: Pki, write_config: Callable[[str], Path], timeout: str
+    ) -> None:
+        """A timeout too short for the default window, batch_window unset, loads (as before) with a window of 0ms."""
+        text = limited(pki, None, "rate = 1", url="redis://127.0.0.1:6379/0", redis_keys=f'timeout = "{timeout}"')
+        result = check_config(write_config(text))
+        assert result.returncode == 0, result.stderr
+        assert f'"timeout": "{timeout}"' in result.stdout
+        assert '"batch_window": "0ms"' in result.stdout
 
     @pytest.mark.parametrize(
         ("url", "redis_keys", "limits_keys", "message"),
