@@ -18,7 +18,7 @@ ECHO_SCRIPT = "return {KEYS[1], redis.call('INCR', KEYS[1])}"
 """Each call's own key back, with a count: replies matched to the wrong call would show."""
 
 CHECKS = 5
-SPACING_S = 0.002
+SPACING_S = 0.003
 """Checks this far apart: each would be a write (and a read in Redis) of its own without a window."""
 
 
@@ -64,12 +64,13 @@ class TestOneWrite:
 
     @pytest.mark.parametrize(
         ("window_ms", "timeout_ms", "batched"),
-        [(20, 2000, True), (0, 2000, False), (20, 30, False)],
+        [(50, 2000, True), (0, 2000, False), (50, 80, False)],
         ids=["window", "no-window", "deadline-too-near"],
     )
     def test_spaced_checks(self, redis_server: RedisServer, window_ms: int, timeout_ms: int, batched: bool) -> None:
-        """Five checks 2 ms apart: one read in Redis with a 20 ms window; one read each with none, or when the
-        deadline leaves less than twice the window; every reply goes to its own call either way."""
+        """Five checks 3 ms apart: read at once with a window, one by one without room for it; replies to their own."""
+        # A loaded machine can delay a check past the window, or let Redis read two writes at once: so "at
+        # once" is at most 2 reads, and "one by one" at least 3 (5 without any delay).
         reads: list[int] = []
         counts = Counts(redis_server)
 
@@ -90,9 +91,9 @@ class TestOneWrite:
         replies = serverloop.run(run())
         assert replies == [[f"k-{i}".encode(), 1] for i in range(CHECKS)]
         if batched:
-            assert reads == [1]
+            assert reads[0] <= 2
         else:
-            assert reads[0] >= CHECKS
+            assert reads[0] >= 3
 
 
 class TestLoneCaller:
