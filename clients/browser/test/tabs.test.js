@@ -46,25 +46,12 @@ afterEach(() => {
   for (const provider of started.splice(0)) provider.stop();
 });
 
+/** `count` tabs on one fake browser, each recording what it gets (see openTab). */
 function tabs(count, endpoint, clock, name) {
-  const platform = { navigator: { locks: new QueuedLocks() }, BroadcastChannel };
-  const seen = Array.from({ length: count }, () => ({ tokens: [], signedOut: 0 }));
-  const providers = seen.map((record) =>
-    tokenProvider({
-      url: name,
-      fetch: endpoint.fetch,
-      now: clock.now,
-      timers: clock.timers,
-      random: () => 0.5,
-      window: null,
-      document: null,
-      platform,
-      onToken: (token) => record.tokens.push(token),
-      onSignedOut: () => (record.signedOut += 1),
-    }),
-  );
-  started.push(...providers);
-  return { providers, seen, stop: () => providers.forEach((p) => p.stop()) };
+  const platform = browserOf();
+  const opened = Array.from({ length: count }, () => openTab(platform, endpoint, clock, name));
+  const providers = opened.map((tab) => tab.provider);
+  return { providers, seen: opened.map((tab) => tab.record), stop: () => providers.forEach((p) => p.stop()) };
 }
 
 describe("tabs", { timeout: 10_000 }, () => {
@@ -162,9 +149,9 @@ async function ticks(count) {
   for (let i = 0; i < count; i++) await new Promise((resolve) => setImmediate(resolve));
 }
 
-/** One more tab on `platform`, recording the tokens it gets and where each came from. */
+/** One more tab on `platform`, recording the tokens it gets, where each came from, and its sign-outs. */
 function openTab(platform, endpoint, clock, name) {
-  const record = { tokens: [], from: [] };
+  const record = { tokens: [], from: [], signedOut: 0 };
   const provider = tokenProvider({
     url: name,
     fetch: endpoint.fetch,
@@ -175,6 +162,7 @@ function openTab(platform, endpoint, clock, name) {
     document: null,
     platform,
     onToken: (token, info) => (record.tokens.push(token), record.from.push(info.from)),
+    onSignedOut: () => (record.signedOut += 1),
   });
   started.push(provider);
   return { provider, record };
